@@ -1,0 +1,313 @@
+"""Load a frozen CLIP backbone through open_clip: name + tag, local file, or random init.
+
+Sources, in the order they are recognised:
+
+* ``pretrained=None`` -- the real architecture with random weights (tests, benchmarks, offline demo);
+* ``pretrained=<path>`` (or ``name=<path>``) -- a local file: an OpenAI CLIP archive (TorchScript or
+  plain state dict), an open_clip checkpoint (``.pt``/``.bin``, optionally wrapped in ``state_dict``,
+  optionally ``module.``-prefixed) or ``.safetensors``.  The architecture is inferred from the weights
+  when no name is given;
+* ``pretrained=<tag>`` -- an open_clip pretrained tag, downloaded when a network exists.  Offline we
+  check the caches first and fail in one line instead of waiting on retries.
+
+QuickGELU: OpenAI-trained weights need it and nothing in a state dict says so.  We use it when the
+weights are in OpenAI's archive format (TorchScript, or the ``input_resolution``/``context_length``
+entries OpenAI's archives carry, or fp16 tensors in OpenAI's key layout without a wrapper), when the
+open_clip name or tag says so (``-quickgelu`` configs, ``openai`` tags), when a vlprompt-written file
+records it, or when the caller passes ``quick_gelu=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlprompt.errors import VlpromptError, unknown_name
+
+log = logging.getLogger(__name__)
+
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_REGISTERED = False
+OPENAI_ARCHIVE_KEYS = ("input_resolution", "context_length", "vocab_size")
+METADATA_KEY = "vlprompt_clip_config"
+
+
+def _register_configs() -> None:
+    """Make vlprompt's small test/demo architectures known to open_clip (``vlp-tiny``, ``vlp-small``)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        import open_clip
+
+        open_clip.add_model_config(str(_CONFIG_DIR))
+        _REGISTERED = True
+
+
+def list_architectures() -> list[str]:
+    """open_clip model names usable as backbones (plus vlprompt's small test architectures)."""
+    import open_clip
+
+    _register_configs()
+    return list(open_clip.list_models())
+
+
+def _is_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    try:  # a 2-second probe instead of huggingface_hub's long retry loop
+        with socket.create_connection(("huggingface.co", 443), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
+def _cached_pretrained_file(pcfg: dict[str, Any], cache_dir: str | None) -> str | None:
+    """Path of the already-downloaded weights for an open_clip pretrained config, if any."""
+    if pcfg.get("file"):
+        return pcfg["file"] if os.path.exists(pcfg["file"]) else None
+    hub = pcfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:  # pragma: no cover - open_clip depends on it
+            hub = ""
+        else:
+            model_id, filename = os.path.split(hub)
+            candidates = [filename] if filename else []
+            candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            for fn in candidates:
+                try:
+                    return hf_hub_download(model_id, fn, cache_dir=cache_dir, local_files_only=True)
+                except Exception:  # not cached (or any hub error): try the next name
+                    continue
+    url = pcfg.get("url", "")
+    if url:
+        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.exists(path):
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------------------- local files
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint file into a flat state dict plus what we learned about its format."""
+    info: dict[str, Any] = {"format": None, "openai": False, "config": None}
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            sd = load_file(str(path))
+            info["format"] = "safetensors"
+            if METADATA_KEY in meta:
+                info["config"] = json.loads(meta[METADATA_KEY])
+        elif zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            jit = torch.jit.load(str(path), map_location="cpu")
+            sd = {k: v for k, v in jit.state_dict().items()}
+            info.update(format="openai-torchscript", openai=True)
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            info["format"] = "torch"
+            if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+                if isinstance(obj.get(METADATA_KEY), str):
+                    info["config"] = json.loads(obj[METADATA_KEY])
+                obj = obj["state_dict"]
+                info["format"] = "open_clip-checkpoint"
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise VlpromptError(
+                    f"{path} holds no CLIP state dict (found {type(obj).__name__}); "
+                    "pass an OpenAI CLIP .pt, an open_clip checkpoint or a .safetensors file"
+                )
+            sd = dict(obj)
+    except VlpromptError:
+        raise
+    except Exception as e:  # corrupt / truncated / not a checkpoint at all
+        raise VlpromptError(
+            f"cannot read weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "the file is corrupt or not a CLIP checkpoint -- re-download or re-export it"
+        ) from None
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    if any(k in sd for k in OPENAI_ARCHIVE_KEYS):
+        info["openai"] = True
+    elif info["format"] == "torch" and "visual.proj" in sd and sd["visual.proj"].dtype == torch.float16:
+        info["openai"] = True  # OpenAI distributes fp16 state dicts in exactly this layout
+    for k in OPENAI_ARCHIVE_KEYS:
+        sd.pop(k, None)
+    if "text.token_embedding.weight" in sd:  # open_clip CustomTextCLIP layout -> standard CLIP layout
+        from open_clip.model import convert_to_custom_text_state_dict  # noqa: F401  (import check)
+
+        sd = {(k[len("text.") :] if k.startswith("text.") else k): v for k, v in sd.items()}
+    if "visual.proj" not in sd or "token_embedding.weight" not in sd:
+        raise VlpromptError(
+            f"{path} is not a ViT CLIP checkpoint (no visual.proj / token_embedding.weight); "
+            "vlprompt supports ViT-based CLIP weights"
+        )
+    return sd, info
+
+
+def infer_clip_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture of a ViT CLIP from its weights (head width 64, as every OpenAI/open_clip ViT CLIP)."""
+    vision_width = sd["visual.conv1.weight"].shape[0]
+    patch = sd["visual.conv1.weight"].shape[-1]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vision_layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    text_width = sd["ln_final.weight"].shape[0]
+    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    mlp_ratio_v = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vision_width
+    mlp_ratio_t = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width
+    return {
+        "embed_dim": int(sd["text_projection"].shape[1]),
+        "vision_cfg": {
+            "image_size": int(patch * grid),
+            "layers": vision_layers,
+            "width": int(vision_width),
+            "head_width": 64,
+            "patch_size": int(patch),
+            "mlp_ratio": mlp_ratio_v,
+        },
+        "text_cfg": {
+            "context_length": int(sd["positional_embedding"].shape[0]),
+            "vocab_size": int(sd["token_embedding.weight"].shape[0]),
+            "width": int(text_width),
+            "heads": max(1, int(text_width) // 64),
+            "layers": text_layers,
+            "mlp_ratio": mlp_ratio_t,
+        },
+    }
+
+
+def _build_from_config(cfg: dict[str, Any], quick_gelu: bool) -> torch.nn.Module:
+    from open_clip.model import CLIP
+
+    cfg = {k: v for k, v in cfg.items() if k != "quick_gelu"}
+    return CLIP(**cfg, quick_gelu=quick_gelu)
+
+
+def _model_config(name: str) -> dict[str, Any]:
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise unknown_name("model", name, list_architectures())
+    return cfg
+
+
+def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[torch.nn.Module, dict]:
+    sd, info = _read_weights(path)
+    if info["config"] is not None:
+        cfg = dict(info["config"])
+        qg = bool(cfg.get("quick_gelu", False))
+    elif name is not None:
+        cfg = dict(_model_config(name))
+        qg = bool(cfg.get("quick_gelu", False)) or info["openai"]
+    else:
+        cfg = infer_clip_config(sd)
+        qg = info["openai"]
+    if quick_gelu is not None:
+        qg = quick_gelu
+    model = _build_from_config(cfg, qg)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "attn_mask"]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        arch = f"architecture '{name}'" if name else "the architecture inferred from the file"
+        raise VlpromptError(
+            f"weights in {path} do not fit {arch} ({what}); pass the matching open_clip model name"
+        )
+    cfg = {**cfg, "quick_gelu": qg}
+    return model, {"source": str(path), "format": info["format"], "config": cfg, "quick_gelu": qg}
+
+
+# --------------------------------------------------------------------------------------- entry point
+
+
+def load_backbone(
+    name: str | None = "ViT-B-16",
+    pretrained: str | os.PathLike | None = None,
+    *,
+    quick_gelu: bool | None = None,
+    device: str | torch.device | None = None,
+    cache_dir: str | None = None,
+):
+    """Load a frozen CLIP backbone (eval mode, ``requires_grad=False``) as a :class:`Backbone`.
+
+    Args:
+        name: open_clip architecture name (``ViT-B-16``, ``ViT-B-32-quickgelu``, ``vlp-tiny`` ...), or a
+            path to a local checkpoint.  May be ``None`` when ``pretrained`` is a file (inferred).
+        pretrained: ``None`` (random init), an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``)
+            or a path to a local checkpoint file.
+        quick_gelu: override the activation choice (see module docstring).
+        device: where to put the model (default CPU).
+    """
+    import open_clip
+
+    from vlprompt.backbones.backbone import Backbone
+
+    _register_configs()
+    if name is not None and pretrained is None and (os.sep in str(name) or Path(str(name)).suffix):
+        name, pretrained = None, name  # a path passed as the name
+    path = Path(pretrained) if pretrained is not None else None
+    looks_like_path = pretrained is not None and (
+        os.sep in str(pretrained) or path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+    )
+    if looks_like_path and not path.exists():
+        raise VlpromptError(f"weights file not found: {path}; check the path (or pass an open_clip tag)")
+    if name is not None and open_clip.get_model_config(name) is None:
+        raise unknown_name("model", name, list_architectures())
+
+    if path is not None and path.exists():
+        model, meta = _load_local(path, name, quick_gelu)
+        tag = None
+    elif pretrained is None:
+        if name is None:
+            raise VlpromptError("no backbone given: pass a model name (e.g. ViT-B-16) or a weights file")
+        qg = bool(quick_gelu)
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
+        cfg = {**_model_config(name)}
+        cfg["quick_gelu"] = bool(cfg.get("quick_gelu", False)) or qg
+        meta = {"source": "random-init", "format": None, "config": cfg, "quick_gelu": cfg["quick_gelu"]}
+        tag = None
+    else:
+        tag = str(pretrained)
+        if name is None:
+            raise VlpromptError(f"pretrained tag '{tag}' needs a model name (e.g. --model ViT-B-16)")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tag not in tags:
+            choices = ", ".join(tags) if tags else "none (use a local weights file)"
+            raise VlpromptError(f"unknown pretrained tag '{tag}' for {name}; available tags: {choices}")
+        pcfg = open_clip.get_pretrained_cfg(name, tag)
+        qg = bool(pcfg.get("quick_gelu", False)) if quick_gelu is None else quick_gelu
+        local = _cached_pretrained_file(pcfg, cache_dir)
+        if local is None and _is_offline():
+            raise VlpromptError(
+                f"pretrained weights {name}/{tag} are not in the local cache and there is no network; "
+                f"download them elsewhere and pass the file: --weights PATH (OpenAI .pt, open_clip .bin/.pt "
+                f"or .safetensors)"
+            )
+        try:
+            model = open_clip.create_model(
+                name, pretrained=local or tag, force_quick_gelu=qg, cache_dir=cache_dir
+            )
+        except Exception as e:
+            raise VlpromptError(
+                f"could not load pretrained weights {name}/{tag} ({type(e).__name__}: {str(e)[:120]}); "
+                "pass a local file with --weights PATH"
+            ) from None
+        cfg = {**_model_config(name), "quick_gelu": qg}
+        meta = {"source": local or f"{name}/{tag}", "format": "open_clip", "config": cfg, "quick_gelu": qg}
+    return Backbone(model, name=name, pretrained=tag or (str(path) if path else None), meta=meta).to(
+        device or "cpu"
+    )

@@ -1,0 +1,71 @@
+"""`vlprompt` command line: argument parsing and one-line errors.
+
+Each sub-command lives in its own module under ``vlprompt.cli`` and exposes
+``register(subparsers)``; this file only wires them together and turns
+:class:`~vlprompt.errors.VlpromptError` (and other expected failures) into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from vlprompt.errors import VlpromptError
+
+# sub-command modules, in the order --help lists them
+COMMANDS = ["demo", "train", "eval", "run", "report", "predict", "export", "data", "bench", "methods"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage block
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlprompt import __version__
+
+    parser = _Parser(
+        prog="vlprompt",
+        description="Prompt learning for CLIP-style models: MPL, DPL (reconstructed from the paper's "
+        "abstract) and baselines on one prompted-transformer engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"vlprompt.cli.cmd_{name}")
+        except ModuleNotFoundError as e:  # a command not built yet must not break the others
+            if e.name == f"vlprompt.cli.cmd_{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        rc = args.func(args)
+    except VlpromptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (checkpoints are written atomically; use --resume to continue)", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""A user's own images as a data set: ``folder:PATH`` (one sub-folder per class) or ``csv:PATH`` (``path,label``).
+
+On first load a seeded, per-class 50/20/30 train/val/test split is written as a CoOp-format JSON --
+next to the data (``PATH/split_vlprompt.json`` or ``<csv>.split_vlprompt.json``), or under
+``cache_dir()/custom/`` when that folder is read-only -- and reused on every later load, so few-shot,
+base/new and evaluation treat the data exactly like a benchmark. Delete the JSON to re-split
+(e.g. after adding images).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import random
+from pathlib import Path
+
+from vlprompt.data.images import is_image_file
+from vlprompt.data.splits import Datum, DatasetSplits, final_classname, read_split, write_split
+from vlprompt.errors import VlpromptError
+from vlprompt.utils import cache_dir
+
+log = logging.getLogger(__name__)
+
+CUSTOM_SPLIT_SEED = 0
+CUSTOM_FRACTIONS = (0.5, 0.2)
+CUSTOM_TEMPLATE = "a photo of a {}."
+SPLIT_NAME = "split_vlprompt.json"
+
+
+def parse_custom_name(name: str) -> tuple[str, Path] | None:
+    """``("folder"|"csv", path)`` for ``folder:PATH`` / ``csv:PATH`` names, else ``None``."""
+    for kind in ("folder", "csv"):
+        if name.startswith(kind + ":"):
+            path = name[len(kind) + 1 :]
+            if not path:
+                raise VlpromptError(f"'{name}' has no path; write {kind}:/path/to/data")
+            return kind, Path(path).expanduser().resolve()
+    return None
+
+
+def _scan_folder(root: Path) -> dict[str, list[str]]:
+    classes: dict[str, list[str]] = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        files = []
+        for dirpath, dirnames, filenames in os.walk(entry.path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames) if is_image_file(f)]
+        if not files:
+            raise VlpromptError(f"class folder {entry.path} has no images; add images or remove the folder")
+        classes[entry.name] = files
+    return classes
+
+
+def _scan_csv(path: Path) -> dict[str, list[str]]:
+    classes: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise VlpromptError(f"cannot read CSV {path} ({e}); give a UTF-8 CSV with rows 'path,label'") from None
+    if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
+        rows = rows[1:]
+    for n, row in enumerate(rows, 1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise VlpromptError(f"{path} row {n}: expected 'path,label', got {row!r}; fix that row")
+        rel, label = row[0].strip(), row[1].strip()
+        if rel in seen:
+            raise VlpromptError(f"{path} row {n}: image {rel} is listed twice; keep one row per image")
+        seen.add(rel)
+        classes.setdefault(label, []).append(rel)
+    return dict(sorted(classes.items()))
+
+
+def _split(classes: dict[str, list[str]], base: Path) -> list[list[Datum]]:
+    rng = random.Random(CUSTOM_SPLIT_SEED)
+    out: list[list[Datum]] = [[], [], []]
+    for label, (raw, files) in enumerate(classes.items()):
+        files = list(files)
+        rng.shuffle(files)
+        n_tr = max(1, round(len(files) * CUSTOM_FRACTIONS[0]))
+        n_va = round(len(files) * CUSTOM_FRACTIONS[1])
+        name = final_classname(raw)
+        for part, chunk in enumerate((files[:n_tr], files[n_tr : n_tr + n_va], files[n_tr + n_va :])):
+            out[part] += [Datum(str(base / r), label, name, r) for r in chunk]
+    return out
+
+
+def _split_paths(kind: str, path: Path) -> list[Path]:
+    local = path / SPLIT_NAME if kind == "folder" else path.with_name(f"{path.name}.{SPLIT_NAME}")
+    cached = cache_dir() / "custom" / hashlib.sha256(str(path).encode()).hexdigest()[:16] / SPLIT_NAME
+    return [local, cached]
+
+
+def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
+    """Load (splitting on first use) a custom data set; see the module docstring for the layout."""
+    if kind == "folder" and not path.is_dir():
+        raise VlpromptError(f"custom data folder not found: {path}; give a folder with one sub-folder per class")
+    if kind == "csv" and not path.is_file():
+        raise VlpromptError(f"custom CSV not found: {path}; give a CSV file with rows 'path,label'")
+    base = path if kind == "folder" else path.parent
+    name = f"{kind}:{path}"
+    split_file = next((p for p in _split_paths(kind, path) if p.is_file()), None)
+    if split_file is None:
+        classes = _scan_folder(path) if kind == "folder" else _scan_csv(path)
+        if len(classes) < 2:
+            found = ", ".join(classes) or "none"
+            raise VlpromptError(
+                f"{name} has {len(classes)} class(es) ({found}); a classifier needs at least 2 -- add a "
+                "sub-folder (or label) per class"
+            )
+        parts = _split(classes, base)
+        for split_file in _split_paths(kind, path):
+            try:
+                write_split(split_file, *parts)
+                break
+            except OSError:
+                continue
+        else:
+            raise VlpromptError(f"cannot write a split file for {name}; make {cache_dir()} writable")
+        log.info("wrote a new split for %s to %s", name, split_file)
+    train, val, test, classnames = read_split(split_file, base, skip_bad=skip_bad, title=name)
+    return DatasetSplits(
+        name=name, root=str(base), train=train, val=val, test=test, classnames=classnames,
+        template=CUSTOM_TEMPLATE, image_dir=str(base), extra={"split_file": str(split_file)},
+    )

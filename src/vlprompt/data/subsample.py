@@ -1,0 +1,46 @@
+"""Base-to-new class subsampling (SPEC 4.3), exactly as CoOp's ``subsample_classes``."""
+
+from __future__ import annotations
+
+import math
+
+from vlprompt.data.splits import Datum, DatasetSplits
+from vlprompt.errors import VlpromptError
+
+SUBSAMPLES: tuple[str, ...] = ("all", "base", "new")
+
+
+def base_new_labels(labels: set[int] | list[int], which: str) -> list[int]:
+    """The original labels kept by ``which``: sorted labels, base = first ceil(n/2), new = the rest."""
+    ordered = sorted(set(labels))
+    m = math.ceil(len(ordered) / 2)
+    return ordered[:m] if which == "base" else ordered[m:]
+
+
+def subsample(splits: DatasetSplits, which: str) -> DatasetSplits:
+    """Keep the base or new half of the classes (relabelled 0..) in every split; ``all`` keeps everything.
+
+    The halves are computed from the *train* labels, as the reference does, so apply this after few-shot
+    sampling to get the official protocol (sampling is over all classes).
+    """
+    if which not in SUBSAMPLES:
+        raise VlpromptError(f"unknown subsample '{which}'; choose one of: {', '.join(SUBSAMPLES)}")
+    if splits.subsample != "all":
+        raise VlpromptError(f"{splits.name} is already subsampled to '{splits.subsample}'; start from the full set")
+    if which == "all":
+        return splits
+    selected = base_new_labels({d.label for d in splits.train}, which)
+    if not selected:
+        raise VlpromptError(f"{splits.name} has too few classes for a '{which}' half; it needs at least 2")
+    relabel = {y: i for i, y in enumerate(selected)}
+
+    def keep(items: list[Datum]) -> list[Datum]:
+        return [Datum(d.impath, relabel[d.label], d.classname, d.relpath) for d in items if d.label in relabel]
+
+    return splits.with_(
+        train=keep(splits.train),
+        val=keep(splits.val),
+        test=keep(splits.test),
+        classnames=[splits.classnames[y] for y in selected],
+        subsample=which,
+    )

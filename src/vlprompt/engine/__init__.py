@@ -1,0 +1,31 @@
+"""The prompted-transformer engine: one forward for every method, driven by prompt plans."""
+
+from vlprompt.engine.attention import (
+    Attention,
+    AttnContext,
+    joint_mask,
+    masked_scores,
+    merge_heads,
+    qkv_heads,
+    standard_attention,
+)
+from vlprompt.engine.plan import ALL, LayerOps, TowerPlan, prompt_lengths
+from vlprompt.engine.towers import apply_ops, encode_image, encode_text, run_blocks
+
+__all__ = [
+    "ALL",
+    "Attention",
+    "AttnContext",
+    "LayerOps",
+    "TowerPlan",
+    "apply_ops",
+    "encode_image",
+    "encode_text",
+    "joint_mask",
+    "masked_scores",
+    "merge_heads",
+    "prompt_lengths",
+    "qkv_heads",
+    "run_blocks",
+    "standard_attention",
+]

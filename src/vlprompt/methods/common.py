@@ -1,0 +1,154 @@
+"""Pieces several methods share: tokenized class prompts with learnable slots, context init,
+per-layer text->image projections.  Methods import this module, never each other."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vlprompt.backbones import Backbone
+from vlprompt.errors import VlpromptError
+
+Segment = tuple[str, object]  # ("ctx", n) | ("text", "a photo of a {}.")
+
+
+class ClassPrompts(nn.Module):
+    """Tokenized prompts for every class, with ``n_ctx`` learnable slots at known positions.
+
+    ``segments`` describe one prompt, e.g. ``[("ctx", 4), ("text", "{}.")]`` for CoOp's
+    ``[SOS][V1..V4][CLASS][.][EOT]``; ``{}`` in a text segment is the class name.  The frozen token
+    embeddings are kept; :meth:`fill` writes context vectors into the slots, which is exactly
+    CoOp's concatenation ``[prefix, ctx, suffix]`` (the slot tokens' own embeddings are discarded).
+    Buffers are non-persistent: they depend on the class names, not on what was learned.
+    """
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], segments: Sequence[Segment]):
+        super().__init__()
+        placeholder = backbone.encode_words("X")
+        rows, slots, eots = [], [], []
+        length = backbone.context_length
+        for name in classnames:
+            ids, pos = [backbone.sot_id], []
+            for kind, val in segments:
+                if kind == "ctx":
+                    pos += list(range(len(ids), len(ids) + int(val)))
+                    ids += placeholder * int(val)
+                else:
+                    ids += backbone.encode_words(str(val).replace("{}", name))
+            ids.append(backbone.eot_id)
+            if len(ids) > length:
+                raise VlpromptError(
+                    f"prompt for class '{name}' is {len(ids)} tokens, longer than the model's {length}; "
+                    "shorten the class name or the context"
+                )
+            eots.append(len(ids) - 1)
+            rows.append(ids + [0] * (length - len(ids)))
+            slots.append(pos)
+        ids_t = torch.tensor(rows, dtype=torch.long)
+        with torch.no_grad():
+            emb = backbone.token_embed(ids_t).float()
+        self.register_buffer("ids", ids_t, persistent=False)
+        self.register_buffer("embeds", emb, persistent=False)
+        self.register_buffer("eot", torch.tensor(eots, dtype=torch.long), persistent=False)
+        self.register_buffer("slots", torch.tensor(slots, dtype=torch.long).view(len(rows), -1), persistent=False)
+        self.classnames = list(classnames)
+
+    @property
+    def n_classes(self) -> int:
+        return self.ids.shape[0]
+
+    def fill(self, ctx: torch.Tensor | None, per_image: bool = False) -> torch.Tensor:
+        """Token embeddings with ``ctx`` written into the slots.
+
+        ``ctx``: ``(n, d)`` shared by all classes, ``(C, n, d)`` class-specific, or with
+        ``per_image=True`` ``(B, n, d)`` -- one context per image, giving ``(B*C, L, d)`` rows ordered
+        image-major (all classes of image 0, then image 1, ...).
+        """
+        emb = self.embeds
+        if ctx is None or self.slots.shape[1] == 0:
+            return emb
+        c, length, d = emb.shape
+        n = self.slots.shape[1]
+        ctx = ctx.to(emb.dtype)
+        if per_image:
+            b = ctx.shape[0]
+            base = emb.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * c, length, d)
+            src = ctx.unsqueeze(1).expand(-1, c, -1, -1).reshape(b * c, n, d)
+            idx = self.slots.repeat(b, 1)
+        else:
+            base = emb
+            src = ctx.unsqueeze(0).expand(c, -1, -1) if ctx.dim() == 2 else ctx
+            idx = self.slots
+        return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), src)
+
+    def eot_for(self, batch: int | None = None) -> torch.Tensor:
+        return self.eot if batch is None else self.eot.repeat(batch)
+
+
+def ctx_from_words(backbone: Backbone, words: str, n_ctx: int) -> torch.Tensor:
+    """Context vectors initialised from the token embeddings of ``words`` (must be ``n_ctx`` tokens)."""
+    ids = backbone.encode_words(words.replace("_", " "))
+    if len(ids) != n_ctx:
+        raise VlpromptError(
+            f"context init '{words}' is {len(ids)} tokens but n_ctx={n_ctx}; use a phrase of {n_ctx} tokens "
+            "or ctx_init='' for random init"
+        )
+    with torch.no_grad():
+        return backbone.token_embed(torch.tensor(ids)).float().clone()
+
+
+def init_ctx(backbone: Backbone, n_ctx: int, ctx_init: str, width: int, std: float = 0.02) -> torch.Tensor:
+    """``n_ctx`` vectors from ``ctx_init`` words, or N(0, std^2) when ``ctx_init`` is empty."""
+    if ctx_init:
+        return ctx_from_words(backbone, ctx_init, n_ctx)
+    return torch.randn(n_ctx, width) * std
+
+
+def normal_prompts(*shape: int, std: float = 0.02) -> nn.Parameter:
+    """Fresh N(0, std^2) prompt parameters (the official init of deep prompts)."""
+    return nn.Parameter(torch.randn(*shape) * std)
+
+
+def uniform_prompts(n: int, width: int, patch_size: int) -> nn.Parameter:
+    """VPT's init: U(-v, v) with v = sqrt(6 / (3 * patch^2 + width))."""
+    v = (6.0 / (3 * patch_size * patch_size + width)) ** 0.5
+    return nn.Parameter(torch.empty(n, width).uniform_(-v, v))
+
+
+def linear_stack(n: int, d_in: int, d_out: int, tie_init: bool = False) -> nn.ModuleList:
+    """``n`` Linear(d_in -> d_out) layers; with ``tie_init`` all start from one layer's weights
+    (MaPLe's/MPL's ``_get_clones``: deep copies of a single initialised Linear)."""
+    first = nn.Linear(d_in, d_out)
+    if tie_init:
+        return nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(n - 1)])
+    return nn.ModuleList([first] + [nn.Linear(d_in, d_out) for _ in range(n - 1)])
+
+
+def validate_depth(depth: int, layers: int, tower: str, minimum: int = 1) -> None:
+    if not minimum <= depth <= layers:
+        raise VlpromptError(f"prompt depth {depth} is outside [{minimum}, {layers}] for the {tower} tower's {layers} layers")
+
+
+def ctx_segments(n_ctx: int, position: str, template_text: str = "{}.") -> list[Segment]:
+    """CoOp's class-token positions: ``end`` (ctx, class), ``front`` (class, ctx), ``middle`` (half, class, half)."""
+    if position == "end":
+        return [("ctx", n_ctx), ("text", template_text)]
+    if position == "front":
+        name, rest = _split_class(template_text)
+        return [("text", name), ("ctx", n_ctx), ("text", rest)]
+    if position == "middle":
+        half = n_ctx // 2
+        name, rest = _split_class(template_text)
+        return [("ctx", half), ("text", name), ("ctx", n_ctx - half), ("text", rest)]
+    raise VlpromptError(f"unknown class_token_position '{position}'; use end, middle or front")
+
+
+def _split_class(text: str) -> tuple[str, str]:
+    m = re.match(r"^(.*\{\})(.*)$", text)
+    if not m:
+        raise VlpromptError(f"template '{text}' has no '{{}}' for the class name")
+    return m.group(1), m.group(2)

@@ -1,0 +1,29 @@
+"""Zero-shot CLIP: the data set's hand-crafted template, nothing learned (SPEC §2.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlprompt.backbones import Backbone
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.common import ClassPrompts
+
+
+@dataclass
+class ZeroShotConfig(MethodConfig):
+    template: str = ""  # override the data set's template ("" = use the data set's)
+
+
+@register_method
+class ZeroShot(PromptMethod):
+    name = "zeroshot"
+    Config = ZeroShotConfig
+    summary = "zero-shot CLIP with the data set's hand-crafted template (no learning)"
+
+    def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
+        self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.template or template)])
+
+    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
+        return TextInputs(self.prompts.embeds, self.prompts.eot)
