@@ -143,8 +143,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         info["openai"] = True
     elif info["format"] == "torch" and "visual.proj" in sd and sd["visual.proj"].dtype == torch.float16:
         info["openai"] = True  # OpenAI distributes fp16 state dicts in exactly this layout
-    for k in OPENAI_ARCHIVE_KEYS:
-        sd.pop(k, None)
+    for k in [k for k in sd if k in OPENAI_ARCHIVE_KEYS or k.endswith("attn_mask")]:
+        sd.pop(k)  # archive metadata and the (recomputed) causal-mask buffer are not weights
     if "text.token_embedding.weight" in sd:  # open_clip CustomTextCLIP layout -> standard CLIP layout
         from open_clip.model import convert_to_custom_text_state_dict  # noqa: F401  (import check)
 
@@ -206,12 +206,13 @@ def _model_config(name: str) -> dict[str, Any]:
 
 def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[torch.nn.Module, dict]:
     sd, info = _read_weights(path)
-    if info["config"] is not None:
-        cfg = dict(info["config"])
-        qg = bool(cfg.get("quick_gelu", False))
-    elif name is not None:
+    recorded = info["config"]
+    if name is not None:  # an explicit architecture wins; the weights must fit it
         cfg = dict(_model_config(name))
-        qg = bool(cfg.get("quick_gelu", False)) or info["openai"]
+        qg = bool(cfg.get("quick_gelu", False)) or info["openai"] or bool((recorded or {}).get("quick_gelu"))
+    elif recorded is not None:
+        cfg = dict(recorded)
+        qg = bool(cfg.get("quick_gelu", False))
     else:
         cfg = infer_clip_config(sd)
         qg = info["openai"]
@@ -219,11 +220,15 @@ def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[
         qg = quick_gelu
     model = _build_from_config(cfg, qg)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "attn_mask"]
+    arch = f"architecture '{name}'" if name else "the architecture inferred from the file"
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:100])
+        raise VlpromptError(f"weights in {path} do not fit {arch} ({first[:140]}); pass the matching model name") from None
+    missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        arch = f"architecture '{name}'" if name else "the architecture inferred from the file"
         raise VlpromptError(
             f"weights in {path} do not fit {arch} ({what}); pass the matching open_clip model name"
         )

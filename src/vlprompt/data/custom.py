@@ -1,4 +1,4 @@
-"""A user's own images as a data set: ``folder:PATH`` (one sub-folder per class) or ``csv:PATH`` (``path,label``).
+"""A user's own images as a data set: ``folder:PATH`` (a sub-folder per class) or ``csv:PATH``.
 
 On first load a seeded, per-class 50/20/30 train/val/test split is written as a CoOp-format JSON --
 next to the data (``PATH/split_vlprompt.json`` or ``<csv>.split_vlprompt.json``), or under
@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 
 from vlprompt.data.images import is_image_file
-from vlprompt.data.splits import Datum, DatasetSplits, final_classname, read_split, write_split
+from vlprompt.data.splits import DatasetSplits, Datum, final_classname, read_split, write_split
 from vlprompt.errors import VlpromptError
 from vlprompt.utils import cache_dir
 
@@ -48,7 +48,9 @@ def _scan_folder(root: Path) -> dict[str, list[str]]:
         files = []
         for dirpath, dirnames, filenames in os.walk(entry.path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames) if is_image_file(f)]
+            files += [
+                os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames) if is_image_file(f)
+            ]
         if not files:
             raise VlpromptError(f"class folder {entry.path} has no images; add images or remove the folder")
         classes[entry.name] = files
@@ -62,7 +64,9 @@ def _scan_csv(path: Path) -> dict[str, list[str]]:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise VlpromptError(f"cannot read CSV {path} ({e}); give a UTF-8 CSV with rows 'path,label'") from None
+        raise VlpromptError(
+            f"cannot read CSV {path} ({e}); give a UTF-8 CSV with rows 'path,label'"
+        ) from None
     if rows and [c.strip().lower() for c in rows[0]] == ["path", "label"]:
         rows = rows[1:]
     for n, row in enumerate(rows, 1):
@@ -87,6 +91,8 @@ def _split(classes: dict[str, list[str]], base: Path) -> list[list[Datum]]:
         n_tr = max(1, round(len(files) * CUSTOM_FRACTIONS[0]))
         n_va = round(len(files) * CUSTOM_FRACTIONS[1])
         name = final_classname(raw)
+        if len(files) - n_tr - n_va <= 0:
+            log.warning("class '%s' has only %d images: none go to the test split", raw, len(files))
         for part, chunk in enumerate((files[:n_tr], files[n_tr : n_tr + n_va], files[n_tr + n_va :])):
             out[part] += [Datum(str(base / r), label, name, r) for r in chunk]
     return out
@@ -101,7 +107,9 @@ def _split_paths(kind: str, path: Path) -> list[Path]:
 def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
     """Load (splitting on first use) a custom data set; see the module docstring for the layout."""
     if kind == "folder" and not path.is_dir():
-        raise VlpromptError(f"custom data folder not found: {path}; give a folder with one sub-folder per class")
+        raise VlpromptError(
+            f"custom data folder not found: {path}; give a folder with one sub-folder per class"
+        )
     if kind == "csv" and not path.is_file():
         raise VlpromptError(f"custom CSV not found: {path}; give a CSV file with rows 'path,label'")
     base = path if kind == "folder" else path.parent
@@ -127,6 +135,13 @@ def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
         log.info("wrote a new split for %s to %s", name, split_file)
     train, val, test, classnames = read_split(split_file, base, skip_bad=skip_bad, title=name)
     return DatasetSplits(
-        name=name, root=str(base), train=train, val=val, test=test, classnames=classnames,
-        template=CUSTOM_TEMPLATE, image_dir=str(base), extra={"split_file": str(split_file)},
+        name=name,
+        root=str(base),
+        train=train,
+        val=val,
+        test=test,
+        classnames=classnames,
+        template=CUSTOM_TEMPLATE,
+        image_dir=str(base),
+        extra={"split_file": str(split_file)},
     )

@@ -7,6 +7,7 @@ folder that is renamed into place, so a crash or a concurrent run never sees hal
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -33,11 +34,26 @@ def demo_root() -> Path:
     return cache_dir() / "demo"
 
 
-def _write(dest: Path) -> None:
-    from sklearn.datasets import load_digits
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """``load_digits()``'s arrays, read straight from scikit-learn's bundled CSV.
 
-    digits = load_digits()
-    images, targets = digits.images, digits.target
+    Importing sklearn costs seconds; its package data does not need it (same values as ``load_digits``).
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise VlpromptError("the demo data set needs scikit-learn; run `pip install scikit-learn`")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
+def _write(dest: Path) -> None:
+    images, targets = _load_digits()
     rng = np.random.RandomState(DEMO_SPLIT_SEED)
     which = np.empty(len(targets), dtype=np.int64)  # 0 train, 1 val, 2 test; stratified per class
     for c in range(10):
@@ -56,7 +72,7 @@ def _write(dest: Path) -> None:
         pix = np.clip(arr * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
         im = Image.fromarray(pix, mode="L").resize((DEMO_SIZE, DEMO_SIZE), Image.BILINEAR).convert("RGB")
         rel = f"{DIGIT_NAMES[y]}/{i:04d}.png"
-        im.save(img_dir / rel, format="PNG", optimize=False)
+        im.save(img_dir / rel, format="PNG", compress_level=1)
         splits[int(which[i])].append(Datum(str(img_dir / rel), y, DIGIT_NAMES[y], rel))
     write_split(dest / "split_demo.json", *splits)
 
@@ -71,8 +87,9 @@ def ensure_demo() -> Path:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=parent))
     except OSError as e:
-        raise VlpromptError(f"cannot write the demo data set under {parent} ({e}); set VLPROMPT_HOME to a "
-                            "writable folder") from None
+        raise VlpromptError(
+            f"cannot write the demo data set under {parent} ({e}); set VLPROMPT_HOME to a writable folder"
+        ) from None
     try:
         _write(tmp)
         if root.exists() and not (root / "split_demo.json").is_file():

@@ -14,7 +14,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from vlprompt.data.splits import Datum, DatasetSplits, split_hash
+from vlprompt.data.splits import DatasetSplits, Datum, split_hash
 from vlprompt.errors import VlpromptError
 from vlprompt.utils import atomic_write_json, cache_dir, set_seed
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def sample_per_class(items: Sequence[Datum], k: int, source: str = "") -> list[Datum]:
-    """``random.sample(group, k)`` per label group (groups in first-appearance order), using the global RNG."""
+    """``random.sample(group, k)`` per label group (first-appearance order), with the global RNG."""
     groups: dict[int, list[Datum]] = {}
     for d in items:
         groups.setdefault(d.label, []).append(d)
@@ -35,7 +35,9 @@ def sample_per_class(items: Sequence[Datum], k: int, source: str = "") -> list[D
             short += 1
             out.extend(group)
     if short:
-        log.warning("%s: %d classes have fewer than %d images; using all of theirs", source or "few-shot", short, k)
+        log.warning(
+            "%s: %d classes have fewer than %d images; using all of theirs", source or "few-shot", short, k
+        )
     return out
 
 
@@ -64,7 +66,11 @@ def fewshot(splits: DatasetSplits, shots: int, seed: int, *, use_cache: bool = T
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise VlpromptError(f"shots must be a positive integer, got {shots!r}; use one of 1, 2, 4, 8, 16")
     if splits.shots:
-        raise VlpromptError(f"{splits.name} is already a {splits.shots}-shot split; sample from the full data set")
+        raise VlpromptError(
+            f"{splits.name} is already a {splits.shots}-shot split; sample from the full data set"
+        )
+    if not splits.train:
+        raise VlpromptError(f"{splits.name} has no training split (test only); few-shot needs a training set")
     sample_val = splits.extra.get("fewshot_val", True)
     set_seed(seed)
     digest = split_hash(splits)

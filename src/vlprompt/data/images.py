@@ -29,7 +29,9 @@ def load_rgb(path: str) -> Image.Image:
             im.load()
             return im.convert("RGB")
     except FileNotFoundError:
-        raise VlpromptError(f"image not found: {path}; restore it or load the data set with skip_bad=True") from None
+        raise VlpromptError(
+            f"image not found: {path}; restore it or load the data set with skip_bad=True"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise VlpromptError(
             f"cannot read image {path} ({type(e).__name__}: {e}); replace the file or load the data set with "
@@ -70,7 +72,11 @@ def drop_unreadable(items: list, source: str, check: Callable[[str], str | None]
     bad = [(d, why) for d in items if (why := check(d.impath))]
     if bad:
         log.warning(
-            "dropping %d unreadable images from %s (first: %s: %s)", len(bad), source, bad[0][0].impath, bad[0][1]
+            "dropping %d unreadable images from %s (first: %s: %s)",
+            len(bad),
+            source,
+            bad[0][0].impath,
+            bad[0][1],
         )
         gone = {id(d) for d, _ in bad}
         items = [d for d in items if id(d) not in gone]

@@ -17,6 +17,7 @@ from torchvision import transforms as T
 from vlprompt.data.images import load_rgb
 from vlprompt.data.splits import Datum
 from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD, eval_resize_crop
+from vlprompt.errors import VlpromptError
 from vlprompt.utils import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,23 @@ class ImageDataset(Dataset):
         d = self.items[i]
         img = load_rgb(d.impath)
         return (self.transform(img) if self.transform is not None else img), d.label
+
+
+class _Loader(DataLoader):
+    """DataLoader that turns a worker's multi-line re-raised VlpromptError back into one line."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except VlpromptError as e:
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                last = lines[-1] if lines else ""
+                raise VlpromptError(last.split("VlpromptError: ", 1)[-1]) from None
+            yield batch
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -62,7 +80,7 @@ def build_loader(
     ds = items if isinstance(items, Dataset) else ImageDataset(items, transform)
     g = torch.Generator()
     g.manual_seed(int(seed))
-    return DataLoader(
+    return _Loader(
         ds,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -76,9 +94,11 @@ def build_loader(
 
 
 class CachedEvalDataset(Dataset):
-    """Pre-cropped uint8 pixels; ``__getitem__`` applies ToTensor's scaling + Normalize exactly as the transform."""
+    """Pre-cropped uint8 pixels; ``__getitem__`` scales like ToTensor and normalises like the transform."""
 
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self, pixels: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+    ):
         self.pixels = pixels
         self.labels = labels
         self.normalize = T.Normalize(mean=list(mean), std=list(std))

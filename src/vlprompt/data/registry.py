@@ -36,7 +36,18 @@ CALTECH101_RENAMES: dict[str, str] = {
     "Motorbikes": "motorbike",
 }
 
-DIGIT_NAMES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_NAMES: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 
 
 @dataclass(frozen=True)
@@ -75,113 +86,228 @@ _VARIANT_NOTE = " classnames.txt is read from this folder or, failing that, from
 
 _SPECS: tuple[DatasetSpec, ...] = (
     DatasetSpec(
-        "imagenet", "ImageNet", "imagenet", "imagenet", ("images",), "a photo of a {}.", 1000,
+        "imagenet",
+        "ImageNet",
+        "imagenet",
+        "imagenet",
+        ("images",),
+        "a photo of a {}.",
+        1000,
         (1281167, 50000, 50000),
         source="https://image-net.org/download.php",
-        howto=_IMAGENET_HOWTO, fewshot_val=False,
+        howto=_IMAGENET_HOWTO,
+        fewshot_val=False,
     ),
     DatasetSpec(
-        "caltech101", "Caltech101", "split", "caltech-101", ("101_ObjectCategories",), "a photo of a {}.", 100,
-        (4128, 1649, 2465), split_file="split_zhou_Caltech101.json",
+        "caltech101",
+        "Caltech101",
+        "split",
+        "caltech-101",
+        ("101_ObjectCategories",),
+        "a photo of a {}.",
+        100,
+        (4128, 1649, 2465),
+        split_file="split_zhou_Caltech101.json",
         source="https://data.caltech.edu/records/mzrjq-6wc02",
         howto="extract 101_ObjectCategories.tar.gz to {root}/caltech-101/101_ObjectCategories/ and put "
         "split_zhou_Caltech101.json (CoOp's DATASETS.md) in {root}/caltech-101/",
         renames=CALTECH101_RENAMES,
     ),
     DatasetSpec(
-        "oxford_pets", "OxfordPets", "split", "oxford_pets", ("images",), "a photo of a {}, a type of pet.", 37,
-        (2944, 736, 3669), split_file="split_zhou_OxfordPets.json",
+        "oxford_pets",
+        "OxfordPets",
+        "split",
+        "oxford_pets",
+        ("images",),
+        "a photo of a {}, a type of pet.",
+        37,
+        (2944, 736, 3669),
+        split_file="split_zhou_OxfordPets.json",
         source="https://www.robots.ox.ac.uk/~vgg/data/pets/",
         howto="extract images.tar.gz and annotations.tar.gz into {root}/oxford_pets/ (giving images/ and "
         "annotations/) and put split_zhou_OxfordPets.json there",
     ),
     DatasetSpec(
-        "stanford_cars", "StanfordCars", "split", "stanford_cars", ("",), "a photo of a {}.", 196,
-        (6509, 1635, 8041), split_file="split_zhou_StanfordCars.json",
-        source="https://ai.stanford.edu/~jkrause/cars/car_dataset.html (mirrors: Kaggle 'stanford-cars-dataset')",
+        "stanford_cars",
+        "StanfordCars",
+        "split",
+        "stanford_cars",
+        ("",),
+        "a photo of a {}.",
+        196,
+        (6509, 1635, 8041),
+        split_file="split_zhou_StanfordCars.json",
+        source="https://ai.stanford.edu/~jkrause/cars/car_dataset.html "
+        "(mirror: Kaggle 'stanford-cars-dataset')",
         howto="extract cars_train.tgz, cars_test.tgz and car_devkit.tgz into {root}/stanford_cars/ (giving "
         "cars_train/, cars_test/, devkit/, plus cars_test_annos_withlabels.mat) and put "
         "split_zhou_StanfordCars.json there",
     ),
     DatasetSpec(
-        "oxford_flowers", "Flowers102", "split", "oxford_flowers", ("jpg",), "a photo of a {}, a type of flower.",
-        102, (4093, 1633, 2463), split_file="split_zhou_OxfordFlowers.json",
+        "oxford_flowers",
+        "Flowers102",
+        "split",
+        "oxford_flowers",
+        ("jpg",),
+        "a photo of a {}, a type of flower.",
+        102,
+        (4093, 1633, 2463),
+        split_file="split_zhou_OxfordFlowers.json",
         source="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
         howto="extract 102flowers.tgz into {root}/oxford_flowers/ (giving jpg/), add imagelabels.mat, "
         "cat_to_name.json and split_zhou_OxfordFlowers.json there",
     ),
     DatasetSpec(
-        "food101", "Food101", "split", "food-101", ("images",), "a photo of {}, a type of food.", 101,
-        (50500, 20200, 30300), split_file="split_zhou_Food101.json",
+        "food101",
+        "Food101",
+        "split",
+        "food-101",
+        ("images",),
+        "a photo of {}, a type of food.",
+        101,
+        (50500, 20200, 30300),
+        split_file="split_zhou_Food101.json",
         source="https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/",
         howto="extract food-101.tar.gz into {root}/ (giving {root}/food-101/images/) and put "
         "split_zhou_Food101.json in {root}/food-101/",
     ),
     DatasetSpec(
-        "fgvc_aircraft", "FGVCAircraft", "aircraft", "fgvc_aircraft", ("images",),
-        "a photo of a {}, a type of aircraft.", 100, (3334, 3333, 3333),
+        "fgvc_aircraft",
+        "FGVCAircraft",
+        "aircraft",
+        "fgvc_aircraft",
+        ("images",),
+        "a photo of a {}, a type of aircraft.",
+        100,
+        (3334, 3333, 3333),
         source="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
         howto="extract fgvc-aircraft-2013b.tar.gz and move its data/ folder to {root}/fgvc_aircraft/ (giving "
         "images/, variants.txt and images_variant_{{train,val,test}}.txt)",
     ),
     DatasetSpec(
-        "sun397", "SUN397", "split", "sun397", ("SUN397",), "a photo of a {}.", 397,
-        (15880, 3970, 19850), split_file="split_zhou_SUN397.json",
+        "sun397",
+        "SUN397",
+        "split",
+        "sun397",
+        ("SUN397",),
+        "a photo of a {}.",
+        397,
+        (15880, 3970, 19850),
+        split_file="split_zhou_SUN397.json",
         source="http://vision.princeton.edu/projects/2010/SUN/",
-        howto="extract SUN397.tar.gz into {root}/sun397/ (giving SUN397/) and put split_zhou_SUN397.json there",
+        howto="extract SUN397.tar.gz into {root}/sun397/ (giving SUN397/) and put "
+        "split_zhou_SUN397.json there",
     ),
     DatasetSpec(
-        "dtd", "DTD", "split", "dtd", ("images", "dtd/images"), "{} texture.", 47,
-        (2820, 1128, 1692), split_file="split_zhou_DescribableTextures.json",
+        "dtd",
+        "DTD",
+        "split",
+        "dtd",
+        ("images", "dtd/images"),
+        "{} texture.",
+        47,
+        (2820, 1128, 1692),
+        split_file="split_zhou_DescribableTextures.json",
         source="https://www.robots.ox.ac.uk/~vgg/data/dtd/",
-        howto="extract dtd-r1.0.1.tar.gz into {root}/ (giving {root}/dtd/images/; dtd/dtd/images/ is accepted "
-        "too) and put split_zhou_DescribableTextures.json in {root}/dtd/",
+        howto="extract dtd-r1.0.1.tar.gz into {root}/ (giving {root}/dtd/images/; dtd/dtd/images/ "
+        "is accepted too) and put split_zhou_DescribableTextures.json in {root}/dtd/",
     ),
     DatasetSpec(
-        "eurosat", "EuroSAT", "split", "eurosat", ("2750",), "a centered satellite photo of {}.", 10,
-        (13500, 5400, 8100), split_file="split_zhou_EuroSAT.json",
+        "eurosat",
+        "EuroSAT",
+        "split",
+        "eurosat",
+        ("2750",),
+        "a centered satellite photo of {}.",
+        10,
+        (13500, 5400, 8100),
+        split_file="split_zhou_EuroSAT.json",
         source="https://madm.dfki.de/files/sentinel/EuroSAT.zip (RGB version; also https://github.com/phelber/EuroSAT)",
         howto="extract EuroSAT.zip into {root}/eurosat/ (giving 2750/) and put split_zhou_EuroSAT.json there",
-        classnames=tuple(EUROSAT_CLASSNAMES.values()), renames=EUROSAT_CLASSNAMES,
+        classnames=tuple(EUROSAT_CLASSNAMES.values()),
+        renames=EUROSAT_CLASSNAMES,
     ),
     DatasetSpec(
-        "ucf101", "UCF101", "split", "ucf101", ("UCF-101-midframes",), "a photo of a person doing {}.", 101,
-        (7639, 1898, 3783), split_file="split_zhou_UCF101.json",
-        source="https://www.crcv.ucf.edu/data/UCF101.php (mid-frames: CoOp's DATASETS.md, UCF-101-midframes.zip)",
+        "ucf101",
+        "UCF101",
+        "split",
+        "ucf101",
+        ("UCF-101-midframes",),
+        "a photo of a person doing {}.",
+        101,
+        (7639, 1898, 3783),
+        split_file="split_zhou_UCF101.json",
+        source="https://www.crcv.ucf.edu/data/UCF101.php "
+        "(mid-frames: UCF-101-midframes.zip linked from CoOp's DATASETS.md)",
         howto="extract UCF-101-midframes.zip into {root}/ucf101/ (giving UCF-101-midframes/) and put "
         "split_zhou_UCF101.json there",
     ),
     DatasetSpec(
-        "imagenetv2", "ImageNet-V2", "imagenet_variant", "imagenetv2", ("imagenetv2-matched-frequency-format-val",),
-        "a photo of a {}.", 1000, (0, 0, 10000),
+        "imagenetv2",
+        "ImageNet-V2",
+        "imagenet_variant",
+        "imagenetv2",
+        ("imagenetv2-matched-frequency-format-val",),
+        "a photo of a {}.",
+        1000,
+        (0, 0, 10000),
         source="https://github.com/modestyachts/ImageNetV2 (matched-frequency)",
         howto="extract imagenetv2-matched-frequency.tar.gz into {root}/imagenetv2/ (giving "
-        "imagenetv2-matched-frequency-format-val/<0..999>/)." + _VARIANT_NOTE, test_only=True,
+        "imagenetv2-matched-frequency-format-val/<0..999>/)." + _VARIANT_NOTE,
+        test_only=True,
     ),
     DatasetSpec(
-        "imagenet_sketch", "ImageNet-Sketch", "imagenet_variant", "imagenet-sketch", ("images",),
-        "a photo of a {}.", 1000, (0, 0, 50889),
+        "imagenet_sketch",
+        "ImageNet-Sketch",
+        "imagenet_variant",
+        "imagenet-sketch",
+        ("images",),
+        "a photo of a {}.",
+        1000,
+        (0, 0, 50889),
         source="https://github.com/HaohanWang/ImageNet-Sketch",
         howto="extract ImageNet-Sketch.zip into {root}/imagenet-sketch/ and rename sketch/ to images/ "
-        "(giving images/<wnid>/)." + _VARIANT_NOTE, test_only=True,
+        "(giving images/<wnid>/)." + _VARIANT_NOTE,
+        test_only=True,
     ),
     DatasetSpec(
-        "imagenet_a", "ImageNet-A", "imagenet_variant", "imagenet-adversarial", ("imagenet-a",),
-        "a photo of a {}.", 200, (0, 0, 7500),
+        "imagenet_a",
+        "ImageNet-A",
+        "imagenet_variant",
+        "imagenet-adversarial",
+        ("imagenet-a",),
+        "a photo of a {}.",
+        200,
+        (0, 0, 7500),
         source="https://github.com/hendrycks/natural-adv-examples",
         howto="extract imagenet-a.tar into {root}/imagenet-adversarial/ (giving imagenet-a/<wnid>/)."
-        + _VARIANT_NOTE, test_only=True,
+        + _VARIANT_NOTE,
+        test_only=True,
     ),
     DatasetSpec(
-        "imagenet_r", "ImageNet-R", "imagenet_variant", "imagenet-rendition", ("imagenet-r",),
-        "a photo of a {}.", 200, (0, 0, 30000),
+        "imagenet_r",
+        "ImageNet-R",
+        "imagenet_variant",
+        "imagenet-rendition",
+        ("imagenet-r",),
+        "a photo of a {}.",
+        200,
+        (0, 0, 30000),
         source="https://github.com/hendrycks/imagenet-r",
         howto="extract imagenet-r.tar into {root}/imagenet-rendition/ (giving imagenet-r/<wnid>/)."
-        + _VARIANT_NOTE, test_only=True,
+        + _VARIANT_NOTE,
+        test_only=True,
     ),
     DatasetSpec(
-        "demo", "Demo (scikit-learn digits)", "demo", "demo", ("images",), "a photo of the digit {}.", 10,
-        None, split_file="split_demo.json",
+        "demo",
+        "Demo (scikit-learn digits)",
+        "demo",
+        "demo",
+        ("images",),
+        "a photo of the digit {}.",
+        10,
+        None,
+        split_file="split_demo.json",
         source="generated from sklearn.datasets.load_digits on first use (no download)",
         howto="nothing to do: get_dataset('demo') writes it into the vlprompt cache",
         classnames=DIGIT_NAMES,
@@ -192,8 +318,17 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in _SPECS}
 
 #: the 11 base-to-new / cross-dataset data sets, in the papers' table order
 BENCHMARKS: tuple[str, ...] = (
-    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+    "imagenet",
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
 )
 #: cross-dataset protocol (SPEC 4.4): train on the source, evaluate on the full test sets of the targets
 CROSS_DATASET_SOURCE = "imagenet"
@@ -203,11 +338,23 @@ DG_SOURCE = "imagenet"
 DG_TARGETS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 _ALIASES = {
-    "caltech": "caltech101", "oxfordpets": "oxford_pets", "pets": "oxford_pets", "stanfordcars": "stanford_cars",
-    "cars": "stanford_cars", "oxfordflowers": "oxford_flowers", "flowers102": "oxford_flowers",
-    "flowers": "oxford_flowers", "food": "food101", "fgvcaircraft": "fgvc_aircraft", "aircraft": "fgvc_aircraft",
-    "describabletextures": "dtd", "imagenetv2": "imagenetv2", "imagenetsketch": "imagenet_sketch",
-    "imageneta": "imagenet_a", "imagenetr": "imagenet_r", "imagenetadversarial": "imagenet_a",
+    "caltech": "caltech101",
+    "oxfordpets": "oxford_pets",
+    "pets": "oxford_pets",
+    "stanfordcars": "stanford_cars",
+    "cars": "stanford_cars",
+    "oxfordflowers": "oxford_flowers",
+    "flowers102": "oxford_flowers",
+    "flowers": "oxford_flowers",
+    "food": "food101",
+    "fgvcaircraft": "fgvc_aircraft",
+    "aircraft": "fgvc_aircraft",
+    "describabletextures": "dtd",
+    "imagenetv2": "imagenetv2",
+    "imagenetsketch": "imagenet_sketch",
+    "imageneta": "imagenet_a",
+    "imagenetr": "imagenet_r",
+    "imagenetadversarial": "imagenet_a",
     "imagenetrendition": "imagenet_r",
 }
 
@@ -217,7 +364,7 @@ def _norm(name: str) -> str:
 
 
 def canonical_name(name: str) -> str:
-    """Map CoOp-style or loose spellings (``Caltech101``, ``ImageNet-A``, ``Flowers102``) to the registry name."""
+    """Registry name for CoOp-style or loose spellings (``Caltech101``, ``ImageNet-A``, ``Flowers102``)."""
     key = _norm(name)
     for spec_name in SPECS:
         if _norm(spec_name) == key:
@@ -233,5 +380,5 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def list_datasets() -> list[str]:
-    """Names accepted by ``get_dataset``: the 15 benchmarks and ``demo`` (plus ``folder:PATH`` / ``csv:PATH``)."""
+    """Built-in names for ``get_dataset``: 15 benchmarks and ``demo`` (also ``folder:PATH``, ``csv:PATH``)."""
     return list(SPECS)

@@ -84,7 +84,9 @@ def load_split_json(path: str | os.PathLike) -> dict[str, list[tuple[str, int, s
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VlpromptError(f"split file {path} is not valid JSON ({e}); replace it with a good copy") from None
+        raise VlpromptError(
+            f"split file {path} is not valid JSON ({e}); replace it with a good copy"
+        ) from None
     if not isinstance(obj, dict) or not all(isinstance(obj.get(s), list) for s in SPLITS):
         raise VlpromptError(
             f"split file {path} must be a JSON object with lists 'train', 'val' and 'test'; replace it"
@@ -104,7 +106,8 @@ def load_split_json(path: str | os.PathLike) -> dict[str, list[tuple[str, int, s
             )
             if not ok:
                 raise VlpromptError(
-                    f"split file {path}: {s}[{i}] = {row!r} is not [relpath, label>=0, classname]; fix that row"
+                    f"split file {path}: {s}[{i}] = {row!r} is not [relpath, label>=0, classname]; "
+                    "fix that row"
                 )
             rows.append((row[0], row[1], row[2]))
         out[s] = rows
@@ -146,12 +149,15 @@ def validate_classes(
     labels = sorted(lab2name)
     if labels != list(range(len(labels))):
         gaps = sorted(set(range(labels[-1] + 1)) - set(labels))[:5]
-        raise VlpromptError(f"{source}: labels must be 0..{len(labels) - 1} without gaps (missing {gaps}); relabel")
+        raise VlpromptError(
+            f"{source}: labels must be 0..{len(labels) - 1} without gaps (missing {gaps}); relabel"
+        )
     train_labels = {r[1] for r in rows["train"]}
     extra = sorted(set(labels) - train_labels)
     if extra:
         raise VlpromptError(
-            f"{source}: labels {extra[:5]} occur in val/test but not in train; every class needs training items"
+            f"{source}: labels {extra[:5]} occur in val/test but not in train; "
+            "every class needs training items"
         )
     if num_classes is not None and len(labels) != num_classes:
         raise VlpromptError(
@@ -184,10 +190,13 @@ def drop_missing(items: list[Datum], skip_bad: bool, source: str, what: str = "i
         return items
     if not skip_bad:
         raise VlpromptError(
-            f"{len(missing)} of {len(items)} {what} listed in {source} are missing, first: {missing[0].impath}; "
+            f"{len(missing)} of {len(items)} {what} listed in {source} are missing, "
+            f"first: {missing[0].impath}; "
             "restore them (see `vlprompt data verify`) or pass skip_bad=True to drop them"
         )
-    log.warning("dropping %d missing %s listed in %s (first: %s)", len(missing), what, source, missing[0].impath)
+    log.warning(
+        "dropping %d missing %s listed in %s (first: %s)", len(missing), what, source, missing[0].impath
+    )
     gone = {id(d) for d in missing}
     return [d for d in items if id(d) not in gone]
 
@@ -209,7 +218,12 @@ def read_split(
     """
     rows = load_split_json(path)
     names = validate_classes(
-        rows, f"split file {path}", num_classes=num_classes, classnames=classnames, renames=renames, title=title
+        rows,
+        f"split file {path}",
+        num_classes=num_classes,
+        classnames=classnames,
+        renames=renames,
+        title=title,
     )
     out = [rows_to_items(rows[s], image_dir) for s in SPLITS]
     if check_files:
@@ -219,5 +233,7 @@ def read_split(
 
 def write_split(path: str | os.PathLike, train: list[Datum], val: list[Datum], test: list[Datum]) -> None:
     """Write items as a CoOp split file (atomically, so a crash never leaves half a split)."""
-    obj = {s: [[d.relpath, d.label, d.classname] for d in items] for s, items in zip(SPLITS, (train, val, test))}
+    obj = {
+        s: [[d.relpath, d.label, d.classname] for d in items] for s, items in zip(SPLITS, (train, val, test))
+    }
     atomic_write_json(path, obj)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from vlprompt.data.splits import Datum, DatasetSplits
+from vlprompt.data.splits import DatasetSplits, Datum
 from vlprompt.errors import VlpromptError
 
 SUBSAMPLES: tuple[str, ...] = ("all", "base", "new")
@@ -26,7 +26,9 @@ def subsample(splits: DatasetSplits, which: str) -> DatasetSplits:
     if which not in SUBSAMPLES:
         raise VlpromptError(f"unknown subsample '{which}'; choose one of: {', '.join(SUBSAMPLES)}")
     if splits.subsample != "all":
-        raise VlpromptError(f"{splits.name} is already subsampled to '{splits.subsample}'; start from the full set")
+        raise VlpromptError(
+            f"{splits.name} is already subsampled to '{splits.subsample}'; start from the full set"
+        )
     if which == "all":
         return splits
     selected = base_new_labels({d.label for d in splits.train}, which)
@@ -35,7 +37,9 @@ def subsample(splits: DatasetSplits, which: str) -> DatasetSplits:
     relabel = {y: i for i, y in enumerate(selected)}
 
     def keep(items: list[Datum]) -> list[Datum]:
-        return [Datum(d.impath, relabel[d.label], d.classname, d.relpath) for d in items if d.label in relabel]
+        return [
+            Datum(d.impath, relabel[d.label], d.classname, d.relpath) for d in items if d.label in relabel
+        ]
 
     return splits.with_(
         train=keep(splits.train),

@@ -1,11 +1,13 @@
 """The prompted-transformer engine: one forward for every method, driven by prompt plans."""
 
 from vlprompt.engine.attention import (
+    ATTENTION_MODES,
     Attention,
     AttnContext,
     joint_mask,
     masked_scores,
     merge_heads,
+    plain_attention,
     qkv_heads,
     standard_attention,
 )
@@ -14,6 +16,7 @@ from vlprompt.engine.towers import apply_ops, encode_image, encode_text, run_blo
 
 __all__ = [
     "ALL",
+    "ATTENTION_MODES",
     "Attention",
     "AttnContext",
     "LayerOps",
@@ -24,6 +27,7 @@ __all__ = [
     "joint_mask",
     "masked_scores",
     "merge_heads",
+    "plain_attention",
     "prompt_lengths",
     "qkv_heads",
     "run_blocks",

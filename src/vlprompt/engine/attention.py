@@ -77,6 +77,22 @@ def standard_attention(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnCon
     return merge_heads(mha, o)
 
 
+def plain_attention(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    """Explicit ``softmax(QK^T/sqrt(d) + mask) V`` -- the reference implementations' computation.
+
+    Same result as :func:`standard_attention` (tested); used by ``vlprompt bench --reference`` to
+    measure what SDPA buys, never as a default.
+    """
+    q, k, v = qkv_heads(mha, x)
+    length = x.shape[1]
+    mask = joint_mask(ctx, length, x.device)
+    o = masked_scores(q, k, mask).softmax(dim=-1) @ v
+    return merge_heads(mha, o)
+
+
+ATTENTION_MODES = {"sdpa": standard_attention, "plain": plain_attention}
+
+
 def masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled scores ``QK^T/sqrt(d)`` with ``-inf`` where ``mask`` is False (used for exact gates)."""
     s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])

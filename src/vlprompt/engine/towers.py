@@ -66,15 +66,21 @@ def run_blocks(
     causal: bool,
     key_valid: torch.Tensor | None = None,
     checkpoint: bool = False,
+    default_attention: Attention | None = None,
 ) -> torch.Tensor:
-    """Run the frozen blocks, applying the plan's per-layer ops and attention modes."""
+    """Run the frozen blocks, applying the plan's per-layer ops and attention modes.
+
+    ``default_attention`` replaces :func:`standard_attention` wherever the plan names no mode
+    (e.g. the explicit-softmax reference path of ``vlprompt bench --reference``).
+    """
+    default_attention = default_attention or standard_attention
     if plan is not None and plan.layers and max(plan.layers) >= len(blocks):
         raise ValueError(f"plan has ops for layer {max(plan.layers)} but the tower has {len(blocks)} layers")
     for i, block in enumerate(blocks):
         op = plan.ops(i) if plan is not None else None
         if op is not None:
             x = apply_ops(x, op, n_inst, i)
-        attn = (plan.attention_for(i) if plan is not None else None) or standard_attention
+        attn = (plan.attention_for(i) if plan is not None else None) or default_attention
         ctx = AttnContext(n_inst=n_inst, causal=causal, key_valid=key_valid, layer=i)
         if checkpoint and torch.is_grad_enabled():
             x = grad_checkpoint(_block, block, x, attn, ctx, use_reentrant=False)
@@ -91,6 +97,7 @@ def encode_text(
     *,
     truncate: bool = True,
     checkpoint: bool = False,
+    default_attention: Attention | None = None,
 ) -> torch.Tensor:
     """Prompted text tower: ``embeds`` (N, L, d) are layer-0 token embeddings (prompt slots filled,
     positional embedding not yet added); ``eot`` (N,) the end-of-text positions.  Returns (N, e).
@@ -114,7 +121,14 @@ def encode_text(
     if appended:  # prompts read instance tokens up to each sequence's end-of-text only
         key_valid = torch.arange(length, device=x.device).unsqueeze(0) <= eot.to(x.device).unsqueeze(1)
     x = run_blocks(
-        clip.transformer.resblocks, x, plan, n_inst=length, causal=True, key_valid=key_valid, checkpoint=checkpoint
+        clip.transformer.resblocks,
+        x,
+        plan,
+        n_inst=length,
+        causal=True,
+        key_valid=key_valid,
+        checkpoint=checkpoint,
+        default_attention=default_attention,
     )
     x = x[torch.arange(n, device=x.device), eot.to(x.device)]
     x = clip.ln_final(x)
@@ -123,7 +137,12 @@ def encode_text(
 
 
 def encode_image(
-    visual: nn.Module, images: torch.Tensor, plan: TowerPlan | None = None, *, checkpoint: bool = False
+    visual: nn.Module,
+    images: torch.Tensor,
+    plan: TowerPlan | None = None,
+    *,
+    checkpoint: bool = False,
+    default_attention: Attention | None = None,
 ) -> torch.Tensor:
     """Prompted image tower over ``[CLS; patches; prompts]``.  Returns pooled, projected features (B, e)."""
     x = visual.conv1(images.to(visual.conv1.weight.dtype))
@@ -135,7 +154,15 @@ def encode_image(
     if plan is not None and plan.shallow is not None:
         x = torch.cat([x, _batched(plan.shallow, x.shape[0], x.dtype)], dim=1)
     x = visual.ln_pre(x)
-    x = run_blocks(visual.transformer.resblocks, x, plan, n_inst=n_inst, causal=False, checkpoint=checkpoint)
+    x = run_blocks(
+        visual.transformer.resblocks,
+        x,
+        plan,
+        n_inst=n_inst,
+        causal=False,
+        checkpoint=checkpoint,
+        default_attention=default_attention,
+    )
     x = x[:, :n_inst]  # prompts never reach the pooled feature directly
     if getattr(visual, "final_ln_after_pool", False):
         pooled, _ = visual._global_pool(x)

@@ -152,3 +152,28 @@ def _split_class(text: str) -> tuple[str, str]:
     if not m:
         raise VlpromptError(f"template '{text}' has no '{{}}' for the class name")
     return m.group(1), m.group(2)
+
+
+def prefix_ctx(
+    backbone: Backbone, n_ctx: int, ctx_init: str, width: int, std: float = 0.02
+) -> tuple[torch.Tensor, list[Segment]]:
+    """MaPLe/IVLP-style context: the prompt is ``"<ctx_init> {}."`` whose first ``n_ctx`` tokens are
+    learnable slots initialised from those tokens' embeddings; the rest of the phrase stays frozen
+    text (``"a photo of a"`` with n_ctx=2: "a photo" learns, "of a" is fixed).  Without ``ctx_init``
+    the prompt is ``[V1..Vn] {}.`` with N(0, std^2) context.  Returns ``(ctx (n_ctx, width), segments)``."""
+    if n_ctx < 1:
+        raise VlpromptError(f"n_ctx={n_ctx} must be at least 1")
+    if not ctx_init:
+        return torch.randn(n_ctx, width) * std, [("ctx", n_ctx), ("text", "{}.")]
+    ids = backbone.encode_words(ctx_init.replace("_", " "))
+    if len(ids) < n_ctx:
+        raise VlpromptError(
+            f"context init '{ctx_init}' is {len(ids)} tokens but n_ctx={n_ctx}; use a phrase of at least "
+            f"{n_ctx} tokens or ctx_init='' for random init"
+        )
+    with torch.no_grad():
+        ctx = backbone.token_embed(torch.tensor(ids[:n_ctx])).float().clone().cpu()
+    rest = backbone.tokenizer.decode(ids[n_ctx:]).strip() if len(ids) > n_ctx else ""
+    if rest and backbone.encode_words(rest) != ids[n_ctx:]:  # BPE round trip must be exact
+        raise VlpromptError(f"context init '{ctx_init}' cannot be split after {n_ctx} tokens; use whole words")
+    return ctx, [("ctx", n_ctx), ("text", f"{rest} {{}}." if rest else "{}.")]

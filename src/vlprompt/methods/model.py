@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones import Backbone
-from vlprompt.engine import TowerPlan, encode_image, encode_text
+from vlprompt.engine import ATTENTION_MODES, TowerPlan, encode_image, encode_text
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import PromptMethod, build_config, get_method
 
@@ -32,6 +32,7 @@ class ModelOptions:
     text_chunk: int = 2048  # max text sequences per text-tower call (image-conditioned methods)
     checkpoint_text: bool = False  # activation checkpointing in the text tower (memory for 1000 classes)
     checkpoint_image: bool = False
+    attention: str = "sdpa"  # where a plan names no mode: "sdpa" (fused) or "plain" (explicit softmax, reference)
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -53,6 +54,10 @@ class PromptModel(nn.Module):
         self.backbone = backbone
         self.method = method
         self.options = options or ModelOptions()
+        if self.options.attention not in ATTENTION_MODES:
+            raise VlpromptError(
+                f"unknown attention '{self.options.attention}'; use one of {', '.join(ATTENTION_MODES)}"
+            )
         self._text_cache: tuple[Any, torch.Tensor] | None = None
         self.classnames: list[str] = []
         self.template = template
@@ -110,7 +115,11 @@ class PromptModel(nn.Module):
         """Normalised image features (B, e) under the method's image plan."""
         plan = self.method.image_plan() if plan is None else plan
         feats = encode_image(
-            self.backbone.clip.visual, images.to(self.backbone.device), plan, checkpoint=self.options.checkpoint_image
+            self.backbone.clip.visual,
+            images.to(self.backbone.device),
+            plan,
+            checkpoint=self.options.checkpoint_image,
+            default_attention=ATTENTION_MODES[self.options.attention],
         )
         return F.normalize(feats.float(), dim=-1)
 
@@ -129,6 +138,7 @@ class PromptModel(nn.Module):
                     sub,
                     truncate=self.options.truncate_text,
                     checkpoint=self.options.checkpoint_text,
+                    default_attention=ATTENTION_MODES[self.options.attention],
                 )
             )
         return F.normalize(torch.cat(outs).float(), dim=-1)

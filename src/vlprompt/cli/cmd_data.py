@@ -1,0 +1,46 @@
+"""`vlprompt data list|verify`: what data sets exist and whether one is laid out correctly."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlprompt.errors import VlpromptError
+
+
+def _list(args: argparse.Namespace) -> int:
+    from vlprompt.data import SPECS
+
+    print(f"{'name':16} {'title':26} {'classes':>7}  {'train / val / test':26} folder")
+    for s in SPECS.values():
+        if s.counts is None:
+            counts = "generated"
+        elif s.test_only:
+            counts = f"test only: {s.counts[2]:,}"
+        else:
+            counts = " / ".join(f"{n:,}" for n in s.counts)
+        print(f"{s.name:16} {s.title:26} {s.num_classes:>7}  {counts:26} {s.folder}/")
+    print("also: folder:PATH (one sub-folder per class) and csv:PATH (rows 'path,label')")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from vlprompt.data import verify_dataset
+
+    if args.dataset != "demo" and not args.root:
+        raise VlpromptError("data verify needs --root DIR (the folder that holds the data set folders)")
+    report = verify_dataset(args.dataset, args.root, check_images=args.check_images)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("data", help="list the data sets or verify one on disk")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(p))
+    p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
+    lp = sub.add_parser("list", help="the built-in data sets with their sizes")
+    lp.set_defaults(func=_list)
+    vp = sub.add_parser("verify", help="check a data set's folders, split file, counts and images")
+    vp.add_argument("--dataset", required=True, help="data set name (see `vlprompt data list`)")
+    vp.add_argument("--root", help="folder holding the data set folders (CoOp's $DATA)")
+    vp.add_argument("--check-images", action="store_true", help="also open every present image")
+    vp.set_defaults(func=_verify)

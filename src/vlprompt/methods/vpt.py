@@ -1,0 +1,65 @@
+"""VPT-deep: learnable image tokens at every prompted layer, fixed hand-crafted text (SPEC §2.4).
+
+``n_ctx`` tokens are appended after the positional embedding (before ``ln_pre``); at layers
+1..depth-1 the previous prompt outputs are dropped and fresh learnable tokens appended (VPT-deep;
+``depth=1`` is VPT-shallow).  The text side is the fixed prompt ``template`` (default
+``"a photo of a {}."``; ``""`` uses the data set's template), computed once and cached at evaluation.
+
+Initialisation (SPEC gives none): ``uniform`` is the VPT paper's xavier-style U(-v, v) with
+v = sqrt(6 / (3·patch² + width)); ``normal`` is N(0, 0.02²) as in the MaPLe-repo VPT baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlprompt.backbones import Backbone
+from vlprompt.engine import ALL, LayerOps, TowerPlan
+from vlprompt.errors import VlpromptError
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.common import ClassPrompts, normal_prompts, uniform_prompts, validate_depth
+
+
+@dataclass
+class VPTConfig(MethodConfig):
+    n_ctx: int = 8  # image prompt tokens per layer
+    depth: int = 12  # image layers with their own prompts (1 = VPT-shallow)
+    init: str = "uniform"  # uniform (VPT paper) | normal (N(0, 0.02^2))
+    template: str = "a photo of a {}."  # fixed text prompt; "" = the data set's template
+
+
+@register_method
+class VPT(PromptMethod):
+    name = "vpt"
+    Config = VPTConfig
+    summary = "VPT-deep: learnable image tokens replaced at every prompted layer; fixed text prompt"
+
+    def __init__(self, cfg: VPTConfig, backbone: Backbone):
+        super().__init__(cfg, backbone)
+        if cfg.n_ctx < 1:
+            raise VlpromptError(f"n_ctx={cfg.n_ctx} must be at least 1")
+        validate_depth(cfg.depth, backbone.image.layers, "image")
+        if cfg.template and "{}" not in cfg.template:
+            raise VlpromptError(f"template '{cfg.template}' has no '{{}}' placeholder for the class name")
+        width = backbone.image.width
+        if cfg.init == "uniform":
+            patch = backbone.clip.visual.conv1.kernel_size[0]
+            layers = [uniform_prompts(cfg.n_ctx, width, patch).data for _ in range(cfg.depth)]
+            self.image_prompts = nn.Parameter(torch.stack(layers))
+        elif cfg.init == "normal":
+            self.image_prompts = normal_prompts(cfg.depth, cfg.n_ctx, width)
+        else:
+            raise VlpromptError(f"unknown init '{cfg.init}' for vpt; use uniform or normal")
+
+    def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
+        self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.template or template)])
+
+    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
+        return TextInputs(self.prompts.embeds, self.prompts.eot)
+
+    def image_plan(self) -> TowerPlan:
+        p = self.image_prompts
+        return TowerPlan(shallow=p[0], layers={i: LayerOps(remove=ALL, append=p[i]) for i in range(1, p.shape[0])})

@@ -1,0 +1,263 @@
+"""Plan the experiment grid of a protocol: which runs to train and which evaluations each needs.
+
+Planning is pure (no training, no data loading): :func:`plan_grid` turns the user's choices into a
+list of :class:`RunSpec` (a fully resolved run config, the run directory and the evaluations the
+protocol needs from it), so the same plan can be shown (``--dry-run``), tested, executed
+sequentially or handed to worker processes.
+
+Layout on disk: ``RUNS_DIR/<protocol>/<method>/<dataset>/shots<K>_seed<S>/`` where ``<dataset>`` is
+the data set the run is *trained* on (the source, ImageNet, for cross-dataset and DG).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlprompt.errors import VlpromptError
+
+PROTOCOLS: tuple[str, ...] = ("base2new", "cross-dataset", "dg", "fewshot")
+
+#: subsample the run is trained on, per protocol
+TRAIN_SUBSAMPLE: dict[str, str] = {"base2new": "base", "cross-dataset": "all", "dg": "all", "fewshot": "all"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One test-set evaluation a protocol needs from a run: data set and class subsample."""
+
+    dataset: str
+    subsample: str  # "all" | "base" | "new"
+
+    def key(self) -> tuple[str, str]:
+        return (self.dataset, self.subsample)
+
+
+@dataclass
+class RunSpec:
+    """One run of a grid: its resolved config, its directory and the evaluations it must hold."""
+
+    protocol: str
+    method: str
+    dataset: str
+    shots: int
+    seed: int
+    out_dir: Path
+    cfg: dict[str, Any]
+    evaluations: list[Evaluation] = field(default_factory=list)
+    root: str | None = None  # where evaluate_run finds the target data sets
+
+    @property
+    def name(self) -> str:
+        return f"{self.protocol}/{self.method}/{self.dataset}/shots{self.shots}_seed{self.seed}"
+
+    def missing_evaluations(self) -> list[Evaluation]:
+        """Evaluations not yet recorded in the run's metrics.json (all of them if there is none)."""
+        have = recorded_evaluations(self.out_dir)
+        return [e for e in self.evaluations if e.key() not in have]
+
+    def is_complete(self) -> bool:
+        """Complete = the trainer's ``done`` marker exists and every needed evaluation is recorded."""
+        return (self.out_dir / "done").is_file() and not self.missing_evaluations()
+
+
+def recorded_evaluations(run_dir: str | Path) -> set[tuple[str, str]]:
+    """(dataset, subsample) pairs of the test-split evaluations in ``run_dir/metrics.json``."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return set()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return set()
+    out = set()
+    for e in data.get("evaluations", []):
+        if e.get("split", "test") == "test" and e.get("accuracy") is not None:
+            out.add((str(e.get("dataset")), str(e.get("subsample", "all"))))
+    return out
+
+
+def run_dir_name(shots: int, seed: int) -> str:
+    return f"shots{shots}_seed{seed}"
+
+
+def dataset_slug(name: str) -> str:
+    """A directory-safe name for a data set (``folder:/x/y`` -> ``folder_y``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("folder:", "folder_").replace("csv:", "csv_"))[-80:]
+
+
+def canonical_dataset(name: str) -> str:
+    """Registry spelling of a data set name; ``folder:``/``csv:`` data sets pass through unchanged."""
+    if name.startswith(("folder:", "csv:")):
+        return name
+    from vlprompt.data import canonical_name
+
+    return canonical_name(name)
+
+
+def parse_list(text: str | Sequence[Any] | None, kind: str, cast: Callable[[str], Any] = str) -> list[Any]:
+    """Parse a comma-separated CLI list (``"1,2,3"``) with a one-line error naming the bad item."""
+    if text is None:
+        return []
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        try:
+            out.append(cast(item))
+        except ValueError:
+            raise VlpromptError(f"bad {kind} '{item}' in '{text}'; give a comma-separated list") from None
+    if not out:
+        raise VlpromptError(f"empty {kind} list; give a comma-separated list")
+    return list(dict.fromkeys(out))  # dedupe, keep order
+
+
+def preset_protocol(method: str, protocol: str) -> str:
+    """The preset section a protocol trains with.
+
+    DG evaluates the ImageNet model trained with the cross-dataset recipe (as MaPLe, MPL and
+    PromptSRC do), so it uses the preset's ``cross-dataset`` overrides unless the preset defines
+    its own ``dg`` section.
+    """
+    if protocol != "dg":
+        return protocol
+    import yaml
+
+    from vlprompt.train.config import PRESET_DIR
+
+    path = PRESET_DIR / f"{method}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        raw = {}  # load_preset reports a broken preset with a proper message
+    return "dg" if "dg" in ((raw or {}).get("protocols") or {}) else "cross-dataset"
+
+
+def resolve_run_config(
+    method: str,
+    protocol: str,
+    dataset: str,
+    *,
+    shots: int,
+    seed: int,
+    root: str | None,
+    model: str,
+    pretrained: str | None,
+    weights: str | None,
+    overrides: Sequence[str],
+    epochs: int | None,
+    num_workers: int,
+    device: str | None,
+) -> dict[str, Any]:
+    """One run's fully resolved config via train.config.resolve_config (preset, flags, --set)."""
+    from vlprompt.train.config import resolve_config
+
+    cfg = resolve_config(
+        method,
+        dataset,
+        root=root,
+        shots=shots,
+        seed=seed,
+        subsample=TRAIN_SUBSAMPLE[protocol],
+        protocol=preset_protocol(method, protocol),
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        overrides=overrides,
+        epochs=epochs,
+        device=device,
+        num_workers=num_workers,
+    )
+    cfg["protocol"] = protocol
+    return cfg
+
+
+def plan_grid(
+    protocol: str,
+    methods: Iterable[str],
+    datasets: Iterable[str] | None,
+    seeds: Iterable[int],
+    runs_dir: str | Path,
+    *,
+    shots: Iterable[int] | None = None,
+    root: str | None = None,
+    model: str = "ViT-B-16",
+    pretrained: str | None = None,
+    weights: str | None = None,
+    overrides: Sequence[str] = (),
+    epochs: int | None = None,
+    num_workers: int = 0,
+    source: str | None = None,
+    device: str | None = None,
+    resolve: Callable[..., dict[str, Any]] = resolve_run_config,
+) -> list[RunSpec]:
+    """Every run of ``protocol`` for the given methods, data sets, shots and seeds.
+
+    ``datasets`` are the data sets trained on for base2new / fewshot and the *targets* for
+    cross-dataset / DG (default: the protocol's standard targets; the source defaults to ImageNet).
+    ``shots`` defaults to 16 (1, 2, 4, 8, 16 for fewshot). Nothing is read or written except the
+    method presets (``resolve``).
+    """
+    from vlprompt.data import CROSS_DATASET_SOURCE, CROSS_DATASET_TARGETS, DG_SOURCE, DG_TARGETS, FEWSHOT_K
+
+    if protocol not in PROTOCOLS:
+        raise VlpromptError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
+    methods = list(dict.fromkeys(methods))
+    seeds = [int(s) for s in seeds]
+    if not methods:
+        raise VlpromptError("no method given; pass --method M[,M2,...]")
+    if not seeds:
+        raise VlpromptError("no seed given; pass --seeds 1,2,3")
+    shots = [int(k) for k in shots] if shots else ([*FEWSHOT_K] if protocol == "fewshot" else [16])
+    if any(k < 1 for k in shots):
+        raise VlpromptError(f"shots must be >= 1, got {shots}")
+    datasets = [canonical_dataset(d) for d in (datasets or [])]
+
+    if protocol in ("cross-dataset", "dg"):
+        default_source = CROSS_DATASET_SOURCE if protocol == "cross-dataset" else DG_SOURCE
+        train_sets = [canonical_dataset(source or default_source)]
+        targets = datasets or list(CROSS_DATASET_TARGETS if protocol == "cross-dataset" else DG_TARGETS)
+    else:
+        if not datasets:
+            raise VlpromptError(f"protocol {protocol} needs --datasets D1,D2 (see `vlprompt data list`)")
+        if source:
+            raise VlpromptError(f"--source applies to cross-dataset and dg only, not {protocol}")
+        train_sets, targets = datasets, []
+
+    runs_dir = Path(runs_dir)
+    specs: list[RunSpec] = []
+    for method in methods:
+        for dataset in train_sets:
+            for k in shots:
+                for seed in seeds:
+                    cfg = resolve(
+                        method,
+                        protocol,
+                        dataset,
+                        shots=k,
+                        seed=seed,
+                        root=root,
+                        model=model,
+                        pretrained=pretrained,
+                        weights=weights,
+                        overrides=list(overrides),
+                        epochs=epochs,
+                        num_workers=num_workers,
+                        device=device,
+                    )
+                    if protocol == "base2new":
+                        evals = [Evaluation(dataset, "base"), Evaluation(dataset, "new")]
+                    elif protocol == "fewshot":
+                        evals = [Evaluation(dataset, "all")]
+                    else:  # the source's own test set plus every target's full test set
+                        evals = [Evaluation(dataset, "all")]
+                        evals += [Evaluation(t, "all") for t in targets if t != dataset]
+                    out_dir = runs_dir / protocol / method / dataset_slug(dataset) / run_dir_name(k, seed)
+                    specs.append(RunSpec(protocol, method, dataset, k, seed, out_dir, cfg, evals, root))
+    return specs

@@ -1,0 +1,76 @@
+"""Evaluation: top-1 accuracy, macro-F1 and per-class accuracy of a PromptModel on a loader.
+
+Text features are computed once per evaluation (PromptModel caches them while gradients are off and
+the prompts are unchanged); image-conditioned methods (CoCoOp) build them per batch.  Macro-F1 follows
+the reference evaluator: sklearn's macro average over the labels present in the ground truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from vlprompt.train.precision import resolve_device, resolve_precision
+
+
+def scores_from_confusion(conf: torch.Tensor, classnames: list[str]) -> dict[str, Any]:
+    """Metrics from a (true, predicted) count matrix; only classes present in the ground truth count."""
+    conf = conf.to(torch.float64)
+    support = conf.sum(1)
+    tp = conf.diag()
+    pred = conf.sum(0)
+    present = support > 0
+    n = int(support.sum().item())
+    f1 = torch.where(
+        (2 * tp + (pred - tp) + (support - tp)) > 0,
+        2 * tp / (2 * tp + (pred - tp) + (support - tp)).clamp_min(1e-300),
+        torch.zeros_like(tp),
+    )
+    per_class = {
+        classnames[i]: round(100.0 * float(tp[i] / support[i]), 4) for i in range(len(classnames)) if present[i]
+    }
+    return {
+        "accuracy": 100.0 * float(tp.sum() / max(n, 1)),
+        "macro_f1": 100.0 * float(f1[present].mean()) if present.any() else 0.0,
+        "per_class_accuracy": per_class,
+        "n": n,
+        "n_classes": len(classnames),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    confusion: bool = False,
+) -> dict[str, Any]:
+    """Accuracy (%), macro_f1 (%), per_class_accuracy {classname: %}, n, n_classes [, confusion].
+
+    ``model`` is a PromptModel (``forward(images) -> logits`` over ``model.classnames``); labels index
+    those class names.
+    """
+    dev = resolve_device(device) if device is not None else model.backbone.device
+    prec = resolve_precision(precision, dev)
+    was_training = model.training
+    model.eval()
+    c = model.n_classes
+    conf = torch.zeros(c, c, dtype=torch.long)
+    try:
+        for images, labels in loader:
+            with prec.autocast():
+                logits = model(images.to(dev, non_blocking=True))
+            pred = logits.float().argmax(-1).cpu()
+            labels = torch.as_tensor(labels).long().cpu()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= c):
+                raise ValueError(f"label {int(labels.max())} outside the model's {c} classes")
+            conf += torch.bincount(labels * c + pred, minlength=c * c).view(c, c)
+    finally:
+        model.train(was_training)
+    out = scores_from_confusion(conf, list(model.classnames))
+    if confusion:
+        out["confusion"] = conf.tolist()
+    return out

@@ -1,0 +1,282 @@
+"""The training loop: cross-entropy on the model's logits, only the prompt parameters learn.
+
+One loop for every method (the trainer knows no method by name): fp32 master weights, autocast per
+``precision``, SGD + the reference per-epoch schedule, seeded shuffling, evaluation of the last epoch
+(no model selection), a checkpoint after every epoch, and exact resume: a killed run continued with
+``resume=True`` ends with the same prompt weights and metrics as an uninterrupted one (CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from vlprompt.errors import VlpromptError
+from vlprompt.train import checkpoint as ckpt
+from vlprompt.train.config import train_settings
+from vlprompt.train.evaluate import evaluate
+from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
+from vlprompt.train.progress import RunLog, progress_bar
+from vlprompt.train.schedule import EpochSchedule, build_optimizer
+from vlprompt.utils import set_seed, sha256_json
+
+log = logging.getLogger(__name__)
+
+# train keys that do not change what is computed (may differ between a run and its resume)
+EXECUTION_KEYS = ("device", "eval_every_epoch", "log_every", "eval_batch_size")
+
+
+def _as_dataset(data: Any, model: torch.nn.Module, train: bool) -> Dataset | DataLoader:
+    """A Dataset/DataLoader as given, or Datum items wrapped with the backbone's transforms."""
+    if isinstance(data, (Dataset, DataLoader)):
+        return data
+    if isinstance(data, Sequence) and data and hasattr(data[0], "impath"):
+        from vlprompt.data import ImageDataset, build_transform
+
+        return ImageDataset(list(data), build_transform(train, **model.backbone.preprocess_cfg))
+    if isinstance(data, Sequence):
+        return list(data)  # a list of (tensor, label) pairs is a valid map-style dataset
+    raise TypeError(f"cannot train on {type(data).__name__}; pass a Dataset, a DataLoader or Datum items")
+
+
+def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int, drop_last: bool) -> DataLoader:
+    if isinstance(data, DataLoader):
+        return data
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    from vlprompt.data.loaders import _seed_worker
+
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=g,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+    )
+
+
+def _resume_key(train: Mapping[str, Any], seed: int, model: torch.nn.Module) -> str:
+    """What must be equal for a checkpoint to continue this training."""
+    t = {k: v for k, v in train.items() if k not in EXECUTION_KEYS}
+    shapes = {n: list(p.shape) for n, p in model.trainable_parameters()}
+    return sha256_json({"train": t, "seed": seed, "params": shapes, "classes": list(model.classnames)})
+
+
+def _check_frozen(model: torch.nn.Module) -> None:
+    leaked = [n for n, p in model.backbone.named_parameters() if p.requires_grad or p.grad is not None]
+    if leaked:
+        raise RuntimeError(f"CLIP weights would be trained ({leaked[:3]}); only prompt parameters may learn")
+
+
+def fit(
+    model: torch.nn.Module,
+    train_data: Any,
+    cfg: Mapping[str, Any],
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    *,
+    eval_data: Any = None,
+    seed: int | None = None,
+    progress: bool = True,
+    num_workers: int | None = None,
+    stop_after_epoch: int | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+) -> dict[str, Any]:
+    """Train ``model`` (a PromptModel) on ``train_data``; checkpoints and logs go to ``out_dir``.
+
+    Args:
+        train_data: a Dataset of ``(image tensor, label)``, a DataLoader, or Datum items (the
+            backbone's train transform is applied).
+        cfg: a full run config (``train`` / ``data`` sections) or just its ``train`` section.
+        resume: continue from ``out_dir/checkpoint`` when one exists (same config required).
+        eval_data: evaluated after the last epoch (and after each one with ``train.eval_every_epoch``).
+        stop_after_epoch: end after this many epochs as if killed (tests; the checkpoint stays).
+        callbacks: called with each epoch's summary dict after its checkpoint is written.
+
+    Returns ``{"epochs_done", "stopped", "history": [per-epoch summaries], "eval": metrics|None, ...}``.
+    """
+    train = train_settings(cfg)
+    data_cfg = cfg.get("data") or {}
+    seed = int(seed if seed is not None else data_cfg.get("seed", 1))
+    num_workers = int(num_workers if num_workers is not None else data_cfg.get("num_workers", 0) or 0)
+    epochs = int(train["epochs"])
+    device = resolve_device(train.get("device", "auto"))
+    prec = resolve_precision(train.get("precision", "auto"), device)
+    out = Path(out_dir) if out_dir is not None else None
+
+    model.to(device)
+    _check_frozen(model)
+    params = [p for _, p in model.trainable_parameters()]
+    not_fp32 = [n for n, p in model.trainable_parameters() if p.dtype != torch.float32]
+    if not_fp32:
+        raise TypeError(f"learnable parameters must be fp32 master weights: {not_fp32[:3]}")
+    optimizer = build_optimizer(params, train)
+    schedule = EpochSchedule(optimizer, train)
+    scaler = make_scaler(prec)
+
+    set_seed(seed)
+    ds = _as_dataset(train_data, model, train=True)
+    bs = int(train["batch_size"])
+    drop_last = not isinstance(ds, DataLoader) and len(ds) >= bs  # as the reference loader
+    loader = _loader(ds, bs, True, seed, num_workers, drop_last)
+    if len(loader) == 0:
+        raise VlpromptError("the training split is empty; check the data set, shots and subsample")
+    eval_loader = None
+    if eval_data is not None:
+        eds = _as_dataset(eval_data, model, train=False)
+        eval_loader = _loader(eds, int(train["eval_batch_size"]), False, seed, num_workers, False)
+
+    key = _resume_key(train, seed, model)
+    start_epoch, step, elapsed, history = 0, 0, 0.0, []
+    state = ckpt.load_checkpoint(out / ckpt.CKPT_DIR) if (resume and out is not None) else None
+    if state is not None:
+        if state.get("config_hash") != key:
+            raise VlpromptError(
+                f"checkpoint in {out / ckpt.CKPT_DIR} was written with different settings; "
+                "resume with the same config or start over without --resume"
+            )
+        model.load_prompt_state_dict({k: v.to(device) for k, v in state["prompt"].items()})
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        loader.generator.set_state(state["loader_generator"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        elapsed, history = float(state.get("elapsed", 0.0)), list(state.get("history", []))
+        log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out / ckpt.CKPT_DIR)
+    runlog = RunLog(out, keep_epochs=start_epoch)
+
+    log_every = int(train.get("log_every", 1))
+    checked_grads = False
+    stopped = False
+    for epoch in range(start_epoch, epochs):
+        lr = schedule.set_epoch(epoch)
+        model.train()
+        t_epoch = time.perf_counter()
+        tot_loss, tot_correct, tot_n = 0.0, 0, 0
+        bar = progress_bar(len(loader), f"epoch {epoch + 1}/{epochs}", progress)
+        for images, labels in loader:
+            t0 = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device)
+            with prec.autocast():
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if not checked_grads:
+                _check_frozen(model)
+                checked_grads = True
+            if not torch.isfinite(loss):
+                raise VlpromptError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}; lower train.lr or use --set train.precision=fp32"
+                )
+            n = labels.shape[0]
+            correct = int((logits.detach().argmax(-1) == labels).sum())
+            tot_loss += float(loss.detach()) * n
+            tot_correct += correct
+            tot_n += n
+            step += 1
+            dt = time.perf_counter() - t0
+            if step % log_every == 0:
+                runlog.write(
+                    {
+                        "kind": "step",
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "loss": float(loss.detach()),
+                        "acc": 100.0 * correct / n,
+                        "lr": lr,
+                        "images_per_s": n / max(dt, 1e-9),
+                        "time": elapsed + time.perf_counter() - t_epoch,
+                    }
+                )
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{tot_loss / tot_n:.4f}",
+                acc=f"{100.0 * tot_correct / tot_n:.1f}",
+                lr=f"{lr:.3g}",
+                img_s=f"{tot_n / max(time.perf_counter() - t_epoch, 1e-9):.1f}",
+            )
+        bar.close()
+        dt_epoch = time.perf_counter() - t_epoch
+        elapsed += dt_epoch
+        summary: dict[str, Any] = {
+            "kind": "epoch",
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": tot_loss / max(tot_n, 1),
+            "acc": 100.0 * tot_correct / max(tot_n, 1),
+            "lr": lr,
+            "images_per_s": tot_n / max(dt_epoch, 1e-9),
+            "time": elapsed,
+        }
+        last = epoch + 1 == epochs
+        if eval_loader is not None and (last or train.get("eval_every_epoch")):
+            res = evaluate(model, eval_loader, device=device, precision=prec.name)
+            summary["eval"] = {k: res[k] for k in ("accuracy", "macro_f1", "n")}
+            if last:
+                summary["eval_full"] = res
+        runlog.write({k: v for k, v in summary.items() if not k.startswith("eval")})
+        history.append(summary)
+        log.info(
+            "epoch %d/%d  loss %.4f  acc %.2f  lr %.3g%s",
+            epoch + 1,
+            epochs,
+            summary["loss"],
+            summary["acc"],
+            lr,
+            f"  test acc {summary['eval']['accuracy']:.2f}" if "eval" in summary else "",
+        )
+        if out is not None:
+            ckpt.save_checkpoint(
+                out / ckpt.CKPT_DIR,
+                {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "config_hash": key,
+                    "prompt": model.prompt_state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": {**schedule.state_dict(), "epoch": epoch + 1},
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": ckpt.rng_state(),
+                    "loader_generator": loader.generator.get_state(),
+                    "elapsed": elapsed,
+                    "history": history,
+                },
+            )
+        for cb in callbacks:
+            cb(summary)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
+            stopped = True
+            break
+
+    final = history[-1] if history else {}
+    return {
+        "epochs_done": int(final.get("epoch", 0)),
+        "epochs": epochs,
+        "stopped": stopped,
+        "history": history,
+        "eval": None if stopped else final.get("eval_full"),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "device": str(device),
+        "precision": prec.name,
+        "steps": step,
+    }

@@ -1,0 +1,36 @@
+"""Shared test fixtures: an offline, isolated environment and the location of ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
+    """No hub access, and caches (demo set, few-shot picks, tensors) in a per-session tmp dir, never ~."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "VLPROMPT_HOME")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["VLPROMPT_HOME"] = str(tmp_path_factory.mktemp("vlprompt_home"))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``$VLPROMPT_SHARED_DATA`` or ``<repo>/../shared/data``; skipped when absent, but a failure on CI."""
+    path = Path(os.environ.get("VLPROMPT_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        msg = f"../shared/data not found: {path} (set VLPROMPT_SHARED_DATA to its location)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path

@@ -1,0 +1,68 @@
+"""Fake run directories with the exact layout of protocols/runs.py, holding known numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def make_run(
+    runs_dir: Path,
+    protocol: str,
+    method: str,
+    dataset: str,
+    shots: int,
+    seed: int,
+    evals: dict[tuple[str, str], float],
+    *,
+    pretrained: str | None = "openai",
+    done: bool = True,
+    env: dict[str, Any] | None = None,
+    log: list[dict[str, Any]] | None = None,
+) -> Path:
+    """One run dir: config.yaml, metrics.json (one entry per (dataset, subsample) -> accuracy), done."""
+    d = runs_dir / protocol / method / dataset / f"shots{shots}_seed{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "method": method,
+        "options": {},
+        "train": {"lr": 0.002, "epochs": 1},
+        "data": {
+            "dataset": dataset,
+            "root": None,
+            "shots": shots,
+            "seed": seed,
+            "subsample": "base" if protocol == "base2new" else "all",
+            "num_workers": 0,
+        },
+        "backbone": {"name": "ViT-B-16", "pretrained": pretrained, "weights": None},
+        "protocol": protocol,
+    }
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    entries = [
+        {
+            "dataset": ds,
+            "subsample": sub,
+            "split": "test",
+            "epoch": 1,
+            "accuracy": acc,
+            "macro_f1": acc - 1,
+            "per_class_accuracy": {},
+            "n": 100,
+            "n_classes": 10,
+            "seed": seed,
+            "shots": shots,
+            "method": method,
+        }
+        for (ds, sub), acc in evals.items()
+    ]
+    (d / "metrics.json").write_text(json.dumps({"evaluations": entries}))
+    (d / "env.json").write_text(json.dumps(env or {"python": "3", "device": "cpu"}))
+    if log is not None:
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    if done:
+        (d / "done").write_text("")
+    return d

@@ -1,0 +1,171 @@
+"""DDP: batch sharding semantics, exact gradient reduction, class-sharded text encoding, and a
+2-process gloo training run that ends with the prompt weights of the 1-process run (same global batch)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+from vlprompt.errors import VlpromptError
+from vlprompt.train import distributed as D
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------- pure
+@pytest.mark.parametrize("n,batch,world,drop_last", [(10, 4, 2, False), (11, 6, 3, False), (13, 4, 2, True), (9, 4, 3, False), (9, 5, 2, False)])
+def test_sharded_batches_partition_the_single_process_batches(n, batch, world, drop_last):
+    single = list(BatchSampler(SequentialSampler(range(n)), batch, drop_last))
+    shards = [list(D.ShardedBatchSampler(SequentialSampler(range(n)), batch, r, world, drop_last)) for r in range(world)]
+    lens = {len(D.ShardedBatchSampler(SequentialSampler(range(n)), batch, r, world, drop_last)) for r in range(world)}
+    assert lens == {len(shards[0])}  # every rank takes the same number of steps (no collective deadlock)
+    assert all(len(s) == len(shards[0]) for s in shards)
+    # a last global batch with fewer images than ranks is the only thing ever dropped
+    expect = [b for b in single if len(b) >= world]
+    assert len(shards[0]) == len(expect)
+    for k, global_batch in enumerate(expect):
+        got = sorted(i for s in shards for i in s[k])
+        assert got == sorted(global_batch)
+        assert shards[0][k] == global_batch[0::world]
+
+
+def test_sharded_order_follows_the_seeded_generator_like_a_single_process_loader():
+    def order(world):
+        g = torch.Generator().manual_seed(7)
+        sampler = RandomSampler(range(20), generator=g)
+        per_rank = []
+        for r in range(world):
+            g.manual_seed(7)
+            per_rank.append(list(D.ShardedBatchSampler(sampler, 8, r, world)))
+        return per_rank
+
+    one, two = order(1)[0], order(2)
+    assert [sorted(a + b) for a, b in zip(two[0], two[1], strict=True)] == [sorted(b) for b in one]
+
+
+def test_batch_smaller_than_world_is_a_clear_error():
+    with pytest.raises(VlpromptError, match="global batch"):
+        D.ShardedBatchSampler(range(10), 2, 0, 4)
+
+
+def test_shard_range_covers_all_rows():
+    for n in (0, 1, 5, 8):
+        for w in (1, 2, 3):
+            spans = [D.shard_range(n, r, w) for r in range(w)]
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
+
+
+def test_single_process_hooks_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.init_from_env() == D.DistEnv()
+    assert D.is_main() and not D.is_distributed()
+    loss = torch.tensor(2.0, requires_grad=True)
+    tot = D.batch_totals(loss, 4, 3)
+    assert (tot.n, tot.loss, tot.acc) == (4, 2.0, 75.0)
+    assert D.scale_loss(loss, 4, tot) is loss
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 0.5)
+    D.allreduce_grads([p])
+    assert torch.equal(p.grad, torch.full((3,), 0.5))
+    D.barrier()
+
+
+def test_init_from_env_names_missing_rendezvous(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(VlpromptError, match="MASTER_ADDR"):
+        D.init_from_env("cpu")
+
+
+# ------------------------------------------------------------------------- sharded text, 2 processes
+CLASSES = ["cat", "dog", "car", "tree", "boat"]  # 5 classes: uneven shards (3 + 2)
+
+
+def _text_worker(rank: int, world: int, port: int, method: str, options: dict, out: str) -> None:
+    import torch.nn.functional as F
+
+    from vlprompt.backbones import load_backbone
+    from vlprompt.methods import create_model
+
+    _dist_env(rank, world, port)
+    D.init_from_env("cpu")
+    try:
+        torch.manual_seed(0)
+        model = create_model(method, load_backbone("vlp-tiny"), CLASSES, **options)
+        D.broadcast_module(model.method)
+        model.train()
+        params = [p for _, p in model.trainable_parameters()]
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(6, 3, 224, 224, generator=g)
+        y = torch.tensor([0, 1, 2, 3, 4, 0])
+
+        # reference: the whole batch and all classes in this process, no collective involved
+        ref_loss = F.cross_entropy(model(x), y)
+        ref_grads = torch.autograd.grad(ref_loss, params)
+
+        rows = []
+        run_text = model._run_text
+        model._run_text = lambda e, *a, **k: (rows.append(e.shape[0]), run_text(e, *a, **k))[1]
+        assert D.enable_text_sharding(model)
+        xs, ys = x[rank::world], y[rank::world]
+        loss = F.cross_entropy(model(xs), ys)
+        tot = D.batch_totals(loss, len(ys), 0)
+        D.scale_loss(loss, len(ys), tot).backward()
+        D.allreduce_grads(params)
+        torch.save(
+            {
+                "ref_loss": ref_loss.item(),
+                "loss": tot.loss,
+                "ref_grads": [g.clone() for g in ref_grads],
+                "grads": [p.grad.clone() for p in params],
+                "rows": rows,
+                "names": [n for n, _ in model.trainable_parameters()],
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        D.cleanup()
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [("coop", {"n_ctx": 4}), ("mpl", {"depth": 2, "n_ctx": 1, "ctx_init": "X"})],
+)
+def test_sharded_text_matches_single_process_loss_and_gradients(tmp_path, method, options):
+    mp.spawn(_text_worker, args=(2, free_port(), method, options, str(tmp_path)), nprocs=2, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["rows"] for r in res] == [[3], [2]]  # each rank ran the text tower on its own classes only
+    for r in res:
+        assert abs(r["loss"] - r["ref_loss"]) < 1e-5
+        assert len(r["grads"]) == len(r["ref_grads"]) > 0
+        for name, g, ref in zip(r["names"], r["grads"], r["ref_grads"], strict=True):
+            assert ref.abs().max() > 0, name  # the gradient reaches every prompt parameter
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6, msg=name)
+    for g0, g1 in zip(res[0]["grads"], res[1]["grads"], strict=True):
+        assert torch.equal(g0, g1)  # ranks step identical gradients
