@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from vlprompt.engine import ALL, AttnContext, LayerOps, TowerPlan, encode_image, encode_text, standard_attention
+from vlprompt.engine import (
+    ALL,
+    AttnContext,
+    LayerOps,
+    TowerPlan,
+    encode_image,
+    encode_text,
+    standard_attention,
+)
 from vlprompt.engine.decoupled import DecoupledAttention, decoupled_attention
 
 D, HEADS, N_INST, N_P, N = 64, 4, 10, 4, 3

@@ -51,7 +51,16 @@ REFERENCE = {
     (0.0035, 5): [1e-5, 0.0035, 0.00316578, 0.00229078, 0.00120922],
     (0.0035, 2): [1e-5, 0.0035],
     (0.002, 10): [
-        1e-5, 0.002, 0.00195106, 0.00180902, 0.00158779, 0.00130902, 0.001, 0.000690983, 0.000412215, 0.000190983
+        1e-5,
+        0.002,
+        0.00195106,
+        0.00180902,
+        0.00158779,
+        0.00130902,
+        0.001,
+        0.000690983,
+        0.000412215,
+        0.000190983,
     ],
 }
 
@@ -118,11 +127,21 @@ def test_preset_default_and_overrides() -> None:
 
 def test_resolve_config_order() -> None:
     cfg = resolve_config(
-        "zeroshot", "demo", shots=2, protocol="base2new", model="vlp-tiny",
-        overrides=["train.epochs_by_shots={1: 7, 2: 9}"], device="cpu",
+        "zeroshot",
+        "demo",
+        shots=2,
+        protocol="base2new",
+        model="vlp-tiny",
+        overrides=["train.epochs_by_shots={1: 7, 2: 9}"],
+        device="cpu",
     )
     assert cfg["data"] == {
-        "dataset": "demo", "root": None, "shots": 2, "seed": 1, "subsample": "base", "num_workers": 0
+        "dataset": "demo",
+        "root": None,
+        "shots": 2,
+        "seed": 1,
+        "subsample": "base",
+        "num_workers": 0,
     }
     assert cfg["train"]["device"] == "cpu"
     assert cfg["backbone"] == {"name": "vlp-tiny", "pretrained": None, "weights": None}

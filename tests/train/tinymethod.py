@@ -1,13 +1,18 @@
-"""A minimal learnable method for trainer tests (CoOp-like: n shared context vectors, text tower only)."""
+"""A minimal learnable method for trainer tests (CoOp-like: n shared context vectors, text tower only).
+
+Registered only while a test module uses it (``registered()``), so other tests' method lists never see it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods import base
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs
 from vlprompt.methods.common import ClassPrompts, ctx_segments
 
 
@@ -16,7 +21,6 @@ class TinyCtxConfig(MethodConfig):
     n_ctx: int = 2
 
 
-@register_method
 class TinyCtx(PromptMethod):
     name = "tinyctx"
     Config = TinyCtxConfig
@@ -31,3 +35,13 @@ class TinyCtx(PromptMethod):
 
     def text_inputs(self, image_features=None):
         return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot)
+
+
+@contextlib.contextmanager
+def registered():
+    """Make ``tinyctx`` a known method for the duration of the block."""
+    base._REGISTRY[TinyCtx.name] = TinyCtx
+    try:
+        yield
+    finally:
+        base._REGISTRY.pop(TinyCtx.name, None)

@@ -1,0 +1,21 @@
+"""Benchmarks and the frozen image-feature cache.
+
+:mod:`vlprompt.bench.harness` times training steps, evaluation and the towers against the reference
+computation (``vlprompt bench``); :mod:`vlprompt.bench.flops` counts transformer FLOPs from the
+loaded architecture; :mod:`vlprompt.bench.features` caches frozen CLIP image features.
+``features`` and ``flops`` depend only on backbones/engine/data, so the trainer may use them.
+"""
+
+from vlprompt.bench.features import FeatureCache, backbone_fingerprint, frozen_image_features, image_features
+from vlprompt.bench.flops import TowerFlops, block_flops, image_tower_flops, text_tower_flops
+
+__all__ = [
+    "FeatureCache",
+    "TowerFlops",
+    "backbone_fingerprint",
+    "block_flops",
+    "frozen_image_features",
+    "image_features",
+    "image_tower_flops",
+    "text_tower_flops",
+]

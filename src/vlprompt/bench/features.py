@@ -120,19 +120,20 @@ class FeatureCache:
         self.misses += 1
         return None
 
-    def put(self, key: str, feats: torch.Tensor) -> None:
+    def put(self, key: str, feats: torch.Tensor) -> torch.Tensor:
+        """Store ``feats`` (detached, CPU) and return the stored tensor."""
         feats = feats.detach().cpu().contiguous()
         if self.memory:
             self._mem[key] = feats
         path = self._path(key)
         if path is not None:
             atomic_write(path, lambda tmp: torch.save(feats, tmp))
+        return feats
 
     def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         feats = self.get(key)
         if feats is None:
-            feats = compute()
-            self.put(key, feats)
+            feats = self.put(key, compute())
         return feats
 
     def clear(self) -> None:

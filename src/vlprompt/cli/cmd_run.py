@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from vlprompt.errors import VlpromptError
-
-log = logging.getLogger("vlprompt.run")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,10 +90,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{state:9} {s.out_dir}  [{evals}]")
         print(f"{len(specs)} runs planned, {sum(s.is_complete() for s in specs)} complete")
         return 0
-    if not args.pretrained and not args.weights:
-        log.warning(
-            "no --pretrained/--weights: random-init %s (pipeline check only, accuracy is chance)", args.model
-        )
     results = run_grid(specs, progress=not args.no_progress)
     print(summarize(results))
     failed = [r for r in results if r.status == "failed"]

@@ -165,7 +165,11 @@ class DecoupledAttention(nn.Module):
 
     def forward(self, mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         alpha = None if self.a is None else torch.sigmoid(self.a.float())
-        return decoupled_attention(mha, x, ctx, alpha=alpha, gate_closed=self.gate_closed, drop_pp=self.drop_pp)
+        return decoupled_attention(
+            mha, x, ctx, alpha=alpha, gate_closed=self.gate_closed, drop_pp=self.drop_pp
+        )
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, gate={self.gate_kind}, gate_closed={self.gate_closed}, drop_pp={self.drop_pp}"
+        return (
+            f"mode={self.mode}, gate={self.gate_kind}, gate_closed={self.gate_closed}, drop_pp={self.drop_pp}"
+        )

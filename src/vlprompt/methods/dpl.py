@@ -82,7 +82,9 @@ def _check(cfg: _DecoupledOptions) -> None:
     lo_ok = cfg.beta > 0.0 if cfg.beta_learnable else cfg.beta >= 0.0
     hi_ok = cfg.beta < 1.0 if cfg.beta_learnable else cfg.beta <= 1.0
     if not (lo_ok and hi_ok):
-        raise VlpromptError(f"beta={cfg.beta} is outside {'(0, 1)' if cfg.beta_learnable else '[0, 1]'}; e.g. 0.01")
+        raise VlpromptError(
+            f"beta={cfg.beta} is outside {'(0, 1)' if cfg.beta_learnable else '[0, 1]'}; e.g. 0.01"
+        )
     if cfg.init_std <= 0:
         raise VlpromptError(f"init_std={cfg.init_std} must be positive; e.g. 0.02")
 
@@ -128,7 +130,9 @@ class DecoupledPromptStream(nn.Module):
         blend = self.beta if self.carry else None
         layers = {0: LayerOps(attention=self.gates[0])}
         for layer in range(1, self.depth):
-            layers[layer] = LayerOps(remove=ALL, append=self.prompts[layer], blend=blend, attention=self.gates[layer])
+            layers[layer] = LayerOps(
+                remove=ALL, append=self.prompts[layer], blend=blend, attention=self.gates[layer]
+            )
         if self.depth < self.n_layers:
             layers[self.depth] = LayerOps(remove=ALL)
         return TowerPlan(shallow=self.prompts[0], layers=layers)
@@ -143,9 +147,13 @@ class _DPLBase(PromptMethod):
         self.visual: DecoupledPromptStream | None = None
         self.textual: DecoupledPromptStream | None = None
         if isinstance(cfg, DPLVisualConfig):
-            self.visual = DecoupledPromptStream(cfg, cfg.n_prompts_image, cfg.depth_image, backbone.image, "image")
+            self.visual = DecoupledPromptStream(
+                cfg, cfg.n_prompts_image, cfg.depth_image, backbone.image, "image"
+            )
         if isinstance(cfg, DPLTextConfig):
-            self.textual = DecoupledPromptStream(cfg, cfg.n_prompts_text, cfg.depth_text, backbone.text, "text")
+            self.textual = DecoupledPromptStream(
+                cfg, cfg.n_prompts_text, cfg.depth_text, backbone.text, "text"
+            )
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
         self.classes = ClassPrompts(backbone, classnames, [("text", self.cfg.template or template)])

@@ -39,7 +39,7 @@ class MPLConfig(MethodConfig):
     depth: int = 9  # layers 0..depth-1 get prompts (both towers)
     tie_init: bool = True  # all add*(depth-1) projections start as copies of one Linear (official quirk)
     ctx_init: str = "X"  # a one-token word repeated n_ctx times, an n_ctx-token phrase, or "" (random)
-    template: str = "a photo of a {}."  # frozen text after the context; "" = the data set's template
+    text: str = "a photo of a {}."  # frozen text after the context; "" = the data set's template
 
 
 def parse_remove(value: int | str) -> int:
@@ -72,8 +72,8 @@ def image_prompt_counts(n_ctx: int, add: int, remove: int, depth: int, layers: i
             r = present if remove == ALL else remove
             if r > present:
                 raise VlpromptError(
-                    f"MPL remove={remove} exceeds the {present} image prompt tokens present before layer {layer} "
-                    f"(n_ctx={n_ctx}, add={add}); use remove <= {present} or remove='all'"
+                    f"MPL remove={remove} exceeds the {present} image prompt tokens present before layer "
+                    f"{layer} (n_ctx={n_ctx}, add={add}); use remove <= {present} or remove='all'"
                 )
             present = present - r + p
         counts.append(present)
@@ -125,7 +125,7 @@ class MPL(PromptMethod):
 
     # --- text tower ---------------------------------------------------------------------------
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
-        text = self.cfg.template or template
+        text = self.cfg.text or template
         self.prompts = ClassPrompts(backbone, classnames, [("ctx", self.cfg.n_ctx), ("text", text)])
         self._slot = int(self.prompts.slots[0, 0])
 
@@ -141,7 +141,11 @@ class MPL(PromptMethod):
         layers = {}
         for layer in range(1, self.cfg.depth):
             t = self.text_deep[layer - 1]
-            new = torch.cat([self.projection(k, layer)(t) for k in range(self.cfg.add)]) if self.cfg.add else None
+            new = (
+                torch.cat([self.projection(k, layer)(t) for k in range(self.cfg.add)])
+                if self.cfg.add
+                else None
+            )
             if new is not None or self.remove != 0:
                 layers[layer] = LayerOps(remove=self.remove, append=new)
         return TowerPlan(shallow=self.proj0(self.ctx), layers=layers)
@@ -158,7 +162,9 @@ class MPL(PromptMethod):
             return [stem] if n_ctx == 1 else [f"{stem}.{j}" for j in range(n_ctx)]
 
         alive = names("v0")
-        rows: list[dict[str, object]] = [{"layer": 0, "op": "shallow", "before": 0, "after": len(alive), "alive": list(alive)}]
+        rows: list[dict[str, object]] = [
+            {"layer": 0, "op": "shallow", "before": 0, "after": len(alive), "alive": list(alive)}
+        ]
         for layer in range(1, len(self.prompt_counts)):
             before = len(alive)
             if layer < depth:
@@ -169,7 +175,9 @@ class MPL(PromptMethod):
                 op = f"remove {'all' if self.remove == ALL else r}, add {add * n_ctx}"
             else:
                 op = "carry"
-            rows.append({"layer": layer, "op": op, "before": before, "after": len(alive), "alive": list(alive)})
+            rows.append(
+                {"layer": layer, "op": op, "before": before, "after": len(alive), "alive": list(alive)}
+            )
         return rows
 
     def describe(self) -> dict[str, object]:

@@ -59,7 +59,9 @@ def base2new_bars(
         ax.set_xticks(range(3), ["Base", "New", "HM"])
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_ylim(0, 105)
-        ax.set_title(f"base-to-new: {dataset}{title_suffix}")
+        ax.set_title(
+            f"base-to-new: {dataset}" + (f"\n{title_suffix.strip()}" if title_suffix else ""), fontsize=9
+        )
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out_dir / f"base2new_{_slug(dataset)}.png"
@@ -93,7 +95,9 @@ def fewshot_curves(
         ax.set_xticks(sorted(all_k), [str(k) for k in sorted(all_k)])
         ax.set_xlabel("shots per class (K)")
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"few-shot: {dataset}{title_suffix}")
+        ax.set_title(
+            f"few-shot: {dataset}" + (f"\n{title_suffix.strip()}" if title_suffix else ""), fontsize=9
+        )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -118,10 +122,11 @@ def training_curves(
         for label, pts in runs.items():
             loss = [(s, lo) for s, lo, _ in pts if lo is not None]
             acc = [(s, a) for s, _, a in pts if a is not None]
+            marker = "o" if len(pts) < 30 else None  # a short run must still show its points
             if loss:
-                ax_l.plot(*zip(*loss), label=label)
+                ax_l.plot(*zip(*loss), label=label, marker=marker)
             if acc:
-                ax_a.plot(*zip(*acc), label=label)
+                ax_a.plot(*zip(*acc), label=label, marker=marker)
         ax_l.set_xlabel("step")
         ax_l.set_ylabel("training loss")
         ax_a.set_xlabel("step")

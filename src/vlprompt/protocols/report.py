@@ -326,7 +326,7 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
             body.append(line)
         if avg is not None:
             n_full = sum(1 for row in rows if row.base is not None and row.new is not None)
-            line = [f"Average ({n_full} data sets)", avg[0], avg[1], avg[2], None]
+            line = [f"Average ({n_full} data set{'s' if n_full != 1 else ''})", avg[0], avg[1], avg[2], None]
             if paper:
                 pub = ref.BASE2NEW_AVERAGE.get(paper)
                 line += list(pub) if pub else [None, None, None]

@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
@@ -44,12 +45,23 @@ class RunResult:
 def _shared_backbone(cfg: dict[str, Any]) -> Any:
     """The run's backbone, loaded once per process and shared by every run that names it."""
     from vlprompt.backbones import load_backbone
+    from vlprompt.train.precision import resolve_device
 
     bb = cfg.get("backbone") or {}
-    key = (bb.get("name"), bb.get("pretrained"), bb.get("weights"), (cfg.get("train") or {}).get("device"))
+    device = resolve_device((cfg.get("train") or {}).get("device", "auto"))
+    key = (bb.get("name"), bb.get("pretrained"), bb.get("weights"), str(device))
     if key not in _BACKBONES:
+        if bb.get("weights") and not Path(bb["weights"]).is_file():
+            raise VlpromptError(
+                f"backbone weights file not found: {bb['weights']}; pass --weights PATH to a local copy"
+            )
         _BACKBONES.clear()  # keep at most one resident
-        _BACKBONES[key] = load_backbone(bb.get("name"), pretrained=bb.get("weights") or bb.get("pretrained"))
+        pretrained = bb.get("weights") or bb.get("pretrained")
+        _BACKBONES[key] = load_backbone(bb.get("name"), pretrained=pretrained, device=device)
+        if not pretrained:
+            log.warning(
+                "untrained weights: pipeline check only, accuracy is chance (%s random init)", bb.get("name")
+            )
     return _BACKBONES[key]
 
 
@@ -78,6 +90,10 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
             log.info("train %s -> %s", spec.name, spec.out_dir)
             train_run(spec.cfg, spec.out_dir, resume=True, progress=progress, backbone=backbone)
             trained = True
+            if not (spec.out_dir / "done").is_file():
+                raise VlpromptError(
+                    f"training stopped before writing {spec.out_dir / 'done'}; rerun to resume"
+                )
         for ev in spec.missing_evaluations():
             log.info("evaluate %s on %s (%s classes)", spec.name, ev.dataset, ev.subsample)
             evaluate_run(

@@ -38,7 +38,11 @@ def _git_revision() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
         if out.returncode != 0:
             return None
@@ -82,7 +86,9 @@ def _load_backbone_from(section: Mapping[str, Any], device: Any = None):
 
     name, tag, weights = section.get("name"), section.get("pretrained"), section.get("weights")
     if weights and not Path(weights).is_file():
-        raise VlpromptError(f"backbone weights file not found: {weights}; pass --weights PATH to a local copy")
+        raise VlpromptError(
+            f"backbone weights file not found: {weights}; pass --weights PATH to a local copy"
+        )
     bb = load_backbone(name, pretrained=weights or tag, device=device)
     if not weights and not tag:
         log.warning(UNTRAINED_BANNER)
@@ -91,7 +97,9 @@ def _load_backbone_from(section: Mapping[str, Any], device: Any = None):
 
 def _backbone_section(backbone) -> dict[str, Any]:
     src = backbone.meta.get("source")
-    tag = backbone.pretrained if backbone.pretrained and not os.path.exists(str(backbone.pretrained)) else None
+    tag = (
+        backbone.pretrained if backbone.pretrained and not os.path.exists(str(backbone.pretrained)) else None
+    )
     weights = str(Path(src).resolve()) if src and src != "random-init" and os.path.exists(str(src)) else None
     return {"name": backbone.name, "pretrained": tag, "weights": weights if tag is None else None}
 
@@ -100,7 +108,9 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise VlpromptError(f"cannot read {path} ({type(e).__name__}); the run directory is damaged") from None
+        raise VlpromptError(
+            f"cannot read {path} ({type(e).__name__}); the run directory is damaged"
+        ) from None
 
 
 def _build_splits(data: Mapping[str, Any], subsample: str | None = None, fewshot_: bool = True):
@@ -187,16 +197,29 @@ def train_run(
         metrics = _read_json(out / METRICS)
         evals = metrics.get("evaluations", [])
         log.info("run %s is complete; skipping (force to retrain)", out)
-        return {"run_dir": str(out), "status": "complete", "evaluation": evals[0] if evals else None, "evaluations": evals}
+        return {
+            "run_dir": str(out),
+            "status": "complete",
+            "evaluation": evals[0] if evals else None,
+            "evaluations": evals,
+        }
     out.mkdir(parents=True, exist_ok=True)
     config_text = dump_yaml(cfg)
     old = out / "config.yaml"
-    if resume and not force and old.is_file() and (out / ckpt.CKPT_DIR).is_dir() and old.read_text() != config_text:
+    if (
+        resume
+        and not force
+        and old.is_file()
+        and (out / ckpt.CKPT_DIR).is_dir()
+        and old.read_text() != config_text
+    ):
         import yaml
 
         prev = yaml.safe_load(old.read_text()) or {}
         if {k: v for k, v in prev.items() if k != "train"} != {k: v for k, v in cfg.items() if k != "train"}:
-            raise VlpromptError(f"{out} holds a run with a different config; use another --out or train without --resume")
+            raise VlpromptError(
+                f"{out} holds a run with a different config; use another --out or train without --resume"
+            )
     if force or not resume:
         for name in (DONE, METRICS, PROMPT, MANIFEST):
             (out / name).unlink(missing_ok=True)
@@ -230,8 +253,12 @@ def train_run(
     )
 
     set_seed(seed)  # prompt initialisation depends only on the seed
-    model = create_model(cfg["method"], backbone, list(splits.classnames), template=splits.template, **cfg["options"])
-    eval_loader = _eval_loader(splits, backbone, int(train["eval_batch_size"]), int(data.get("num_workers", 0)))
+    model = create_model(
+        cfg["method"], backbone, list(splits.classnames), template=splits.template, **cfg["options"]
+    )
+    eval_loader = _eval_loader(
+        splits, backbone, int(train["eval_batch_size"]), int(data.get("num_workers", 0))
+    )
     result = fit(
         model,
         splits.train,
@@ -274,7 +301,12 @@ def train_run(
     )
     metrics = _write_metrics(out, entry)
     atomic_write_text(out / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
-    return {"run_dir": str(out), "status": "trained", "evaluation": entry, "evaluations": metrics["evaluations"]}
+    return {
+        "run_dir": str(out),
+        "status": "trained",
+        "evaluation": entry,
+        "evaluations": metrics["evaluations"],
+    }
 
 
 def _version() -> str:
@@ -323,14 +355,24 @@ def load_run(path: str | os.PathLike, backbone: Any = None, device: Any = None):
     """
     from vlprompt.methods import create_model
     from vlprompt.train.checkpoint import load_safetensors
+    from vlprompt.train.precision import resolve_device
 
     manifest, prompt_path = _read_manifest(Path(path))
+    device = (
+        resolve_device(device)
+        if device is not None
+        else (None if backbone is not None else resolve_device("auto"))
+    )
     if backbone is None:
         backbone = _load_backbone_from(manifest["backbone"], device=device)
     elif device is not None:
         backbone = backbone.to(device)
     model = create_model(
-        manifest["method"], backbone, list(manifest["classnames"]), template=manifest.get("template"), **manifest["options"]
+        manifest["method"],
+        backbone,
+        list(manifest["classnames"]),
+        template=manifest.get("template"),
+        **manifest["options"],
     )
     state, _ = load_safetensors(prompt_path)
     try:

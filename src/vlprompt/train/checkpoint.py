@@ -45,7 +45,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     """Atomic safetensors write (contiguous CPU copies; shared storage is not allowed in the format)."""
     from safetensors.torch import save_file
 
@@ -62,7 +64,9 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             meta = dict(f.metadata() or {})
         return load_file(str(path)), meta
     except Exception as e:
-        raise VlpromptError(f"cannot read {path} ({type(e).__name__}); the file is corrupt -- retrain or re-export") from None
+        raise VlpromptError(
+            f"cannot read {path} ({type(e).__name__}); the file is corrupt -- retrain or re-export"
+        ) from None
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -84,10 +88,13 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise VlpromptError(
-            f"resume checkpoint {path} is unreadable ({type(e).__name__}); delete {Path(ckpt_dir)} to start over"
+            f"resume checkpoint {path} is unreadable ({type(e).__name__}); "
+            f"delete {Path(ckpt_dir)} to start over"
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise VlpromptError(f"resume checkpoint {path} has an unknown format; delete {Path(ckpt_dir)} to start over")
+        raise VlpromptError(
+            f"resume checkpoint {path} has an unknown format; delete {Path(ckpt_dir)} to start over"
+        )
     return state
 
 

@@ -6,7 +6,8 @@ A fully resolved run config is a plain dict, written verbatim as the run's ``con
      backbone{name, pretrained, weights}, protocol}
 
 Resolution order: generic train defaults < preset file < ``protocols[<protocol>]`` of the preset <
-``epochs_by_shots`` < ``--set`` overrides < explicit flags (``--epochs``, ``--device``).
+``--set`` overrides < ``epochs_by_shots`` (unless ``--set train.epochs``) < explicit flags
+(``--epochs``, ``--device``).
 """
 
 from __future__ import annotations
@@ -96,13 +97,19 @@ def load_preset(method: str, protocol: str | None = None) -> dict[str, Any]:
     raw = _read_yaml(path) if path.is_file() else {}
     bad = sorted(set(raw) - {"method", "options", "train", "protocols"})
     if bad:
-        raise VlpromptError(f"preset {path} has unknown section(s) {', '.join(bad)}; valid: method, options, train, protocols")
+        raise VlpromptError(
+            f"preset {path} has unknown section(s) {', '.join(bad)}; valid: method, options, train, protocols"
+        )
     if raw.get("method", method) != method:
-        raise VlpromptError(f"preset {path} is for method '{raw['method']}', not '{method}'; fix its 'method:' line")
+        raise VlpromptError(
+            f"preset {path} is for method '{raw['method']}', not '{method}'; fix its 'method:' line"
+        )
     protocols = raw.get("protocols") or {}
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
-        raise VlpromptError(f"preset {path} overrides unknown protocol(s) {', '.join(unknown)}; valid: {', '.join(PROTOCOLS)}")
+        raise VlpromptError(
+            f"preset {path} overrides unknown protocol(s) {', '.join(unknown)}; valid: {', '.join(PROTOCOLS)}"
+        )
     preset = {
         "method": method,
         "options": dict(raw.get("options") or {}),
@@ -112,7 +119,9 @@ def load_preset(method: str, protocol: str | None = None) -> dict[str, Any]:
         over = protocols[protocol]
         bad = sorted(set(over) - {"options", "train"})
         if bad:
-            raise VlpromptError(f"preset {path}: protocol '{protocol}' may override only options and train, not {bad}")
+            raise VlpromptError(
+                f"preset {path}: protocol '{protocol}' may override only options and train, not {bad}"
+            )
         preset = deep_merge(preset, over)
     return preset
 
@@ -143,14 +152,20 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     for item in overrides:
         keys, value = parse_override(item)
         if keys[0] not in SECTIONS:
-            raise VlpromptError(f"--set {item}: unknown section '{keys[0]}'; valid sections: {', '.join(SECTIONS)}")
+            raise VlpromptError(
+                f"--set {item}: unknown section '{keys[0]}'; valid sections: {', '.join(SECTIONS)}"
+            )
         if keys[0] in ("method", "protocol"):
             if len(keys) != 1:
-                raise VlpromptError(f"--set {item}: '{keys[0]}' is a single value; write --set {keys[0]}=NAME")
+                raise VlpromptError(
+                    f"--set {item}: '{keys[0]}' is a single value; write --set {keys[0]}=NAME"
+                )
             out[keys[0]] = value
             continue
         if len(keys) == 1:
-            raise VlpromptError(f"--set {item}: name a key inside '{keys[0]}', e.g. --set {keys[0]}.KEY=VALUE")
+            raise VlpromptError(
+                f"--set {item}: name a key inside '{keys[0]}', e.g. --set {keys[0]}.KEY=VALUE"
+            )
         if keys[0] in known and keys[1] not in known[keys[0]]:
             raise unknown_name(f"{keys[0]} key", keys[1], known[keys[0]])
         node = out.setdefault(keys[0], {})
@@ -216,12 +231,15 @@ def resolve_config(
         "backbone": {"name": model, "pretrained": pretrained, "weights": str(weights) if weights else None},
         "protocol": protocol,
     }
-    by_shots = _epochs_for_shots(cfg["train"].get("epochs_by_shots"), cfg["data"]["shots"])
-    if by_shots is not None:
-        cfg["train"]["epochs"] = by_shots
     cfg = apply_overrides(cfg, overrides)
+    epochs_set = any(o.split("=", 1)[0].strip() == "train.epochs" for o in overrides)
+    by_shots = _epochs_for_shots(cfg["train"].get("epochs_by_shots"), cfg["data"]["shots"])
+    if by_shots is not None and not epochs_set:
+        cfg["train"]["epochs"] = by_shots
     if cfg["method"] != method or cfg["protocol"] != protocol:
-        raise VlpromptError("--set cannot change method or protocol (their presets differ); use --method / --protocol")
+        raise VlpromptError(
+            "--set cannot change method or protocol (their presets differ); use --method / --protocol"
+        )
     if epochs is not None:
         cfg["train"]["epochs"] = int(epochs)
     if device is not None:
@@ -236,7 +254,11 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
 
     def number(key: str, kind: type, minimum: float, strict: bool = False) -> None:
         v = t.get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > minimum if strict else v >= minimum)
+        ok = (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and (v > minimum if strict else v >= minimum)
+        )
         if kind is int:
             ok = ok and float(v).is_integer()
         if not ok:
@@ -264,7 +286,9 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if not d.get("dataset"):
         raise VlpromptError("no data set given; pass --dataset NAME (see `vlprompt data list`)")
     if d.get("subsample") not in ("all", "base", "new"):
-        raise VlpromptError(f"data.subsample={d.get('subsample')!r} is invalid; choose one of: all, base, new")
+        raise VlpromptError(
+            f"data.subsample={d.get('subsample')!r} is invalid; choose one of: all, base, new"
+        )
     if not isinstance(d.get("shots"), int) or d["shots"] < 0:
         raise VlpromptError(f"data.shots={d.get('shots')!r} is invalid; use 0 (full split) or 1, 2, 4, 8, 16")
     if not isinstance(d.get("seed"), int):

@@ -76,7 +76,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise VlpromptError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun") from None
+        raise VlpromptError(
+            f"environment variable {name}={raw!r} is not an integer; launch with torchrun"
+        ) from None
 
 
 def env() -> DistEnv:
@@ -166,7 +168,9 @@ def cleanup() -> None:
 
 
 def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if env().backend == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if env().backend == "nccl" else torch.device("cpu")
+    )
 
 
 # --------------------------------------------------------------------------------------- parameters
@@ -241,7 +245,13 @@ def allreduce_grads(params: Sequence[nn.Parameter] | Sequence[tuple[str, nn.Para
         return
     dev = _collective_device()
     flat = torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(dev, torch.float32) for p in ps]
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p))
+            .detach()
+            .reshape(-1)
+            .to(dev, torch.float32)
+            for p in ps
+        ]
         + [torch.tensor([float(any(p.grad is not None for p in ps))], device=dev)]
     )
     dist.all_reduce(flat)
@@ -384,7 +394,9 @@ def enable_text_sharding(model: nn.Module) -> bool:
     if not is_distributed():
         return False
     if model.method.image_conditioned_text:
-        log.info("shard_text: method '%s' conditions its text on the image; text is not sharded", model.method.name)
+        log.info(
+            "shard_text: method '%s' conditions its text on the image; text is not sharded", model.method.name
+        )
         return False
     if getattr(model, "_vlp_sharded_text", False):
         return True

@@ -29,7 +29,9 @@ def scores_from_confusion(conf: torch.Tensor, classnames: list[str]) -> dict[str
         torch.zeros_like(tp),
     )
     per_class = {
-        classnames[i]: round(100.0 * float(tp[i] / support[i]), 4) for i in range(len(classnames)) if present[i]
+        classnames[i]: round(100.0 * float(tp[i] / support[i]), 4)
+        for i in range(len(classnames))
+        if present[i]
     }
     return {
         "accuracy": 100.0 * float(tp.sum() / max(n, 1)),

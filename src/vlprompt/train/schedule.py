@@ -98,7 +98,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, An
     """SGD (momentum 0.9, weight decay 5e-4 in the recipes); Adam/AdamW for experiments."""
     params = list(params)
     if not params:
-        raise VlpromptError("the method has no trainable parameters; evaluate it with `vlprompt eval --method NAME`")
+        raise VlpromptError(
+            "the method has no trainable parameters; evaluate it with `vlprompt eval --method NAME`"
+        )
     name = str(train.get("optimizer", "sgd")).lower()
     lr = float(train["lr"])
     wd = float(train.get("weight_decay", 0.0))

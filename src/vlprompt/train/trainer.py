@@ -47,7 +47,9 @@ def _as_dataset(data: Any, model: torch.nn.Module, train: bool) -> Dataset | Dat
     raise TypeError(f"cannot train on {type(data).__name__}; pass a Dataset, a DataLoader or Datum items")
 
 
-def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int, drop_last: bool) -> DataLoader:
+def _loader(
+    data: Any, batch_size: int, shuffle: bool, seed: int, num_workers: int, drop_last: bool
+) -> DataLoader:
     if isinstance(data, DataLoader):
         return data
     g = torch.Generator()
@@ -186,7 +188,8 @@ def fit(
                 checked_grads = True
             if not torch.isfinite(loss):
                 raise VlpromptError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}; lower train.lr or use --set train.precision=fp32"
+                    f"loss became {loss.item()} at epoch {epoch + 1}; "
+                    "lower train.lr or use --set train.precision=fp32"
                 )
             n = labels.shape[0]
             correct = int((logits.detach().argmax(-1) == labels).sum())

@@ -1,0 +1,94 @@
+"""`vlprompt eval`: evaluate a trained run, or zero-shot CLIP, on a data set's test split."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from vlprompt.cli.cmd_train import add_backbone_args, print_table
+from vlprompt.errors import VlpromptError
+
+log = logging.getLogger(__name__)
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from vlprompt.data import build_loader, build_transform, get_dataset, subsample
+    from vlprompt.methods import create_model
+    from vlprompt.protocols.runs import _load_backbone_from, environment
+    from vlprompt.train import evaluate
+    from vlprompt.train.precision import resolve_device
+    from vlprompt.utils import atomic_write_json
+
+    if not args.dataset:
+        raise VlpromptError("eval --method needs --dataset NAME")
+    dev = resolve_device(args.device or "auto")
+    backbone = _load_backbone_from(
+        {"name": args.model, "pretrained": args.pretrained, "weights": args.weights}, device=dev
+    )
+    splits = subsample(get_dataset(args.dataset, args.root), args.subsample or "all")
+    model = create_model(args.method, backbone, list(splits.classnames), template=splits.template)
+    if model.num_trainable():
+        raise VlpromptError(
+            f"method '{args.method}' has learnable prompts; train it first (`vlprompt train --method "
+            f"{args.method} ...`) and evaluate with --run"
+        )
+    tf = build_transform(False, **backbone.preprocess_cfg)
+    loader = build_loader(splits.test, tf, args.batch_size, shuffle=False, num_workers=args.num_workers)
+    res = evaluate(model, loader, device=dev)
+    entry = {
+        "dataset": splits.name,
+        "subsample": splits.subsample,
+        "split": "test",
+        "epoch": 0,
+        **{k: res[k] for k in ("accuracy", "macro_f1", "per_class_accuracy", "n", "n_classes")},
+        "seed": None,
+        "shots": 0,
+        "method": args.method,
+    }
+    if args.out:
+        from pathlib import Path
+
+        from vlprompt.protocols.runs import _write_metrics
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_metrics(out, entry)
+        atomic_write_json(out / "env.json", environment(str(dev)))
+    print_table([entry])
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if bool(args.run) == bool(args.method):
+        raise VlpromptError("pass either --run RUN (a trained run) or --method NAME (e.g. zeroshot)")
+    if args.method:
+        return _zeroshot(args)
+    from vlprompt.protocols.runs import evaluate_run
+
+    entry = evaluate_run(
+        args.run,
+        dataset=args.dataset,
+        root=args.root,
+        subsample=args.subsample,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    print_table([entry])
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a trained run (or zero-shot CLIP) on a test split")
+    p.add_argument("--run", help="run directory written by `vlprompt train`")
+    p.add_argument("--method", help="evaluate a method without training (zeroshot)")
+    p.add_argument("--dataset", help="data set (default: the run's own)")
+    p.add_argument("--root", help="folder holding the data set folders")
+    p.add_argument(
+        "--subsample", choices=["all", "base", "new"], help="classes (default: new for a base run, else all)"
+    )
+    add_backbone_args(p)
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    p.add_argument("--out", help="with --method: directory to write metrics.json into")
+    p.set_defaults(func=_run)

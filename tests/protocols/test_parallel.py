@@ -1,0 +1,98 @@
+"""Parallel grid runner: concurrency, device slots and threads per job, skip/resume, failure isolation
+(an exception and a dying worker), and a real `vlprompt run --jobs 2` that matches `--jobs 1`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from vlprompt.errors import VlpromptError
+from vlprompt.protocols import parallel as P
+from vlprompt.protocols.grid import Evaluation, RunSpec
+from vlprompt.protocols.runner import RunResult
+
+
+def fake_execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) -> RunResult:
+    """Stands in for runner.execute inside the workers: records where and how it ran."""
+    import logging
+
+    import torch
+
+    t0 = time.time()
+    logging.getLogger("fake").info("working on seed %d", spec.seed)
+    if spec.seed == 4:
+        os._exit(3)  # the worker process dies mid-run
+    time.sleep(0.8)
+    info = {
+        "pid": os.getpid(),
+        "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+        "threads": torch.get_num_threads(),
+        "start": t0,
+        "end": time.time(),
+    }
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    (spec.out_dir / "info.json").write_text(json.dumps(info))
+    if spec.seed == 3:
+        return RunResult(spec.name, str(spec.out_dir), "failed", "ValueError: boom", 0.1)
+    entry = {"dataset": spec.dataset, "subsample": "all", "split": "test", "accuracy": 50.0}
+    (spec.out_dir / "metrics.json").write_text(json.dumps({"evaluations": [entry]}))
+    (spec.out_dir / "done").write_text("ok\n")
+    return RunResult(spec.name, str(spec.out_dir), "done", "", time.time() - t0, True, 1)
+
+
+def _specs(root: Path, seeds) -> list[RunSpec]:
+    return [
+        RunSpec("fewshot", "coop", "demo", 2, s, root / f"seed{s}", {}, [Evaluation("demo", "all")]) for s in seeds
+    ]
+
+
+def test_devices_and_slots():
+    assert P.parse_devices("0,0,cuda:1, 1") == ["0", "0", "1", "1"]
+    assert P.parse_devices(None) is None
+    with pytest.raises(VlpromptError, match="bad device"):
+        P.parse_devices("0,gpu1")
+    assert P.device_slots(None, ["0", "0", "1"]) == ["0", "0", "1"]
+    assert P.device_slots(3, None) == [None, None, None]
+    with pytest.raises(VlpromptError, match="one --devices entry per job"):
+        P.device_slots(2, ["0", "1", "2"])
+    with pytest.raises(VlpromptError, match="--jobs"):
+        P.device_slots(0, None)
+    assert P.threads_per_job(P.cpu_count() * 4) == 1
+    assert P.threads_per_job(1) == P.cpu_count()
+    assert P._worker_env("cpu", 2)["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_parallel_workers_isolate_failures_and_resume(tmp_path, caplog):
+    caplog.set_level("INFO")
+    specs = _specs(tmp_path, [1, 2, 3, 4, 5, 6])
+    res = P.run_grid_parallel(specs, devices=["3", "5"], progress=False, execute_fn=fake_execute)
+    assert [r.status for r in res] == ["done", "done", "failed", "failed", "done", "done"]
+    assert res[2].reason == "ValueError: boom"
+    assert "worker process died (exit code 3)" in res[3].reason
+    infos = {s: json.loads((tmp_path / f"seed{s}" / "info.json").read_text()) for s in (1, 2, 3, 5, 6)}
+    threads = str(P.threads_per_job(2))
+    assert {i["omp"] for i in infos.values()} == {threads}
+    assert {i["threads"] for i in infos.values()} == {int(threads)}
+    assert {i["cuda"] for i in infos.values()} <= {"3", "5"}
+    # one slot per worker: a process never changes device; after the crash a fresh worker took the slot
+    by_pid: dict[int, set] = {}
+    for i in infos.values():
+        by_pid.setdefault(i["pid"], set()).add(i["cuda"])
+    assert all(len(v) == 1 for v in by_pid.values()) and len(by_pid) >= 2
+    # runs 1 and 2 went to the two jobs at once: their time windows overlap
+    a, b = infos[1], infos[2]
+    assert a["pid"] != b["pid"] and a["start"] < b["end"] and b["start"] < a["end"]
+    # the workers' log records reach the parent's logging, prefixed with the run's name
+    assert "[fewshot/coop/demo/shots2_seed1] working on seed 1" in caplog.text
+    assert "FAILED fewshot/coop/demo/shots2_seed3" in caplog.text
+
+    # second invocation, one job (in this process): complete runs are skipped, the failed one runs again
+    again = P.run_grid_parallel(specs[:3], jobs=1, progress=False, execute_fn=fake_execute)
+    assert [r.status for r in again] == ["skipped", "skipped", "failed"]
+    assert json.loads((tmp_path / "seed1" / "info.json").read_text()) == infos[1]  # untouched
+    assert json.loads((tmp_path / "seed3" / "info.json").read_text())["pid"] == os.getpid()
