@@ -6,13 +6,20 @@ loaded architecture; :mod:`vlprompt.bench.features` caches frozen CLIP image fea
 ``features`` and ``flops`` depend only on backbones/engine/data, so the trainer may use them.
 """
 
-from vlprompt.bench.features import FeatureCache, backbone_fingerprint, frozen_image_features, image_features
+from vlprompt.bench.features import (
+    FeatureCache,
+    backbone_fingerprint,
+    feature_dataset,
+    frozen_image_features,
+    image_features,
+)
 from vlprompt.bench.flops import TowerFlops, block_flops, image_tower_flops, text_tower_flops
 
 __all__ = [
     "FeatureCache",
     "TowerFlops",
     "backbone_fingerprint",
+    "feature_dataset",
     "block_flops",
     "frozen_image_features",
     "image_features",

@@ -178,3 +178,24 @@ def image_features(
         return compute(), labels
     key = FeatureCache.key(backbone, dataset=dataset, split=split, transform=transform, items=items)
     return cache.get_or_compute(key, compute), labels
+
+
+def feature_dataset(
+    backbone: Backbone,
+    items: Sequence[Any],
+    transform: Any,
+    *,
+    dataset: str,
+    split: str,
+    cache: FeatureCache | None = None,
+    batch_size: int = 64,
+) -> torch.utils.data.TensorDataset:
+    """``(feature, label)`` pairs for :func:`vlprompt.train.fit` / ``evaluate`` in place of images.
+
+    :meth:`PromptModel.forward` accepts ``(B, e)`` features for methods whose image side has no
+    prompts, so the trainer and evaluator run on this dataset unchanged (deterministic transform only).
+    """
+    feats, labels = image_features(
+        backbone, items, transform, dataset=dataset, split=split, cache=cache, batch_size=batch_size
+    )
+    return torch.utils.data.TensorDataset(feats, labels)

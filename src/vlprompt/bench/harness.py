@@ -250,10 +250,19 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> dict[s
 
 # ----------------------------------------------------------------------------------------- models
 def class_names(n: int) -> list[str]:
-    """``n`` realistic class names (ImageNet's, as CLIP writes them), numbered beyond 1000."""
+    """``n`` unique, realistic class names (ImageNet's as CLIP writes them; numbered beyond 1000).
+
+    Real names matter: their token lengths set where the text tower can be truncated.
+    """
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    names = list(IMAGENET_CLASSNAMES[:n])
+    names: list[str] = []
+    seen: set[str] = set()
+    for name in IMAGENET_CLASSNAMES[:n]:
+        if name in seen:  # ImageNet has two "crane"s and two "maillot"s
+            name = f"{name} (2)"
+        seen.add(name)
+        names.append(name)
     names += [f"object {i}" for i in range(len(names), n)]
     return names
 

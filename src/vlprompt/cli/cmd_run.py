@@ -49,6 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="print the planned runs and their status, run nothing"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="run N grid runs at once in worker processes (threads split between them), then write the "
+        "report; default: one run at a time, no report",
+    )
+    p.add_argument(
+        "--devices",
+        help="one GPU index per job, e.g. 0,1 or 0,0,1,1 to share a GPU between two jobs (cpu allowed); "
+        "sets --jobs to the number of entries",
+    )
     p.set_defaults(func=run)
 
 
@@ -90,9 +101,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"{state:9} {s.out_dir}  [{evals}]")
         print(f"{len(specs)} runs planned, {sum(s.is_complete() for s in specs)} complete")
         return 0
-    results = run_grid(specs, progress=not args.no_progress)
+    parallel = getattr(args, "jobs", None) is not None or getattr(args, "devices", None)
+    if parallel:  # protocols/parallel.py: worker processes + one aggregated report at the end
+        from vlprompt.protocols.parallel import parse_devices, report_grid, run_grid_parallel
+
+        results = run_grid_parallel(
+            specs, jobs=args.jobs, devices=parse_devices(args.devices), progress=not args.no_progress
+        )
+    else:
+        results = run_grid(specs, progress=not args.no_progress)
     print(summarize(results))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.out_dir}: {r.reason}")
+    if parallel:
+        md = report_grid(args.out)
+        if md is not None:
+            print(f"report: {md}")
     return 1 if failed else 0

@@ -122,6 +122,8 @@ def uniform_prompts(n: int, width: int, patch_size: int) -> nn.Parameter:
 def linear_stack(n: int, d_in: int, d_out: int, tie_init: bool = False) -> nn.ModuleList:
     """``n`` Linear(d_in -> d_out) layers; with ``tie_init`` all start from one layer's weights
     (MaPLe's/MPL's ``_get_clones``: deep copies of a single initialised Linear)."""
+    if n <= 0:
+        return nn.ModuleList()
     first = nn.Linear(d_in, d_out)
     if tie_init:
         return nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(n - 1)])

@@ -52,7 +52,7 @@ class _DecoupledOptions(MethodConfig):
     beta_learnable: bool = False  # learn beta = sigmoid(b) per tower, initialised at ``beta``
     drop_pp: bool = False  # A3: prompts attend only to instances (no P->P)
     init_std: float = 0.02  # prompts ~ N(0, init_std^2)
-    template: str = ""  # text instance stream; "" = the data set's hand-crafted template
+    text: str = ""  # text instance stream; "" = the data set's hand-crafted template
 
 
 @dataclass
@@ -156,7 +156,7 @@ class _DPLBase(PromptMethod):
             )
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
-        self.classes = ClassPrompts(backbone, classnames, [("text", self.cfg.template or template)])
+        self.classes = ClassPrompts(backbone, classnames, [("text", self.cfg.text or template)])
 
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         plan = self.textual.plan() if self.textual is not None else None

@@ -172,6 +172,19 @@ class PromptModel(nn.Module):
         return scale * img @ txt.t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits from images ``(B, 3, H, W)`` -- or from cached frozen image features ``(B, e)``.
+
+        Features are accepted only when the method's image side has no prompts (they are then exactly
+        what the image tower would give; see :mod:`vlprompt.bench.features`), so a trainer or evaluator
+        can run on a feature dataset unchanged.
+        """
+        if images.dim() == 2:
+            if self.method.prompts_image:
+                raise VlpromptError(
+                    f"method '{self.method.name}' prompts the image tower, so cached image features cannot "
+                    "be used; pass images"
+                )
+            return self.logits_from_features(F.normalize(images.to(self.backbone.device).float(), dim=-1))
         return self.logits_from_features(self.encode_image(images))
 
     # ------------------------------------------------------------------ inference

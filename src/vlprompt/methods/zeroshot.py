@@ -13,7 +13,7 @@ from vlprompt.methods.common import ClassPrompts
 
 @dataclass
 class ZeroShotConfig(MethodConfig):
-    template: str = ""  # override the data set's template ("" = use the data set's)
+    text: str = ""  # a fixed template overriding the data set's ("" = use the data set's)
 
 
 @register_method
@@ -23,7 +23,7 @@ class ZeroShot(PromptMethod):
     summary = "zero-shot CLIP with the data set's hand-crafted template (no learning)"
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
-        self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.template or template)])
+        self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.text or template)])
 
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         return TextInputs(self.prompts.embeds, self.prompts.eot)
