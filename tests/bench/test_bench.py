@@ -106,7 +106,12 @@ def test_quick_run_measures_and_writes_results(tmp_path):
     res = harness.run_bench(cfg)
     assert torch.get_num_threads() == threads  # restored after the run
     train = {(r["method"], r["variant"]): r for r in res["train"]}
-    assert set(train) == {("coop", "reference"), ("coop", "fast+features"), ("mpl", "reference"), ("mpl", "fast")}
+    assert set(train) == {
+        ("coop", "reference"),
+        ("coop", "fast+features"),
+        ("mpl", "reference"),
+        ("mpl", "fast"),
+    }
     for r in res["train"]:
         assert r["ms_per_step"] > 0 and r["frozen_grads"] == 0 and r["gflop_per_step"] > 0
     # the reference runs the full context, the fast path only up to the longest EOT

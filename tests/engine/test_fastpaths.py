@@ -89,7 +89,9 @@ def test_plain_attention_matches_sdpa_with_prompts_and_masks(backbone):
         AttnContext(n_inst=7, causal=True, key_valid=key_valid),
         AttnContext(n_inst=9, causal=False),
     ]:
-        torch.testing.assert_close(plain_attention(mha, x, ctx), standard_attention(mha, x, ctx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            plain_attention(mha, x, ctx), standard_attention(mha, x, ctx), atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("replace_at", [1, 3])
@@ -103,7 +105,11 @@ def test_truncation_with_deep_text_prompts_and_appended_prompts(backbone, replac
     plan = TowerPlan(
         layers={
             1: LayerOps(replace=torch.randn(2, d, generator=g), replace_at=replace_at),
-            2: LayerOps(replace=torch.randn(n, 2, d, generator=g), replace_at=replace_at, append=torch.randn(2, d, generator=g)),
+            2: LayerOps(
+                replace=torch.randn(n, 2, d, generator=g),
+                replace_at=replace_at,
+                append=torch.randn(2, d, generator=g),
+            ),
             3: LayerOps(remove=ALL, append=torch.randn(n, 1, d, generator=g)),
         }
     )
@@ -261,3 +267,75 @@ def test_padded_last_batch_gives_the_same_logits(backbone, images):
     padded, n = pad_batch(short, 2)
     assert padded.shape[0] == 2 and n == 1
     torch.testing.assert_close(_logits(model, padded)[:n], _logits(model, short), atol=1e-5, rtol=0)
+
+
+def test_evaluator_and_trainer_run_on_cached_features(backbone, tmp_path):
+    """A feature dataset drops into evaluate()/fit() unchanged and gives the image path's results."""
+    from vlprompt.bench.features import feature_dataset
+    from vlprompt.data import ImageDataset, build_transform, get_dataset
+    from vlprompt.train.evaluate import evaluate
+
+    splits = get_dataset("demo")
+    items = splits.test[:6]
+    tf = build_transform(False, **backbone.preprocess_cfg)
+    torch.manual_seed(3)
+    model = create_model("coop", backbone, splits.classnames, n_ctx=4)
+    feats = feature_dataset(backbone, items, tf, dataset="demo", split="test", cache=FeatureCache())
+    img_loader = torch.utils.data.DataLoader(ImageDataset(items, tf), batch_size=4)
+    feat_loader = torch.utils.data.DataLoader(feats, batch_size=4)
+    on_images = evaluate(model, img_loader, confusion=True)
+    on_feats = evaluate(model, feat_loader, confusion=True)
+    assert on_feats["confusion"] == on_images["confusion"] and on_feats["n"] == 6
+    with torch.no_grad():
+        x = next(iter(img_loader))[0]
+        torch.testing.assert_close(model(frozen_image_features(backbone, x)), model(x), atol=1e-5, rtol=0)
+    # training on features: the CoOp context learns, CLIP gets no gradient buffers
+    from vlprompt.train import fit
+
+    before = model.method.ctx.detach().clone()
+    cfg = {"train": {"epochs": 1, "batch_size": 2, "lr": 0.01, "device": "cpu", "warmup_epochs": 0}}
+    fit(model, feats, cfg, out_dir=None, progress=False)
+    assert not torch.equal(model.method.ctx.detach(), before)
+    assert all(p.grad is None for p in backbone.parameters())
+    # image-prompted methods refuse features (they would silently skip the prompts)
+    mpl = _model("mpl", backbone)
+    with pytest.raises(Exception, match="prompts the image tower"):
+        mpl(torch.randn(2, backbone.embed_dim))
+
+
+def test_fit_uses_the_feature_cache_for_frozen_image_methods(backbone):
+    """train.image_features_cache="train": Datum items become cached features (augmentation off)."""
+    from vlprompt.data import get_dataset
+    from vlprompt.train import fit
+
+    splits = get_dataset("demo")
+    items = splits.train[:4]
+    runs = []
+    for mode in ("train", "off"):
+        torch.manual_seed(3)
+        model = create_model("coop", backbone, splits.classnames, n_ctx=4)
+        cfg = {
+            "train": {
+                "epochs": 1,
+                "batch_size": 2,
+                "lr": 0.01,
+                "device": "cpu",
+                "warmup_epochs": 0,
+                "image_features_cache": mode,
+            },
+            "data": {"dataset": "demo", "seed": 1},
+        }
+        res = fit(model, items, cfg, out_dir=None, progress=False, eval_data=splits.test[:4])
+        runs.append((model.method.ctx.detach().clone(), res["eval"]))
+    assert not torch.equal(runs[0][0], runs[1][0])  # "off" trains on augmented views, "train" on fixed ones
+    from vlprompt.utils import cache_dir
+
+    assert len(list((cache_dir() / "features").glob("*.pt"))) >= 2  # train and eval features were cached
+    assert runs[0][1]["n"] == runs[1][1]["n"] == 4
+    with pytest.raises(Exception, match="image_features_cache"):
+        fit(
+            create_model("coop", backbone, splits.classnames, n_ctx=4),
+            items,
+            {"train": {"epochs": 1, "device": "cpu", "image_features_cache": "yes"}},
+            progress=False,
+        )

@@ -157,7 +157,9 @@ def test_maple_projections_tie_init(tiny):
     assert len(w) == 3 and all(torch.equal(w[0], x) for x in w[1:])
     assert w[0].data_ptr() != w[1].data_ptr()  # copies, not shared storage
     free = create_model("maple", tiny, ["cat"], depth=4, tie_init=False).method
-    assert not torch.equal(free.compound_prompt_projections[0].weight, free.compound_prompt_projections[1].weight)
+    assert not torch.equal(
+        free.compound_prompt_projections[0].weight, free.compound_prompt_projections[1].weight
+    )
     # image prompts are the projections of that layer's text prompts
     plan = tied.image_plan()
     assert torch.allclose(plan.shallow, tied.proj(tied.ctx))
@@ -205,7 +207,9 @@ def test_gradients_reach_only_prompts(tiny, method):
     assert all(p.grad is None for p in tiny.parameters())
     assert all(not p.requires_grad for p in tiny.parameters())
     params = model.trainable_parameters()
-    assert params and all(n.startswith(("ctx", "meta_net", "proj", "compound", "text_deep", "image_")) for n, _ in params)
+    assert params and all(
+        n.startswith(("ctx", "meta_net", "proj", "compound", "text_deep", "image_")) for n, _ in params
+    )
     for n, p in params:  # every prompt (each deep layer too) influences the loss
         assert p.grad is not None and p.grad.abs().sum() > 0, n
     assert {id(p) for _, p in params} == {id(p) for p in model.method.parameters()}
@@ -213,10 +217,10 @@ def test_gradients_reach_only_prompts(tiny, method):
 
 # ------------------------------------------------------------------ learning the toy task
 LEARN = {  # (lr, steps) tuned on vlp-tiny; chance is 0.25
-    "coop": (0.02, 25),
+    "coop": (0.02, 30),
     "cocoop": (0.3, 20),
-    "ivlp": (0.02, 25),
-    "vpt": (0.3, 20),
+    "ivlp": (0.005, 25),
+    "vpt": (0.3, 25),
     "maple": (0.01, 30),
 }
 
@@ -245,16 +249,24 @@ def test_preset_builds_config(method):
     assert cfg == cls.Config()  # dataclass defaults are the official recipe
     train = preset["train"]
     assert train["optimizer"] == "sgd" and train["momentum"] == 0.9 and train["weight_decay"] == 0.0005
-    for proto in preset.get("protocols") or {}:
-        over = preset["protocols"][proto] or {}
-        build_config(cls, {**preset["options"], **over.get("options", {})})
+    from vlprompt.train.config import PROTOCOLS, load_preset
+
+    for proto in (None, *PROTOCOLS):  # the trainer's loader merges each protocol's overrides
+        merged = load_preset(method, proto)
+        build_config(cls, merged["options"])
+    if method == "maple":
+        assert load_preset("maple", "cross-dataset")["options"]["depth"] == 3
+        assert load_preset("maple", "base2new")["options"]["depth"] == 9
 
 
 def test_preset_recipes_match_spec():
     def load(m):
         return yaml.safe_load((PRESETS / f"{m}.yaml").read_text())
 
-    got = {m: (load(m)["train"]["lr"], load(m)["train"]["batch_size"], load(m)["train"]["epochs"]) for m in BASELINES}
+    got = {
+        m: (load(m)["train"]["lr"], load(m)["train"]["batch_size"], load(m)["train"]["epochs"])
+        for m in BASELINES
+    }
     assert got == {
         "coop": (0.002, 32, 200),
         "cocoop": (0.002, 1, 10),
@@ -278,7 +290,7 @@ def test_preset_recipes_match_spec():
         ("ivlp", {"n_ctx_text": 5}, "at least 5 tokens"),
         ("vpt", {"depth": 0}, "depth 0"),
         ("vpt", {"init": "xavier"}, "unknown init 'xavier'"),
-        ("vpt", {"template": "a photo"}, "no '\\{\\}' placeholder"),
+        ("vpt", {"text": "a photo"}, "no '\\{\\}' placeholder"),
         ("maple", {"depth": 7}, "outside \\[1, 4\\]"),
         ("maple", {"n_ctx": 0}, "n_ctx=0"),
         ("maple", {"depth_text": 3}, "unknown option"),

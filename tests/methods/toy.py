@@ -43,7 +43,9 @@ def make_toy_task(
     size = backbone.preprocess_cfg["size"]
     colours = torch.tensor(_COLOURS[:n_classes], dtype=torch.float32).view(n_classes, 3, 1, 1) * 1.5
     labels = torch.arange(n_classes).repeat_interleave(n_per_class)
-    images = colours[labels].expand(-1, -1, size, size) + noise * torch.randn(len(labels), 3, size, size, generator=g)
+    images = colours[labels].expand(-1, -1, size, size) + noise * torch.randn(
+        len(labels), 3, size, size, generator=g
+    )
     dev = backbone.device
     return images.to(dev), labels.to(dev), TOY_CLASSNAMES[:n_classes]
 

@@ -47,7 +47,8 @@ def fake_execute(spec: RunSpec, progress: bool = True, share_backbone: bool = Fa
 
 def _specs(root: Path, seeds) -> list[RunSpec]:
     return [
-        RunSpec("fewshot", "coop", "demo", 2, s, root / f"seed{s}", {}, [Evaluation("demo", "all")]) for s in seeds
+        RunSpec("fewshot", "coop", "demo", 2, s, root / f"seed{s}", {}, [Evaluation("demo", "all")])
+        for s in seeds
     ]
 
 

@@ -116,6 +116,16 @@ def test_init_from_env_names_missing_rendezvous(monkeypatch):
 CLASSES = ["cat", "dog", "car", "tree", "boat"]  # 5 classes: uneven shards (3 + 2)
 
 
+def _recording(fn, rows: list[int]):
+    """``fn`` (PromptModel._run_text) that also records how many sequences each call encodes."""
+
+    def run(embeds, *args, **kwargs):
+        rows.append(embeds.shape[0])
+        return fn(embeds, *args, **kwargs)
+
+    return run
+
+
 METHODS = [("coop", {"n_ctx": 4}), ("mpl", {"depth": 2, "n_ctx": 1, "ctx_init": "X"})]
 
 
@@ -146,8 +156,7 @@ def _text_worker(rank: int, world: int, port: int, out: str) -> None:
             ref_grads = torch.autograd.grad(ref_loss, params)
 
             rows: list[int] = []
-            run_text = model._run_text
-            model._run_text = lambda e, *a, _f=run_text, **k: (rows.append(e.shape[0]), _f(e, *a, **k))[1]
+            model._run_text = _recording(model._run_text, rows)
             assert D.enable_text_sharding(model)
             xs, ys = x[rank::world], y[rank::world]
             loss = F.cross_entropy(model(xs), ys)
@@ -181,7 +190,7 @@ def test_sharded_text_matches_single_process_loss_and_gradients(tmp_path):
             for name, g, ref in zip(r["names"], r["grads"], r["ref_grads"], strict=True):
                 assert ref.abs().max() > 0, name  # the gradient reaches every prompt parameter
                 torch.testing.assert_close(
-                    g, ref, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{method} {n}: {m}"
+                    g, ref, rtol=1e-5, atol=1e-5, msg=lambda m, n=f"{method} {name}": f"{n}: {m}"
                 )
                 assert (g - ref).norm() <= 1e-4 * ref.norm(), (
                     method,
@@ -190,3 +199,101 @@ def test_sharded_text_matches_single_process_loss_and_gradients(tmp_path):
                 )
         for g0, g1 in zip(per_rank[0]["grads"], per_rank[1]["grads"], strict=True):
             assert torch.equal(g0, g1)  # ranks step identical gradients
+
+
+# ------------------------------------------------------------------ trainer: 2 processes == 1 process
+TRAIN_CLASSES = ["cat", "dog", "car"]
+TRAIN_CFG = {
+    # global batch 5 over 2 ranks: per-rank batches of 3 + 2 (uneven, exact through loss weighting);
+    # 10 images -> 2 steps per epoch; lr high enough that the prompts move measurably
+    "train": {
+        "batch_size": 5,
+        "epochs": 3,
+        "lr": 0.05,
+        "warmup_epochs": 1,
+        "device": "cpu",
+        "precision": "fp32",
+    },
+    "data": {"seed": 3},
+}
+
+
+class RecordingData(torch.utils.data.Dataset):
+    """10 fixed images (no augmentation); remembers which indices this process loaded."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(5)
+        self.items = [(torch.randn(3, 224, 224, generator=g), i % 3) for i in range(10)]
+        self.seen: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        self.seen.append(i)
+        return self.items[i]
+
+
+def _train_model():
+    from vlprompt.backbones import load_backbone
+    from vlprompt.methods import create_model
+
+    torch.manual_seed(0)
+    return create_model("coop", load_backbone("vlp-tiny"), TRAIN_CLASSES, n_ctx=4)
+
+
+def _train_worker(rank: int, world: int, port: int, out: str) -> None:
+    from vlprompt.train.trainer import fit
+
+    _dist_env(rank, world, port)
+    try:
+        cfg = {**TRAIN_CFG, "train": {**TRAIN_CFG["train"], "shard_text": True}}
+        run_dir = os.path.join(out, "ddp")
+        # "killed" after epoch 1, then resumed under DDP to the end
+        data = RecordingData()
+        first = fit(_train_model(), data, cfg, run_dir, progress=False, stop_after_epoch=1)
+        assert first["stopped"] and D.is_distributed() and D.env().world_size == world
+        model = _train_model()
+        res = fit(model, data, cfg, run_dir, resume=True, progress=False)
+        torch.save(
+            {"state": model.prompt_state_dict(), "history": res["history"], "seen": data.seen},
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        D.cleanup()
+
+
+def test_two_process_training_matches_one_process(tmp_path):
+    """2 gloo ranks (text sharded, killed after epoch 1 and resumed) end with the prompt weights of an
+    uninterrupted 1-process run with the same global batch; only rank 0 writes the run directory."""
+    import json
+
+    from vlprompt.train.trainer import fit
+
+    mp.spawn(_train_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ref_model = _train_model()
+    start = {k: v.clone() for k, v in ref_model.prompt_state_dict().items()}
+    data = RecordingData()
+    ref = fit(ref_model, data, TRAIN_CFG, tmp_path / "single", progress=False)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    # each rank loaded only its share of every global batch (3 + 2 images), together the 1-process images
+    assert [len(r["seen"]) for r in ranks] == [18, 12]
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == sorted(data.seen)
+    for epoch in range(3):
+        per_rank = [set(r["seen"][epoch * n : (epoch + 1) * n]) for r, n in zip(ranks, (6, 4), strict=True)]
+        assert not per_rank[0] & per_rank[1]
+    ref_state = ref_model.prompt_state_dict()
+    for k, v in ref_state.items():
+        assert (v - start[k]).abs().max() > 1e-3, k  # training moved the prompts
+        for r in ranks:
+            torch.testing.assert_close(r["state"][k], v, rtol=0, atol=1e-5)
+        assert torch.equal(ranks[0]["state"][k], ranks[1]["state"][k])
+    # logged loss/accuracy are global-batch values: the same as the 1-process run's
+    for mine, theirs in zip(ranks[0]["history"], ref["history"], strict=True):
+        assert abs(mine["loss"] - theirs["loss"]) < 1e-5 and mine["acc"] == theirs["acc"]
+    # rank 0 alone wrote the logs (2 steps + 1 epoch record per epoch, no duplicates from rank 1)
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [(x["kind"], x["epoch"]) for x in lines] == [
+        (k, e) for e in (1, 2, 3) for k in ("step", "step", "epoch")
+    ]
+    assert (tmp_path / "ddp" / "checkpoint" / "state.pt").is_file()

@@ -49,10 +49,10 @@ def backbone_fingerprint(backbone: Backbone) -> str:
 
 
 def items_digest(items: Sequence[Any]) -> str:
-    """Hash of a list of data items (``relpath``/``impath`` and ``label``), order included."""
+    """Hash of a list of data items (``impath``, ``relpath`` and ``label``), order included."""
     lines = []
     for d in items:
-        path = getattr(d, "relpath", None) or getattr(d, "impath", None) or str(d)
+        path = f"{getattr(d, 'impath', '')}\t{getattr(d, 'relpath', '')}" if hasattr(d, "impath") else str(d)
         lines.append(f"{path}\t{getattr(d, 'label', '')}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 

@@ -69,18 +69,19 @@ class BenchConfig:
     """What ``vlprompt bench`` measures; the defaults fit ``make bench`` (< 15 min on 2 CPU cores)."""
 
     model: str = "ViT-B-16"
-    methods: list[str] = field(default_factory=lambda: ["coop", "cocoop", "maple", "mpl", "dpl"])
+    methods: list[str] = field(default_factory=lambda: ["coop", "maple", "mpl"])
     classes: list[int] = field(default_factory=lambda: [100])
-    repeats: int = 3
+    repeats: int = 2
     warmup: int = 1
     reference: bool = True  # also time the reference computation (speed-ups need it)
     variants_fast_plain: bool = False  # also time "fast" (no feature cache) for cacheable methods
-    eval_methods: list[str] = field(default_factory=lambda: ["zeroshot", "coop", "mpl"])
-    eval_images: int = 64
-    eval_batch: int = 32
-    text_prompts: int = 100
+    eval_methods: list[str] = field(default_factory=lambda: ["zeroshot", "mpl"])
+    eval_images: int = 16
+    eval_batch: int = 8
+    eval_warmup: int = 0  # kernels are warm from the training steps; an evaluation is long
+    text_prompts: int = 32
     text_lengths: list[int] = field(default_factory=lambda: [8, 16, 32, 77])
-    image_batch: int = 32
+    image_batch: int = 8
     memory_methods: list[str] = field(default_factory=lambda: ["mpl"])
     memory_classes: int = 1000
     profile: bool = True  # profile configurations that miss a target
@@ -102,6 +103,7 @@ class BenchConfig:
             eval_methods=["zeroshot", "mpl"],
             eval_images=4,
             eval_batch=2,
+            eval_warmup=1,
             text_prompts=8,
             text_lengths=[8, 77],
             image_batch=2,
@@ -273,7 +275,9 @@ def method_recipe(method: str) -> tuple[dict[str, Any], int]:
         from vlprompt.train.config import load_preset
 
         preset = load_preset(method)
-        return dict(preset.get("options") or {}), int(preset["train"].get("batch_size", OFFICIAL_BATCH.get(method, 4)))
+        return dict(preset.get("options") or {}), int(
+            preset["train"].get("batch_size", OFFICIAL_BATCH.get(method, 4))
+        )
     except Exception as e:  # no trainer / preset yet: official batch, Config defaults
         log.debug("no preset for %s (%s); using SPEC batch size", method, e)
         return {}, OFFICIAL_BATCH.get(method, 4)
@@ -310,7 +314,9 @@ def _text_length(model: Any, inputs: Any) -> int:
     return length
 
 
-def step_flops(model: Any, batch: int, train: bool, image_side: bool, text_calls: int = 1) -> dict[str, float]:
+def step_flops(
+    model: Any, batch: int, train: bool, image_side: bool, text_calls: int = 1
+) -> dict[str, float]:
     """FLOPs of one training step / one evaluation batch of ``model`` (see :mod:`vlprompt.bench.flops`)."""
     backbone = model.backbone
     img = TowerFlops(0.0, 0.0)
@@ -323,7 +329,9 @@ def step_flops(model: Any, batch: int, train: bool, image_side: bool, text_calls
         if model.method.image_conditioned_text:
             feats = F.normalize(torch.randn(batch, backbone.embed_dim, device=backbone.device), dim=-1)
         inputs = model.method.text_inputs(feats)
-    txt = text_tower_flops(backbone.clip, int(inputs.embeds.shape[0]), _text_length(model, inputs), inputs.plan)
+    txt = text_tower_flops(
+        backbone.clip, int(inputs.embeds.shape[0]), _text_length(model, inputs), inputs.plan
+    )
     if not train:
         txt = TowerFlops(txt.forward, 0.0)
     total = img.train + text_calls * txt.train
@@ -351,7 +359,9 @@ def pad_batch(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
 
 
 # ----------------------------------------------------------------------------------------- benches
-def bench_image_tower(backbone: Any, cfg: BenchConfig, device: torch.device, peak: float) -> list[dict[str, Any]]:
+def bench_image_tower(
+    backbone: Any, cfg: BenchConfig, device: torch.device, peak: float
+) -> list[dict[str, Any]]:
     """Frozen image-tower forward at ``cfg.image_batch``: SDPA vs the plain reference attention."""
     images = torch.randn(cfg.image_batch, 3, *_image_size(backbone), device=device)
     flops = image_tower_flops(backbone.clip.visual, cfg.image_batch).forward
@@ -383,7 +393,9 @@ def _image_size(backbone: Any) -> tuple[int, int]:
     return (size, size)
 
 
-def bench_text_tower(backbone: Any, cfg: BenchConfig, device: torch.device, peak: float) -> list[dict[str, Any]]:
+def bench_text_tower(
+    backbone: Any, cfg: BenchConfig, device: torch.device, peak: float
+) -> list[dict[str, Any]]:
     """Text-tower forward (no prompts) for ``cfg.text_prompts`` sequences at each context length."""
     from vlprompt.engine import ATTENTION_MODES, encode_text
 
@@ -396,8 +408,10 @@ def bench_text_tower(backbone: Any, cfg: BenchConfig, device: torch.device, peak
         attns = ["sdpa", "plain"] if (cfg.reference and length == ctx_len) else ["sdpa"]
         for attention in attns:
             # truncation is what makes the tower run `length` tokens; the reference runs all 77
-            def fn(a=attention):
-                return encode_text(backbone.clip, embeds, eot, None, truncate=True, default_attention=ATTENTION_MODES[a])
+            def fn(a=attention, embeds=embeds, eot=eot):
+                return encode_text(
+                    backbone.clip, embeds, eot, None, truncate=True, default_attention=ATTENTION_MODES[a]
+                )
 
             with torch.inference_mode():
                 r = time_it(fn, cfg.repeats, cfg.warmup, device)
@@ -427,7 +441,13 @@ def _train_variants(model_cacheable: bool, cfg: BenchConfig) -> list[str]:
 
 
 def bench_train(
-    backbone: Any, method: str, n_classes: int, variant: str, cfg: BenchConfig, device: torch.device, **extra: Any
+    backbone: Any,
+    method: str,
+    n_classes: int,
+    variant: str,
+    cfg: BenchConfig,
+    device: torch.device,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Time one training step (forward, CE, backward into the prompts, SGD step) of ``method``."""
     _, batch = method_recipe(method)
@@ -435,7 +455,9 @@ def bench_train(
     model.train()
     params = [p for _, p in model.trainable_parameters()]
     if not params:
-        raise VlpromptError(f"method '{method}' has no trainable parameters; nothing to benchmark for training")
+        raise VlpromptError(
+            f"method '{method}' has no trainable parameters; nothing to benchmark for training"
+        )
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, *_image_size(backbone), generator=g).to(device)
@@ -524,7 +546,7 @@ def bench_eval(
                     forward(x)[:n].argmax(-1)
 
     with MemoryProbe(device) as mem:
-        r = time_it(evaluate, cfg.repeats, cfg.warmup, device)
+        r = time_it(evaluate, cfg.repeats, cfg.eval_warmup, device)
     n_batches = len(batches)
     text_calls = 1 if (model.options.cache_text and not model.method.image_conditioned_text) else n_batches
     fl = step_flops(model, cfg.eval_batch, train=False, image_side=not use_features)
@@ -548,7 +570,9 @@ def bench_eval(
     return row
 
 
-def profile_train_step(backbone: Any, method: str, n_classes: int, variant: str, top: int = 8) -> list[dict[str, Any]]:
+def profile_train_step(
+    backbone: Any, method: str, n_classes: int, variant: str, top: int = 8
+) -> list[dict[str, Any]]:
     """Where the time of one training step goes: the top operators by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -573,7 +597,11 @@ def profile_train_step(backbone: Any, method: str, n_classes: int, variant: str,
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
     return [
-        {"op": e.key, "self_ms": round(e.self_cpu_time_total / 1000, 1), "share": round(e.self_cpu_time_total / total, 3)}
+        {
+            "op": e.key,
+            "self_ms": round(e.self_cpu_time_total / 1000, 1),
+            "share": round(e.self_cpu_time_total / total, 3),
+        }
         for e in events[:top]
     ]
 
@@ -599,7 +627,9 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
 
     def train_speedup(method: str, variant: str) -> tuple[float | None, int | None]:
-        rows = [r for r in res["train"] if r["method"] == method and r["variant"] == variant and r.get("speedup")]
+        rows = [
+            r for r in res["train"] if r["method"] == method and r["variant"] == variant and r.get("speedup")
+        ]
         if not rows:
             return None, None
         r = min(rows, key=lambda r: abs(r["classes"] - 100))
@@ -683,7 +713,11 @@ def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "schema": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": device_info(device),
-        "backbone": {"name": cfg.model, "weights": "random init (timing only; no accuracy meaning)", **backbone.describe()},
+        "backbone": {
+            "name": cfg.model,
+            "weights": "random init (timing only; no accuracy meaning)",
+            **backbone.describe(),
+        },
         "config": dataclasses.asdict(cfg),
         "skipped_methods": skipped,
         "matmul": peak,
@@ -797,10 +831,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         "",
     ]
     if res.get("skipped_methods"):
-        lines += [f"Not benchmarked (method not registered in this build): {', '.join(res['skipped_methods'])}.", ""]
+        lines += [
+            f"Not benchmarked (method not registered in this build): {', '.join(res['skipped_methods'])}.",
+            "",
+        ]
     lines += ["## Training step (official batch size)", ""]
     lines += [
-        "| method | classes | variant | batch | text tokens | ms/step | images/s | GFLOP/s | peak MB | Δ MB | speed-up |",
+        "| method | classes | variant | batch | text tokens | ms/step | images/s | GFLOP/s | peak MB | Δ MB "
+        "| speed-up |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["train"]:
@@ -817,12 +855,16 @@ def render_markdown(res: dict[str, Any]) -> str:
     ]
     for r in res["eval"]:
         lines.append(
-            f"| {r['method']} | {r['classes']} | {r['variant']} | {r['images']} | {r['batch']} | {r['text_passes']} | "
+            f"| {r['method']} | {r['classes']} | {r['variant']} | {r['images']} | {r['batch']} | "
+            f"{r['text_passes']} | "
             f"{_fmt(r['ms'])} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['gflops'])} | "
             f"{_fmt(r['speedup'], 2) + '×' if r.get('speedup') else '–'} |"
         )
     lines += ["", "## Image tower forward (frozen, no prompts)", ""]
-    lines += ["| attention | batch | ms | images/s | GFLOP/s | % of matmul peak |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "| attention | batch | ms | images/s | GFLOP/s | % of matmul peak |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in res["image_tower"]:
         frac = r.get("fraction_of_peak")
         lines.append(
@@ -833,8 +875,8 @@ def render_markdown(res: dict[str, Any]) -> str:
     lines += ["| tokens | attention | prompts | ms | prompts/s | GFLOP/s |", "|---:|---|---:|---:|---:|---:|"]
     for r in res["text_tower"]:
         lines.append(
-            f"| {r['length']} | {r['attention']} | {r['prompts']} | {_fmt(r['ms'])} | {_fmt(r['prompts_per_s'])} | "
-            f"{_fmt(r['gflops'])} |"
+            f"| {r['length']} | {r['attention']} | {r['prompts']} | {_fmt(r['ms'])} | "
+            f"{_fmt(r['prompts_per_s'])} | {_fmt(r['gflops'])} |"
         )
     if res.get("memory"):
         lines += ["", "## Memory at many classes (one fast training step)", ""]
@@ -845,18 +887,21 @@ def render_markdown(res: dict[str, Any]) -> str:
         ]
         for r, p in zip(res["memory"], res["memory_projection"], strict=True):
             lines.append(
-                f"| {r['method']} | {r['classes']} | {_fmt(r['checkpoint_text'])} | {_fmt(r['ms_per_step'])} | "
-                f"{_fmt(r['peak_mb'], 0)} | {_fmt(r['delta_mb'], 0)} | {_fmt(p['projected_gpu_gb_fp32'], 2)} | "
-                f"{_fmt(p['projected_gpu_gb_bf16'], 2)} | {_fmt(p['fits_16gb_fp32'])} |"
+                f"| {r['method']} | {r['classes']} | {_fmt(r['checkpoint_text'])} | "
+                f"{_fmt(r['ms_per_step'])} | {_fmt(r['peak_mb'], 0)} | {_fmt(r['delta_mb'], 0)} | "
+                f"{_fmt(p['projected_gpu_gb_fp32'], 2)} | {_fmt(p['projected_gpu_gb_bf16'], 2)} | "
+                f"{_fmt(p['fits_16gb_fp32'])} |"
             )
         lines += [
             "",
-            "GPU figures are projections from the CPU measurement (fp32 weights + the measured activation/gradient "
-            "increase, halved for bf16, + 1 GB CUDA context), not GPU measurements.",
+            "GPU figures are projections from the CPU measurement (fp32 weights + the measured "
+            "activation/gradient increase, halved for bf16, + 1 GB CUDA context), not GPU measurements.",
         ]
     lines += ["", "## Targets", "", "| target | classes | measured | met |", "|---|---:|---:|---|"]
     for t in res["targets"]:
-        lines.append(f"| {t['target']} | {_fmt(t['classes'])} | {_fmt(t['measured'], 2)} | {_fmt(t['met'])} |")
+        lines.append(
+            f"| {t['target']} | {_fmt(t['classes'])} | {_fmt(t['measured'], 2)} | {_fmt(t['met'])} |"
+        )
     for name, ops in (res.get("profiles") or {}).items():
         lines += ["", f"### Profile: {name} (one step, top operators by self CPU time)", ""]
         lines += ["| operator | self ms | share |", "|---|---:|---:|"]

@@ -10,7 +10,9 @@ def _csv(kind: type):
         try:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got '{text}'") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got '{text}'"
+            ) from None
 
     return parse
 
@@ -23,9 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a randomly initialised backbone (timing only: no accuracy meaning), the towers, a matmul peak, "
         "and the same work done the reference way (77-token text, text recomputed per batch, no feature "
         "cache, explicit softmax attention). Writes results.json + results.md under "
-        "benchmarks/results/<device>/. The default fits ~15 minutes on 2 CPU cores; --full is the whole grid.",
+        "benchmarks/results/<device>/. The default fits ~15 minutes on 2 CPU cores; --full is the grid.",
     )
-    p.add_argument("--model", default=None, help="backbone architecture (default ViT-B-16; --quick: vlp-tiny)")
+    p.add_argument(
+        "--model", default=None, help="backbone architecture (default ViT-B-16; --quick: vlp-tiny)"
+    )
     p.add_argument("--methods", type=_csv(str), default=None, help="training methods, e.g. coop,maple,mpl")
     p.add_argument("--eval-methods", type=_csv(str), default=None, help="methods timed at evaluation")
     p.add_argument("--classes", type=_csv(int), default=None, help="class counts, e.g. 10,100,1000")
@@ -34,11 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny settings (vlp-tiny, 10 classes): a smoke test")
     p.add_argument("--full", action="store_true", help="the whole grid: every method, 10/100/1000 classes")
     p.add_argument("--no-reference", action="store_true", help="skip the reference variant (no speed-ups)")
-    p.add_argument("--memory-classes", type=int, default=None, help="class count of the memory check (0 = skip)")
+    p.add_argument(
+        "--memory-classes", type=int, default=None, help="class count of the memory check (0 = skip)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (fixed shapes; last batch padded)")
-    p.add_argument("--no-profile", action="store_true", help="do not profile configurations that miss a target")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (fixed shapes; last batch padded)"
+    )
+    p.add_argument(
+        "--no-profile", action="store_true", help="do not profile configurations that miss a target"
+    )
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>)")
     p.set_defaults(func=run)
 
@@ -57,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
             eval_methods=["zeroshot", *TRAINED_METHODS],
             memory_methods=["maple", "mpl", "dpl"],
             variants_fast_plain=True,
+            repeats=3,
+            eval_images=200,
+            eval_batch=100,  # the reference evaluator's test batch size
+            image_batch=32,
+            text_prompts=100,
         )
     for key, val in [
         ("model", args.model),

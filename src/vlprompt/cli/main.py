@@ -46,13 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietOpenClip(logging.Filter):
+    """open_clip announces random init on the root logger; vlprompt prints its own banner instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_QuietOpenClip())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)  # third-party chatter stays quiet
+    logging.getLogger("vlprompt").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    _setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

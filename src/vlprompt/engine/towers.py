@@ -145,6 +145,8 @@ def encode_image(
     default_attention: Attention | None = None,
 ) -> torch.Tensor:
     """Prompted image tower over ``[CLS; patches; prompts]``.  Returns pooled, projected features (B, e)."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be a (B, 3, H, W) batch, got shape {tuple(images.shape)}")
     x = visual.conv1(images.to(visual.conv1.weight.dtype))
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
     cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)

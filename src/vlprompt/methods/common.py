@@ -177,5 +177,7 @@ def prefix_ctx(
         ctx = backbone.token_embed(torch.tensor(ids[:n_ctx])).float().clone().cpu()
     rest = backbone.tokenizer.decode(ids[n_ctx:]).strip() if len(ids) > n_ctx else ""
     if rest and backbone.encode_words(rest) != ids[n_ctx:]:  # BPE round trip must be exact
-        raise VlpromptError(f"context init '{ctx_init}' cannot be split after {n_ctx} tokens; use whole words")
+        raise VlpromptError(
+            f"context init '{ctx_init}' cannot be split after {n_ctx} tokens; use whole words"
+        )
     return ctx, [("ctx", n_ctx), ("text", f"{rest} {{}}." if rest else "{}.")]

@@ -46,13 +46,17 @@ class IVLP(PromptMethod):
         if cfg.depth_image:
             validate_depth(cfg.depth_image, backbone.image.layers, "image")
             if cfg.n_ctx_image < 1:
-                raise VlpromptError(f"n_ctx_image={cfg.n_ctx_image} must be at least 1 (or set depth_image=0)")
+                raise VlpromptError(
+                    f"n_ctx_image={cfg.n_ctx_image} must be at least 1 (or set depth_image=0)"
+                )
         elif cfg.depth_image < 0:
             raise VlpromptError(f"depth_image={cfg.depth_image} must be 0 (off) or a layer count")
         d_txt, d_img = backbone.text.width, backbone.image.width
         ctx, self._segments = prefix_ctx(backbone, cfg.n_ctx_text, cfg.ctx_init, d_txt)
         self.ctx = nn.Parameter(ctx)
-        self.text_deep = nn.ParameterList([normal_prompts(cfg.n_ctx_text, d_txt) for _ in range(cfg.depth_text - 1)])
+        self.text_deep = nn.ParameterList(
+            [normal_prompts(cfg.n_ctx_text, d_txt) for _ in range(cfg.depth_text - 1)]
+        )
         n_img = cfg.depth_image
         self.image_prompts = normal_prompts(n_img, cfg.n_ctx_image, d_img) if n_img else None
 
@@ -62,7 +66,9 @@ class IVLP(PromptMethod):
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         at = int(self.prompts.slots[0, 0])
         layers = {i + 1: LayerOps(replace=t, replace_at=at) for i, t in enumerate(self.text_deep)}
-        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot, TowerPlan(layers=layers) if layers else None)
+        return TextInputs(
+            self.prompts.fill(self.ctx), self.prompts.eot, TowerPlan(layers=layers) if layers else None
+        )
 
     def image_plan(self) -> TowerPlan | None:
         if self.image_prompts is None:

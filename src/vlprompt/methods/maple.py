@@ -47,9 +47,13 @@ class MaPLe(PromptMethod):
         ctx, self._segments = prefix_ctx(backbone, cfg.n_ctx, cfg.ctx_init, d_txt)
         self.ctx = nn.Parameter(ctx)
         self.proj = nn.Linear(d_txt, d_img)
-        self.compound_prompts_text = nn.ParameterList([normal_prompts(cfg.n_ctx, d_txt) for _ in range(cfg.depth - 1)])
+        self.compound_prompts_text = nn.ParameterList(
+            [normal_prompts(cfg.n_ctx, d_txt) for _ in range(cfg.depth - 1)]
+        )
         self.compound_prompt_projections = (
-            linear_stack(cfg.depth - 1, d_txt, d_img, tie_init=cfg.tie_init) if cfg.depth > 1 else nn.ModuleList()
+            linear_stack(cfg.depth - 1, d_txt, d_img, tie_init=cfg.tie_init)
+            if cfg.depth > 1
+            else nn.ModuleList()
         )
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
@@ -58,7 +62,9 @@ class MaPLe(PromptMethod):
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         at = int(self.prompts.slots[0, 0])
         layers = {i + 1: LayerOps(replace=t, replace_at=at) for i, t in enumerate(self.compound_prompts_text)}
-        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot, TowerPlan(layers=layers) if layers else None)
+        return TextInputs(
+            self.prompts.fill(self.ctx), self.prompts.eot, TowerPlan(layers=layers) if layers else None
+        )
 
     def image_plan(self) -> TowerPlan:
         layers = {

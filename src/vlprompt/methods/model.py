@@ -32,7 +32,7 @@ class ModelOptions:
     text_chunk: int = 2048  # max text sequences per text-tower call (image-conditioned methods)
     checkpoint_text: bool = False  # activation checkpointing in the text tower (memory for 1000 classes)
     checkpoint_image: bool = False
-    attention: str = "sdpa"  # where a plan names no mode: "sdpa" (fused) or "plain" (explicit softmax, reference)
+    attention: str = "sdpa"  # where a plan names no mode: "sdpa" (fused) | "plain" (explicit softmax)
 
     @classmethod
     def keys(cls) -> set[str]:

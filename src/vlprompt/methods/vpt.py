@@ -2,7 +2,7 @@
 
 ``n_ctx`` tokens are appended after the positional embedding (before ``ln_pre``); at layers
 1..depth-1 the previous prompt outputs are dropped and fresh learnable tokens appended (VPT-deep;
-``depth=1`` is VPT-shallow).  The text side is the fixed prompt ``template`` (default
+``depth=1`` is VPT-shallow).  The text side is the fixed prompt ``text`` (default
 ``"a photo of a {}."``; ``""`` uses the data set's template), computed once and cached at evaluation.
 
 Initialisation (SPEC gives none): ``uniform`` is the VPT paper's xavier-style U(-v, v) with
@@ -28,7 +28,7 @@ class VPTConfig(MethodConfig):
     n_ctx: int = 8  # image prompt tokens per layer
     depth: int = 12  # image layers with their own prompts (1 = VPT-shallow)
     init: str = "uniform"  # uniform (VPT paper) | normal (N(0, 0.02^2))
-    template: str = "a photo of a {}."  # fixed text prompt; "" = the data set's template
+    text: str = "a photo of a {}."  # fixed text prompt; "" = the data set's template
 
 
 @register_method
@@ -42,8 +42,8 @@ class VPT(PromptMethod):
         if cfg.n_ctx < 1:
             raise VlpromptError(f"n_ctx={cfg.n_ctx} must be at least 1")
         validate_depth(cfg.depth, backbone.image.layers, "image")
-        if cfg.template and "{}" not in cfg.template:
-            raise VlpromptError(f"template '{cfg.template}' has no '{{}}' placeholder for the class name")
+        if cfg.text and "{}" not in cfg.text:
+            raise VlpromptError(f"text '{cfg.text}' has no '{{}}' placeholder for the class name")
         width = backbone.image.width
         if cfg.init == "uniform":
             patch = backbone.clip.visual.conv1.kernel_size[0]
@@ -55,11 +55,13 @@ class VPT(PromptMethod):
             raise VlpromptError(f"unknown init '{cfg.init}' for vpt; use uniform or normal")
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
-        self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.template or template)])
+        self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.text or template)])
 
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         return TextInputs(self.prompts.embeds, self.prompts.eot)
 
     def image_plan(self) -> TowerPlan:
         p = self.image_prompts
-        return TowerPlan(shallow=p[0], layers={i: LayerOps(remove=ALL, append=p[i]) for i in range(1, p.shape[0])})
+        return TowerPlan(
+            shallow=p[0], layers={i: LayerOps(remove=ALL, append=p[i]) for i in range(1, p.shape[0])}
+        )

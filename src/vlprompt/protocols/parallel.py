@@ -54,7 +54,9 @@ def parse_devices(text: str | None) -> list[str] | None:
         if item.startswith("cuda:"):
             item = item[5:]
         if item != "cpu" and not item.isdigit():
-            raise VlpromptError(f"bad device '{item}' in --devices {text}; give GPU indices such as 0,0,1,1 (or cpu)")
+            raise VlpromptError(
+                f"bad device '{item}' in --devices {text}; give GPU indices such as 0,0,1,1 (or cpu)"
+            )
         out.append(item)
     return out
 
@@ -79,7 +81,11 @@ def threads_per_job(jobs: int) -> int:
 
 
 def _worker_env(slot: str | None, threads: int) -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = "" if slot == "cpu" else slot
     return env
@@ -113,12 +119,16 @@ class _ForwardHandler(logging.Handler):
             msg = record.getMessage()
             if record.exc_info and record.levelno >= logging.ERROR:
                 msg += "\n" + logging.Formatter().formatException(record.exc_info)
-            self.results.put(("log", self.wid, record.name, record.levelno, f"[{self.run}] {msg}" if self.run else msg))
+            self.results.put(
+                ("log", self.wid, record.name, record.levelno, f"[{self.run}] {msg}" if self.run else msg)
+            )
         except Exception:  # never let logging break a run
             self.handleError(record)
 
 
-def _worker_main(wid: int, threads: int, level: int, tasks: Any, results: Any, execute_fn: Callable[..., RunResult]) -> None:
+def _worker_main(
+    wid: int, threads: int, level: int, tasks: Any, results: Any, execute_fn: Callable[..., RunResult]
+) -> None:
     """Worker loop: execute specs until a ``None`` task arrives (a top-level function: spawn pickles it)."""
     import torch
 
@@ -136,7 +146,9 @@ def _worker_main(wid: int, threads: int, level: int, tasks: Any, results: Any, e
         try:
             res = execute_fn(spec, progress=False, share_backbone=True)
         except BaseException as exc:  # execute catches Exception; this is KeyboardInterrupt & co.
-            res = RunResult(spec.name, str(spec.out_dir), "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            res = RunResult(
+                spec.name, str(spec.out_dir), "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+            )
         handler.run = ""
         results.put(("result", wid, i, res))
 
@@ -252,7 +264,10 @@ def _run_workers(
         tasks = ctx.Queue()
         with _environ(_worker_env(slot, threads)):
             proc = ctx.Process(
-                target=_worker_main, args=(wid, threads, level, tasks, results, execute_fn), name=f"vlprompt-job{wid}", daemon=True
+                target=_worker_main,
+                args=(wid, threads, level, tasks, results, execute_fn),
+                name=f"vlprompt-job{wid}",
+                daemon=True,
             )
             proc.start()
         w = _Worker(wid, slot, proc, tasks)
@@ -295,7 +310,12 @@ def _run_workers(
                     w.task = None
                     del workers[w.wid]
                     reason = f"worker process died (exit code {w.proc.exitcode})"
-                    finish(i, RunResult(spec.name, str(spec.out_dir), "failed", reason, time.perf_counter() - w.started))
+                    finish(
+                        i,
+                        RunResult(
+                            spec.name, str(spec.out_dir), "failed", reason, time.perf_counter() - w.started
+                        ),
+                    )
                     if pending:
                         dispatch(start(w.slot))
     finally:
@@ -309,7 +329,7 @@ def _run_workers(
 
 
 def report_grid(runs_dir: str | Path, reference: bool = False) -> Path | None:
-    """Build the aggregated report of ``runs_dir`` (report.md, CSVs, plots); ``None`` if no run is complete."""
+    """The aggregated report of ``runs_dir`` (report.md, CSVs, plots); ``None`` if no run is complete."""
     from vlprompt.protocols.report import build_report
 
     try:

@@ -167,6 +167,30 @@ def is_complete(run_dir: str | os.PathLike) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- train
+def _write_run_info(
+    out: Path, config_text: str, backbone: Any, splits: Any, data: Mapping[str, Any], seed: int
+) -> None:
+    """config.yaml, env.json and split.json of a run being trained."""
+    from vlprompt.data import split_hash
+
+    atomic_write_text(out / "config.yaml", config_text)
+    atomic_write_json(out / "env.json", environment(str(backbone.device)))
+    atomic_write_json(
+        out / "split.json",
+        {
+            "dataset": splits.name,
+            "split_hash": split_hash(splits),
+            "shots": data["shots"],
+            "seed": seed,
+            "subsample": splits.subsample,
+            "classnames": list(splits.classnames),
+            "counts": splits.counts(),
+            "train": [d.relpath for d in splits.train],
+            "val": [d.relpath for d in splits.val],
+        },
+    )
+
+
 def train_run(
     cfg: Mapping[str, Any],
     out_dir: str | os.PathLike,
@@ -220,7 +244,11 @@ def train_run(
             raise VlpromptError(
                 f"{out} holds a run with a different config; use another --out or train without --resume"
             )
-    if force or not resume:
+    from vlprompt.train import distributed as ddp
+
+    # under torchrun (no-op otherwise) every rank trains; rank 0 alone writes the run directory
+    main = ddp.init_from_env(cfg["train"].get("device", "auto")).is_main
+    if (force or not resume) and main:
         for name in (DONE, METRICS, PROMPT, MANIFEST):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / ckpt.CKPT_DIR, ignore_errors=True)
@@ -232,25 +260,11 @@ def train_run(
     if backbone is None:
         from vlprompt.train.precision import resolve_device
 
-        backbone = _load_backbone_from(cfg["backbone"], device=resolve_device(train.get("device", "auto")))
-    atomic_write_text(out / "config.yaml", config_text)
-    atomic_write_json(out / "env.json", environment(str(backbone.device)))
-    from vlprompt.data import split_hash
-
-    atomic_write_json(
-        out / "split.json",
-        {
-            "dataset": splits.name,
-            "split_hash": split_hash(splits),
-            "shots": data["shots"],
-            "seed": seed,
-            "subsample": splits.subsample,
-            "classnames": list(splits.classnames),
-            "counts": splits.counts(),
-            "train": [d.relpath for d in splits.train],
-            "val": [d.relpath for d in splits.val],
-        },
-    )
+        device = ddp.rank_device(resolve_device(train.get("device", "auto")))
+        backbone = _load_backbone_from(cfg["backbone"], device=device)
+    if main:
+        _write_run_info(out, config_text, backbone, splits, data, seed)
+    ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
 
     set_seed(seed)  # prompt initialisation depends only on the seed
     model = create_model(
@@ -271,6 +285,11 @@ def train_run(
     )
     if result["stopped"]:
         return {"run_dir": str(out), "status": "stopped", "evaluation": None, "evaluations": []}
+    if not main:  # rank 0 evaluated and writes the results; report what it wrote
+        ddp.barrier()
+        evals = _read_json(out / METRICS).get("evaluations", [])
+        last = evals[-1] if evals else None
+        return {"run_dir": str(out), "status": "trained", "evaluation": last, "evaluations": evals}
 
     manifest = {
         "format": FORMAT,
@@ -301,6 +320,7 @@ def train_run(
     )
     metrics = _write_metrics(out, entry)
     atomic_write_text(out / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    ddp.barrier()  # the other ranks read metrics.json now
     return {
         "run_dir": str(out),
         "status": "trained",

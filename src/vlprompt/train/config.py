@@ -48,6 +48,7 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "device": "auto",
     "eval_every_epoch": False,
     "log_every": 1,
+    "shard_text": False,  # DDP: split the class prompts' text encoding over ranks (train/distributed.py)
 }
 DEFAULT_DATA: dict[str, Any] = {
     "dataset": None,

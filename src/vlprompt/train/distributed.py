@@ -121,8 +121,10 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
         torch.cuda.set_device(local_rank % max(1, torch.cuda.device_count()))
     timeout = datetime.timedelta(seconds=_env_int("VLPROMPT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
-    if rank != 0:
-        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+    if rank != 0:  # one copy of every message: the other ranks report warnings and errors only
+        for name in ("", "vlprompt"):
+            logger = logging.getLogger(name)
+            logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
     log.info("distributed: %d processes, backend %s", world, backend)
     return env()
 
@@ -194,10 +196,7 @@ class BatchTotals:
     n: int
     loss_sum: float
     correct: float
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(1, self.n)
+    loss: float  # mean over the global batch
 
     @property
     def acc(self) -> float:
@@ -209,15 +208,13 @@ def batch_totals(loss: torch.Tensor, n: int, correct: float | torch.Tensor) -> B
 
     ``loss`` is this rank's mean loss over its ``n`` images. Single-process: the local numbers.
     """
-    vec = torch.tensor(
-        [float(n), float(loss.detach().float().item()) * n, float(correct)],
-        dtype=torch.float64,
-        device=_collective_device(),
-    )
-    if is_distributed():
-        dist.all_reduce(vec)
+    mean = float(loss.detach().float().item())
+    if not is_distributed():
+        return BatchTotals(int(n), mean * n, float(correct), mean)
+    vec = torch.tensor([float(n), mean * n, float(correct)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(vec)
     n_all, loss_sum, corr = vec.tolist()
-    return BatchTotals(int(round(n_all)), loss_sum, corr)
+    return BatchTotals(int(round(n_all)), loss_sum, corr, loss_sum / max(1.0, n_all))
 
 
 def scale_loss(loss: torch.Tensor, n: int, totals: BatchTotals) -> torch.Tensor:

@@ -9,6 +9,7 @@ One loop for every method (the trainer knows no method by name): fp32 master wei
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlprompt.errors import VlpromptError
 from vlprompt.train import checkpoint as ckpt
+from vlprompt.train import distributed as ddp
 from vlprompt.train.config import train_settings
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
@@ -31,13 +33,28 @@ from vlprompt.utils import set_seed, sha256_json
 log = logging.getLogger(__name__)
 
 # train keys that do not change what is computed (may differ between a run and its resume)
-EXECUTION_KEYS = ("device", "eval_every_epoch", "log_every", "eval_batch_size")
+EXECUTION_KEYS = ("device", "eval_every_epoch", "log_every", "eval_batch_size", "shard_text")
 
 
-def _as_dataset(data: Any, model: torch.nn.Module, train: bool) -> Dataset | DataLoader:
-    """A Dataset/DataLoader as given, or Datum items wrapped with the backbone's transforms."""
+def _as_dataset(
+    data: Any, model: torch.nn.Module, train: bool, features: bool = False, dataset: str | None = None
+) -> Dataset | DataLoader:
+    """A Dataset/DataLoader as given, or Datum items wrapped with the backbone's transforms.
+
+    ``features``: Datum items become cached frozen image features (``vlprompt.bench.features``) under
+    the deterministic test transform -- only for methods whose image side has no prompts.
+    """
     if isinstance(data, (Dataset, DataLoader)):
         return data
+    is_items = isinstance(data, Sequence) and data and hasattr(data[0], "impath")
+    if features and is_items and not model.method.prompts_image:
+        from vlprompt.bench.features import FeatureCache, feature_dataset
+        from vlprompt.data import build_transform
+
+        tf = build_transform(False, **model.backbone.preprocess_cfg)
+        split = "train-noaug" if train else "eval"
+        cache = FeatureCache.default()
+        return feature_dataset(model.backbone, list(data), tf, dataset=str(dataset), split=split, cache=cache)
     if isinstance(data, Sequence) and data and hasattr(data[0], "impath"):
         from vlprompt.data import ImageDataset, build_transform
 
@@ -112,12 +129,18 @@ def fit(
     seed = int(seed if seed is not None else data_cfg.get("seed", 1))
     num_workers = int(num_workers if num_workers is not None else data_cfg.get("num_workers", 0) or 0)
     epochs = int(train["epochs"])
-    device = resolve_device(train.get("device", "auto"))
+    # DDP under torchrun (no-op otherwise): rank 0 writes and evaluates, the others wait at barriers
+    main = ddp.init_from_env(train.get("device", "auto")).is_main
+    progress = progress and main
+    device = ddp.rank_device(resolve_device(train.get("device", "auto")))
     prec = resolve_precision(train.get("precision", "auto"), device)
     out = Path(out_dir) if out_dir is not None else None
 
     model.to(device)
     _check_frozen(model)
+    ddp.broadcast_module(model.method)
+    if train.get("shard_text"):
+        ddp.enable_text_sharding(model)
     params = [p for _, p in model.trainable_parameters()]
     not_fp32 = [n for n, p in model.trainable_parameters() if p.dtype != torch.float32]
     if not_fp32:
@@ -127,15 +150,20 @@ def fit(
     scaler = make_scaler(prec)
 
     set_seed(seed)
-    ds = _as_dataset(train_data, model, train=True)
+    # image_features_cache: "off" | "eval" (exact) | "train" (also training, augmentation OFF: opt-in)
+    feat_mode = str(train.get("image_features_cache", "off"))
+    if feat_mode not in ("off", "eval", "train"):
+        raise VlpromptError(f"train.image_features_cache={feat_mode!r}; use off, eval or train")
+    dataset_name = data_cfg.get("dataset")
+    ds = _as_dataset(train_data, model, train=True, features=feat_mode == "train", dataset=dataset_name)
     bs = int(train["batch_size"])
     drop_last = not isinstance(ds, DataLoader) and len(ds) >= bs  # as the reference loader
-    loader = _loader(ds, bs, True, seed, num_workers, drop_last)
+    loader = ddp.shard_loader(_loader(ds, bs, True, seed, num_workers, drop_last))  # bs = global batch
     if len(loader) == 0:
         raise VlpromptError("the training split is empty; check the data set, shots and subsample")
     eval_loader = None
     if eval_data is not None:
-        eds = _as_dataset(eval_data, model, train=False)
+        eds = _as_dataset(eval_data, model, train=False, features=feat_mode != "off", dataset=dataset_name)
         eval_loader = _loader(eds, int(train["eval_batch_size"]), False, seed, num_workers, False)
 
     key = _resume_key(train, seed, model)
@@ -157,7 +185,7 @@ def fit(
         start_epoch, step = int(state["epoch"]), int(state["step"])
         elapsed, history = float(state.get("elapsed", 0.0)), list(state.get("history", []))
         log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out / ckpt.CKPT_DIR)
-    runlog = RunLog(out, keep_epochs=start_epoch)
+    runlog = RunLog(out if main else None, keep_epochs=start_epoch)
 
     log_every = int(train.get("log_every", 1))
     checked_grads = False
@@ -175,27 +203,30 @@ def fit(
             with prec.autocast():
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
+            n = labels.shape[0]
+            correct = int((logits.detach().argmax(-1) == labels).sum())
+            batch = ddp.batch_totals(loss, n, correct)  # all ranks' totals (this rank's when single)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(ddp.scale_loss(loss, n, batch)).backward()
+                ddp.allreduce_grads(params)
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
+                ddp.scale_loss(loss, n, batch).backward()
+                ddp.allreduce_grads(params)
                 optimizer.step()
             if not checked_grads:
                 _check_frozen(model)
                 checked_grads = True
-            if not torch.isfinite(loss):
+            if not math.isfinite(batch.loss):
                 raise VlpromptError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}; "
+                    f"loss became {batch.loss} at epoch {epoch + 1}; "
                     "lower train.lr or use --set train.precision=fp32"
                 )
-            n = labels.shape[0]
-            correct = int((logits.detach().argmax(-1) == labels).sum())
-            tot_loss += float(loss.detach()) * n
-            tot_correct += correct
-            tot_n += n
+            tot_loss += batch.loss_sum
+            tot_correct += int(batch.correct)
+            tot_n += batch.n
             step += 1
             dt = time.perf_counter() - t0
             if step % log_every == 0:
@@ -204,10 +235,10 @@ def fit(
                         "kind": "step",
                         "epoch": epoch + 1,
                         "step": step,
-                        "loss": float(loss.detach()),
-                        "acc": 100.0 * correct / n,
+                        "loss": batch.loss,
+                        "acc": batch.acc,
                         "lr": lr,
-                        "images_per_s": n / max(dt, 1e-9),
+                        "images_per_s": batch.n / max(dt, 1e-9),
                         "time": elapsed + time.perf_counter() - t_epoch,
                     }
                 )
@@ -232,7 +263,7 @@ def fit(
             "time": elapsed,
         }
         last = epoch + 1 == epochs
-        if eval_loader is not None and (last or train.get("eval_every_epoch")):
+        if main and eval_loader is not None and (last or train.get("eval_every_epoch")):
             res = evaluate(model, eval_loader, device=device, precision=prec.name)
             summary["eval"] = {k: res[k] for k in ("accuracy", "macro_f1", "n")}
             if last:
@@ -248,7 +279,7 @@ def fit(
             lr,
             f"  test acc {summary['eval']['accuracy']:.2f}" if "eval" in summary else "",
         )
-        if out is not None:
+        if out is not None and main:
             ckpt.save_checkpoint(
                 out / ckpt.CKPT_DIR,
                 {
@@ -265,6 +296,7 @@ def fit(
                     "history": history,
                 },
             )
+        ddp.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
         for cb in callbacks:
             cb(summary)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
