@@ -97,3 +97,55 @@ def test_parallel_workers_isolate_failures_and_resume(tmp_path, caplog):
     assert [r.status for r in again] == ["skipped", "skipped", "failed"]
     assert json.loads((tmp_path / "seed1" / "info.json").read_text()) == infos[1]  # untouched
     assert json.loads((tmp_path / "seed3" / "info.json").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.slow
+def test_run_jobs_2_gives_the_report_of_jobs_1(tmp_path, capsys):
+    """Real training: `vlprompt run --jobs 2` (two worker processes) writes the same report as `--jobs 1`."""
+    from vlprompt.cli.main import main
+
+    def run(out: Path, jobs: str) -> str:
+        argv = [
+            "run",
+            "--protocol",
+            "base2new",
+            "--method",
+            "coop",
+            "--datasets",
+            "demo",
+            "--seeds",
+            "1,2",
+            "--shots",
+            "2",
+            "--model",
+            "vlp-tiny",
+            "--epochs",
+            "1",
+            "--set",
+            "train.batch_size=8",
+            "--out",
+            str(out),
+            "--jobs",
+            jobs,
+            "--no-progress",
+        ]
+        assert main(argv) == 0
+        printed = capsys.readouterr().out
+        assert "2 runs: 2 done, 0 skipped (complete), 0 failed" in printed
+        assert f"report: {out / 'report' / 'report.md'}" in printed
+        return (out / "report" / "report.md").read_text().replace(str(out), "RUNS")
+
+    parallel = run(tmp_path / "j2", "2")
+    sequential = run(tmp_path / "j1", "1")
+    row = next(line for line in parallel.splitlines() if line.startswith("| Demo"))
+    assert row.endswith("| 2 |")  # both seeds' runs are in the table
+    assert parallel == sequential
+    for name in ("base2new_coop.csv", "base2new_comparison.csv"):
+        assert (tmp_path / "j2" / "report" / name).read_text() == (
+            tmp_path / "j1" / "report" / name
+        ).read_text()
+    # a second invocation finds everything complete and starts no worker
+    assert main(["run", "--protocol", "base2new", "--method", "coop", "--datasets", "demo", "--seeds", "1,2",
+                 "--shots", "2", "--model", "vlp-tiny", "--epochs", "1", "--set", "train.batch_size=8",
+                 "--out", str(tmp_path / "j2"), "--jobs", "2", "--no-progress"]) == 0  # fmt: skip
+    assert "2 runs: 0 done, 2 skipped (complete), 0 failed" in capsys.readouterr().out

@@ -171,6 +171,12 @@ def _text_worker(rank: int, world: int, port: int, out: str) -> None:
                 "rows": rows,
                 "names": [n for n, _ in model.trainable_parameters()],
             }
+        # a gradient present on one rank only is summed everywhere; none on any rank stays None
+        a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+        if rank == 0:
+            a.grad = torch.ones(2)
+        D.allreduce_grads([a, b])
+        results["partial"] = (a.grad, b.grad)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         D.cleanup()
@@ -181,6 +187,8 @@ def test_sharded_text_matches_single_process_loss_and_gradients(tmp_path):
     3 + 2, a batch of 6 split 3 + 3; loss and every prompt gradient equal the 1-process values."""
     mp.spawn(_text_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in res:
+        assert torch.equal(r["partial"][0], torch.ones(2)) and r["partial"][1] is None
     for method, _ in METHODS:
         per_rank = [r[method] for r in res]
         assert [r["rows"] for r in per_rank] == [[3], [2]], method  # each rank encoded only its classes

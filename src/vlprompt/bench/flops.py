@@ -81,5 +81,24 @@ def text_tower_flops(clip: nn.Module, n_seq: int, length: int, plan: TowerPlan |
     return TowerFlops(body.forward + proj, body.backward + proj)
 
 
+def text_tower_flops_shared_prefix(clip: nn.Module, n_seq: int, length: int, prefix: int) -> TowerFlops:
+    """Text tower with the first ``prefix`` tokens run once for all ``n_seq`` sequences
+    (``encode_text(share_prefix=True)``): the prefix attends causally to itself, every suffix of
+    ``length - prefix`` tokens to the prefix and to itself."""
+    if prefix <= 0:
+        return text_tower_flops(clip, n_seq, length)
+    s = length - prefix
+    total = ZERO
+    for block in clip.transformer.resblocks:
+        w, h = block.attn.embed_dim, _mlp_hidden(block)
+        linear = 2.0 * (prefix + n_seq * s) * (4 * w * w + 2 * w * h)
+        attn = 4.0 * w * (prefix * prefix + n_seq * s * (prefix + s))
+        total = total + TowerFlops(linear + attn, linear + 2 * attn)
+    tp = clip.text_projection
+    d_in, d_out = (tp.in_features, tp.out_features) if isinstance(tp, nn.Linear) else tuple(tp.shape)
+    proj = 2.0 * n_seq * d_in * d_out
+    return TowerFlops(total.forward + proj, total.backward + proj)
+
+
 def matmul_flops(m: int, k: int, n: int) -> float:
     return 2.0 * m * k * n

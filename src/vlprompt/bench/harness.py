@@ -46,7 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.bench.features import frozen_image_features
-from vlprompt.bench.flops import TowerFlops, image_tower_flops, matmul_flops, text_tower_flops
+from vlprompt.bench.flops import (
+    TowerFlops,
+    image_tower_flops,
+    matmul_flops,
+    text_tower_flops,
+    text_tower_flops_shared_prefix,
+)
 from vlprompt.errors import VlpromptError
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
@@ -56,9 +62,9 @@ TRAINED_METHODS = ("coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "dpl")
 # SPEC §3 batch sizes, used when a method has no preset file
 OFFICIAL_BATCH = {"coop": 32, "cocoop": 1, "ivlp": 4, "vpt": 4, "maple": 4, "mpl": 4, "dpl": 4}
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
-    "reference": {"truncate_text": False, "cache_text": False, "attention": "plain"},
-    "fast": {"truncate_text": True, "cache_text": True, "attention": "sdpa"},
-    "fast+features": {"truncate_text": True, "cache_text": True, "attention": "sdpa"},
+    "reference": {"truncate_text": False, "cache_text": False, "attention": "plain", "share_prefix": False},
+    "fast": {"truncate_text": True, "cache_text": True, "attention": "sdpa", "share_prefix": True},
+    "fast+features": {"truncate_text": True, "cache_text": True, "attention": "sdpa", "share_prefix": True},
 }
 TARGETS = {"mpl_train": 2.0, "maple_train": 2.0, "coop_train_features": 10.0, "eval": 1.3, "image_peak": 0.5}
 
@@ -314,6 +320,22 @@ def _text_length(model: Any, inputs: Any) -> int:
     return length
 
 
+def shared_prefix(model: Any, inputs: Any) -> int:
+    """Leading text tokens computed once for all class prompts under the model's options (0 = none)."""
+    from vlprompt.engine.towers import _shared_prefix_length
+
+    opts = model.options
+    if not opts.share_prefix or opts.checkpoint_text or opts.attention != "sdpa":
+        return 0
+    length = _text_length(model, inputs)
+    pos = model.backbone.clip.positional_embedding[:length]
+    if inputs.embeds.shape[0] > max(1, int(opts.text_chunk)):
+        return 0  # chunks share their own prefixes; counted without sharing (conservative)
+    with torch.no_grad():
+        p = _shared_prefix_length(inputs.embeds[:, :length] + pos, inputs.plan)
+    return p if p >= 2 else 0
+
+
 def step_flops(
     model: Any, batch: int, train: bool, image_side: bool, text_calls: int = 1
 ) -> dict[str, float]:
@@ -329,9 +351,12 @@ def step_flops(
         if model.method.image_conditioned_text:
             feats = F.normalize(torch.randn(batch, backbone.embed_dim, device=backbone.device), dim=-1)
         inputs = model.method.text_inputs(feats)
-    txt = text_tower_flops(
-        backbone.clip, int(inputs.embeds.shape[0]), _text_length(model, inputs), inputs.plan
-    )
+    n_seq, length = int(inputs.embeds.shape[0]), _text_length(model, inputs)
+    prefix = shared_prefix(model, inputs)
+    if prefix:
+        txt = text_tower_flops_shared_prefix(backbone.clip, n_seq, length, prefix)
+    else:
+        txt = text_tower_flops(backbone.clip, n_seq, length, inputs.plan)
     if not train:
         txt = TowerFlops(txt.forward, 0.0)
     total = img.train + text_calls * txt.train
@@ -496,6 +521,7 @@ def bench_train(
         "gflop_per_step": round(fl["gflop"], 1),
         "gflops": round(fl["gflop"] / r["median_s"], 1),
         "text_tokens": _text_length(model, model.method.text_inputs(_cond_feats(model, batch))),
+        "shared_prefix": shared_prefix(model, model.method.text_inputs(_cond_feats(model, batch))),
         "times_s": r["times_s"],
         "feature_extract_s": None if feature_s is None else round(feature_s, 3),
         "frozen_grads": frozen,
@@ -837,13 +863,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         ]
     lines += ["## Training step (official batch size)", ""]
     lines += [
-        "| method | classes | variant | batch | text tokens | ms/step | images/s | GFLOP/s | peak MB | Δ MB "
-        "| speed-up |",
+        "| method | classes | variant | batch | text tokens (shared) | ms/step | images/s | GFLOP/s "
+        "| peak MB | Δ MB | speed-up |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["train"]:
         lines.append(
-            f"| {r['method']} | {r['classes']} | {r['variant']} | {r['batch']} | {r['text_tokens']} | "
+            f"| {r['method']} | {r['classes']} | {r['variant']} | {r['batch']} | "
+            f"{r['text_tokens']} ({r.get('shared_prefix') or 0}) | "
             f"{_fmt(r['ms_per_step'])} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['gflops'])} | "
             f"{_fmt(r['peak_mb'], 0)} | {_fmt(r['delta_mb'], 0)} | "
             f"{_fmt(r['speedup'], 2) + '×' if r.get('speedup') else '–'} |"

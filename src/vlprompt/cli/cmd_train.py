@@ -44,6 +44,10 @@ def _run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
     )
     res = train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
+    from vlprompt.train.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 prints the result
+        return 0
     if res["status"] == "complete":
         print(f"{args.out} is already complete (use --force to retrain)")
     if res["evaluation"]:

@@ -7,6 +7,7 @@ open_clip's ``encode_text`` / ``encode_image`` (tested to 1e-5 in fp32).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
@@ -98,12 +99,18 @@ def encode_text(
     truncate: bool = True,
     checkpoint: bool = False,
     default_attention: Attention | None = None,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """Prompted text tower: ``embeds`` (N, L, d) are layer-0 token embeddings (prompt slots filled,
     positional embedding not yet added); ``eot`` (N,) the end-of-text positions.  Returns (N, e).
 
     ``truncate`` drops the tokens after the longest end-of-text: exact, because under the causal
     mask no kept token reads them (asserted: deep slots must lie before the cut).
+
+    ``share_prefix`` computes the leading tokens that every sequence has in common (``[SOS]`` + a
+    shared context, e.g. CoOp's 16 vectors) once instead of N times: exact, because under the causal
+    mask a token's state depends only on the tokens before it.  Used when nothing else reads the
+    prefix differently (no appended prompts, standard attention, shared deep prompts).
     """
     n, length, _ = embeds.shape
     dtype = clip.positional_embedding.dtype
@@ -114,6 +121,10 @@ def encode_text(
                 if op.replace is not None:
                     length = max(length, op.replace_at + op.replace.shape[-2])
     x = embeds[:, :length].to(dtype) + clip.positional_embedding[:length].to(dtype)
+    if share_prefix and not checkpoint and default_attention in (None, standard_attention):
+        p = _shared_prefix_length(x, plan)
+        if p >= 2:
+            return _encode_text_prefix(clip, x, eot, plan, p)
     if plan is not None and plan.shallow is not None:
         x = torch.cat([x, _batched(plan.shallow, n, x.dtype)], dim=1)
     appended = plan is not None and (plan.shallow is not None or any(o.append is not None for o in plan.layers.values()))
@@ -134,6 +145,75 @@ def encode_text(
     x = clip.ln_final(x)
     tp = clip.text_projection
     return tp(x) if isinstance(tp, nn.Linear) else x @ tp
+
+
+def _shared_prefix_length(x: torch.Tensor, plan: TowerPlan | None) -> int:
+    """Leading positions identical in every sequence, and shared by every deep op (0 = not usable)."""
+    n, length, _ = x.shape
+    if n < 2:
+        return 0
+    if plan is not None:
+        if plan.shallow is not None or plan.attention is not None:
+            return 0
+        for op in plan.layers.values():
+            if op.append is not None or op.attention is not None or op.remove not in (0, ALL):
+                return 0
+            if op.replace is not None and op.replace.dim() == 3 and op.replace.shape[0] != 1:
+                return 0  # per-sequence deep prompts
+    with torch.no_grad():
+        same = (x == x[:1]).all(dim=2).all(dim=0)
+        p = int(same.long().cumprod(0).sum())
+    p = min(p, length - 1)  # at least one position per sequence stays per-sequence
+    if plan is not None:  # a deep slot reaching past the prefix moves the cut before it
+        for op in plan.layers.values():
+            if op.replace is not None and op.replace_at + op.replace.shape[-2] > p:
+                p = min(p, op.replace_at)
+    return p
+
+
+def _replace(x: torch.Tensor, rep: torch.Tensor, at: int) -> torch.Tensor:
+    rep = rep.reshape(1, *rep.shape[-2:]).to(x.dtype).expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :at], rep, x[:, at + rep.shape[1] :]], dim=1)
+
+
+def _encode_text_prefix(
+    clip: nn.Module, x: torch.Tensor, eot: torch.Tensor, plan: TowerPlan | None, p: int
+) -> torch.Tensor:
+    """Text tower with the shared first ``p`` positions run once (see :func:`encode_text`)."""
+    from vlprompt.engine.attention import merge_heads, qkv_heads
+
+    n, length, _ = x.shape
+    xp, xs = x[:1, :p], x[:, p:]
+    s = length - p
+    mask = torch.ones(s, p + s, dtype=torch.bool, device=x.device)
+    mask[:, p:] = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    for i, block in enumerate(clip.transformer.resblocks):
+        op = plan.ops(i) if plan is not None else None
+        if op is not None and op.replace is not None:
+            if op.replace_at + op.replace.shape[-2] <= p:
+                xp = _replace(xp, op.replace, op.replace_at)
+            else:
+                xs = _replace(xs, op.replace, op.replace_at - p)
+        mha = block.attn
+        qp, kp, vp = qkv_heads(mha, block.ln_1(xp))
+        qs, ks, vs = qkv_heads(mha, block.ln_1(xs))
+        op_ = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+        k = torch.cat([kp.expand(n, -1, -1, -1), ks], dim=2)
+        v = torch.cat([vp.expand(n, -1, -1, -1), vs], dim=2)
+        os_ = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)
+        xp = xp + block.ls_1(merge_heads(mha, op_))
+        xs = xs + block.ls_1(merge_heads(mha, os_))
+        xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
+        xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
+    eot = eot.to(x.device)
+    if bool((eot < p).any()):  # cannot happen (p < every sequence's first differing token) -- guard
+        full = torch.cat([xp.expand(n, -1, -1), xs], dim=1)
+        pooled = full[torch.arange(n, device=x.device), eot]
+    else:
+        pooled = xs[torch.arange(n, device=x.device), eot - p]
+    pooled = clip.ln_final(pooled)
+    tp = clip.text_projection
+    return tp(pooled) if isinstance(tp, nn.Linear) else pooled @ tp
 
 
 def encode_image(

@@ -33,6 +33,7 @@ class ModelOptions:
     checkpoint_text: bool = False  # activation checkpointing in the text tower (memory for 1000 classes)
     checkpoint_image: bool = False
     attention: str = "sdpa"  # where a plan names no mode: "sdpa" (fused) | "plain" (explicit softmax)
+    share_prefix: bool = True  # run the tokens all class prompts share ([SOS] + shared context) once
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -139,6 +140,7 @@ class PromptModel(nn.Module):
                     truncate=self.options.truncate_text,
                     checkpoint=self.options.checkpoint_text,
                     default_attention=ATTENTION_MODES[self.options.attention],
+                    share_prefix=self.options.share_prefix,
                 )
             )
         return F.normalize(torch.cat(outs).float(), dim=-1)

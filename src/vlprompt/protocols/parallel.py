@@ -127,7 +127,12 @@ class _ForwardHandler(logging.Handler):
 
 
 def _worker_main(
-    wid: int, threads: int, level: int, tasks: Any, results: Any, execute_fn: Callable[..., RunResult]
+    wid: int,
+    threads: int,
+    levels: dict[str, int],
+    tasks: Any,
+    results: Any,
+    execute_fn: Callable[..., RunResult],
 ) -> None:
     """Worker loop: execute specs until a ``None`` task arrives (a top-level function: spawn pickles it)."""
     import torch
@@ -136,7 +141,8 @@ def _worker_main(
     handler = _ForwardHandler(results, wid)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    for name, level in levels.items():  # the parent's levels (root and vlprompt), so the same lines pass
+        logging.getLogger(name).setLevel(level)
     while True:
         task = tasks.get()
         if task is None:
@@ -246,7 +252,7 @@ def _run_workers(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     threads = threads_per_job(len(slots))
-    level = logging.getLogger().getEffectiveLevel()
+    levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("", "vlprompt")}
     pending = list(todo)
     workers: dict[int, _Worker] = {}
     next_wid = 0
@@ -265,7 +271,7 @@ def _run_workers(
         with _environ(_worker_env(slot, threads)):
             proc = ctx.Process(
                 target=_worker_main,
-                args=(wid, threads, level, tasks, results, execute_fn),
+                args=(wid, threads, levels, tasks, results, execute_fn),
                 name=f"vlprompt-job{wid}",
                 daemon=True,
             )

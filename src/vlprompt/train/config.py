@@ -39,6 +39,7 @@ DEFAULT_TRAIN: dict[str, Any] = {
     "eval_batch_size": 100,
     "epochs": 5,
     "epochs_by_shots": None,
+    "epochs_by_dataset": None,
     "warmup_epochs": 1,
     "warmup_lr": 1.0e-5,
     "warmup_type": "constant",
@@ -237,6 +238,11 @@ def resolve_config(
     by_shots = _epochs_for_shots(cfg["train"].get("epochs_by_shots"), cfg["data"]["shots"])
     if by_shots is not None and not epochs_set:
         cfg["train"]["epochs"] = by_shots
+    by_dataset = cfg["train"].get("epochs_by_dataset") or {}
+    ds_key = str(dataset).lower().replace("-", "").replace("_", "")
+    for name, n in dict(by_dataset).items():  # e.g. CoOp: ImageNet trains 50 epochs at every K
+        if str(name).lower().replace("-", "").replace("_", "") == ds_key and not epochs_set:
+            cfg["train"]["epochs"] = int(n)
     if cfg["method"] != method or cfg["protocol"] != protocol:
         raise VlpromptError(
             "--set cannot change method or protocol (their presets differ); use --method / --protocol"

@@ -228,11 +228,12 @@ def scale_loss(loss: torch.Tensor, n: int, totals: BatchTotals) -> torch.Tensor:
 
 
 def allreduce_grads(params: Sequence[nn.Parameter] | Sequence[tuple[str, nn.Parameter]]) -> None:
-    """Sum the gradients of ``params`` over all ranks through one flat buffer (a parameter without a
-    gradient on some rank counts as zero there; it gets one everywhere if any rank produced one).
+    """Sum the gradients of ``params`` over all ranks through one flat buffer.
 
-    Call after ``backward`` of :func:`scale_loss`'s loss and before ``optimizer.step`` /
-    ``scaler.unscale_``, so all ranks step identical gradients.
+    A parameter without a gradient on some rank counts as zero there; one that has no gradient on any
+    rank keeps ``grad=None`` (so the optimiser skips it, as it would in a single process). Call after
+    ``backward`` of :func:`scale_loss`'s loss and before ``optimizer.step`` / ``scaler.unscale_``, so
+    all ranks step identical gradients.
     """
     if not is_distributed():
         return
@@ -241,23 +242,18 @@ def allreduce_grads(params: Sequence[nn.Parameter] | Sequence[tuple[str, nn.Para
     if not ps:
         return
     dev = _collective_device()
-    flat = torch.cat(
-        [
-            (p.grad if p.grad is not None else torch.zeros_like(p))
-            .detach()
-            .reshape(-1)
-            .to(dev, torch.float32)
-            for p in ps
-        ]
-        + [torch.tensor([float(any(p.grad is not None for p in ps))], device=dev)]
-    )
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1) for p in ps]
+    has = torch.tensor([float(p.grad is not None) for p in ps])
+    flat = torch.cat([g.to(dev, torch.float32) for g in grads] + [has.to(dev)])
     dist.all_reduce(flat)
     off = 0
-    for p in ps:
+    for p, present in zip(ps, flat[-len(ps) :].tolist(), strict=True):
         k = p.numel()
         g = flat[off : off + k].view_as(p).to(p.device, p.dtype)
         off += k
-        if p.grad is None:
+        if present == 0:
+            p.grad = None
+        elif p.grad is None:
             p.grad = g.clone()
         else:
             p.grad.copy_(g)
