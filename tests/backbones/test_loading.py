@@ -154,3 +154,16 @@ def test_offline_tag_fails_fast(monkeypatch):
     with pytest.raises(VlpromptError, match="not in the local cache and there is no network.*--weights PATH"):
         vlprompt.load_backbone("ViT-B-16", "openai")
     assert time.perf_counter() - t < 5.0
+
+
+def test_random_init_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = vlprompt.load_backbone("vlp-tiny")
+    assert torch.equal(torch.rand(3), expected_next)  # the global RNG did not move
+    b = vlprompt.load_backbone("vlp-tiny")
+    c = vlprompt.load_backbone("vlp-tiny", init_seed=1)
+    w = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.equal(a.clip.state_dict()[w], b.clip.state_dict()[w])
+    assert not torch.equal(a.clip.state_dict()[w], c.clip.state_dict()[w])

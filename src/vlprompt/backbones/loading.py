@@ -246,6 +246,7 @@ def load_backbone(
     quick_gelu: bool | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | None = None,
+    init_seed: int = 0,
 ):
     """Load a frozen CLIP backbone (eval mode, ``requires_grad=False``) as a :class:`Backbone`.
 
@@ -256,6 +257,8 @@ def load_backbone(
             or a path to a local checkpoint file.
         quick_gelu: override the activation choice (see module docstring).
         device: where to put the model (default CPU).
+        init_seed: seed of the random init (``pretrained=None``), drawn without touching the global
+            RNG, so a prompt trained on a random backbone is evaluated on the same random backbone.
     """
     import open_clip
 
@@ -280,10 +283,18 @@ def load_backbone(
         if name is None:
             raise VlpromptError("no backbone given: pass a model name (e.g. ViT-B-16) or a weights file")
         qg = bool(quick_gelu)
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
         cfg = {**_model_config(name)}
         cfg["quick_gelu"] = bool(cfg.get("quick_gelu", False)) or qg
-        meta = {"source": "random-init", "format": None, "config": cfg, "quick_gelu": cfg["quick_gelu"]}
+        meta = {
+            "source": "random-init",
+            "format": None,
+            "config": cfg,
+            "quick_gelu": cfg["quick_gelu"],
+            "init_seed": init_seed,
+        }
         tag = None
     else:
         tag = str(pretrained)

@@ -57,13 +57,9 @@ def _shared_backbone(cfg: dict[str, Any]) -> Any:
             )
         _BACKBONES.clear()  # keep at most one resident
         pretrained = bb.get("weights") or bb.get("pretrained")
-        import torch
-
-        # a random-init backbone must not depend on which process loads it, or after which run
-        # (`run --jobs` workers vs one process): fixed seed, the global RNG left untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            _BACKBONES[key] = load_backbone(bb.get("name"), pretrained=pretrained, device=device)
+        # a random-init backbone is seeded inside load_backbone (init_seed=0, global RNG untouched),
+        # so it does not depend on which process loads it or after which run
+        _BACKBONES[key] = load_backbone(bb.get("name"), pretrained=pretrained, device=device)
         if not pretrained:
             log.warning(
                 "untrained weights: pipeline check only, accuracy is chance (%s random init)", bb.get("name")
