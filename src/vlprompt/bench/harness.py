@@ -260,7 +260,7 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> dict[s
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     flops = matmul_flops(n, n, n)
-    r = time_it(lambda: a @ b, repeats, 2, device)
+    r = time_it(lambda: a @ b, repeats, 3, device)
     best = min(r["times_s"]) if r["times_s"] else r["median_s"]
     return {
         "n": n,
@@ -754,7 +754,7 @@ def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
         backbone = load_backbone(cfg.model, None, device=device)
     finally:
         root.setLevel(level)
-    peak = matmul_peak(device, n=512 if cfg.quick else 2048, repeats=3 if cfg.quick else 5)
+    peak = matmul_peak(device, n=512 if cfg.quick else 2048, repeats=3 if cfg.quick else 8)
     log.info("matmul peak: %.1f GFLOP/s", peak["peak_gflops"])
     res: dict[str, Any] = {
         "schema": 1,
@@ -813,7 +813,7 @@ def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
     res["memory_projection"] = project_gpu_memory(backbone, mem_rows)
 
     # the peak again at the end: the machine's best observed GEMM rate is the yardstick
-    end = matmul_peak(device, n=512 if cfg.quick else 2048, repeats=3 if cfg.quick else 5)
+    end = matmul_peak(device, n=512 if cfg.quick else 2048, repeats=3 if cfg.quick else 8)
     res["matmul"] = {**peak, "start_gflops": peak["peak_gflops"], "end_gflops": end["peak_gflops"]}
     best = max(peak["peak_gflops"], end["peak_gflops"])
     res["matmul"]["peak_gflops"] = best

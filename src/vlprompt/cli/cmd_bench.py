@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a randomly initialised backbone (timing only: no accuracy meaning), the towers, a matmul peak, "
         "and the same work done the reference way (77-token text, text recomputed per batch, no feature "
         "cache, explicit softmax attention). Writes results.json + results.md under "
-        "benchmarks/results/<device>/. The default fits ~15 minutes on 2 CPU cores; --full is the grid.",
+        "benchmarks/results/<device>/. The default takes about 6 minutes on 2 quiet CPU cores; "
+        "--full is the grid.",
     )
     p.add_argument(
         "--model", default=None, help="backbone architecture (default ViT-B-16; --quick: vlp-tiny)"
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--memory-classes", type=int, default=None, help="class count of the memory check (0 = skip)"
     )
+    p.add_argument("--memory-methods", type=_csv(str), default=None, help="methods of the memory check")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         ("repeats", args.repeats),
         ("warmup", args.warmup),
         ("memory_classes", args.memory_classes),
+        ("memory_methods", args.memory_methods),
         ("threads", args.threads),
     ]:
         if val is not None:
