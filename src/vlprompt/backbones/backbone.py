@@ -50,7 +50,8 @@ class Backbone(nn.Module):
         visual = getattr(self.clip, "visual", None)
         if visual is None or not hasattr(visual, "conv1") or not hasattr(self.clip, "token_embedding"):
             raise VlpromptError(
-                f"backbone {self.name or self.meta.get('source')} is not a ViT CLIP with an OpenAI-style text "
+                f"backbone {self.name or self.meta.get('source')} is not a ViT CLIP with an OpenAI-style "
+                "text "
                 "tower; vlprompt supports open_clip ViT CLIP models (e.g. ViT-B-16, ViT-B-32)"
             )
         for tower in (visual.transformer, self.clip.transformer):

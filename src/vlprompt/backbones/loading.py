@@ -112,7 +112,9 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             info["format"] = "safetensors"
             if METADATA_KEY in meta:
                 info["config"] = json.loads(meta[METADATA_KEY])
-        elif zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        elif zipfile.is_zipfile(path) and any(
+            n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()
+        ):
             jit = torch.jit.load(str(path), map_location="cpu")
             sd = {k: v for k, v in jit.state_dict().items()}
             info.update(format="openai-torchscript", openai=True)
@@ -225,7 +227,9 @@ def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
         first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:100])
-        raise VlpromptError(f"weights in {path} do not fit {arch} ({first[:140]}); pass the matching model name") from None
+        raise VlpromptError(
+            f"weights in {path} do not fit {arch} ({first[:140]}); pass the matching model name"
+        ) from None
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

@@ -27,10 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", default="mpl", help="method to train (default: mpl)")
-    p.add_argument("--model", default=None, help=f"open_clip architecture (default {DEMO_MODEL}, or inferred from --weights)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"open_clip architecture (default {DEMO_MODEL}, or inferred from --weights)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--weights", default=None, help="local CLIP weights file (.pt / .bin / .safetensors)")
-    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs network or a cached download)")
+    g.add_argument(
+        "--pretrained", default=None, help="open_clip pretrained tag (needs network or a cached download)"
+    )
     p.add_argument("--shots", type=int, default=16, help="training images per class (default 16)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
@@ -51,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.weights or args.pretrained:
         print(f"backbone: {model or 'inferred from file'} with weights {args.weights or args.pretrained}")
     else:
-        small = " (a small 12-layer, width-128 CLIP so the offline demo takes minutes; --model ViT-B-16 for the real one)"
+        small = (
+            " (a small 12-layer, width-128 CLIP so the offline demo takes minutes; "
+            "--model ViT-B-16 for the real one)"
+        )
         print(f"backbone: {model}{small if model == DEMO_MODEL else ''}, random init -- {UNTRAINED}")
     print(
         f"data: built-in 'demo' set (scikit-learn digits, 10 classes; base = zero..four, new = five..nine), "
@@ -74,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     )
     train = specs[0].cfg["train"]
     print(
-        f"method: {args.method} (preset recipe: {train.get('epochs')} epochs, batch {train.get('batch_size')}, "
+        f"method: {args.method} (preset recipe: {train.get('epochs')} epochs, "
+        f"batch {train.get('batch_size')}, "
         f"lr {train.get('lr')})"
     )
     results = run_grid(specs, progress=not args.no_progress)
@@ -91,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'method':<12} {'data set':<10} {'Base':>7} {'New':>7} {'HM':>7}")
     for row in rows:
         if row.base is not None and row.new is not None:
-            print(f"{args.method:<12} {row.dataset:<10} {row.base.mean:7.2f} {row.new.mean:7.2f} {row.hm:7.2f}")
+            print(
+                f"{args.method:<12} {row.dataset:<10} {row.base.mean:7.2f} {row.new.mean:7.2f} {row.hm:7.2f}"
+            )
     if report.random_backbone:
         print(f"({UNTRAINED})")
     print(f"\nreport: {report.markdown}  ({len(report.plots)} plots, {len(report.csvs)} CSV tables)")

@@ -33,7 +33,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
             f"{args.method} ...`) and evaluate with --run"
         )
     tf = build_transform(False, **backbone.preprocess_cfg)
-    loader = build_loader(splits.test, tf, args.batch_size or 100, shuffle=False, num_workers=args.num_workers)
+    loader = build_loader(
+        splits.test, tf, args.batch_size or 100, shuffle=False, num_workers=args.num_workers
+    )
     res = evaluate(model, loader, device=dev)
     entry = {
         "dataset": splits.name,

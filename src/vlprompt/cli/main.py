@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (checkpoints are written atomically; use --resume to continue)", file=sys.stderr)
+        print(
+            "error: interrupted (checkpoints are written atomically; use --resume to continue)",
+            file=sys.stderr,
+        )
         return 130
     return int(rc or 0)
 

@@ -32,7 +32,9 @@ def apply_ops(x: torch.Tensor, op: LayerOps, n_inst: int, layer: int) -> torch.T
         rep = _batched(op.replace, n, x.dtype)
         s, e = op.replace_at, op.replace_at + rep.shape[1]
         if s < 0 or e > n_inst:
-            raise ValueError(f"layer {layer}: replace slots [{s}, {e}) fall outside the {n_inst} instance tokens")
+            raise ValueError(
+                f"layer {layer}: replace slots [{s}, {e}) fall outside the {n_inst} instance tokens"
+            )
         x = torch.cat([x[:, :s], rep, x[:, e:]], dim=1)
     present = length - n_inst
     remove = present if op.remove == ALL else op.remove
@@ -127,7 +129,9 @@ def encode_text(
             return _encode_text_prefix(clip, x, eot, plan, p)
     if plan is not None and plan.shallow is not None:
         x = torch.cat([x, _batched(plan.shallow, n, x.dtype)], dim=1)
-    appended = plan is not None and (plan.shallow is not None or any(o.append is not None for o in plan.layers.values()))
+    appended = plan is not None and (
+        plan.shallow is not None or any(o.append is not None for o in plan.layers.values())
+    )
     key_valid = None
     if appended:  # prompts read instance tokens up to each sequence's end-of-text only
         key_valid = torch.arange(length, device=x.device).unsqueeze(0) <= eot.to(x.device).unsqueeze(1)
@@ -252,4 +256,3 @@ def encode_image(
     else:
         pooled, _ = visual._global_pool(visual.ln_post(x))
     return pooled @ visual.proj if visual.proj is not None else pooled
-

@@ -83,7 +83,9 @@ def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
     """Class decorator adding a method to the registry under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    reserved = {"method", "backbone", "classnames", "template"} & {f.name for f in dataclasses.fields(cls.Config)}
+    reserved = {"method", "backbone", "classnames", "template"} & {
+        f.name for f in dataclasses.fields(cls.Config)
+    }
     if reserved:  # these are create_model()'s own arguments; an option of that name could never be passed
         raise ValueError(f"{cls.__name__}.Config uses reserved option name(s) {sorted(reserved)}")
     _REGISTRY[cls.name] = cls
@@ -120,5 +122,7 @@ def build_config(cls: type[PromptMethod], options: dict[str, Any]) -> MethodConf
     bad = [k for k in options if k not in fields]
     if bad:
         valid = ", ".join(sorted(fields)) or "none"
-        raise VlpromptError(f"unknown option(s) {', '.join(bad)} for method '{cls.name}'; valid options: {valid}")
+        raise VlpromptError(
+            f"unknown option(s) {', '.join(bad)} for method '{cls.name}'; valid options: {valid}"
+        )
     return cls.Config(**options)

@@ -54,7 +54,9 @@ class ClassPrompts(nn.Module):
         self.register_buffer("ids", ids_t, persistent=False)
         self.register_buffer("embeds", emb, persistent=False)
         self.register_buffer("eot", torch.tensor(eots, dtype=torch.long), persistent=False)
-        self.register_buffer("slots", torch.tensor(slots, dtype=torch.long).view(len(rows), -1), persistent=False)
+        self.register_buffer(
+            "slots", torch.tensor(slots, dtype=torch.long).view(len(rows), -1), persistent=False
+        )
         self.classnames = list(classnames)
 
     @property
@@ -132,11 +134,16 @@ def linear_stack(n: int, d_in: int, d_out: int, tie_init: bool = False) -> nn.Mo
 
 def validate_depth(depth: int, layers: int, tower: str, minimum: int = 1) -> None:
     if not minimum <= depth <= layers:
-        raise VlpromptError(f"prompt depth {depth} is outside [{minimum}, {layers}] for the {tower} tower's {layers} layers")
+        raise VlpromptError(
+            f"prompt depth {depth} is outside [{minimum}, {layers}] for the {tower} tower's {layers} layers"
+        )
 
 
 def ctx_segments(n_ctx: int, position: str, template_text: str = "{}.") -> list[Segment]:
-    """CoOp's class-token positions: ``end`` (ctx, class), ``front`` (class, ctx), ``middle`` (half, class, half)."""
+    """CoOp's class-token positions.
+
+    ``end``: (ctx, class) · ``front``: (class, ctx) · ``middle``: (half the ctx, class, other half).
+    """
     if position == "end":
         return [("ctx", n_ctx), ("text", template_text)]
     if position == "front":

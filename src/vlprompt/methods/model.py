@@ -149,14 +149,20 @@ class PromptModel(nn.Module):
         """Normalised text features: (C, e), or (B, C, e) for image-conditioned methods."""
         if self.method.image_conditioned_text:
             if image_features is None:
-                raise ValueError(f"method '{self.method.name}' needs image features to build its text prompts")
+                raise ValueError(
+                    f"method '{self.method.name}' needs image features to build its text prompts"
+                )
             inputs = self.method.text_inputs(image_features)
             b = image_features.shape[0]
             return self._run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
         cacheable = self.options.cache_text and not torch.is_grad_enabled()
         key = None
         if cacheable:
-            key = (tuple(self.classnames), tuple(p._version for p in self.method.parameters()), self.backbone.device)
+            key = (
+                tuple(self.classnames),
+                tuple(p._version for p in self.method.parameters()),
+                self.backbone.device,
+            )
             if self._text_cache is not None and self._text_cache[0] == key:
                 return self._text_cache[1]
         inputs = self.method.text_inputs(None)
