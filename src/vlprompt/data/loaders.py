@@ -75,9 +75,13 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader whose shuffling (and worker augmentation seeds) depend only on ``seed``.
 
-    ``items`` may also be a ready Dataset (e.g. from ``cached_eval_dataset``), then ``transform`` is ignored.
+    ``items`` may also be a ready Dataset (e.g. from ``cached_eval_dataset``), then ``transform`` is
+    ignored; with ``transform=None`` a sequence of ``(tensor, label)`` pairs is used as it is.
     """
-    ds = items if isinstance(items, Dataset) else ImageDataset(items, transform)
+    if isinstance(items, Dataset) or transform is None:
+        ds = items
+    else:
+        ds = ImageDataset(items, transform)
     g = torch.Generator()
     g.manual_seed(int(seed))
     return _Loader(

@@ -69,19 +69,9 @@ def _loader(
 ) -> DataLoader:
     if isinstance(data, DataLoader):
         return data
-    g = torch.Generator()
-    g.manual_seed(int(seed))
-    from vlprompt.data.loaders import _seed_worker
+    from vlprompt.data import build_loader
 
-    return DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        generator=g,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
-    )
+    return build_loader(data, None, batch_size, shuffle, num_workers, seed=seed, drop_last=drop_last)
 
 
 def _resume_key(train: Mapping[str, Any], seed: int, model: torch.nn.Module) -> str:
