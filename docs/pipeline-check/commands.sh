@@ -1,9 +1,6 @@
-set -x
+# Caltech101 base-to-new pipeline check: random-init vlp-demo backbone (12 layers, width 128), official
+# presets (depths, lrs, batch sizes) with reduced shots/epochs. Numbers are chance: NOT CLIP results.
 export HF_HUB_OFFLINE=1
-R="--protocol base2new --datasets caltech101 --root /work/shared/data --seeds 1 --shots 2 --model vlp-tiny --epochs 1 --out runs_check --no-progress"
-V=/work/main/.venv/bin/vlprompt
-time $V run $R --method coop,cocoop
-time $V run $R --method maple --set options.depth=3
-time $V run $R --method mpl --set options.depth=4
-time $V run $R --method dpl --set options.depth_image=4 --set options.depth_text=4
-time $V report runs_check --reference
+vlprompt run --protocol base2new --method coop,cocoop,ivlp,vpt,maple,mpl,dpl --datasets caltech101 \
+  --root ../shared/data --seeds 1 --shots 2 --epochs 1 --model vlp-demo --out runs_check --no-progress
+vlprompt report runs_check --reference --out docs/pipeline-check
