@@ -25,7 +25,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     backbone = _load_backbone_from(
         {"name": args.model, "pretrained": args.pretrained, "weights": args.weights}, device=dev
     )
-    splits = subsample(get_dataset(args.dataset, args.root), args.subsample or "all")
+    splits = subsample(get_dataset(args.dataset, args.root, skip_bad=args.skip_bad), args.subsample or "all")
     model = create_model(args.method, backbone, list(splits.classnames), template=splits.template)
     if model.num_trainable():
         raise VlpromptError(
@@ -75,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        skip_bad=args.skip_bad or None,
     )
     print_table([entry])
     return 0
@@ -86,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="evaluate a method without training (zeroshot)")
     p.add_argument("--dataset", help="data set (default: the run's own)")
     p.add_argument("--root", help="folder holding the data set folders")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="drop unreadable/corrupt images (logged with a count) instead of failing",
+    )
     p.add_argument(
         "--subsample", choices=["all", "base", "new"], help="classes (default: new for a base run, else all)"
     )

@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--source", help="cross-dataset/dg: data set trained on (default imagenet)")
     p.add_argument("--root", help="folder holding the data sets in CoOp layout (<root>/caltech-101/...)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="drop unreadable/corrupt images (logged with a count) instead of failing",
+    )
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--shots", help="comma-separated shots per class (default 16; fewshot: 1,2,4,8,16)")
     p.add_argument("--out", default="runs", help="runs directory (default ./runs)")
@@ -80,7 +85,7 @@ def plan_from_args(args: argparse.Namespace) -> list:
         model=args.model,
         pretrained=args.pretrained,
         weights=args.weights,
-        overrides=args.overrides,
+        overrides=list(args.overrides or []) + (["data.skip_bad=true"] if args.skip_bad else []),
         epochs=args.epochs,
         num_workers=args.num_workers,
         source=args.source,

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model,
         pretrained=args.pretrained,
         weights=args.weights,
-        overrides=args.set or [],
+        overrides=(args.set or []) + (["data.skip_bad=true"] if args.skip_bad else []),
         epochs=args.epochs,
         device=args.device,
         num_workers=args.num_workers,
@@ -61,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, help="method name (see `vlprompt methods`)")
     p.add_argument("--dataset", required=True, help="data set name (see `vlprompt data list`)")
     p.add_argument("--root", help="folder holding the data set folders (CoOp's $DATA)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="drop unreadable/corrupt images (logged with a count) instead of failing",
+    )
     p.add_argument("--shots", type=int, default=16, help="images per class (0 = full split; default 16)")
     p.add_argument("--seed", type=int, default=1, help="seed for few-shot picks and training (default 1)")
     p.add_argument("--subsample", choices=["all", "base", "new"], help="classes (default: base for base2new)")

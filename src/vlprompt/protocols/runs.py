@@ -117,7 +117,7 @@ def _build_splits(data: Mapping[str, Any], subsample: str | None = None, fewshot
     from vlprompt.data import fewshot, get_dataset
     from vlprompt.data import subsample as subsample_fn
 
-    splits = get_dataset(data["dataset"], data.get("root"))
+    splits = get_dataset(data["dataset"], data.get("root"), skip_bad=bool(data.get("skip_bad", False)))
     if fewshot_ and data.get("shots"):
         splits = fewshot(splits, int(data["shots"]), int(data.get("seed", 1)))
     return subsample_fn(splits, subsample or data.get("subsample", "all"))
@@ -417,6 +417,7 @@ def evaluate_run(
     device: Any = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    skip_bad: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run on a data set's test split and record it in the run's metrics.json.
 
@@ -444,7 +445,10 @@ def evaluate_run(
         root = root if root is not None else data_cfg.get("root")
     dev = resolve_device(device or train.get("device", "auto"))
     model = load_run(run, backbone=backbone, device=dev)
-    splits = _build_splits({"dataset": dataset, "root": root}, subsample=subsample, fewshot_=False)
+    if skip_bad is None:
+        skip_bad = bool(data_cfg.get("skip_bad", False))
+    eval_data = {"dataset": dataset, "root": root, "skip_bad": skip_bad}
+    splits = _build_splits(eval_data, subsample=subsample, fewshot_=False)
     model.set_classnames(list(splits.classnames), splits.template)
     loader = _eval_loader(
         splits,

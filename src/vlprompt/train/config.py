@@ -58,6 +58,7 @@ DEFAULT_DATA: dict[str, Any] = {
     "seed": 1,
     "subsample": "all",
     "num_workers": 0,
+    "skip_bad": False,  # drop unreadable images (with a logged count) instead of failing
 }
 DEFAULT_BACKBONE: dict[str, Any] = {"name": "ViT-B-16", "pretrained": None, "weights": None}
 
