@@ -142,6 +142,7 @@ def test_resolve_config_order() -> None:
         "seed": 1,
         "subsample": "base",
         "num_workers": 0,
+        "skip_bad": False,
     }
     assert cfg["train"]["device"] == "cpu"
     assert cfg["backbone"] == {"name": "vlp-tiny", "pretrained": None, "weights": None}
