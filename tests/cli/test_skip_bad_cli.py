@@ -33,3 +33,13 @@ def test_eval_corrupt_image_error_then_skip_bad(tmp_path, capsys):
     n_test = len(get_dataset(name).test)
     assert f" {n_test - 1} " in out  # evaluated every test image but the broken one
     assert victim.exists()  # skipping never deletes the user's files
+
+
+def test_train_refuses_to_discard_an_interrupted_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.pt").write_bytes(b"x")
+    rc = main(["train", "--method", "coop", "--dataset", "demo", "--model", "vlp-tiny", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "--resume" in err[-1] and "--force" in err[-1]
+    assert (out / "checkpoint" / "state.pt").read_bytes() == b"x"  # nothing was overwritten

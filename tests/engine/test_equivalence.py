@@ -107,3 +107,17 @@ def test_text_slot_replacement_is_exact_under_truncation():
         a = encode_text(bb.clip, emb, toks.argmax(-1), plan, truncate=True)
         b = encode_text(bb.clip, emb, toks.argmax(-1), plan, truncate=False)
     assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_predict_accepts_paths_and_pil(tmp_path):
+    from PIL import Image
+
+    bb = vlprompt.load_backbone("vlp-tiny")
+    model = vlprompt.create_model("zeroshot", bb, ["cat", "dog"])
+    img = Image.new("RGB", (64, 48), (200, 30, 30))
+    img.save(tmp_path / "a.png")
+    p_path, i_path = model.predict([str(tmp_path / "a.png")], ["red", "green", "blue"], topk=3)
+    p_pil, i_pil = model.predict(img, topk=3)
+    assert p_path.shape == (1, 3) and torch.allclose(p_path, p_pil) and torch.equal(i_path, i_pil)
+    with pytest.raises(vlprompt.VlpromptError, match="image not found"):
+        model.predict([str(tmp_path / "missing.png")])

@@ -306,3 +306,15 @@ def test_ivlp_image_prompting_off(tiny):
     model = create_model("ivlp", tiny, ["cat"], depth_image=0, depth_text=2)
     assert model.method.image_plan() is None
     assert model.num_trainable() == 2 * 2 * tiny.text.width
+
+
+# ------------------------------------------------------------------ official inits
+def test_vpt_default_init_is_official_normal(tiny):
+    """MaPLe repo's VPT baseline (the source of the vpt recipe) inits every prompt N(0, 0.02^2)."""
+    from vlprompt.methods.vpt import VPTConfig
+
+    assert VPTConfig().init == "normal"
+    torch.manual_seed(0)
+    p = create_model("vpt", tiny, ["cat"], n_ctx=64, depth=4).method.image_prompts
+    assert abs(p.std().item() - 0.02) < 0.001  # U(-v, v) on vlp-tiny would give std 0.025
+    assert p.abs().max().item() > 0.05  # and never exceed v = 0.043

@@ -26,7 +26,21 @@ def _list(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from vlprompt.data import verify_dataset
 
-    if args.dataset != "demo" and not args.root:
+    custom = args.dataset.startswith(("folder:", "csv:"))
+    if custom:  # no fixed layout to check: load it (split written once) and open every image
+        from vlprompt.data import get_dataset
+
+        splits = get_dataset(args.dataset, skip_bad=False)
+        items = [d for part in (splits.train, splits.val, splits.test) for d in part]
+        if args.check_images:
+            from vlprompt.data import load_rgb
+
+            for d in items:
+                load_rgb(d.impath)  # a corrupt image raises one line naming it
+        counts = ", ".join(f"{k} {len(getattr(splits, k)):,}" for k in ("train", "val", "test"))
+        print(f"{args.dataset}: OK\n  counts: {counts}\n  {len(splits.classnames)} classes")
+        return 0
+    if args.dataset != "demo" and not custom and not args.root:
         raise VlpromptError("data verify needs --root DIR (the folder that holds the data set folders)")
     report = verify_dataset(args.dataset, args.root, check_images=args.check_images)
     print(report.format())

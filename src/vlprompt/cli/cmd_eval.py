@@ -61,6 +61,10 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise VlpromptError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise VlpromptError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if bool(args.run) == bool(args.method):
         raise VlpromptError("pass either --run RUN (a trained run) or --method NAME (e.g. zeroshot)")
     if args.method:

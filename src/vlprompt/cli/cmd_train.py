@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from vlprompt.errors import VlpromptError
 
 
 def add_backbone_args(p: argparse.ArgumentParser, default_model: str | None = "ViT-B-16") -> None:
@@ -43,6 +46,14 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         num_workers=args.num_workers,
     )
+    from vlprompt.train.checkpoint import CKPT_DIR, STATE
+
+    state = Path(args.out) / CKPT_DIR / STATE
+    if state.is_file() and not (Path(args.out) / "done").is_file() and not (args.resume or args.force):
+        raise VlpromptError(
+            f"{args.out} holds an interrupted run's checkpoint; pass --resume to continue it "
+            "or --force to start over"
+        )
     res = train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
     from vlprompt.train.distributed import is_main
 

@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except VlpromptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable --out, a path that vanished, a full disk: the user's to fix
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; check the path and its permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "error: interrupted (checkpoints are written atomically; use --resume to continue)",

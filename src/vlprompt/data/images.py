@@ -30,12 +30,12 @@ def load_rgb(path: str) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise VlpromptError(
-            f"image not found: {path}; restore it or load the data set with skip_bad=True"
+            f"image not found: {path}; restore it or pass --skip-bad (skip_bad=True in Python) to drop it"
         ) from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise VlpromptError(
-            f"cannot read image {path} ({type(e).__name__}: {e}); replace the file or load the data set with "
-            "skip_bad=True"
+            f"cannot read image {path} ({type(e).__name__}: {e}); replace the file or pass --skip-bad "
+            "(skip_bad=True in Python) to drop it"
         ) from None
 
 

@@ -32,8 +32,12 @@ def subsample(splits: DatasetSplits, which: str) -> DatasetSplits:
     if which == "all":
         return splits
     selected = base_new_labels({d.label for d in splits.train}, which)
-    if not selected:
-        raise VlpromptError(f"{splits.name} has too few classes for a '{which}' half; it needs at least 2")
+    if len(selected) < 2:  # a one-class "classifier" scores 100% whatever it learned
+        n = len({d.label for d in splits.train})
+        raise VlpromptError(
+            f"{splits.name} has {n} class(es): its '{which}' half would have {len(selected)}; "
+            "base-to-new needs at least 4 classes (2 per half) -- add classes or use --subsample all"
+        )
     relabel = {y: i for i, y in enumerate(selected)}
 
     def keep(items: list[Datum]) -> list[Datum]:

@@ -108,6 +108,7 @@ def verify_dataset(name: str, root: str | os.PathLike | None, check_images: bool
     """
     spec = get_spec(canonical_name(name))
     report = VerifyReport(name=spec.title, root=str(root), source=spec.source)
+    report.howto = spec.howto.format(root=root)  # refined below once the root resolves
     try:
         base = resolve_root(root) if spec.kind != "demo" else Path()
         report.root = str(base)

@@ -51,7 +51,9 @@ class CoOp(PromptMethod):
         if self.cfg.csc:
             if self.ctx is None:
                 c = len(classnames)
-                if self.cfg.ctx_init:  # every class starts from the same phrase (CoOp's csc+init)
+                # ours: every class starts from the phrase (official CoOp ignores csc when ctx_init
+                # is set and learns one shared context instead)
+                if self.cfg.ctx_init:
                     start = self._ctx_init.unsqueeze(0).repeat(c, 1, 1)
                 else:
                     start = torch.randn(c, self.cfg.n_ctx, self.width) * 0.02

@@ -197,11 +197,15 @@ class PromptModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, classnames: list[str] | None = None, topk: int = 5):
+    def predict(self, images: Any, classnames: list[str] | None = None, topk: int = 5):
         """Top-k ``(probabilities, indices)`` over ``classnames`` (default: current classes).
 
-        Classes may differ from training: that is the point of base-to-new generalisation.
+        ``images``: a preprocessed ``(B, 3, H, W)`` tensor, or image file paths / PIL images (a list
+        or one), which get the backbone's test transform.  Classes may differ from training: that
+        is the point of base-to-new generalisation.
         """
+        if not isinstance(images, torch.Tensor):
+            images = self.preprocess(images)
         if classnames is not None and list(classnames) != self.classnames:
             self.set_classnames(list(classnames))
         was = self.training
@@ -210,6 +214,20 @@ class PromptModel(nn.Module):
         self.train(was)
         k = min(topk, probs.shape[-1])
         return probs.topk(k, dim=-1)
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Paths or PIL images -> a ``(B, 3, H, W)`` batch under the backbone's test transform."""
+        from PIL import Image
+
+        from vlprompt.data import build_transform
+        from vlprompt.data.images import load_rgb
+
+        items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise VlpromptError("no images given to predict")
+        tf = build_transform(False, **self.backbone.preprocess_cfg)
+        pil = [im.convert("RGB") if isinstance(im, Image.Image) else load_rgb(str(im)) for im in items]
+        return torch.stack([tf(im) for im in pil])
 
 
 def _slice_plan(plan: TowerPlan | None, s: int, e: int, n: int) -> TowerPlan | None:

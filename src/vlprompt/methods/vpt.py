@@ -5,8 +5,9 @@
 ``depth=1`` is VPT-shallow).  The text side is the fixed prompt ``text`` (default
 ``"a photo of a {}."``; ``""`` uses the data set's template), computed once and cached at evaluation.
 
-Initialisation (SPEC gives none): ``uniform`` is the VPT paper's xavier-style U(-v, v) with
-v = sqrt(6 / (3·patch² + width)); ``normal`` is N(0, 0.02²) as in the MaPLe-repo VPT baseline.
+Initialisation (SPEC gives none): the default ``normal`` is N(0, 0.02²), what the MaPLe
+repository's VPT baseline (the source of this recipe) does for every layer's prompts; ``uniform`` is
+the VPT paper's xavier-style U(-v, v) with v = sqrt(6 / (3·patch² + width)).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from vlprompt.methods.common import ClassPrompts, normal_prompts, uniform_prompt
 class VPTConfig(MethodConfig):
     n_ctx: int = 8  # image prompt tokens per layer
     depth: int = 12  # image layers with their own prompts (1 = VPT-shallow)
-    init: str = "uniform"  # uniform (VPT paper) | normal (N(0, 0.02^2))
+    init: str = "normal"  # normal (N(0, 0.02^2), MaPLe-repo VPT baseline) | uniform (VPT paper)
     text: str = "a photo of a {}."  # fixed text prompt; "" = the data set's template
 
 

@@ -299,8 +299,11 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         )
     if not isinstance(d.get("shots"), int) or d["shots"] < 0:
         raise VlpromptError(f"data.shots={d.get('shots')!r} is invalid; use 0 (full split) or 1, 2, 4, 8, 16")
-    if not isinstance(d.get("seed"), int):
-        raise VlpromptError(f"data.seed={d.get('seed')!r} is invalid; use an integer such as 1, 2, 3")
+    if not isinstance(d.get("seed"), int) or not 0 <= d["seed"] < 2**32:
+        raise VlpromptError(f"data.seed={d.get('seed')!r} is invalid; use an integer >= 0 such as 1, 2, 3")
+    nw = d.get("num_workers", 0)
+    if not isinstance(nw, int) or isinstance(nw, bool) or nw < 0:
+        raise VlpromptError(f"data.num_workers={nw!r} is invalid; use 0 (load in the main process) or more")
     if not isinstance(cfg.get("options"), Mapping):
         raise VlpromptError("options must be a mapping of the method's Config fields")
     b = cfg["backbone"]
