@@ -192,7 +192,8 @@ def drop_missing(items: list[Datum], skip_bad: bool, source: str, what: str = "i
         raise VlpromptError(
             f"{len(missing)} of {len(items)} {what} listed in {source} are missing, "
             f"first: {missing[0].impath}; "
-            "restore them (see `vlprompt data verify`) or pass --skip-bad (skip_bad=True in Python) to drop them"
+            "restore them (see `vlprompt data verify`) or pass --skip-bad (skip_bad=True in Python) "
+            "to drop them"
         )
     log.warning(
         "dropping %d missing %s listed in %s (first: %s)", len(missing), what, source, missing[0].impath
