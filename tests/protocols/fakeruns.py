@@ -66,3 +66,12 @@ def make_run(
     if done:
         (d / "done").write_text("")
     return d
+
+
+def demo_grid_argv(out, seeds: str = "1", *extra: str) -> list[str]:
+    """`vlprompt run` argv for the smallest real base2new grid (coop, demo, vlp-tiny, 2 shots, 1 epoch)."""
+    return [
+        "run", "--protocol", "base2new", "--method", "coop", "--datasets", "demo", "--seeds", seeds,
+        "--shots", "2", "--model", "vlp-tiny", "--epochs", "1", "--set", "train.batch_size=8",
+        "--out", str(out), "--no-progress", *extra,
+    ]  # fmt: skip

@@ -102,33 +102,12 @@ def test_parallel_workers_isolate_failures_and_resume(tmp_path, caplog):
 @pytest.mark.slow
 def test_run_jobs_2_gives_the_report_of_jobs_1(tmp_path, capsys):
     """Real training: `vlprompt run --jobs 2` (two worker processes) writes the same report as `--jobs 1`."""
+    from fakeruns import demo_grid_argv
+
     from vlprompt.cli.main import main
 
     def run(out: Path, jobs: str) -> str:
-        argv = [
-            "run",
-            "--protocol",
-            "base2new",
-            "--method",
-            "coop",
-            "--datasets",
-            "demo",
-            "--seeds",
-            "1,2",
-            "--shots",
-            "2",
-            "--model",
-            "vlp-tiny",
-            "--epochs",
-            "1",
-            "--set",
-            "train.batch_size=8",
-            "--out",
-            str(out),
-            "--jobs",
-            jobs,
-            "--no-progress",
-        ]
+        argv = demo_grid_argv(out, "1,2", "--jobs", jobs)
         assert main(argv) == 0
         printed = capsys.readouterr().out
         assert "2 runs: 2 done, 0 skipped (complete), 0 failed" in printed

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fakeruns import demo_grid_argv
 
 from vlprompt.cli.main import main
 from vlprompt.protocols.report import RANDOM_BANNER, harmonic_mean
@@ -17,28 +18,7 @@ pytest.importorskip("vlprompt.protocols.runs")
 @pytest.mark.slow
 def test_run_then_report(tmp_path: Path, capsys) -> None:
     runs = tmp_path / "runs"
-    argv = [
-        "run",
-        "--protocol",
-        "base2new",
-        "--method",
-        "coop",
-        "--datasets",
-        "demo",
-        "--seeds",
-        "1",
-        "--shots",
-        "2",
-        "--model",
-        "vlp-tiny",
-        "--epochs",
-        "1",
-        "--set",
-        "train.batch_size=8",
-        "--out",
-        str(runs),
-        "--no-progress",
-    ]
+    argv = demo_grid_argv(runs)
     assert main(argv) == 0
     assert "1 runs: 1 done, 0 skipped (complete), 0 failed" in capsys.readouterr().out
     run = runs / "base2new" / "coop" / "demo" / "shots2_seed1"

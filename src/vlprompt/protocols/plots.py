@@ -20,6 +20,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write as PNG and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80] or "plot"
 
@@ -63,11 +71,7 @@ def base2new_bars(
             f"base-to-new: {dataset}" + (f"\n{title_suffix.strip()}" if title_suffix else ""), fontsize=9
         )
         ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = out_dir / f"base2new_{_slug(dataset)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir / f"base2new_{_slug(dataset)}.png"))
     return paths
 
 
@@ -100,11 +104,7 @@ def fewshot_curves(
         )
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"fewshot_{_slug(dataset)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir / f"fewshot_{_slug(dataset)}.png"))
     return paths
 
 
@@ -135,9 +135,5 @@ def training_curves(
             ax.grid(alpha=0.3)
         ax_l.legend(fontsize=7)
         fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"train_{_slug(title)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir / f"train_{_slug(title)}.png"))
     return paths
