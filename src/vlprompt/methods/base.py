@@ -8,6 +8,7 @@ pieces live in :mod:`vlprompt.methods.common`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,6 +21,23 @@ from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError, unknown_name
 
 _REGISTRY: dict[str, type[PromptMethod]] = {}
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A method option: its default (the official recipe) and a one-line help string.
+
+    ``vlprompt config show --method M`` prints the help; use it for every field of a method's Config.
+    Mutable defaults (lists, dicts) are wrapped in a ``default_factory``.
+    """
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def option_help(cls: type[MethodConfig]) -> dict[str, str]:
+    """``{field: help}`` of a method's Config (empty help where a field has none)."""
+    return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -51,6 +69,9 @@ class PromptMethod(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     image_conditioned_text: ClassVar[bool] = False  # text side depends on the image (CoCoOp)
     summary: ClassVar[str] = ""
+    # a one-line provenance note when the method is our reading rather than published code (DPL): the
+    # run layer writes ``reconstructed: true`` + this note into every artefact of such a method
+    reconstruction_note: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone):
         super().__init__()

@@ -141,6 +141,8 @@ class DecoupledPromptStream(nn.Module):
 class _DPLBase(PromptMethod):
     """Shared body: the text instance stream is the hand-crafted template; streams per config."""
 
+    reconstruction_note = f"DPL is {RECONSTRUCTED}"
+
     def __init__(self, cfg: _DecoupledOptions, backbone: Backbone):
         super().__init__(cfg, backbone)
         _check(cfg)
