@@ -19,7 +19,7 @@ _LAZY = {
     "PromptModel": "vlprompt.methods",
     "list_datasets": "vlprompt.data",
     "get_dataset": "vlprompt.data",
-    "load_run": "vlprompt.protocols.runs",
+    "load_run": "vlprompt.run",
     "VlpromptError": "vlprompt.errors",
 }
 

@@ -11,23 +11,60 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set-and-restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Write a file atomically: ``write(tmp_path)`` then rename over ``path``.
 
-    An interrupted run therefore never leaves a half-written checkpoint or result.
+    An interrupted run therefore never leaves a half-written checkpoint or result.  The file gets
+    the mode an ordinary ``open()`` would give it (0666 less the umask), not mkstemp's private 0600,
+    so a colleague can read a shared run or an exported prompt.  A temp file orphaned by a kill is
+    named ``.<name>.<random>.tmp`` and removed by :func:`remove_stale_temps`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Delete temp files of interrupted atomic writes under ``folder``; returns how many went."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    pattern = f".*{TMP_SUFFIX}"
+    n = 0
+    for p in folder.rglob(pattern) if recursive else folder.glob(pattern):
+        if p.is_file():
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -38,8 +38,8 @@ def test_eval_corrupt_image_error_then_skip_bad(tmp_path, capsys):
 def test_train_refuses_to_discard_an_interrupted_run(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
-    (out / "checkpoint" / "state.pt").write_bytes(b"x")
+    (out / "checkpoint" / "state.json").write_bytes(b"x")
     rc = main(["train", "--method", "coop", "--dataset", "demo", "--model", "vlp-tiny", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "--resume" in err[-1] and "--force" in err[-1]
-    assert (out / "checkpoint" / "state.pt").read_bytes() == b"x"  # nothing was overwritten
+    assert (out / "checkpoint" / "state.json").read_bytes() == b"x"  # nothing was overwritten

@@ -24,7 +24,8 @@ RUN_FILES = [
     "prompt.safetensors",
     "manifest.json",
     "checkpoint/last.safetensors",
-    "checkpoint/state.pt",
+    "checkpoint/state.json",
+    "fingerprint.json",
     "done",
 ]
 TRAIN = [
@@ -100,15 +101,15 @@ def test_eval_run_on_new_classes(run: Path, capsys) -> None:
     assert [e["subsample"] for e in evals] == ["base", "new"]
     assert set(evals[1]["per_class_accuracy"]) == {"five", "six", "seven", "eight", "nine"}
     # recording the same (dataset, subsample) again replaces its entry instead of duplicating it
-    from vlprompt.protocols.runs import _write_metrics
+    from vlprompt.run import RunDir
 
-    _write_metrics(run, {**evals[1], "accuracy": -1.0})
+    RunDir(run).write_metrics({**evals[1], "accuracy": -1.0})
     evals2 = json.loads((run / "metrics.json").read_text())["evaluations"]
     assert [(e["subsample"], e["accuracy"]) for e in evals2] == [
         ("base", evals[0]["accuracy"]),
         ("new", -1.0),
     ]
-    _write_metrics(run, evals[1])
+    RunDir(run).write_metrics(evals[1])
 
 
 def _demo_image(run: Path) -> Path:

@@ -51,11 +51,14 @@ def test_custom_folder_split_written_once_and_reused(tmp_path):
     assert split_file.is_file()
     assert first.classnames == ["pear", "plum", "red apple"]
     assert first.counts() == {"train": 10, "val": 4, "test": 5}  # 5/2/3 + 3/1/2 + 2/1/0
-    write_image(root / "pear" / "late_addition.png")  # a reused split ignores new files
     mtime = split_file.stat().st_mtime_ns
-    again = get_dataset("custom", root=root)
+    again = get_dataset("custom", root=root)  # an unchanged folder reuses its split
     assert split_file.stat().st_mtime_ns == mtime
     assert split_hash(again) == split_hash(first)
+    write_image(root / "pear" / "late_addition.png")  # a changed listing gets a new split
+    grown = get_dataset("custom", root=root)
+    assert split_hash(grown) != split_hash(first)
+    assert sum(grown.counts().values()) == sum(first.counts().values()) + 1
     assert len(subsample(first, "base").classnames) == 2 and fewshot(first, 2, seed=1).train
 
 
@@ -70,10 +73,10 @@ def test_custom_csv_and_readonly_fallback(tmp_path, monkeypatch):
     csv_path.write_text("\n".join(rows) + "\n")
     real_write = custom.write_split
 
-    def no_write_next_to_data(path, *parts):  # chmod does not stop root, so simulate a read-only folder
+    def no_write_next_to_data(path, *parts, **kw):  # chmod does not stop root: simulate a read-only folder
         if str(path).startswith(str(data)):
             raise PermissionError(13, "read-only", str(path))
-        real_write(path, *parts)
+        real_write(path, *parts, **kw)
 
     monkeypatch.setattr(custom, "write_split", no_write_next_to_data)
     first = get_dataset(f"csv:{csv_path}")

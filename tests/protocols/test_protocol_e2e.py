@@ -12,7 +12,7 @@ from fakeruns import demo_grid_argv
 from vlprompt.cli.main import main
 from vlprompt.protocols.report import RANDOM_BANNER, harmonic_mean
 
-pytest.importorskip("vlprompt.protocols.runs")
+pytest.importorskip("vlprompt.run")
 
 
 @pytest.mark.slow

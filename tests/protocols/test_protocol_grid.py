@@ -28,7 +28,7 @@ def test_base2new_plan(tmp_path: Path) -> None:
     assert s.evaluations == [Evaluation("caltech101", "base"), Evaluation("caltech101", "new")]
     assert s.cfg["data"]["subsample"] == "base" and s.cfg["protocol"] == "base2new"
     assert s.cfg["data"]["dataset"] == "caltech101" and s.cfg["data"]["seed"] == 1
-    assert s.cfg["backbone"] == {"name": "ViT-B-16", "pretrained": None, "weights": None}
+    assert s.cfg.backbone.to_dict() == {"name": "ViT-B-16", "pretrained": None, "weights": None}
 
 
 def test_fewshot_plan_default_shots(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_complete_runs_are_recognised(tmp_path: Path) -> None:
 def _fake_runs_module(calls: list, fail_seed: int | None = None) -> types.ModuleType:
     """Stand-in for protocols/runs.py that writes the run-dir files the runner checks."""
 
-    def train_run(cfg, out_dir, resume=True, progress=True, backbone=None):
+    def train_run(cfg, out_dir, resume=True, progress=True, backbone=None, **kw):
         calls.append(("train", cfg["data"]["seed"]))
         if cfg["data"]["seed"] == fail_seed:
             raise RuntimeError("CUDA out of memory\nsecond line")
@@ -106,14 +106,20 @@ def _fake_runs_module(calls: list, fail_seed: int | None = None) -> types.Module
         path.write_text(json.dumps(data))
         return entry
 
-    mod = types.ModuleType("vlprompt.protocols.runs")
+    import vlprompt.run as real
+
+    mod = types.ModuleType("vlprompt.run")
+    mod.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
     mod.train_run, mod.evaluate_run = train_run, evaluate_run
+    # the fake runs have no fingerprint: a finished one counts as computing exactly its spec
+    mod.request_fingerprint = lambda cfg: {"fingerprint": "fake", "identity": {}}
+    mod.check_request = lambda cfg, run, fp, **kw: "complete" if run.is_complete() else "fresh"
     return mod
 
 
 def test_runner_trains_evaluates_skips_and_survives_failure(tmp_path: Path, monkeypatch, caplog) -> None:
     calls: list = []
-    monkeypatch.setitem(sys.modules, "vlprompt.protocols.runs", _fake_runs_module(calls, fail_seed=2))
+    monkeypatch.setitem(sys.modules, "vlprompt.run", _fake_runs_module(calls, fail_seed=2))
     specs = plan_grid("base2new", ["coop"], ["demo"], [1, 2, 3], tmp_path, shots=[2])
     results = run_grid(specs, progress=False, share_backbone=False)
     assert [r.status for r in results] == ["done", "failed", "done"]
@@ -143,7 +149,7 @@ def test_runner_trains_evaluates_skips_and_survives_failure(tmp_path: Path, monk
 
 def test_run_cli_exit_code_and_dry_run(tmp_path: Path, monkeypatch, capsys) -> None:
     calls: list = []
-    monkeypatch.setitem(sys.modules, "vlprompt.protocols.runs", _fake_runs_module(calls, fail_seed=2))
+    monkeypatch.setitem(sys.modules, "vlprompt.run", _fake_runs_module(calls, fail_seed=2))
     argv = [
         "run",
         "--protocol",
@@ -164,7 +170,7 @@ def test_run_cli_exit_code_and_dry_run(tmp_path: Path, monkeypatch, capsys) -> N
     ]
     assert main(argv + ["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "2 runs planned, 0 complete" in out and calls == []
+    assert "2 runs planned: 2 todo" in out and calls == []
     assert main(argv) == 1  # seed 2 fails, seed 1 still runs
     out = capsys.readouterr().out
     assert "1 done, 0 skipped (complete), 1 failed" in out

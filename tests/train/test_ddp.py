@@ -304,4 +304,4 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert [(x["kind"], x["epoch"]) for x in lines] == [
         (k, e) for e in (1, 2, 3) for k in ("step", "step", "epoch")
     ]
-    assert (tmp_path / "ddp" / "checkpoint" / "state.pt").is_file()
+    assert (tmp_path / "ddp" / "checkpoint" / "state.json").is_file()

@@ -135,17 +135,18 @@ def test_resolve_config_order() -> None:
         overrides=["train.epochs_by_shots={1: 7, 2: 9}"],
         device="cpu",
     )
-    assert cfg["data"] == {
+    assert cfg.data.to_dict() == {
         "dataset": "demo",
         "root": None,
         "shots": 2,
         "seed": 1,
         "subsample": "base",
-        "num_workers": 0,
         "skip_bad": False,
+        "num_workers": 0,
+        "max_image_pixels": 178_956_970,
     }
-    assert cfg["train"]["device"] == "cpu"
-    assert cfg["backbone"] == {"name": "vlp-tiny", "pretrained": None, "weights": None}
+    assert cfg.train.device == "cpu" and cfg["train"]["device"] == "cpu"  # typed, and dict-style reads
+    assert cfg.backbone.to_dict() == {"name": "vlp-tiny", "pretrained": None, "weights": None}
     # epochs_by_shots applies, explicit flags win over it
     cfg = resolve_config("zeroshot", "demo", shots=2, overrides=["train.epochs_by_shots={2: 9}"])
     assert cfg["train"]["epochs"] == 9

@@ -104,21 +104,23 @@ def test_resume_rejects_other_settings(backbone, data, tmp_path) -> None:
 def test_failed_write_keeps_old_checkpoint(backbone, data, tmp_path, monkeypatch) -> None:
     cfg = {**CFG, "train": {**CFG["train"], "epochs": 2}}
     fit(_model(backbone), data, cfg, tmp_path, progress=False, stop_after_epoch=1)
-    before = (tmp_path / "checkpoint" / "state.pt").read_bytes()
+    before = (tmp_path / "checkpoint" / "state.json").read_bytes()
 
-    real_save = torch.save
+    from vlprompt.utils import atomic_write
 
-    def half_then_fail(obj, path, *a, **k):
-        with open(path, "wb") as f:
-            f.write(b"partial garbage")
-        raise OSError("disk full")
+    def half_then_fail(path, obj):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write("partial garbage")
+            raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", half_then_fail)
+        atomic_write(path, write)
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", half_then_fail)  # the last write of a checkpoint fails
     with pytest.raises(OSError, match="disk full"):
         fit(_model(backbone), data, cfg, tmp_path, resume=True, progress=False)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["last.safetensors", "state.pt"]
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint" / "state.json").read_bytes() == before
     state = ckpt.load_checkpoint(tmp_path / "checkpoint")
     assert state["epoch"] == 1
     res = fit(_model(backbone), data, cfg, tmp_path, resume=True, progress=False)

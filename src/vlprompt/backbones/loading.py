@@ -331,3 +331,23 @@ def load_backbone(
     return Backbone(model, name=name, pretrained=tag or (str(path) if path else None), meta=meta).to(
         device or "cpu"
     )
+
+
+def meta_backbone(name: str):
+    """The architecture ``name`` with no data (the meta device): shapes only, built in milliseconds.
+
+    Used to validate method settings against a model (prompt depth vs layers, widths) before any
+    weights are read; nothing can be computed with it.
+    """
+    import open_clip
+
+    from vlprompt.backbones.backbone import Backbone
+
+    _register_configs()
+    if open_clip.get_model_config(name) is None:
+        raise unknown_name("model", name, list_architectures())
+    with torch.device("meta"):
+        model = open_clip.create_model(name, pretrained=None, device="meta")
+        return Backbone(
+            model, name=name, pretrained=None, meta={"source": "meta", "config": _model_config(name)}
+        )

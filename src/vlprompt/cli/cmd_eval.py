@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vlprompt.cli.cmd_train import add_backbone_args, print_table
+from vlprompt.cli.cmd_train import print_table
+from vlprompt.cli.common import add_backbone_args, model_name
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -14,16 +15,15 @@ log = logging.getLogger(__name__)
 def _zeroshot(args: argparse.Namespace) -> int:
     from vlprompt.data import build_loader, build_transform, get_dataset, subsample
     from vlprompt.methods import create_model
-    from vlprompt.protocols.runs import _load_backbone_from, environment
+    from vlprompt.run import RunDir, environment, load_backbone_from, metrics_entry, record_metrics
     from vlprompt.train import evaluate
     from vlprompt.train.precision import resolve_device
-    from vlprompt.utils import atomic_write_json
 
     if not args.dataset:
         raise VlpromptError("eval --method needs --dataset NAME")
     dev = resolve_device(args.device or "auto")
-    backbone = _load_backbone_from(
-        {"name": args.model, "pretrained": args.pretrained, "weights": args.weights}, device=dev
+    backbone = load_backbone_from(
+        {"name": model_name(args), "pretrained": args.pretrained, "weights": args.weights}, device=dev
     )
     splits = subsample(get_dataset(args.dataset, args.root, skip_bad=args.skip_bad), args.subsample or "all")
     model = create_model(args.method, backbone, list(splits.classnames), template=splits.template)
@@ -37,25 +37,13 @@ def _zeroshot(args: argparse.Namespace) -> int:
         splits.test, tf, args.batch_size or 100, shuffle=False, num_workers=args.num_workers
     )
     res = evaluate(model, loader, device=dev)
-    entry = {
-        "dataset": splits.name,
-        "subsample": splits.subsample,
-        "split": "test",
-        "epoch": 0,
-        **{k: res[k] for k in ("accuracy", "macro_f1", "per_class_accuracy", "n", "n_classes")},
-        "seed": None,
-        "shots": 0,
-        "method": args.method,
-    }
+    entry = metrics_entry(
+        res, dataset=splits.name, subsample=splits.subsample, epoch=0, seed=None, shots=0, method=args.method
+    )
     if args.out:
-        from pathlib import Path
-
-        from vlprompt.protocols.runs import _write_metrics
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_metrics(out, entry)
-        atomic_write_json(out / "env.json", environment(str(dev)))
+        out = RunDir(args.out)
+        record_metrics(out, entry)
+        out.write_env(environment(str(dev)))
     print_table([entry])
     return 0
 
@@ -69,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         raise VlpromptError("pass either --run RUN (a trained run) or --method NAME (e.g. zeroshot)")
     if args.method:
         return _zeroshot(args)
-    from vlprompt.protocols.runs import evaluate_run
+    from vlprompt.run import evaluate_run
 
     entry = evaluate_run(
         args.run,
@@ -80,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         skip_bad=args.skip_bad or None,
+        weights=args.weights,
     )
     print_table([entry])
     return 0

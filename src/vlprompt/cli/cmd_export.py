@@ -6,7 +6,7 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vlprompt.protocols.runs import export_run
+    from vlprompt.run import export_run
 
     out = export_run(args.run, args.out)
     print(f"exported {args.run} -> {out}")
@@ -14,7 +14,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="write a run's learned prompt as safetensors + manifest")
+    p = subparsers.add_parser(
+        "export", help="write a run's learned prompt as safetensors + manifest (no machine paths: shareable)"
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("out", help="output directory")
     p.set_defaults(func=_run)

@@ -12,7 +12,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from vlprompt.data import build_transform, load_rgb
-    from vlprompt.protocols.runs import load_run
+    from vlprompt.run import load_run
 
     paths = [Path(p) for p in args.images]
     for p in paths:

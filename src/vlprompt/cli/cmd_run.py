@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from vlprompt.cli.common import add_backbone_args, add_config_args, add_data_args, data_overrides, model_name
 from vlprompt.errors import VlpromptError
 
 
@@ -14,44 +15,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run",
         help="run a protocol grid (base2new, cross-dataset, dg, fewshot) over methods, data sets, seeds",
         description="Train and evaluate every run of a protocol grid into RUNS_DIR/<protocol>/<method>/"
-        "<dataset>/shots<K>_seed<S>/. Complete runs (a `done` file and every needed evaluation in "
-        "metrics.json) are skipped; interrupted runs resume from their checkpoint; missing evaluations "
-        "are added. A failing run is reported and the others go on (exit status 1 if any failed).",
+        "<dataset>/shots<K>_seed<S>/. A finished run is skipped only when its fingerprint (everything that "
+        "changes its result) equals the request's; a finished run with other settings is reported as a "
+        "conflict (--force replaces it); interrupted runs resume; missing evaluations are added. A failing "
+        "run is reported and the others go on (exit status 1 if any failed).",
     )
     p.add_argument("--protocol", required=True, choices=PROTOCOLS)
-    p.add_argument("--method", required=True, help="method name(s), comma-separated (see `vlprompt methods`)")
     p.add_argument(
-        "--datasets",
-        help="comma-separated data sets: trained on for base2new/fewshot; the targets for cross-dataset/dg "
-        "(default: the protocol's standard targets)",
+        "--method",
+        "--methods",
+        dest="method",
+        required=True,
+        help="method name(s), comma-separated (see `vlprompt methods`)",
     )
+    add_data_args(p, many=True)
     p.add_argument("--source", help="cross-dataset/dg: data set trained on (default imagenet)")
-    p.add_argument("--root", help="folder holding the data sets in CoOp layout (<root>/caltech-101/...)")
     p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="drop unreadable/corrupt images (logged with a count) instead of failing",
+        "--seeds", "--seed", dest="seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)"
     )
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--shots", help="comma-separated shots per class (default 16; fewshot: 1,2,4,8,16)")
     p.add_argument("--out", default="runs", help="runs directory (default ./runs)")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai); default: random init")
-    w.add_argument("--weights", help="local weights file (.safetensors / .pt / .bin)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every run, e.g. --set train.lr=0.01 (repeatable)",
-    )
+    add_backbone_args(p)
+    add_config_args(p)
     p.add_argument("--epochs", type=int, help="override the number of training epochs")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the preset's, auto)")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader workers per run (default 0)")
+    p.add_argument("--force", action="store_true", help="retrain finished runs whose settings differ")
     p.add_argument(
-        "--dry-run", action="store_true", help="print the planned runs and their status, run nothing"
+        "--dry-run",
+        action="store_true",
+        help="build and validate every run's config and print todo / resume / complete / conflict / invalid",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -82,15 +73,31 @@ def plan_from_args(args: argparse.Namespace) -> list:
         args.out,
         shots=parse_list(args.shots, "shots", int) if args.shots else None,
         root=args.root,
-        model=args.model,
+        model=model_name(args),
         pretrained=args.pretrained,
         weights=args.weights,
-        overrides=list(args.overrides or []) + (["data.skip_bad=true"] if args.skip_bad else []),
+        overrides=data_overrides(args),
         epochs=args.epochs,
         num_workers=args.num_workers,
         source=args.source,
         device=args.device,
+        config_file=args.config,
     )
+
+
+def dry_run(specs: list) -> int:
+    from vlprompt.protocols.runner import status
+
+    counts: dict[str, int] = {}
+    for s in specs:
+        state, reason = status(s)
+        counts[state] = counts.get(state, 0) + 1
+        evals = ", ".join(f"{e.dataset}/{e.subsample}" for e in s.evaluations)
+        line = f"{state:9} {s.out_dir}  [{evals}]"
+        print(line + (f"  -- {reason}" if reason else ""))
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    print(f"{len(specs)} runs planned: {summary}")
+    return 1 if counts.get("invalid") or counts.get("conflict") else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,14 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
     specs = plan_from_args(args)
     if args.dry_run:
+        return dry_run(specs)
+    if args.force:
         for s in specs:
-            state = (
-                "complete" if s.is_complete() else ("trained" if (s.out_dir / "done").is_file() else "todo")
-            )
-            evals = ", ".join(f"{e.dataset}/{e.subsample}" for e in s.evaluations)
-            print(f"{state:9} {s.out_dir}  [{evals}]")
-        print(f"{len(specs)} runs planned, {sum(s.is_complete() for s in specs)} complete")
-        return 0
+            s.force = True
     parallel = getattr(args, "jobs", None) is not None or getattr(args, "devices", None)
     if parallel:  # protocols/parallel.py: worker processes + one aggregated report at the end
         from vlprompt.protocols.parallel import parse_devices, report_grid, run_grid_parallel

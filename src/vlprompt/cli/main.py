@@ -16,7 +16,19 @@ import sys
 from vlprompt.errors import VlpromptError
 
 # sub-command modules, in the order --help lists them
-COMMANDS = ["demo", "train", "eval", "run", "report", "predict", "export", "data", "bench", "methods"]
+COMMANDS = [
+    "demo",
+    "train",
+    "eval",
+    "run",
+    "report",
+    "predict",
+    "export",
+    "config",
+    "data",
+    "bench",
+    "methods",
+]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,11 +38,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from vlprompt import __version__
+    from vlprompt.cli.common import environment_epilog
 
     parser = _Parser(
         prog="vlprompt",
         description="Prompt learning for CLIP-style models: MPL, DPL (reconstructed from the paper's "
         "abstract) and baselines on one prompted-transformer engine.",
+        epilog=environment_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

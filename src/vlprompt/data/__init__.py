@@ -13,7 +13,7 @@ from vlprompt.data.custom import load_custom
 from vlprompt.data.datasets import get_dataset
 from vlprompt.data.demo import ensure_demo
 from vlprompt.data.fewshot import fewshot, sample_per_class
-from vlprompt.data.images import load_rgb
+from vlprompt.data.images import load_rgb, set_max_image_pixels
 from vlprompt.data.loaders import CachedEvalDataset, ImageDataset, build_loader, cached_eval_dataset
 from vlprompt.data.registry import (
     BENCHMARKS,
@@ -64,6 +64,7 @@ __all__ = [
     "load_rgb",
     "read_split",
     "sample_per_class",
+    "set_max_image_pixels",
     "split_hash",
     "subsample",
     "verify_dataset",

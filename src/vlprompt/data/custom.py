@@ -3,14 +3,16 @@
 On first load a seeded, per-class 50/20/30 train/val/test split is written as a CoOp-format JSON --
 next to the data (``PATH/split_vlprompt.json`` or ``<csv>.split_vlprompt.json``), or under
 ``cache_dir()/custom/`` when that folder is read-only -- and reused on every later load, so few-shot,
-base/new and evaluation treat the data exactly like a benchmark. Delete the JSON to re-split
-(e.g. after adding images).
+base/new and evaluation treat the data exactly like a benchmark.  The split records a digest of
+the listing it was made from; when the folder (or CSV) gains or loses a class or an image, the split
+is rebuilt with a warning, so a changed data set is never evaluated with a stale split.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import os
 import random
@@ -98,6 +100,23 @@ def _split(classes: dict[str, list[str]], base: Path) -> list[list[Datum]]:
     return out
 
 
+LISTING_KEY = "vlprompt_listing_sha256"
+
+
+def listing_digest(classes: dict[str, list[str]]) -> str:
+    """sha256 of the class -> files listing a split was made from (a change means a new split)."""
+    return hashlib.sha256(json.dumps(classes, sort_keys=True).encode()).hexdigest()
+
+
+def _stored_digest(split_file: Path) -> str | None:
+    try:
+        obj = json.loads(split_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = obj.get(LISTING_KEY) if isinstance(obj, dict) else None
+    return str(value) if value else None
+
+
 def _split_paths(kind: str, path: Path) -> list[Path]:
     local = path / SPLIT_NAME if kind == "folder" else path.with_name(f"{path.name}.{SPLIT_NAME}")
     cached = cache_dir() / "custom" / hashlib.sha256(str(path).encode()).hexdigest()[:16] / SPLIT_NAME
@@ -115,8 +134,21 @@ def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
     base = path if kind == "folder" else path.parent
     name = f"{kind}:{path}"
     split_file = next((p for p in _split_paths(kind, path) if p.is_file()), None)
+    classes = _scan_folder(path) if kind == "folder" else _scan_csv(path)
+    digest = listing_digest(classes)
+    if split_file is not None:
+        stored = _stored_digest(split_file)
+        if stored != digest:
+            log.warning(
+                "%s changed since its split %s was made (%s); writing a new split",
+                name,
+                split_file,
+                "no listing recorded"
+                if stored is None
+                else f"now {len(classes)} classes, {sum(len(v) for v in classes.values())} images",
+            )
+            split_file = None
     if split_file is None:
-        classes = _scan_folder(path) if kind == "folder" else _scan_csv(path)
         if len(classes) < 2:
             found = ", ".join(classes) or "none"
             raise VlpromptError(
@@ -126,7 +158,7 @@ def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
         parts = _split(classes, base)
         for split_file in _split_paths(kind, path):
             try:
-                write_split(split_file, *parts)
+                write_split(split_file, *parts, extra={LISTING_KEY: digest})
                 break
             except OSError:
                 continue

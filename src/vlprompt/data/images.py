@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
 
 from PIL import Image, UnidentifiedImageError
@@ -11,6 +12,26 @@ from PIL import Image, UnidentifiedImageError
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
+
+#: PIL's own default (89.5 M pixels) doubled: the largest benchmark images are far below it
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+MAX_PIXELS_HINT = (
+    "raise data.max_image_pixels (--set data.max_image_pixels=N, 0 = no limit) if the image is genuine"
+)
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """The decompression-bomb limit (width x height) for every image decoded in this process; 0 = none.
+
+    PIL refuses larger images with ``DecompressionBombError``; vlprompt turns that into a one-line
+    error naming the file (or, with ``--skip-bad``, drops the file).
+    """
+    Image.MAX_IMAGE_PIXELS = (
+        None if not n else int(n) // 2
+    )  # PIL raises at twice its limit and warns above it
+
+
+set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
 
 IMAGE_EXTS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -25,9 +46,15 @@ def load_rgb(path: str) -> Image.Image:
     A missing, truncated or corrupt file raises :class:`VlpromptError` naming the file, never a PIL traceback.
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise VlpromptError(
+            f"image {path} is too large to decode safely ({_bomb(e)}); {MAX_PIXELS_HINT}, or pass --skip-bad to drop it"
+        ) from None
     except FileNotFoundError:
         raise VlpromptError(
             f"image not found: {path}; restore it or pass --skip-bad (skip_bad=True in Python) to drop it"
@@ -47,23 +74,38 @@ def image_problem(path: str, decode: bool = True) -> str | None:
     end-of-image marker, which catches truncation at a fraction of the cost.
     """
     try:
-        with Image.open(path) as im:
-            if decode:
-                if im.format == "JPEG":
-                    im.draft("RGB", (64, 64))
-                im.load()
-            else:
-                fmt = im.format
-                im.verify()
-                if fmt == "JPEG":
-                    with open(path, "rb") as f:
-                        f.seek(max(0, os.path.getsize(path) - 64))
-                        if b"\xff\xd9" not in f.read():
-                            return "truncated JPEG (no end-of-image marker)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _problem(path, decode)
+    except Image.DecompressionBombError as e:
+        return f"too large to decode safely ({_bomb(e)})"
     except FileNotFoundError:
         return "missing"
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         return f"{type(e).__name__}: {e}"
+
+
+def _bomb(e: Exception) -> str:
+    import re
+
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    return f"{int(m.group(1)):,} pixels" if m else "over the pixel limit"
+
+
+def _problem(path: str, decode: bool) -> str | None:
+    with Image.open(path) as im:
+        if decode:
+            if im.format == "JPEG":
+                im.draft("RGB", (64, 64))
+            im.load()
+            return None
+        fmt = im.format
+        im.verify()
+    if fmt == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 64))
+            if b"\xff\xd9" not in f.read():
+                return "truncated JPEG (no end-of-image marker)"
     return None
 
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from vlprompt.errors import VlpromptError
 from vlprompt.utils import atomic_write_json, sha256_json
@@ -232,9 +233,20 @@ def read_split(
     return out[0], out[1], out[2], names
 
 
-def write_split(path: str | os.PathLike, train: list[Datum], val: list[Datum], test: list[Datum]) -> None:
-    """Write items as a CoOp split file (atomically, so a crash never leaves half a split)."""
-    obj = {
+def write_split(
+    path: str | os.PathLike,
+    train: list[Datum],
+    val: list[Datum],
+    test: list[Datum],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write items as a CoOp split file (atomically, so a crash never leaves half a split).
+
+    ``extra`` keys (e.g. the listing digest of a custom folder) are stored beside the three lists;
+    readers of the CoOp format ignore them.
+    """
+    obj: dict[str, Any] = {
         s: [[d.relpath, d.label, d.classname] for d in items] for s, items in zip(SPLITS, (train, val, test))
     }
+    obj.update(extra or {})
     atomic_write_json(path, obj)

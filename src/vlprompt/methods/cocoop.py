@@ -15,15 +15,15 @@ from torch import nn
 
 from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, ctx_segments, init_ctx
 
 
 @dataclass
 class CoCoOpConfig(MethodConfig):
-    n_ctx: int = 4  # learnable context vectors
-    ctx_init: str = "a photo of a"  # phrase of exactly n_ctx tokens, or "" for N(0, 0.02^2)
-    meta_ratio: int = 16  # meta-net hidden width = embed_dim // meta_ratio
+    n_ctx: int = opt(4, "learnable context vectors")
+    ctx_init: str = opt("a photo of a", 'phrase of exactly n_ctx tokens, or "" for N(0, 0.02^2)')
+    meta_ratio: int = opt(16, "meta-net hidden width = embed_dim // meta_ratio")
 
 
 @register_method

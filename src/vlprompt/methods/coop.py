@@ -14,16 +14,16 @@ from torch import nn
 
 from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, ctx_segments, init_ctx
 
 
 @dataclass
 class CoOpConfig(MethodConfig):
-    n_ctx: int = 16  # number of learnable context vectors M
-    ctx_init: str = ""  # "" = N(0, 0.02^2); else a phrase of exactly n_ctx tokens, e.g. "a photo of a"
-    csc: bool = False  # class-specific context (C, M, d) instead of one shared (M, d)
-    class_token_position: str = "end"  # end | middle | front
+    n_ctx: int = opt(16, "number of learnable context vectors M")
+    ctx_init: str = opt("", '"" = N(0, 0.02^2); else a phrase of exactly n_ctx tokens, e.g. "a photo of a"')
+    csc: bool = opt(False, "class-specific context (C, M, d) instead of one shared (M, d)")
+    class_token_position: str = opt("end", "end | middle | front")
 
 
 @register_method

@@ -21,17 +21,17 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, normal_prompts, prefix_ctx, validate_depth
 
 
 @dataclass
 class IVLPConfig(MethodConfig):
-    n_ctx_text: int = 2  # learnable text slots (the first tokens of ctx_init)
-    n_ctx_image: int = 2  # learnable image tokens per layer
-    ctx_init: str = "a photo of a"  # prompt prefix; "" = n_ctx_text random slots before the class
-    depth_text: int = 12  # text layers with their own prompts (1 = shallow)
-    depth_image: int = 12  # image layers with their own prompts (0 = no image prompts)
+    n_ctx_text: int = opt(2, "learnable text slots (the first tokens of ctx_init)")
+    n_ctx_image: int = opt(2, "learnable image tokens per layer")
+    ctx_init: str = opt("a photo of a", 'prompt prefix; "" = n_ctx_text random slots before the class')
+    depth_text: int = opt(12, "text layers with their own prompts (1 = shallow)")
+    depth_image: int = opt(12, "image layers with their own prompts (0 = no image prompts)")
 
 
 @register_method

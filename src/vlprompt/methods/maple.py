@@ -19,16 +19,16 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, linear_stack, normal_prompts, prefix_ctx, validate_depth
 
 
 @dataclass
 class MaPLeConfig(MethodConfig):
-    n_ctx: int = 2  # learnable slots: the first n_ctx tokens of ctx_init
-    ctx_init: str = "a photo of a"  # prompt prefix; "" = n_ctx random slots before the class
-    depth: int = 9  # prompt depth J on both towers (1 = shallow only)
-    tie_init: bool = True  # per-layer projections start as copies of one Linear (official code)
+    n_ctx: int = opt(2, "learnable slots: the first n_ctx tokens of ctx_init")
+    ctx_init: str = opt("a photo of a", 'prompt prefix; "" = n_ctx random slots before the class')
+    depth: int = opt(9, "prompt depth J on both towers (1 = shallow only)")
+    tie_init: bool = opt(True, "per-layer projections start as copies of one Linear (official code)")
 
 
 @register_method

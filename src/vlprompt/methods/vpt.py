@@ -20,16 +20,16 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, normal_prompts, uniform_prompts, validate_depth
 
 
 @dataclass
 class VPTConfig(MethodConfig):
-    n_ctx: int = 8  # image prompt tokens per layer
-    depth: int = 12  # image layers with their own prompts (1 = VPT-shallow)
-    init: str = "normal"  # normal (N(0, 0.02^2), MaPLe-repo VPT baseline) | uniform (VPT paper)
-    text: str = "a photo of a {}."  # fixed text prompt; "" = the data set's template
+    n_ctx: int = opt(8, "image prompt tokens per layer")
+    depth: int = opt(12, "image layers with their own prompts (1 = VPT-shallow)")
+    init: str = opt("normal", "normal (N(0, 0.02^2), MaPLe-repo VPT baseline) | uniform (VPT paper)")
+    text: str = opt("a photo of a {}.", 'fixed text prompt; "" = the data set\'s template')
 
 
 @register_method

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from vlprompt.backbones import Backbone
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts
 
 
 @dataclass
 class ZeroShotConfig(MethodConfig):
-    text: str = ""  # a fixed template overriding the data set's ("" = use the data set's)
+    text: str = opt("", "a fixed template overriding the data set's (\"\" = use the data set's)")
 
 
 @register_method

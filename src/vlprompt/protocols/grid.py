@@ -11,7 +11,6 @@ the data set the run is *trained* on (the source, ImageNet, for cross-dataset an
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run.layout import RunDir
 
 PROTOCOLS: tuple[str, ...] = ("base2new", "cross-dataset", "dg", "fewshot")
 
@@ -47,9 +47,10 @@ class RunSpec:
     shots: int
     seed: int
     out_dir: Path
-    cfg: dict[str, Any]
+    cfg: Any  # RunConfig
     evaluations: list[Evaluation] = field(default_factory=list)
     root: str | None = None  # where evaluate_run finds the target data sets
+    force: bool = False  # replace a finished run whose fingerprint differs
 
     @property
     def name(self) -> str:
@@ -60,25 +61,25 @@ class RunSpec:
         have = recorded_evaluations(self.out_dir)
         return [e for e in self.evaluations if e.key() not in have]
 
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.out_dir)
+
+    def is_trained(self) -> bool:
+        return self.run.is_complete()
+
     def is_complete(self) -> bool:
-        """Complete = the trainer's ``done`` marker exists and every needed evaluation is recorded."""
-        return (self.out_dir / "done").is_file() and not self.missing_evaluations()
+        """Complete = training finished (``done``) and every needed evaluation is recorded.
+
+        Whether the finished run computed *this* spec's settings is the fingerprint's question
+        (:func:`vlprompt.protocols.runner.status`).
+        """
+        return self.run.is_complete() and not self.missing_evaluations()
 
 
 def recorded_evaluations(run_dir: str | Path) -> set[tuple[str, str]]:
-    """(dataset, subsample) pairs of the test-split evaluations in ``run_dir/metrics.json``."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        return set()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return set()
-    out = set()
-    for e in data.get("evaluations", []):
-        if e.get("split", "test") == "test" and e.get("accuracy") is not None:
-            out.add((str(e.get("dataset")), str(e.get("subsample", "all"))))
-    return out
+    """(dataset, subsample) pairs of the test-split evaluations in the run's metrics."""
+    return RunDir(run_dir).recorded_evaluations()
 
 
 def run_dir_name(shots: int, seed: int) -> str:
@@ -154,8 +155,9 @@ def resolve_run_config(
     epochs: int | None,
     num_workers: int,
     device: str | None,
-) -> dict[str, Any]:
-    """One run's fully resolved config via train.config.resolve_config (preset, flags, --set)."""
+    config_file: str | None = None,
+) -> Any:
+    """One run's fully resolved RunConfig via train.config.resolve_config (preset, file, flags, --set)."""
     from vlprompt.train.config import resolve_config
 
     cfg = resolve_config(
@@ -173,8 +175,9 @@ def resolve_run_config(
         epochs=epochs,
         device=device,
         num_workers=num_workers,
+        config_file=config_file,
     )
-    cfg["protocol"] = protocol
+    cfg.protocol = protocol
     return cfg
 
 
@@ -195,7 +198,8 @@ def plan_grid(
     num_workers: int = 0,
     source: str | None = None,
     device: str | None = None,
-    resolve: Callable[..., dict[str, Any]] = resolve_run_config,
+    config_file: str | None = None,
+    resolve: Callable[..., Any] = resolve_run_config,
 ) -> list[RunSpec]:
     """Every run of ``protocol`` for the given methods, data sets, shots and seeds.
 
@@ -250,6 +254,7 @@ def plan_grid(
                         epochs=epochs,
                         num_workers=num_workers,
                         device=device,
+                        **({"config_file": config_file} if config_file else {}),
                     )
                     if protocol == "base2new":
                         evals = [Evaluation(dataset, "base"), Evaluation(dataset, "new")]

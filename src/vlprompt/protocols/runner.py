@@ -13,7 +13,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
@@ -27,7 +26,7 @@ _BACKBONES: dict[tuple[Any, ...], Any] = {}
 
 @dataclass
 class RunResult:
-    """Outcome of one spec: ``status`` is ``skipped`` (already complete), ``done`` or ``failed``."""
+    """Outcome of one spec: ``status`` is ``skipped`` (complete, same fingerprint), ``done`` or ``failed``."""
 
     name: str
     out_dir: str
@@ -42,29 +41,77 @@ class RunResult:
         return self.status != "failed"
 
 
-def _shared_backbone(cfg: dict[str, Any]) -> Any:
+def _shared_backbone(cfg: Any) -> Any:
     """The run's backbone, loaded once per process and shared by every run that names it."""
-    from vlprompt.backbones import load_backbone
+    from vlprompt.run import load_backbone_from
     from vlprompt.train.precision import resolve_device
 
-    bb = cfg.get("backbone") or {}
-    device = resolve_device((cfg.get("train") or {}).get("device", "auto"))
-    key = (bb.get("name"), bb.get("pretrained"), bb.get("weights"), str(device))
+    bb = cfg.backbone
+    device = resolve_device(cfg.train.device)
+    key = (bb.name, bb.pretrained, bb.weights, str(device))
     if key not in _BACKBONES:
-        if bb.get("weights") and not Path(bb["weights"]).is_file():
-            raise VlpromptError(
-                f"backbone weights file not found: {bb['weights']}; pass --weights PATH to a local copy"
-            )
         _BACKBONES.clear()  # keep at most one resident
-        pretrained = bb.get("weights") or bb.get("pretrained")
         # a random-init backbone is seeded inside load_backbone (init_seed=0, global RNG untouched),
         # so it does not depend on which process loads it or after which run
-        _BACKBONES[key] = load_backbone(bb.get("name"), pretrained=pretrained, device=device)
-        if not pretrained:
-            log.warning(
-                "untrained weights: pipeline check only, accuracy is chance (%s random init)", bb.get("name")
-            )
+        _BACKBONES[key] = load_backbone_from(bb, device=device)
     return _BACKBONES[key]
+
+
+def status(spec: RunSpec) -> tuple[str, str]:
+    """``(state, reason)`` of a spec without training: todo | trained | complete | conflict | invalid.
+
+    ``complete`` and ``trained`` (done, evaluations missing) mean the finished run has the spec's
+    fingerprint; ``conflict`` names the differing keys; ``invalid`` is a request that cannot run.
+    """
+    from vlprompt.run import RunDir, check_request, request_fingerprint
+
+    try:
+        fp = request_fingerprint(spec.cfg)
+        validate_model_settings(spec.cfg)
+        decision = check_request(spec.cfg, RunDir(spec.out_dir), fp, resume=True, force=False)
+    except VlpromptError as e:
+        text = str(e)
+        return ("conflict" if "other settings" in text else "invalid"), text
+    if decision == "complete":
+        return ("complete" if not spec.missing_evaluations() else "trained"), ""
+    return ("resume" if decision == "resume" else "todo"), ""
+
+
+def validate_model_settings(cfg: Any) -> None:
+    """Build the method on the architecture's shapes (no weights: the meta device) so impossible
+    settings -- a prompt depth beyond the model's layers, say -- are found before anything runs."""
+    import dataclasses
+
+    import torch
+
+    from vlprompt.backbones import meta_backbone
+    from vlprompt.methods import create_model
+
+    name = cfg.backbone.name
+    if not name or cfg.backbone.weights:
+        return  # the architecture is known only once the file is read; train_run checks it then
+    if name not in _META:
+        try:
+            _META[name] = meta_backbone(name)
+        except VlpromptError:
+            raise
+        except Exception:  # an architecture meta tensors cannot build: leave the check to train_run
+            log.debug("meta-device build of %s failed", name, exc_info=True)
+            _META[name] = None
+    bb = _META[name]
+    if bb is None:
+        return
+    opts = dataclasses.asdict(cfg.options)
+    try:
+        with torch.device("meta"):
+            create_model(cfg.method, bb, ["a", "b"], **opts)
+    except VlpromptError:
+        raise
+    except Exception:  # meta tensors cannot run every init (e.g. data-dependent ones): not a verdict
+        log.debug("meta-device check of %s skipped", cfg.method, exc_info=True)
+
+
+_META: dict[str, Any] = {}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -76,26 +123,39 @@ def _one_line(exc: BaseException) -> str:
 def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) -> RunResult:
     """Bring one run to completion: train (resuming a partial run) then add missing evaluations.
 
-    A run counts as complete when its ``done`` file exists and metrics.json holds every evaluation
-    the protocol needs; such a run is skipped without loading anything. Exceptions are caught and
+    A finished run is skipped only when its fingerprint equals the spec's and metrics.json holds
+    every evaluation the protocol needs (no weights are loaded for that); a finished run with other
+    settings fails with one line naming the differing keys. Exceptions are caught and
     returned as a ``failed`` result with a one-line reason (the traceback goes to the debug log).
     """
     start = time.perf_counter()
-    if spec.is_complete():
-        return RunResult(spec.name, str(spec.out_dir), "skipped")
     trained, evaluated = False, 0
     try:
-        from vlprompt.protocols.runs import evaluate_run, train_run
+        from vlprompt.run import RunDir, check_request, evaluate_run, request_fingerprint, train_run
 
-        backbone = _shared_backbone(spec.cfg) if share_backbone else None
-        if not (spec.out_dir / "done").is_file():
-            log.info("train %s -> %s", spec.name, spec.out_dir)
-            train_run(spec.cfg, spec.out_dir, resume=True, progress=progress, backbone=backbone)
-            trained = True
-            if not (spec.out_dir / "done").is_file():
-                raise VlpromptError(
-                    f"training stopped before writing {spec.out_dir / 'done'}; rerun to resume"
+        run = RunDir(spec.out_dir)
+        force = False
+        if run.is_complete():
+            # reuse a finished run only when it computed exactly this spec (same fingerprint)
+            try:
+                decision = check_request(
+                    spec.cfg, run, request_fingerprint(spec.cfg), resume=True, force=False
                 )
+            except VlpromptError:
+                if not spec.force:
+                    raise
+                decision, force = "fresh", True
+            if decision == "complete" and not spec.missing_evaluations():
+                return RunResult(spec.name, str(spec.out_dir), "skipped")
+        backbone = _shared_backbone(spec.cfg) if share_backbone else None
+        if force or not run.is_complete():
+            log.info("train %s -> %s", spec.name, spec.out_dir)
+            train_run(
+                spec.cfg, spec.out_dir, resume=not force, progress=progress, backbone=backbone, force=force
+            )
+            trained = True
+            if not run.is_complete():
+                raise VlpromptError(f"training of {spec.out_dir} stopped before it finished; rerun to resume")
         for ev in spec.missing_evaluations():
             log.info("evaluate %s on %s (%s classes)", spec.name, ev.dataset, ev.subsample)
             evaluate_run(

@@ -48,15 +48,18 @@ def epoch_lr(
 class EpochSchedule:
     """Sets the optimiser's lr at the start of every epoch; its state is just the epoch (checkpointable)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, train: Mapping[str, Any]):
+    def __init__(self, optimizer: torch.optim.Optimizer, train: Any):
+        from vlprompt.train.config import train_settings
+
+        t = train_settings(train)
         self.optimizer = optimizer
         self.kw = {
-            "lr": float(train["lr"]),
-            "epochs": int(train["epochs"]),
-            "warmup_epochs": int(train.get("warmup_epochs", 0) or 0),
-            "warmup_lr": float(train.get("warmup_lr", 0.0) or 0.0),
-            "warmup_type": str(train.get("warmup_type", "constant")),
-            "scheduler": str(train.get("scheduler", "cosine")),
+            "lr": t.lr,
+            "epochs": t.epochs,
+            "warmup_epochs": t.warmup_epochs,
+            "warmup_lr": t.warmup_lr,
+            "warmup_type": t.warmup_type,
+            "scheduler": t.scheduler,
         }
         self.epoch = 0
         self.set_epoch(0)
@@ -94,18 +97,19 @@ def lr_sequence(train: Mapping[str, Any]) -> list[float]:
     return [epoch_lr(e, **kw) for e in range(int(train["epochs"]))]
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train: Mapping[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
     """SGD (momentum 0.9, weight decay 5e-4 in the recipes); Adam/AdamW for experiments."""
+    from vlprompt.train.config import train_settings
+
+    t = train_settings(train)
     params = list(params)
     if not params:
         raise VlpromptError(
             "the method has no trainable parameters; evaluate it with `vlprompt eval --method NAME`"
         )
-    name = str(train.get("optimizer", "sgd")).lower()
-    lr = float(train["lr"])
-    wd = float(train.get("weight_decay", 0.0))
+    name, lr, wd = t.optimizer, t.lr, t.weight_decay
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(train.get("momentum", 0.0)), weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=wd)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if name == "adamw":

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlprompt.errors import VlpromptError
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
-from vlprompt.train.config import train_settings
+from vlprompt.train.config import data_settings, train_settings
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
 from vlprompt.train.progress import RunLog, progress_bar
@@ -74,9 +74,9 @@ def _loader(
     return build_loader(data, None, batch_size, shuffle, num_workers, seed=seed, drop_last=drop_last)
 
 
-def _resume_key(train: Mapping[str, Any], seed: int, model: torch.nn.Module) -> str:
+def _resume_key(train: Any, seed: int, model: torch.nn.Module) -> str:
     """What must be equal for a checkpoint to continue this training."""
-    t = {k: v for k, v in train.items() if k not in EXECUTION_KEYS}
+    t = {k: v for k, v in train.to_dict().items() if k not in EXECUTION_KEYS}
     shapes = {n: list(p.shape) for n, p in model.trainable_parameters()}
     return sha256_json({"train": t, "seed": seed, "params": shapes, "classes": list(model.classnames)})
 
@@ -85,6 +85,24 @@ def _check_frozen(model: torch.nn.Module) -> None:
     leaked = [n for n, p in model.backbone.named_parameters() if p.requires_grad or p.grad is not None]
     if leaked:
         raise RuntimeError(f"CLIP weights would be trained ({leaked[:3]}); only prompt parameters may learn")
+
+
+def _guard_finite(
+    loss: float, params: Sequence[torch.nn.Parameter], epoch: int, step: int, lr: float, precision: str
+) -> None:
+    """Stop a diverged run at once (no ``done``, no metrics) with one line naming where and why."""
+    what = None
+    if not math.isfinite(loss):
+        what = f"the loss became {loss}"
+    elif not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        bad = next(i for i, p in enumerate(params) if not bool(torch.isfinite(p).all()))
+        what = f"prompt parameter #{bad} became non-finite"
+    if what is None:
+        return
+    cause = f"lower train.lr (now {lr:g})"
+    if precision in ("fp16", "bf16"):
+        cause += " or use --set train.precision=fp32"
+    raise VlpromptError(f"training diverged at epoch {epoch}, step {step}: {what}; {cause}")
 
 
 def fit(
@@ -115,21 +133,21 @@ def fit(
     Returns ``{"epochs_done", "stopped", "history": [per-epoch summaries], "eval": metrics|None, ...}``.
     """
     train = train_settings(cfg)
-    data_cfg = cfg.get("data") or {}
-    seed = int(seed if seed is not None else data_cfg.get("seed", 1))
-    num_workers = int(num_workers if num_workers is not None else data_cfg.get("num_workers", 0) or 0)
-    epochs = int(train["epochs"])
+    data_cfg = data_settings(cfg)
+    seed = int(seed if seed is not None else data_cfg.seed)
+    num_workers = int(num_workers if num_workers is not None else data_cfg.num_workers)
+    epochs = train.epochs
     # DDP under torchrun (no-op otherwise): rank 0 writes and evaluates, the others wait at barriers
-    main = ddp.init_from_env(train.get("device", "auto")).is_main
+    main = ddp.init_from_env(train.device).is_main
     progress = progress and main
-    device = ddp.rank_device(resolve_device(train.get("device", "auto")))
-    prec = resolve_precision(train.get("precision", "auto"), device)
+    device = ddp.rank_device(resolve_device(train.device))
+    prec = resolve_precision(train.precision, device)
     out = Path(out_dir) if out_dir is not None else None
 
     model.to(device)
     _check_frozen(model)
     ddp.broadcast_module(model.method)
-    if train.get("shard_text"):
+    if train.shard_text:
         ddp.enable_text_sharding(model)
     params = [p for _, p in model.trainable_parameters()]
     not_fp32 = [n for n, p in model.trainable_parameters() if p.dtype != torch.float32]
@@ -141,12 +159,10 @@ def fit(
 
     set_seed(seed)
     # image_features_cache: "off" | "eval" (exact) | "train" (also training, augmentation OFF: opt-in)
-    feat_mode = str(train.get("image_features_cache", "off"))
-    if feat_mode not in ("off", "eval", "train"):
-        raise VlpromptError(f"train.image_features_cache={feat_mode!r}; use off, eval or train")
-    dataset_name = data_cfg.get("dataset")
+    feat_mode = train.image_features_cache
+    dataset_name = data_cfg.dataset
     ds = _as_dataset(train_data, model, train=True, features=feat_mode == "train", dataset=dataset_name)
-    bs = int(train["batch_size"])
+    bs = train.batch_size
     drop_last = not isinstance(ds, DataLoader) and len(ds) >= bs  # as the reference loader
     loader = ddp.shard_loader(_loader(ds, bs, True, seed, num_workers, drop_last))  # bs = global batch
     if len(loader) == 0:
@@ -154,7 +170,7 @@ def fit(
     eval_loader = None
     if eval_data is not None:
         eds = _as_dataset(eval_data, model, train=False, features=feat_mode != "off", dataset=dataset_name)
-        eval_loader = _loader(eds, int(train["eval_batch_size"]), False, seed, num_workers, False)
+        eval_loader = _loader(eds, train.eval_batch_size, False, seed, num_workers, False)
 
     key = _resume_key(train, seed, model)
     start_epoch, step, elapsed, history = 0, 0, 0.0, []
@@ -177,7 +193,7 @@ def fit(
         log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out / ckpt.CKPT_DIR)
     runlog = RunLog(out if main else None, keep_epochs=start_epoch)
 
-    log_every = int(train.get("log_every", 1))
+    log_every = train.log_every
     checked_grads = False
     stopped = False
     for epoch in range(start_epoch, epochs):
@@ -197,23 +213,27 @@ def fit(
             correct = int((logits.detach().argmax(-1) == labels).sum())
             batch = ddp.batch_totals(loss, n, correct)  # all ranks' totals (this rank's when single)
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(ddp.scale_loss(loss, n, batch)).backward()
-                ddp.allreduce_grads(params)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                ddp.scale_loss(loss, n, batch).backward()
-                ddp.allreduce_grads(params)
-                optimizer.step()
+            try:
+                if scaler is not None:
+                    scaler.scale(ddp.scale_loss(loss, n, batch)).backward()
+                    ddp.allreduce_grads(params)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    ddp.scale_loss(loss, n, batch).backward()
+                    ddp.allreduce_grads(params)
+                    optimizer.step()
+            except RuntimeError as e:  # e.g. an lr that does not fit the parameters' dtype
+                if "overflow" not in str(e):
+                    raise
+                raise VlpromptError(
+                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the update overflowed "
+                    f"({str(e).splitlines()[0]}); lower train.lr (now {lr:g})"
+                ) from None
             if not checked_grads:
                 _check_frozen(model)
                 checked_grads = True
-            if not math.isfinite(batch.loss):
-                raise VlpromptError(
-                    f"loss became {batch.loss} at epoch {epoch + 1}; "
-                    "lower train.lr or use --set train.precision=fp32"
-                )
+            _guard_finite(batch.loss, params, epoch + 1, step + 1, lr, prec.name)
             tot_loss += batch.loss_sum
             tot_correct += int(batch.correct)
             tot_n += batch.n
@@ -253,7 +273,7 @@ def fit(
             "time": elapsed,
         }
         last = epoch + 1 == epochs
-        if main and eval_loader is not None and (last or train.get("eval_every_epoch")):
+        if main and eval_loader is not None and (last or train.eval_every_epoch):
             res = evaluate(model, eval_loader, device=device, precision=prec.name)
             summary["eval"] = {k: res[k] for k in ("accuracy", "macro_f1", "n")}
             if last:

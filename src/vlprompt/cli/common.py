@@ -1,0 +1,89 @@
+"""Arguments shared by several commands, spelled one way everywhere (other spellings are aliases)."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MODEL = "ViT-B-16"
+
+#: environment variables vlprompt reads (listed in `vlprompt --help` and the README)
+ENVIRONMENT = {
+    "VLPROMPT_DATA": "default --root: the folder holding the data set folders (CoOp's $DATA)",
+    "VLPROMPT_HOME": "cache folder (demo data, few-shot picks, feature caches); default ~/.cache/vlprompt",
+    "VLPROMPT_RECORD_HOSTNAME": "1 = record the hostname in a run's env.json (off: runs are shareable)",
+    "VLPROMPT_DIST_TIMEOUT": "seconds DDP collectives wait (default 4 h)",
+    "HF_HUB_OFFLINE": "1 = never reach the network for pretrained tags (use the cache or --weights)",
+}
+
+
+def environment_epilog() -> str:
+    width = max(map(len, ENVIRONMENT))
+    lines = [f"  {k.ljust(width)}  {v}" for k, v in ENVIRONMENT.items()]
+    return "environment variables:\n" + "\n".join(lines)
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"open_clip architecture (default {DEFAULT_MODEL}; inferred from --weights when omitted)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pretrained", help="open_clip pretrained tag (needs the weights cached or a network)")
+    g.add_argument("--weights", help="local CLIP weights file (OpenAI .pt, open_clip .bin/.pt, .safetensors)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+
+
+def model_name(args: argparse.Namespace) -> str | None:
+    """--model, or the default architecture unless a weights file will tell."""
+    if args.model:
+        return args.model
+    return None if getattr(args, "weights", None) else DEFAULT_MODEL
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML with any of the sections train/options/data/"
+        "backbone, applied over the preset (`vlprompt config show` lists every key)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set train.lr=0.01 (repeatable; after --config)",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
+    if many:
+        p.add_argument(
+            "--datasets",
+            "--dataset",
+            dest="datasets",
+            help="comma-separated data sets (see `vlprompt data list`)",
+        )
+    else:
+        p.add_argument(
+            "--dataset",
+            "--datasets",
+            dest="dataset",
+            required=True,
+            help="data set name (see `vlprompt data list`), folder:PATH or csv:PATH",
+        )
+    p.add_argument(
+        "--root", help="folder holding the data set folders (CoOp's $DATA; default $VLPROMPT_DATA)"
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="drop unreadable, corrupt or oversized images (logged with a count) instead of failing",
+    )
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "overrides", None) or []) + (["data.skip_bad=true"] if args.skip_bad else [])

@@ -1,0 +1,102 @@
+"""The backbone of a run: loaded from its config section, recorded portably (name / tag / file + sha256).
+
+A shared prompt names its weights by file *name* and sha256, never by an absolute path; whoever
+uses it passes their own copy (``--weights`` / ``backbone=``) and vlprompt checks the sha256.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from vlprompt.errors import VlpromptError
+from vlprompt.run.identity import weights_sha256
+from vlprompt.train.config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_BANNER = "untrained weights: pipeline check only, accuracy is chance"
+
+
+def is_untrained(backbone: Any) -> bool:
+    """True for a random-init backbone (no pretrained tag, no weights file, no bundled weights)."""
+    return (backbone.meta or {}).get("source") == "random-init"
+
+
+def load_backbone_from(
+    section: BackboneConfig | dict[str, Any], device: Any = None, *, banner: bool = True
+) -> Any:
+    """The frozen backbone a config section names (one-line errors for missing files)."""
+    from vlprompt.backbones import load_backbone
+
+    if isinstance(section, dict):
+        section = BackboneConfig(**{k: section.get(k) for k in ("name", "pretrained", "weights")})
+    if section.weights and not Path(section.weights).is_file():
+        raise VlpromptError(
+            f"backbone weights file not found: {section.weights}; pass --weights PATH to a local copy"
+        )
+    bb = load_backbone(section.name, pretrained=section.weights or section.pretrained, device=device)
+    if banner and is_untrained(bb):
+        log.warning(UNTRAINED_BANNER)
+    return bb
+
+
+def portable_section(cfg_backbone: BackboneConfig, backbone: Any) -> dict[str, Any]:
+    """How a manifest names the backbone: architecture, tag, weights file name + sha256 (no paths)."""
+    weights = cfg_backbone.weights
+    source = (backbone.meta or {}).get("source")
+    if (
+        not weights
+        and source
+        and source != "random-init"
+        and Path(str(source)).is_file()
+        and not cfg_backbone.pretrained
+    ):
+        weights = str(source)  # bundled weights of a registered name
+    return {
+        "name": cfg_backbone.name or backbone.name,
+        "architecture": (backbone.meta or {}).get("config", {}).get("name") or backbone.name,
+        "pretrained": cfg_backbone.pretrained,
+        "weights_file": Path(weights).name if weights else None,
+        "weights_sha256": weights_sha256(weights) if weights else None,
+        "quick_gelu": bool((backbone.meta or {}).get("quick_gelu", False)),
+        "random_init": is_untrained(backbone),
+    }
+
+
+def backbone_for_manifest(
+    manifest: dict[str, Any], local: dict[str, Any], weights: str | None, device: Any
+) -> Any:
+    """Load the backbone a saved prompt needs: ``weights`` if given, else the recorded local path."""
+    section = manifest.get("backbone") or {}
+    want = section.get("weights_sha256")
+    if weights is None and want:
+        weights = (local.get("backbone") or {}).get("weights") if local else None
+        if not weights or not Path(weights).is_file():
+            raise VlpromptError(
+                f"this prompt was trained with weights '{section.get('weights_file')}' (sha256 {want[:12]}…), "
+                "which are not at their recorded place; pass --weights PATH (backbone= in Python)"
+            )
+    if weights is not None:
+        check_weights(weights, want, section.get("weights_file"))
+        return load_backbone_from(
+            {"name": section.get("name"), "pretrained": None, "weights": weights}, device=device, banner=False
+        )
+    return load_backbone_from(
+        {"name": section.get("name"), "pretrained": section.get("pretrained"), "weights": None}, device=device
+    )
+
+
+def check_weights(path: str, want: str | None, name: str | None) -> None:
+    """Warn clearly when ``path`` is not the weights file a prompt was trained with."""
+    if not Path(path).is_file():
+        raise VlpromptError(f"weights file not found: {path}; check the path")
+    if want and weights_sha256(path) != want:
+        log.warning(
+            "warning: %s is not the weights file this prompt was trained with ('%s', sha256 %s…); "
+            "its accuracy may not carry over",
+            path,
+            name,
+            want[:12],
+        )

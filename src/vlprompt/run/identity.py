@@ -1,0 +1,167 @@
+"""Run identity: a fingerprint of everything that changes a run's result, and what differs.
+
+The identity holds the method and all its options, the backbone (name, pretrained tag, sha256 of
+the weights file), the data (canonical data set name, sha256 of its split, shots, seed, subsample,
+bad-image handling), every training key that is part of the recipe, and the resolved precision.
+Execution-only keys (device, logging, evaluation batch size, loader workers, data root, the
+weights file's *path*) are left out, so the same run moved to another machine or folder keeps its
+fingerprint, and a run is reused only when the request computes exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vlprompt.errors import VlpromptError
+from vlprompt.train.config import DataConfig, RunConfig, TrainConfig
+from vlprompt.utils import cache_dir, sha256_file, sha256_json
+
+IDENTITY_VERSION = 1
+#: train keys that are folded into others (epochs tables resolve into train.epochs)
+_FOLDED = ("epochs_by_shots", "epochs_by_dataset")
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a weights file, remembered per (path, size, mtime) in the user cache (files are large)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, int(st.st_mtime_ns))
+    if key in _SHA_MEMO:
+        return _SHA_MEMO[key]
+    memo_file = cache_dir() / "sha256.json"
+    memo: dict[str, Any] = {}
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(str(p))
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+    ):
+        digest = str(entry.get("sha256"))
+    else:
+        digest = sha256_file(p)
+        memo[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        try:
+            from vlprompt.utils import atomic_write_json
+
+            atomic_write_json(memo_file, memo)
+        except OSError:
+            pass  # a read-only cache only costs a re-hash next time
+    _SHA_MEMO[key] = digest
+    return digest
+
+
+def backbone_identity(cfg: RunConfig) -> dict[str, Any]:
+    b = cfg.backbone
+    sha = None
+    if b.weights:
+        if not Path(b.weights).is_file():
+            raise VlpromptError(
+                f"backbone weights file not found: {b.weights}; pass --weights PATH to a local copy"
+            )
+        sha = weights_sha256(b.weights)
+    return {"name": b.name, "pretrained": b.pretrained, "weights_sha256": sha}
+
+
+def train_identity(t: TrainConfig) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(t):
+        if f.metadata.get("execution") or f.name in _FOLDED:
+            continue
+        out[f.name] = getattr(t, f.name)
+    out["image_features_cache"] = "train" if t.image_features_cache == "train" else "exact"
+    out.pop("precision", None)  # recorded resolved, at the top level
+    return out
+
+
+def data_identity(d: DataConfig, split_hash: str | None) -> dict[str, Any]:
+    out = {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.metadata.get("execution")}
+    out["split_hash"] = split_hash
+    return out
+
+
+def identity(cfg: RunConfig, *, split_hash: str | None, precision: str) -> dict[str, Any]:
+    """The identity a run's fingerprint hashes (plain JSON values)."""
+    opts = cfg.options
+    options = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts or {})
+    ident = {
+        "version": IDENTITY_VERSION,
+        "method": cfg.method,
+        "options": options,
+        "backbone": backbone_identity(cfg),
+        "data": data_identity(cfg.data, split_hash),
+        "train": train_identity(cfg.train),
+        "precision": precision,
+    }
+    return json.loads(json.dumps(ident, default=str))
+
+
+def fingerprint_record(ident: dict[str, Any]) -> dict[str, Any]:
+    return {"fingerprint": sha256_json(ident), "identity": ident}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """``["train.epochs: 1 -> 5", ...]`` between two identities (old may be None: no fingerprint)."""
+    if old is None:
+        return ["(the run has no fingerprint: written by an older vlprompt)"]
+    a, b = _flatten(old), _flatten(new)
+
+    def short(v: Any) -> str:
+        s = json.dumps(v) if not isinstance(v, str) else v
+        return s if len(s) <= 24 else s[:12] + "…"
+
+    return [
+        f"{k}: {short(a.get(k))} -> {short(b.get(k))}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def describe_differences(diffs: list[str], limit: int = 4) -> str:
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+# ------------------------------------------------------------------ split hashes (memoised per process)
+_SPLITS: dict[tuple[Any, ...], Any] = {}
+
+
+def load_splits(data: DataConfig) -> Any:
+    """The full (pre-few-shot) DatasetSplits of ``data``, memoised per process."""
+    from vlprompt.data import get_dataset, set_max_image_pixels
+
+    set_max_image_pixels(data.max_image_pixels)
+    k = (data.dataset, data.root, data.skip_bad, data.max_image_pixels)
+    if k not in _SPLITS:
+        if len(_SPLITS) > 16:
+            _SPLITS.clear()
+        _SPLITS[k] = get_dataset(data.dataset, data.root, skip_bad=data.skip_bad)
+    return _SPLITS[k]
+
+
+def request_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The fingerprint record a request would write (loads the data set's split, not its images)."""
+    from vlprompt.data import split_hash
+    from vlprompt.train.precision import resolve_device, resolve_precision
+
+    splits = load_splits(cfg.data)
+    prec = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
+    return fingerprint_record(identity(cfg, split_hash=split_hash(splits), precision=prec))

@@ -1,0 +1,81 @@
+"""One writer per run directory: an exclusive ``flock`` on ``RUN/.lock`` holding the writer's pid.
+
+The lock is released by the kernel when its process dies (even by ``kill -9``), so a crashed run
+never blocks the next one; a second process asking for a held lock gets one line naming the pid.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+
+from vlprompt.errors import VlpromptError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, single-writer is the user's care
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunLock:
+    """``with RunLock(run_dir): ...`` -- exclusive, non-blocking; re-entrant within a process."""
+
+    _held: dict[str, int] = {}
+
+    def __init__(self, run_dir: str | os.PathLike, name: str = ".lock"):
+        self.path = Path(run_dir) / name
+        self.fd: int | None = None
+        self._reentered = False
+
+    def acquire(self) -> RunLock:
+        key = str(self.path.resolve())
+        if key in RunLock._held:
+            self._reentered = True
+            RunLock._held[key] += 1
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = ""
+                try:
+                    holder = os.read(fd, 64).decode(errors="replace").strip()
+                except OSError:
+                    pass
+                os.close(fd)
+                who = f"pid {holder}" if holder else "another process"
+                raise VlpromptError(
+                    f"{self.path.parent} is being written by {who}; wait for it to finish or use another --out"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self.fd = fd
+        RunLock._held[key] = 1
+        return self
+
+    def release(self) -> None:
+        key = str(self.path.resolve())
+        if self._reentered:
+            RunLock._held[key] -= 1
+            self._reentered = False
+            return
+        if self.fd is not None:
+            RunLock._held.pop(key, None)
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

@@ -1,0 +1,361 @@
+"""Train one configuration into a run directory: validate, fingerprint, lock, train, record.
+
+Nothing is written before the request is validated (config, data set, weights, fingerprint against
+what the directory already holds), so a refused command leaves no folder behind.  A complete run is
+reused only when its fingerprint equals the request's; otherwise the request is refused with one
+line naming the differing keys (``force`` replaces the run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from vlprompt.errors import VlpromptError
+from vlprompt.run.backbone import load_backbone_from, portable_section
+from vlprompt.run.env import environment
+from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
+from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
+from vlprompt.run.lock import RunLock
+from vlprompt.train.config import RunConfig, as_run_config, dump_yaml
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vlprompt-prompt"
+FORMAT_VERSION = 1
+
+
+def provenance(method: str) -> dict[str, Any]:
+    """``{"reconstructed": True, "note": ...}`` for a method that is our reconstruction (DPL), else {}."""
+    from vlprompt.methods import get_method
+
+    note = getattr(get_method(method), "reconstruction_note", "")
+    return {"reconstructed": True, "note": note} if note else {}
+
+
+def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = True) -> Any:
+    from vlprompt.data import fewshot
+    from vlprompt.data import subsample as subsample_fn
+
+    splits = load_splits(cfg.data)
+    if fewshot_ and cfg.data.shots:
+        splits = fewshot(splits, cfg.data.shots, cfg.data.seed)
+    return subsample_fn(splits, subsample or cfg.data.subsample)
+
+
+def eval_loader(splits: Any, backbone: Any, batch_size: int, num_workers: int) -> Any:
+    """The deterministic test-split loader of a run (the backbone's test transform)."""
+    from vlprompt.data import build_loader, build_transform
+
+    tf = build_transform(False, **backbone.preprocess_cfg)
+    return build_loader(splits.test, tf, batch_size, shuffle=False, num_workers=num_workers, seed=0)
+
+
+def metrics_entry(
+    res: dict[str, Any], *, dataset: str, subsample: str, epoch: Any, seed: Any, shots: Any, method: str
+) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "subsample": subsample,
+        "split": "test",
+        "epoch": epoch,
+        "accuracy": res["accuracy"],
+        "macro_f1": res["macro_f1"],
+        "per_class_accuracy": res["per_class_accuracy"],
+        "n": res["n"],
+        "n_classes": res["n_classes"],
+        "seed": seed,
+        "shots": shots,
+        "method": method,
+        **({"confusion": res["confusion"]} if res.get("confusion") is not None else {}),
+    }
+
+
+def record_metrics(run: RunDir, entry: dict[str, Any]) -> dict[str, Any]:
+    """Add an evaluation to the run's metrics.json (with the method's provenance note)."""
+    metrics = run.write_metrics(entry)
+    prov = provenance(str(entry.get("method") or "zeroshot")) if entry.get("method") else {}
+    if prov and not metrics.get("reconstructed"):
+        metrics.update(prov)
+        run.write_json(METRICS, metrics)
+    return metrics
+
+
+def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str, Any]:
+    from vlprompt.data import split_hash
+    from vlprompt.train.precision import resolve_precision
+
+    prec = resolve_precision(cfg.train.precision, device).name
+    return fingerprint_record(identity(cfg, split_hash=split_hash(splits_full), precision=prec))
+
+
+def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
+    """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
+    from vlprompt.train.checkpoint import has_checkpoint
+
+    if force:
+        return "fresh"
+    old = run.fingerprint()
+    same = old is not None and old.get("fingerprint") == fp["fingerprint"]
+    if run.is_complete():
+        if same:
+            return "complete"
+        diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
+        raise VlpromptError(
+            f"{run} holds a complete run with other settings ({describe_differences(diffs)}); "
+            "pass --force to replace it or use another --out"
+        )
+    if has_checkpoint(run.checkpoint_dir):
+        if not resume:
+            return "fresh"
+        if not same:
+            diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
+            raise VlpromptError(
+                f"{run} holds an interrupted run with other settings ({describe_differences(diffs)}); "
+                "pass --force to start over or use another --out"
+            )
+        return "resume"
+    return "fresh"
+
+
+def train_run(
+    cfg: RunConfig | dict[str, Any],
+    out_dir: str | os.PathLike,
+    resume: bool = True,
+    progress: bool = True,
+    backbone: Any = None,
+    *,
+    force: bool = False,
+    stop_after_epoch: int | None = None,
+    callbacks: Any = (),
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` and evaluate its own test split.
+
+    A complete run with the same fingerprint returns its metrics at once (``status: complete``); one
+    with other settings is refused unless ``force``.  With ``resume`` an interrupted run with the
+    same fingerprint continues from its checkpoint.  Returns ``{"run_dir", "status":
+    "trained"|"complete"|"stopped", "evaluation", "evaluations", "fingerprint"}``.
+    """
+    from vlprompt.methods import create_model
+    from vlprompt.train import distributed as ddp
+    from vlprompt.train.precision import resolve_device
+    from vlprompt.train.trainer import fit
+
+    cfg = as_run_config(cfg)
+    run = RunDir(out_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise VlpromptError(f"--out {run} is a file; pass a directory")
+    env = ddp.init_from_env(cfg.train.device)
+    main = env.is_main
+    device = ddp.rank_device(resolve_device(cfg.train.device))
+    splits_full = load_splits(cfg.data)  # validates the data set before anything is written
+    fp = request_identity(cfg, splits_full, device)
+    decision = check_request(cfg, run, fp, resume=resume, force=force)
+    if decision == "complete":
+        evals = run.evaluations()
+        log.info("run %s is complete with the same settings; skipping (force to retrain)", run)
+        return {
+            "run_dir": str(run),
+            "status": "complete",
+            "evaluation": evals[0] if evals else None,
+            "evaluations": evals,
+            "fingerprint": fp["fingerprint"],
+        }
+    splits = build_splits(cfg)
+    if backbone is None:
+        backbone = load_backbone_from(cfg.backbone, device=device)
+    created = not run.path.exists()
+    lock = RunLock(run.path) if main else None
+    try:
+        if lock is not None:
+            lock.acquire()
+            decision = check_request(cfg, run, fp, resume=resume, force=force)  # re-check under the lock
+            run.remove_stale_temps()
+            if decision == "fresh":
+                run.clear_results()
+            _write_run_info(run, cfg, fp, backbone, splits)
+        ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
+        return _train(
+            cfg,
+            run,
+            fp,
+            splits,
+            backbone,
+            create_model,
+            fit,
+            main=main,
+            resume=decision == "resume",
+            progress=progress,
+            stop_after_epoch=stop_after_epoch,
+            callbacks=callbacks,
+        )
+    except BaseException:
+        if created and main and run.is_empty():
+            import shutil
+
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any) -> None:
+    """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained."""
+    from vlprompt.data import split_hash
+
+    prov = provenance(cfg.method)
+    text = dump_yaml(cfg)
+    if prov:
+        import yaml
+
+        text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
+    run.write_config(text)
+    run.write_json(FINGERPRINT, fp)
+    run.write_env(environment(str(backbone.device), prov))
+    run.write_json(
+        SPLIT,
+        {
+            "dataset": splits.name,
+            "split_hash": split_hash(splits),
+            "shots": cfg.data.shots,
+            "seed": cfg.data.seed,
+            "subsample": splits.subsample,
+            "classnames": list(splits.classnames),
+            "counts": splits.counts(),
+            "train": [d.relpath for d in splits.train],
+            "val": [d.relpath for d in splits.val],
+        },
+    )
+    local = {
+        "data_root": str(Path(cfg.data.root).resolve()) if cfg.data.root else None,
+        "backbone": {"weights": str(Path(cfg.backbone.weights).resolve()) if cfg.backbone.weights else None},
+    }
+    run.write_json(LOCAL, local)
+
+
+def _train(
+    cfg: RunConfig,
+    run: RunDir,
+    fp: dict[str, Any],
+    splits: Any,
+    backbone: Any,
+    create_model: Any,
+    fit: Any,
+    *,
+    main: bool,
+    resume: bool,
+    progress: bool,
+    stop_after_epoch: int | None,
+    callbacks: Any,
+) -> dict[str, Any]:
+    from vlprompt.train import distributed as ddp
+    from vlprompt.utils import set_seed
+
+    set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
+    model = create_model(
+        cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
+    )
+    loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
+    result = fit(
+        model,
+        splits.train,
+        cfg,
+        run.path,
+        resume=resume,
+        eval_data=loader,
+        progress=progress,
+        stop_after_epoch=stop_after_epoch,
+        callbacks=callbacks,
+    )
+    if result["stopped"]:
+        return {
+            "run_dir": str(run),
+            "status": "stopped",
+            "evaluation": None,
+            "evaluations": [],
+            "fingerprint": fp["fingerprint"],
+        }
+    if not main:  # rank 0 evaluated and writes the results; report what it wrote
+        ddp.barrier()
+        evals = run.evaluations()
+        return {
+            "run_dir": str(run),
+            "status": "trained",
+            "evaluation": evals[-1] if evals else None,
+            "evaluations": evals,
+            "fingerprint": fp["fingerprint"],
+        }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": cfg.method,
+        **provenance(cfg.method),
+        "options": _options_dict(cfg),
+        "backbone": portable_section(cfg.backbone, backbone),
+        "classnames": list(model.classnames),
+        "template": model.template,
+        "protocol": cfg.protocol,
+        "dataset": splits.name,
+        "subsample": splits.subsample,
+        "shots": cfg.data.shots,
+        "seed": cfg.data.seed,
+        "epochs": result["epochs_done"],
+        "fingerprint": fp["fingerprint"],
+        "vlprompt_version": _version(),
+        "trainable_parameters": result["trainable_parameters"],
+    }
+    save_prompt(run, model.prompt_state_dict(), manifest)
+    entry = metrics_entry(
+        result["eval"],
+        dataset=splits.name,
+        subsample=splits.subsample,
+        epoch=result["epochs_done"],
+        seed=cfg.data.seed,
+        shots=cfg.data.shots,
+        method=cfg.method,
+    )
+    metrics = record_metrics(run, entry)
+    run.mark_done()
+    ddp.barrier()  # the other ranks read metrics.json now
+    return {
+        "run_dir": str(run),
+        "status": "trained",
+        "evaluation": entry,
+        "evaluations": metrics["evaluations"],
+        "fingerprint": fp["fingerprint"],
+    }
+
+
+def _options_dict(cfg: RunConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return (
+        dataclasses.asdict(cfg.options) if dataclasses.is_dataclass(cfg.options) else dict(cfg.options or {})
+    )
+
+
+def _version() -> str:
+    import vlprompt
+
+    return vlprompt.__version__
+
+
+def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """prompt.safetensors (manifest embedded, provenance as plain keys) + manifest.json."""
+    import json
+
+    from vlprompt.run.layout import MANIFEST, PROMPT
+    from vlprompt.train.checkpoint import save_safetensors
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    meta = {"vlprompt_manifest": json.dumps(manifest)}
+    if manifest.get("reconstructed"):
+        meta.update({"reconstructed": "true", "note": str(manifest.get("note", ""))})
+    save_safetensors(run.file(PROMPT), state, meta)
+    run.write_json(MANIFEST, manifest)
+
+
+__all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "train_run", "save_prompt", "provenance", "build_splits"]
