@@ -39,7 +39,8 @@ def _images(args: argparse.Namespace, backbone: Any):
     if args.n < 1:
         raise VlpromptError(f"--n must be at least 1, got {args.n}")
     items = get_dataset(args.dataset, args.root).test[: args.n]
-    return torch.stack([tf(load_rgb(d.impath)) for d in items]), [d.impath for d in items]
+    names = [f"{args.dataset}:{d.relpath}" for d in items]  # no machine-specific paths in the JSON
+    return torch.stack([tf(load_rgb(d.impath)) for d in items]), names
 
 
 def _model(args: argparse.Namespace):
@@ -71,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         model.set_classnames([c.strip() for c in args.classes.split(",") if c.strip()])
     images, paths = _images(args, model.backbone)
     report = inspect_prompts(model, images)
-    report["image_paths"] = paths
+    report["images_used"] = paths
     if report["reconstructed"]:
         print(f"{report['method']}: {report['note']}")
     print(f"{report['method']} on {report['images']} image(s), {report['classes']} class(es)")
