@@ -106,7 +106,7 @@ def test_after_ln_pre_exact_mode_equals_standard_prompting(tiny, images):
 
 # ------------------------------------------------------------------ after_depth
 def test_keep_carries_prompts_to_the_end_with_gates_of_their_own(tiny, images):
-    rm, keep = _model(tiny), _model(tiny, after_depth="keep")
+    rm, keep = _model(tiny, after_depth="remove"), _model(tiny, after_depth="keep")
     layers = tiny.image.layers
     blocks, n = tiny.clip.visual.transformer.resblocks, tiny.num_image_tokens
     seen = _block_inputs(blocks, lambda: keep.encode_image(images))
@@ -118,7 +118,8 @@ def test_keep_carries_prompts_to_the_end_with_gates_of_their_own(tiny, images):
     assert (ir - ik).abs().max() > 1e-6 and (tr - tk).abs().max() > 1e-6
     # at full depth nothing follows the last prompted layer: keep == remove
     full = {"depth_image": layers, "depth_text": tiny.text.layers}
-    a, b = _feats(_model(tiny, **full), images), _feats(_model(tiny, after_depth="keep", **full), images)
+    a = _feats(_model(tiny, after_depth="remove", **full), images)
+    b = _feats(_model(tiny, after_depth="keep", **full), images)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -217,8 +218,12 @@ def test_prompts_first_lets_p_to_i_reach_features_without_carry(tiny, images):
         with torch.no_grad():
             return _model(tiny, "dpl-visual", depth_image=3, carry=False, **kw).encode_image(images)
 
-    assert torch.equal(img(), img(drop_pp=True))  # joint update: P->P never reaches the instances
-    assert (img(prompts_first=True) - img(prompts_first=True, drop_pp=True)).abs().max() > 1e-6
+    # joint update, prompts removed after layer J: P->P never reaches the instances
+    assert torch.equal(img(after_depth="remove"), img(after_depth="remove", drop_pp=True))
+    # kept: layer J-1's prompt outputs (where P->I / P->P act) are read by the later layers
+    assert (img(after_depth="keep") - img(after_depth="keep", drop_pp=True)).abs().max() > 1e-6
+    first = {"prompts_first": True, "after_depth": "remove"}
+    assert (img(**first) - img(**first, drop_pp=True)).abs().max() > 1e-6
     zs = create_model("zeroshot", tiny, CLASSES, TEMPLATE)
     with torch.no_grad():
         assert (_model(tiny, prompts_first=True, gate_closed=True)(images) - zs(images)).abs().max() <= 1e-5
@@ -264,6 +269,8 @@ def test_inspect_carried_ratio_follows_beta(tiny, images):
     assert abs(ratio(0.5) / ratio(0.1) - (0.5 / 0.5) / (0.1 / 0.9)) < 1e-3
     rows = inspect_prompts(_model(tiny, carry=False), images)["image"]["layers"]
     assert [r["carried_ratio"] for r in rows] == [None] * tiny.image.layers
+    assert [r["n_prompts"] for r in rows] == [4, 4, 4, 4]  # kept after the last prompted layer
+    rows = inspect_prompts(_model(tiny, after_depth="remove"), images)["image"]["layers"]
     assert [r["n_prompts"] for r in rows] == [4, 4, 4, 0]
 
 
@@ -280,7 +287,7 @@ def test_inspect_cli_writes_figures(tmp_path):
     assert main(argv) == 0
     data = json.loads(out.read_text())
     assert data["reconstructed"] is True and data["images"] == 1
-    assert [r["n_prompts"] for r in data["image"]["layers"]] == [4, 4, 4, 0]
+    assert [r["n_prompts"] for r in data["image"]["layers"]] == [4, 4, 4, 4]
     assert data["image"]["layers"][1]["carried_ratio"] > 0
 
 

@@ -8,8 +8,9 @@ cross-entropy with no auxiliary loss or extra data.  Everything else here is *ou
 
 - image tower: ``n_prompts_image`` prompts appended at layer 0 (before ``ln_pre``, or after it with
   ``image_insert="after_ln_pre"``) and renewed at layers 1..J-1; every prompted layer uses decoupled
-  attention (:mod:`vlprompt.engine.decoupled`); all prompts are removed before block J, so blocks >= J
-  are frozen CLIP over the instances (``after_depth="keep"``: carried on, each later layer gated);
+  attention (:mod:`vlprompt.engine.decoupled`); the last prompts are carried on through blocks >= J,
+  each of which reads them through a gate of its own (``after_depth="remove"``: all prompts are
+  removed before block J, so blocks >= J are frozen CLIP over the instances);
 - text tower: the hand-crafted template is the instance stream, unchanged (causal, same positions);
   ``n_prompts_text`` prompts form a separate appended stream that reads every instance token up to
   end-of-text non-causally (P->I, conditioned on the class name); instances read prompts only
@@ -74,9 +75,10 @@ class _DecoupledOptions(MethodConfig):
         "same layer (P->I reaches the instances without the carry); false = one joint update",
     )
     after_depth: str = opt(
-        "remove",
-        "our reading: after the last prompted layer 'remove' all prompts (later blocks = frozen CLIP) or "
-        "'keep' them (carried on, read through a gate of their own at every later layer)",
+        "keep",
+        "our reading: after the last prompted layer 'keep' the prompts (carried on, read through a gate of "
+        "their own at every later layer, as VPT-deep/MaPLe/ProVP keep theirs) or 'remove' them all "
+        "(later blocks = frozen CLIP)",
     )
     init: str = opt("normal", "our reading: 'normal' N(0, init_std^2) or 'uniform' U(-v, v) as ProVP/VPT")
     init_std: float = opt(0.02, "std of the 'normal' prompt init (ours)")
@@ -266,7 +268,7 @@ class DPL(_DPLBase):
     Config = DPLConfig
     summary = (
         f"DPL [{RECONSTRUCTED}]: decoupled attention with gated visual prompts and "
-        "language-conditioned text prompts (ours: 4 prompts, depth 9, alpha 0.05, carry beta 0.01)"
+        "language-conditioned text prompts (ours: 4 prompts, depth 9, alpha 0.05, carry beta 0.01, kept)"
     )
     image_plan = _image_plan
 
