@@ -68,7 +68,7 @@ def _inspect(model: PromptModel, images: torch.Tensor) -> dict[str, Any]:
         cos = float((txt * ref.unsqueeze(0)).sum(-1).mean())
     else:
         cos = float((txt * ref).sum(-1).mean())
-    out["text"] = {"prompted": True, "cosine_to_frozen": cos, "layers": probe.rows()}
+    out["text"] = {"cosine_to_frozen": cos, "layers": probe.rows()}
     return out
 
 
