@@ -9,12 +9,13 @@ For one head and tokens ``Z = [X; P]`` (instances X, prompts P) the scores split
 
 (``lse`` = log-sum-exp over the allowed keys; masks follow :func:`engine.attention.joint_mask`:
 causal I->I in the text tower, P->I limited to ``ctx.key_valid``).  DPL's paper says it decouples
-attention into these four sub-processes and "strengthens" them; its method section is not
-available offline, so the strengthening below is our reconstruction, every piece a switch:
+attention into these four sub-processes and "strengthens" them; no public source describes more,
+so the strengthening below is our reconstruction, every piece a switch:
 
 - ``mode="exact"``: the data-dependent gates above (equals :func:`standard_attention`, tested);
 - ``mode="gated"`` (A1): instance rows use a learnable gate ``alpha = sigmoid(a)`` (per layer or per
-  head) instead of ``l_x``, so the I->I path is exactly frozen CLIP's attention over instances and
+  head) instead of ``l_x``.  The I->I term is frozen CLIP's attention over the instances in both modes
+  (standard attention weights it by ``1 - l_x``); the gate only replaces that weight, and
   ``alpha -> 0`` (or ``gate_closed``) gives frozen CLIP exactly;
 - ``drop_pp`` (A3): prompt rows attend only to instances (``l_p = 0``); otherwise prompt rows are
   standard softmax over ``[X; P]`` (the exact ``l_p``);

@@ -1,6 +1,6 @@
 """DPL -- Decoupled Prompt Learning **[reconstructed from the paper's abstract]**.
 
-The paper's method section is not available offline.  What is taken from its abstract: attention
+No public source describes the method beyond its abstract.  What is taken from the abstract: attention
 over ``[instances; prompts]`` is decoupled into four sub-processes (I->I, I->P, P->I, P->P) that are
 then strengthened; prompts are language-conditioned on the text side; training uses plain
 cross-entropy with no auxiliary loss or extra data.  Everything else here is *our* reconstruction
