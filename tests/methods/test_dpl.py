@@ -123,8 +123,8 @@ def _block_inputs(tiny, model, images):
 
 def test_carry_changes_next_layers_prompts_only(tiny, images):
     n_inst, depth = tiny.num_image_tokens, SMALL["depth_image"]
-    on = _block_inputs(tiny, _model(tiny, carry=True), images)
-    off = _block_inputs(tiny, _model(tiny, carry=False), images)
+    on = _block_inputs(tiny, _model(tiny, carry=True, after_depth="remove"), images)
+    off = _block_inputs(tiny, _model(tiny, carry=False, after_depth="remove"), images)
     assert torch.equal(on[0], off[0])
     assert torch.equal(on[1][:, :n_inst], off[1][:, :n_inst])
     assert (on[1][:, n_inst:] - off[1][:, n_inst:]).abs().max() > 1e-4
@@ -132,18 +132,19 @@ def test_carry_changes_next_layers_prompts_only(tiny, images):
     assert (
         on[1][:, n_inst:] - (beta * on["out0"][:, n_inst:] + (1 - beta) * off[1][:, n_inst:])
     ).abs().max() < 1e-5
-    # token trace: 4 prompts on layers 0..J-1, none from layer J on (frozen CLIP)
+    # token trace with after_depth="remove": 4 prompts on layers 0..J-1, none from layer J on (frozen CLIP)
     assert [on[i].shape[1] for i in range(tiny.image.layers)] == [n_inst + 4] * depth + [n_inst] * (
         tiny.image.layers - depth
     )
 
 
 def test_drop_pp_reaches_features_only_through_carry(tiny, images):
-    """Instances read a layer's prompt *inputs*; prompt *outputs* (what A3 changes) matter only if carried."""
+    """Instances read a layer's prompt *inputs*; prompt *outputs* (what A3 changes) matter only if carried
+    (with after_depth="remove"; "keep" also carries the last outputs on, see test_dpl_switches.py)."""
 
     def feats(**kw):
         with torch.no_grad():
-            return _model(tiny, "dpl-visual", **kw).encode_image(images)
+            return _model(tiny, "dpl-visual", after_depth="remove", **kw).encode_image(images)
 
     assert torch.equal(feats(carry=False), feats(carry=False, drop_pp=True))
     assert (feats(carry=True, beta=0.5) - feats(carry=True, beta=0.5, drop_pp=True)).abs().max() > 1e-5
@@ -169,10 +170,12 @@ def _count(method_cls, dims_text: TowerDims, dims_image: TowerDims, **kw) -> int
 
 def test_parameter_counts(tiny, capsys):
     t, i = tiny.text, tiny.image
-    assert _model(tiny).num_trainable() == 3 * 4 * i.width + 2 * 4 * t.width + 3 + 2
+    # default after_depth="keep": one gate per layer of each tower (prompted or carrying prompts)
+    assert _model(tiny).num_trainable() == 3 * 4 * i.width + 2 * 4 * t.width + i.layers + t.layers
+    assert _model(tiny, after_depth="remove").num_trainable() == 3 * 4 * i.width + 2 * 4 * t.width + 3 + 2
     assert (
         _model(tiny, gate="head").num_trainable()
-        == 3 * 4 * i.width + 2 * 4 * t.width + 3 * i.heads + 2 * t.heads
+        == 3 * 4 * i.width + 2 * 4 * t.width + i.layers * i.heads + t.layers * t.heads
     )
     import open_clip
 
@@ -181,7 +184,7 @@ def test_parameter_counts(tiny, capsys):
     img = TowerDims(vc["width"], vc["layers"], vc["width"] // vc.get("head_width", 64))
     txt = TowerDims(tc["width"], tc["layers"], tc["heads"])
     counts = {name: _count(get_method(name), txt, img) for name in ("dpl", "dpl-visual", "dpl-text")}
-    assert counts["dpl"] == 9 * 4 * 768 + 9 * 4 * 512 + 18 == 46_098
+    assert counts["dpl"] == 9 * 4 * 768 + 9 * 4 * 512 + 12 + 12 == 46_104
     assert counts["dpl"] == counts["dpl-visual"] + counts["dpl-text"]
     with capsys.disabled():
         print(f"\nDPL trainable parameters, ViT-B/16 (defaults): {counts}")

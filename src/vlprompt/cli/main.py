@@ -28,6 +28,7 @@ COMMANDS = [
     "data",
     "bench",
     "methods",
+    "inspect",
 ]
 
 

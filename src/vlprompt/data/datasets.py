@@ -23,8 +23,23 @@ log = logging.getLogger(__name__)
 DATA_ENV = "VLPROMPT_DATA"
 
 
-def _listdir(path: str) -> list[str]:
-    return sorted(n for n in os.listdir(path) if not n.startswith("."))
+# How the images inside an ImageNet(-variant) class folder are listed.  "sorted" (default): by name,
+# the same on every machine.  "os": in os.listdir order, as the reference toolkit lists them
+# (Dassl's listdir_nohidden(sort=False)); that order depends on the filesystem and on how the folder
+# was written, so it reproduces the reference's few-shot picks only on the same copy of the data.
+LISTINGS = ("sorted", "os")
+
+
+def _listdir(path: str, listing: str = "sorted") -> list[str]:
+    names = [n for n in os.listdir(path) if not n.startswith(".")]
+    return names if listing == "os" else sorted(names)
+
+
+def check_listing(listing: str) -> str:
+    """``listing`` validated (one-line error naming the choices)."""
+    if listing not in LISTINGS:
+        raise VlpromptError(f"unknown listing '{listing}'; use one of {', '.join(LISTINGS)}")
+    return listing
 
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
@@ -89,17 +104,21 @@ def _find_classnames(spec: DatasetSpec, ddir: Path, root: Path) -> dict[str, str
     )
 
 
-def _read_class_folders(folder: Path, wnids: list[str], names: dict[str, str]) -> list[Datum]:
+def _read_class_folders(
+    folder: Path, wnids: list[str], names: dict[str, str], listing: str = "sorted"
+) -> list[Datum]:
     items = []
     for label, wnid in enumerate(wnids):
         sub = folder / wnid
-        for f in _listdir(str(sub)) if sub.is_dir() else []:
+        for f in _listdir(str(sub), listing) if sub.is_dir() else []:
             if is_image_file(f):
                 items.append(Datum(str(sub / f), label, names[wnid], f"{wnid}/{f}"))
     return items
 
 
-def _imagenet(spec: DatasetSpec, ddir: Path, root: Path) -> tuple[list, list, list, list[str]]:
+def _imagenet(
+    spec: DatasetSpec, ddir: Path, root: Path, listing: str = "sorted"
+) -> tuple[list, list, list, list[str]]:
     names = _find_classnames(spec, ddir, root)
     img = image_dir(spec, ddir)
     splits = []
@@ -113,14 +132,16 @@ def _imagenet(spec: DatasetSpec, ddir: Path, root: Path) -> tuple[list, list, li
                 f"{folder} must hold the 1000 wnid folders of classnames.txt (found {len(wnids)}, unknown: "
                 f"{unknown[:3]}); " + spec.howto.format(root=root)
             )
-        splits.append(_read_class_folders(folder, wnids, names))
+        splits.append(_read_class_folders(folder, wnids, names, listing))  # class folders: always sorted
     train, test = splits
     classnames = [names[w] for w in sorted(names)]
     # CoOp: ImageNet's val set is its test set
     return train, test, test, classnames
 
 
-def _imagenet_variant(spec: DatasetSpec, ddir: Path, root: Path) -> tuple[list, list, list, list[str]]:
+def _imagenet_variant(
+    spec: DatasetSpec, ddir: Path, root: Path, listing: str = "sorted"
+) -> tuple[list, list, list, list[str]]:
     names = _find_classnames(spec, ddir, root)
     img = image_dir(spec, ddir)
     _require_dir(img, spec, root)
@@ -129,7 +150,7 @@ def _imagenet_variant(spec: DatasetSpec, ddir: Path, root: Path) -> tuple[list, 
         items = []
         for label, wnid in enumerate(wnids):
             sub = img / str(label)
-            for f in _listdir(str(sub)) if sub.is_dir() else []:
+            for f in _listdir(str(sub), listing) if sub.is_dir() else []:
                 if is_image_file(f):
                     items.append(Datum(str(sub / f), label, names[wnid], f"{label}/{f}"))
         classnames = [names[w] for w in wnids]
@@ -140,7 +161,7 @@ def _imagenet_variant(spec: DatasetSpec, ddir: Path, root: Path) -> tuple[list, 
             raise VlpromptError(
                 f"{img}: folders {unknown[:3]} are not ImageNet wnids; " + spec.howto.format(root=root)
             )
-        items = _read_class_folders(img, wnids, names)
+        items = _read_class_folders(img, wnids, names, listing)
         classnames = [names[w] for w in wnids]
     if len(classnames) != spec.num_classes:
         raise VlpromptError(
@@ -181,9 +202,20 @@ def _aircraft(spec: DatasetSpec, ddir: Path, root: Path) -> tuple[list, list, li
 
 
 def read_items(
-    spec: DatasetSpec, ddir: Path, base: Path, *, check_files: bool = True, skip_bad: bool = False
+    spec: DatasetSpec,
+    ddir: Path,
+    base: Path,
+    *,
+    check_files: bool = True,
+    skip_bad: bool = False,
+    listing: str = "sorted",
 ) -> tuple[list[Datum], list[Datum], list[Datum], list[str]]:
-    """Items and class names of a built-in data set found at ``ddir`` (``check_files`` tests existence)."""
+    """Items and class names of a built-in data set found at ``ddir`` (``check_files`` tests existence).
+
+    ``listing`` orders the images of ImageNet-style class folders (see :data:`LISTINGS`); split-file
+    and FGVC data sets follow their files' order whatever it is.
+    """
+    check_listing(listing)
     img = image_dir(spec, ddir)
     if spec.kind in ("split", "demo"):
         split_path = ddir / spec.split_file
@@ -202,7 +234,10 @@ def read_items(
             title=spec.title,
         )
     reader = {"imagenet": _imagenet, "imagenet_variant": _imagenet_variant, "aircraft": _aircraft}[spec.kind]
-    train, val, test, classnames = reader(spec, ddir, base)
+    if spec.kind == "aircraft":
+        train, val, test, classnames = reader(spec, ddir, base)
+    else:
+        train, val, test, classnames = reader(spec, ddir, base, listing)
     if spec.kind == "aircraft" and check_files:
         train, val, test = (
             drop_missing(x, skip_bad, f"{ddir} ({p})")
@@ -211,7 +246,9 @@ def read_items(
     return train, val, test, classnames
 
 
-def get_dataset(name: str, root: str | os.PathLike | None = None, skip_bad: bool = False) -> DatasetSplits:
+def get_dataset(
+    name: str, root: str | os.PathLike | None = None, skip_bad: bool = False, listing: str = "sorted"
+) -> DatasetSplits:
     """Load a data set by name, validated, with class names ordered by label.
 
     ``name`` is one of ``list_datasets()`` (CoOp spellings such as ``Caltech101`` work too), ``demo``
@@ -219,8 +256,11 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, skip_bad: bool
     with ``root`` pointing at the folder or CSV. ``root`` is the folder holding the data set folders
     (CoOp's ``$DATA``; default ``$VLPROMPT_DATA``). Missing files raise a one-line
     :class:`VlpromptError`; ``skip_bad=True`` instead drops missing *and undecodable* images (the latter
-    needs a decode pass over every image) and logs how many.
+    needs a decode pass over every image) and logs how many.  ``listing="os"`` lists the images of
+    ImageNet(-variant) class folders in ``os.listdir`` order, as the reference toolkit does, so its
+    ImageNet few-shot picks are reproduced on the same copy of the data (filesystem-dependent).
     """
+    check_listing(listing)
     if name == "custom":
         if root is None:
             raise VlpromptError("data set 'custom' needs root=PATH (a class-folder tree or a CSV file)")
@@ -238,7 +278,9 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, skip_bad: bool
             base = resolve_root(root)
             ddir = dataset_dir(spec, base)
         img = image_dir(spec, ddir)
-        train, val, test, classnames = read_items(spec, ddir, base, check_files=True, skip_bad=skip_bad)
+        train, val, test, classnames = read_items(
+            spec, ddir, base, check_files=True, skip_bad=skip_bad, listing=listing
+        )
         splits = DatasetSplits(
             name=spec.name,
             root=str(base),

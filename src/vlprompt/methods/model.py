@@ -66,8 +66,11 @@ class PromptModel(nn.Module):
 
     # ------------------------------------------------------------------ classes
     def set_classnames(self, classnames: list[str], template: str | None = None) -> None:
-        """Switch the label space (e.g. base -> new classes); the learned prompts are kept."""
-        classnames = [str(c) for c in classnames]
+        """Switch the label space (e.g. base -> new classes); the learned prompts are kept.
+
+        Underscores become spaces (``golden_retriever`` -> ``golden retriever``), as the official
+        trainers do, so API, CLI and predict tokenise every class name the same way."""
+        classnames = [str(c).replace("_", " ") for c in classnames]
         if not classnames:
             raise VlpromptError("no class names given; pass at least one class name")
         if len(set(classnames)) != len(classnames):

@@ -1,4 +1,4 @@
-"""MPL -- Modular Prompt Learning (SPEC §2.6): add / remove / carry image prompts layer by layer.
+"""MPL -- Modular Prompt Learning: add / remove / carry image prompts layer by layer.
 
 Deep prompting usually *replaces* every prompt at each layer and so throws away what the prompt
 outputs gathered.  MPL keeps a prompt context in the image tower and, before each block
@@ -14,7 +14,8 @@ prompts and **carries** the rest.  The new prompts are MaPLe-style projections o
   as the official code's ``_get_clones`` does).
 
 ``remove="all"`` is VPT-deep-like replacement; ``depth=1`` carries the shallow prompt through every
-layer (VPT-shallow-like).  Every setting is checked up front against the towers' depths.
+layer (VPT-shallow-like).  Every setting is checked up front against the towers' depths; removing
+more prompts than are present is refused (the official code drops image patches then; docs/mpl.md).
 """
 
 from __future__ import annotations
@@ -27,19 +28,23 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, init_ctx, linear_stack, normal_prompts
 
 
 @dataclass
 class MPLConfig(MethodConfig):
-    n_ctx: int = 1  # learnable text context tokens (also the tokens each projection produces)
-    add: int = 2  # projections per layer: p = add * n_ctx image prompts appended at layers 1..depth-1
-    remove: int | str = 1  # prompt tokens removed from the tail before appending; "all" (or -1) = every one
-    depth: int = 9  # layers 0..depth-1 get prompts (both towers)
-    tie_init: bool = True  # all add*(depth-1) projections start as copies of one Linear (official quirk)
-    ctx_init: str = "X"  # a one-token word repeated n_ctx times, an n_ctx-token phrase, or "" (random)
-    text: str = "a photo of a {}."  # frozen text after the context; "" = the data set's template
+    n_ctx: int = opt(1, "learnable text context tokens (also the tokens each projection produces)")
+    add: int = opt(2, "projections per layer: p = add * n_ctx image prompts appended at layers 1..depth-1")
+    remove: int | str = opt(
+        1,
+        "prompt tokens removed from the tail before appending; 'all' (or -1) = every one; never more than "
+        "are present (the official code would drop image patches then; refused, see docs/mpl.md)",
+    )
+    depth: int = opt(9, "layers 0..depth-1 get prompts (both towers)")
+    tie_init: bool = opt(True, "all add*(depth-1) projections start as copies of one Linear (official quirk)")
+    ctx_init: str = opt("X", "a one-token word repeated n_ctx times, an n_ctx-token phrase, or '' (random)")
+    text: str = opt("a photo of a {}.", "frozen text after the context; '' = the data set's template")
 
 
 def parse_remove(value: int | str) -> int:
@@ -62,7 +67,7 @@ def image_prompt_counts(n_ctx: int, add: int, remove: int, depth: int, layers: i
 
     ``n_0 = n_ctx`` (the shallow prompt); for ``l = 1..depth-1``: ``n_l = n_{l-1} - r + add * n_ctx``
     (``r = n_{l-1}`` for ``ALL``); later layers carry ``n_{depth-1}``.  With a fixed ``r`` this is
-    SPEC's ``n_ctx - r + (l-1)(p - r) + p``.
+    ``n_ctx - r + (l-1)(p - r) + p``.
     """
     p = add * n_ctx
     counts = [n_ctx]
@@ -70,10 +75,12 @@ def image_prompt_counts(n_ctx: int, add: int, remove: int, depth: int, layers: i
         present = counts[-1]
         if layer < depth:
             r = present if remove == ALL else remove
-            if r > present:
+            if r > present:  # the official code slices the sequence here and drops image patches
                 raise VlpromptError(
                     f"MPL remove={remove} exceeds the {present} image prompt tokens present before layer "
-                    f"{layer} (n_ctx={n_ctx}, add={add}); use remove <= {present} or remove='all'"
+                    f"{layer} (n_ctx={n_ctx}, add={add}); use remove <= {present} or remove='all' (the "
+                    f"official code would silently drop the last {r - present} image patch token(s) "
+                    "instead; vlprompt refuses, see docs/mpl.md)"
                 )
             present = present - r + p
         counts.append(present)
