@@ -49,7 +49,7 @@ def _model(args: argparse.Namespace):
     from vlprompt.train.config import apply_overrides
 
     if args.run:
-        from vlprompt.protocols.runs import load_run
+        from vlprompt.run import load_run
 
         return load_run(args.run, device=args.device)
     if not args.method:
