@@ -1,12 +1,12 @@
-"""Benchmarks and the frozen image-feature cache.
+"""Benchmarks (and, re-exported for convenience, the frozen image-feature cache).
 
 :mod:`vlprompt.bench.harness` times training steps, evaluation and the towers against the reference
 computation (``vlprompt bench``); :mod:`vlprompt.bench.flops` counts transformer FLOPs from the
-loaded architecture; :mod:`vlprompt.bench.features` caches frozen CLIP image features.
-``features`` and ``flops`` depend only on backbones/engine/data, so the trainer may use them.
+loaded architecture.  The frozen CLIP image-feature cache lives in :mod:`vlprompt.train.features`
+(the trainer uses it; bench sits above train and only re-exports it).
 """
 
-from vlprompt.bench.features import (
+from vlprompt.train.features import (
     FeatureCache,
     backbone_fingerprint,
     feature_dataset,
