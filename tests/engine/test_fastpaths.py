@@ -122,12 +122,12 @@ def test_truncation_with_deep_text_prompts_and_appended_prompts(backbone, replac
 @pytest.mark.parametrize("name", ["coop", "maple", "mpl", "ivlp", "zeroshot"])
 def test_shared_prefix_is_exact_for_logits_and_gradients(name, backbone, images):
     """[SOS] + shared context computed once for all classes: same logits and prompt gradients."""
-    from vlprompt.engine.towers import _shared_prefix_length
+    from vlprompt.engine import shared_prefix_length
 
     model = _model(name, backbone)
     inputs = model.method.text_inputs(None)
     x = inputs.embeds + backbone.clip.positional_embedding
-    assert _shared_prefix_length(x, inputs.plan) >= 2  # the shared path is really taken
+    assert shared_prefix_length(x, inputs.plan) >= 2  # the shared path is really taken
     out = []
     for share in (True, False):
         model.options.share_prefix = share
@@ -147,7 +147,7 @@ def test_shared_prefix_is_exact_for_logits_and_gradients(name, backbone, images)
 
 def test_shared_prefix_engine_cases(backbone):
     """Deep slots inside, straddling and after the shared prefix; appended prompts fall back."""
-    from vlprompt.engine.towers import _shared_prefix_length
+    from vlprompt.engine import shared_prefix_length
 
     d, n = backbone.text.width, 4
     g = torch.Generator().manual_seed(7)
@@ -164,7 +164,7 @@ def test_shared_prefix_engine_cases(backbone):
         (TowerPlan(layers={1: LayerOps(replace=torch.randn(n, 2, d, generator=g), replace_at=1)}), 0),
     ]
     for plan, expected in cases:
-        assert _shared_prefix_length((embeds + pos)[:, :11], plan) == expected
+        assert shared_prefix_length((embeds + pos)[:, :11], plan) == expected
         with torch.no_grad():
             shared = encode_text(backbone.clip, embeds, eot, plan, share_prefix=True)
             plain = encode_text(backbone.clip, embeds, eot, plan, share_prefix=False)

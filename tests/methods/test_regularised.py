@@ -94,7 +94,7 @@ def test_prograd_context_starts_as_the_handcrafted_prompt(tiny):
     model = create_model("prograd", tiny, CLASSES, template)
     m = model.method
     phrase = "a type of pet, a photo of a"
-    w = len(phrase.split(" "))  # 7 words (8 tokens: the comma is one): the last word stays frozen text
+    w = len(phrase.split(" "))  # 8 words but 9 tokens ("pet," is two): the last token stays frozen text
     assert torch.equal(m.ctx[: 16 - w], torch.zeros(16 - w, tiny.text.width))
     frozen = m.frozen_prompts(tiny, CLASSES, "a type of pet, a photo of a {}.")
     n_tok = int(frozen.eot[0]) - 1  # tokens between [SOS] and [EOT] of the hand-crafted prompt
