@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.backbones import load_backbone
-from vlprompt.train.features import FeatureCache, backbone_fingerprint, frozen_image_features, image_features
 from vlprompt.engine import ALL, LayerOps, TowerPlan, encode_text, plain_attention
 from vlprompt.methods import create_model, get_method, list_methods
+from vlprompt.train.features import FeatureCache, backbone_fingerprint, frozen_image_features, image_features
 
 CLASSES = ["golden retriever", "tabby cat", "red fox", "hammerhead shark", "pizza"]
 ATOL = 1e-4  # logits are logit_scale (about 14 at init) x cosine: 1e-4 is ~1e-5 on the cosine
@@ -323,9 +323,9 @@ def test_padded_last_batch_gives_the_same_logits(backbone, images):
 
 def test_evaluator_and_trainer_run_on_cached_features(backbone, tmp_path):
     """A feature dataset drops into evaluate()/fit() unchanged and gives the image path's results."""
-    from vlprompt.train.features import feature_dataset
     from vlprompt.data import ImageDataset, build_transform, get_dataset
     from vlprompt.train.evaluate import evaluate
+    from vlprompt.train.features import feature_dataset
 
     splits = get_dataset("demo")
     items = splits.test[:6]

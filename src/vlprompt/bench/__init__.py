@@ -6,6 +6,7 @@ loaded architecture.  The frozen CLIP image-feature cache lives in :mod:`vlpromp
 (the trainer uses it; bench sits above train and only re-exports it).
 """
 
+from vlprompt.bench.flops import TowerFlops, block_flops, image_tower_flops, text_tower_flops
 from vlprompt.train.features import (
     FeatureCache,
     backbone_fingerprint,
@@ -13,7 +14,6 @@ from vlprompt.train.features import (
     frozen_image_features,
     image_features,
 )
-from vlprompt.bench.flops import TowerFlops, block_flops, image_tower_flops, text_tower_flops
 
 __all__ = [
     "FeatureCache",

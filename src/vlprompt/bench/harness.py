@@ -45,7 +45,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlprompt.train.features import frozen_image_features
 from vlprompt.bench.flops import (
     TowerFlops,
     image_tower_flops,
@@ -54,6 +53,7 @@ from vlprompt.bench.flops import (
     text_tower_flops_shared_prefix,
 )
 from vlprompt.errors import VlpromptError
+from vlprompt.train.features import frozen_image_features
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
