@@ -251,3 +251,23 @@ def test_official_parameter_counts_vit_b16():
         "prograd": 16 * 512,
         "promptsrc": 9 * 4 * 512 + 9 * 4 * 768,  # 46,080: IVLP 4+4 at depth 9
     }
+
+
+def test_text_strategy_runs_the_class_prompts(tiny, images):
+    x, _ = images
+    model = create_model("coop", tiny, CLASSES, n_ctx=4)
+    with torch.no_grad():
+        ref = model(x)
+
+    class Reversed:  # encodes the classes in reverse order and puts them back: same features
+        calls = 0
+
+        def encode(self, m, inputs):
+            Reversed.calls += 1
+            feats = m.run_text(inputs.embeds.flip(0), inputs.eot.flip(0), inputs.plan)
+            return feats.flip(0)
+
+    model.set_text_strategy(Reversed())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+    assert Reversed.calls == 1

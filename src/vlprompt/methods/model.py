@@ -61,6 +61,7 @@ class PromptModel(nn.Module):
         classnames: list[str],
         template: str = DEFAULT_TEMPLATE,
         options: ModelOptions | None = None,
+        text_strategy: TextStrategy | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -72,7 +73,7 @@ class PromptModel(nn.Module):
             )
         self._text_cache: tuple[Any, torch.Tensor] | None = None
         self._frozen_text: tuple[Any, torch.Tensor] | None = None
-        self.text_strategy: TextStrategy | None = None
+        self.text_strategy: TextStrategy | None = text_strategy  # None: all classes, this process
         self.classnames: list[str] = []
         self.template = template
         self.set_classnames(classnames, template)
