@@ -53,7 +53,9 @@ _GPA_PREFIX = "gpa."
 class PromptSRCConfig(MethodConfig):
     n_ctx_text: int = opt(4, "learnable text slots (the first tokens of ctx_init)")
     n_ctx_image: int = opt(4, "learnable image tokens per layer")
-    ctx_init: str = opt("a photo of a", "prompt prefix; '' = n_ctx_text random slots before the class")
+    ctx_init: str = opt(
+        "a photo of a", "prompt prefix (used when n_ctx_text <= 4, as official); '' = random slots"
+    )
     depth_text: int = opt(9, "text layers with their own prompts (1 = shallow)")
     depth_image: int = opt(9, "image layers with their own prompts (0 = no image prompts)")
     text_loss_weight: float = opt(25.0, "weight of L1(learned text features, frozen ensemble features)")
@@ -108,7 +110,9 @@ class PromptSRC(PromptMethod):
             )
         gpa_weights(1, cfg.gpa_mean, cfg.gpa_std)  # validates std early
         d_txt, d_img = backbone.text.width, backbone.image.width
-        ctx, self._segments = prefix_ctx(backbone, cfg.n_ctx_text, cfg.ctx_init, d_txt)
+        # official: the words initialise the context only when n_ctx_text <= 4, else N(0, 0.02^2)
+        words = cfg.ctx_init if cfg.n_ctx_text <= 4 else ""
+        ctx, self._segments = prefix_ctx(backbone, cfg.n_ctx_text, words, d_txt)
         self.ctx = nn.Parameter(ctx)
         self.text_deep = nn.ParameterList(
             [normal_prompts(cfg.n_ctx_text, d_txt) for _ in range(cfg.depth_text - 1)]
