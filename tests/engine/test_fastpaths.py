@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.backbones import load_backbone
-from vlprompt.bench.features import FeatureCache, backbone_fingerprint, frozen_image_features, image_features
 from vlprompt.engine import ALL, LayerOps, TowerPlan, encode_text, plain_attention
 from vlprompt.methods import create_model, get_method, list_methods
+from vlprompt.train.features import FeatureCache, backbone_fingerprint, frozen_image_features, image_features
 
 CLASSES = ["golden retriever", "tabby cat", "red fox", "hammerhead shark", "pizza"]
 ATOL = 1e-4  # logits are logit_scale (about 14 at init) x cosine: 1e-4 is ~1e-5 on the cosine
@@ -122,12 +122,12 @@ def test_truncation_with_deep_text_prompts_and_appended_prompts(backbone, replac
 @pytest.mark.parametrize("name", ["coop", "maple", "mpl", "ivlp", "zeroshot"])
 def test_shared_prefix_is_exact_for_logits_and_gradients(name, backbone, images):
     """[SOS] + shared context computed once for all classes: same logits and prompt gradients."""
-    from vlprompt.engine.towers import _shared_prefix_length
+    from vlprompt.engine import shared_prefix_length
 
     model = _model(name, backbone)
     inputs = model.method.text_inputs(None)
     x = inputs.embeds + backbone.clip.positional_embedding
-    assert _shared_prefix_length(x, inputs.plan) >= 2  # the shared path is really taken
+    assert shared_prefix_length(x, inputs.plan) >= 2  # the shared path is really taken
     out = []
     for share in (True, False):
         model.options.share_prefix = share
@@ -147,7 +147,7 @@ def test_shared_prefix_is_exact_for_logits_and_gradients(name, backbone, images)
 
 def test_shared_prefix_engine_cases(backbone):
     """Deep slots inside, straddling and after the shared prefix; appended prompts fall back."""
-    from vlprompt.engine.towers import _shared_prefix_length
+    from vlprompt.engine import shared_prefix_length
 
     d, n = backbone.text.width, 4
     g = torch.Generator().manual_seed(7)
@@ -164,7 +164,7 @@ def test_shared_prefix_engine_cases(backbone):
         (TowerPlan(layers={1: LayerOps(replace=torch.randn(n, 2, d, generator=g), replace_at=1)}), 0),
     ]
     for plan, expected in cases:
-        assert _shared_prefix_length((embeds + pos)[:, :11], plan) == expected
+        assert shared_prefix_length((embeds + pos)[:, :11], plan) == expected
         with torch.no_grad():
             shared = encode_text(backbone.clip, embeds, eot, plan, share_prefix=True)
             plain = encode_text(backbone.clip, embeds, eot, plan, share_prefix=False)
@@ -323,9 +323,9 @@ def test_padded_last_batch_gives_the_same_logits(backbone, images):
 
 def test_evaluator_and_trainer_run_on_cached_features(backbone, tmp_path):
     """A feature dataset drops into evaluate()/fit() unchanged and gives the image path's results."""
-    from vlprompt.bench.features import feature_dataset
     from vlprompt.data import ImageDataset, build_transform, get_dataset
     from vlprompt.train.evaluate import evaluate
+    from vlprompt.train.features import feature_dataset
 
     splits = get_dataset("demo")
     items = splits.test[:6]

@@ -184,7 +184,7 @@ def test_cocoop_batched_equals_per_image_loop(tiny):
         for b in range(img.shape[0]):
             inputs = model.method.text_inputs(img[b : b + 1])
             assert inputs.embeds.shape[0] == len(names)
-            txt = F.normalize(model._run_text(inputs.embeds, inputs.eot, inputs.plan), dim=-1)
+            txt = F.normalize(model.run_text(inputs.embeds, inputs.eot, inputs.plan), dim=-1)
             loop.append(model.backbone.logit_scale * img[b] @ txt.t())
         loop = torch.stack(loop)
         model.options.text_chunk = 2  # chunks cut across images: 9 sequences in 5 calls

@@ -117,7 +117,7 @@ CLASSES = ["cat", "dog", "car", "tree", "boat"]  # 5 classes: uneven shards (3 +
 
 
 def _recording(fn, rows: list[int]):
-    """``fn`` (PromptModel._run_text) that also records how many sequences each call encodes."""
+    """``fn`` (PromptModel.run_text) that also records how many sequences each call encodes."""
 
     def run(embeds, *args, **kwargs):
         rows.append(embeds.shape[0])
@@ -156,7 +156,7 @@ def _text_worker(rank: int, world: int, port: int, out: str) -> None:
             ref_grads = torch.autograd.grad(ref_loss, params)
 
             rows: list[int] = []
-            model._run_text = _recording(model._run_text, rows)
+            model.run_text = _recording(model.run_text, rows)
             assert D.enable_text_sharding(model)
             xs, ys = x[rank::world], y[rank::world]
             loss = F.cross_entropy(model(xs), ys)

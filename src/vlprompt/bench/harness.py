@@ -16,7 +16,7 @@ Each is measured in up to three *variants*:
   ``softmax(QK^T)V`` attention (``ModelOptions(truncate_text=False, cache_text=False, attention="plain")``);
 * ``fast`` -- vlprompt's exact fast paths: truncation after the longest EOT, text features once per
   evaluation, fused SDPA attention (``is_causal`` in the text tower where the mask allows);
-* ``fast+features`` -- additionally frozen image features from :mod:`vlprompt.bench.features` (only
+* ``fast+features`` -- additionally frozen image features from :mod:`vlprompt.train.features` (only
   for methods whose image side has no prompts; at training this needs augmentation off or
   pre-computed views -- the step then never touches the image tower).
 
@@ -45,7 +45,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlprompt.bench.features import frozen_image_features
 from vlprompt.bench.flops import (
     TowerFlops,
     image_tower_flops,
@@ -54,6 +53,7 @@ from vlprompt.bench.flops import (
     text_tower_flops_shared_prefix,
 )
 from vlprompt.errors import VlpromptError
+from vlprompt.train.features import frozen_image_features
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def _text_length(model: Any, inputs: Any) -> int:
 
 def shared_prefix(model: Any, inputs: Any) -> int:
     """Leading text tokens computed once for all class prompts under the model's options (0 = none)."""
-    from vlprompt.engine.towers import _shared_prefix_length
+    from vlprompt.engine import shared_prefix_length
 
     opts = model.options
     if not opts.share_prefix or opts.checkpoint_text or opts.attention != "sdpa":
@@ -345,7 +345,7 @@ def shared_prefix(model: Any, inputs: Any) -> int:
     if inputs.embeds.shape[0] > max(1, int(opts.text_chunk)):
         return 0  # chunks share their own prefixes; counted without sharing (conservative)
     with torch.no_grad():
-        p = _shared_prefix_length(inputs.embeds[:, :length] + pos, inputs.plan)
+        p = shared_prefix_length(inputs.embeds[:, :length] + pos, inputs.plan)
     return p if p >= 2 else 0
 
 

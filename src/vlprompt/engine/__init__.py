@@ -11,8 +11,8 @@ from vlprompt.engine.attention import (
     qkv_heads,
     standard_attention,
 )
-from vlprompt.engine.plan import ALL, LayerOps, TowerPlan, prompt_lengths
-from vlprompt.engine.towers import apply_ops, encode_image, encode_text, run_blocks
+from vlprompt.engine.plan import ALL, LayerOps, TowerPlan, prompt_lengths, slice_plan
+from vlprompt.engine.towers import apply_ops, encode_image, encode_text, run_blocks, shared_prefix_length
 
 __all__ = [
     "ALL",
@@ -31,5 +31,7 @@ __all__ = [
     "prompt_lengths",
     "qkv_heads",
     "run_blocks",
+    "shared_prefix_length",
+    "slice_plan",
     "standard_attention",
 ]

@@ -68,3 +68,18 @@ def prompt_lengths(n_inst: int, plan: TowerPlan | None, depth: int) -> list[int]
                 n_prompt += op.append.shape[-2]
         out.append(n_inst + n_prompt)
     return out
+
+
+def slice_plan(plan: TowerPlan | None, start: int, end: int, n: int) -> TowerPlan | None:
+    """The part of ``plan`` for sequences ``start:end`` of ``n`` (per-sequence prompt tensors are cut).
+
+    Lets a caller run the text tower on a block of class prompts (chunking, class-sharded DDP)."""
+    if plan is None:
+        return None
+    from dataclasses import replace
+
+    def cut(t):
+        return t[start:end] if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == n else t
+
+    layers = {i: replace(op, replace=cut(op.replace), append=cut(op.append)) for i, op in plan.layers.items()}
+    return TowerPlan(shallow=cut(plan.shallow), layers=layers, attention=plan.attention)

@@ -124,7 +124,7 @@ def encode_text(
                     length = max(length, op.replace_at + op.replace.shape[-2])
     x = embeds[:, :length].to(dtype) + clip.positional_embedding[:length].to(dtype)
     if share_prefix and not checkpoint and default_attention in (None, standard_attention):
-        p = _shared_prefix_length(x, plan)
+        p = shared_prefix_length(x, plan)
         if p >= 2:
             return _encode_text_prefix(clip, x, eot, plan, p)
     if plan is not None and plan.shallow is not None:
@@ -151,7 +151,7 @@ def encode_text(
     return tp(x) if isinstance(tp, nn.Linear) else x @ tp
 
 
-def _shared_prefix_length(x: torch.Tensor, plan: TowerPlan | None) -> int:
+def shared_prefix_length(x: torch.Tensor, plan: TowerPlan | None) -> int:
     """Leading positions identical in every sequence, and shared by every deep op (0 = not usable)."""
     n, length, _ = x.shape
     if n < 2:

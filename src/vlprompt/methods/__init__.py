@@ -9,15 +9,19 @@ from vlprompt.methods.base import (
     list_methods,
     register_method,
 )
-from vlprompt.methods.model import DEFAULT_TEMPLATE, ModelOptions, PromptModel, create_model
+from vlprompt.methods.model import DEFAULT_TEMPLATE, ModelOptions, PromptModel, TextStrategy, create_model
+from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "FROZEN_NEEDS",
     "MethodConfig",
+    "ModelOutput",
     "ModelOptions",
     "PromptMethod",
     "PromptModel",
     "TextInputs",
+    "TextStrategy",
     "build_config",
     "create_model",
     "get_method",

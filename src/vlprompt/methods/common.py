@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from vlprompt.backbones import Backbone
+from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
 
 Segment = tuple[str, object]  # ("ctx", n) | ("text", "a photo of a {}.")
@@ -188,3 +189,119 @@ def prefix_ctx(
             f"context init '{ctx_init}' cannot be split after {n_ctx} tokens; use whole words"
         )
     return ctx, [("ctx", n_ctx), ("text", f"{rest} {{}}." if rest else "{}.")]
+
+
+def deep_text_plan(deep: Sequence[torch.Tensor], at: int) -> TowerPlan | None:
+    """Independent deep text prompts (IVLP/PromptSRC): before layer ``i + 1`` the context slots
+    ``[at, at + n)`` are *replaced* by ``deep[i]`` (no positional embedding at deep layers)."""
+    layers = {i + 1: LayerOps(replace=t, replace_at=at) for i, t in enumerate(deep)}
+    return TowerPlan(layers=layers) if layers else None
+
+
+def deep_image_plan(prompts: torch.Tensor | None) -> TowerPlan | None:
+    """Independent deep image prompts (IVLP/PromptSRC): ``prompts[0]`` (n, d) appended after
+    the positional embedding; at layer ``l`` the previous prompt outputs dropped, ``prompts[l]`` appended."""
+    if prompts is None:
+        return None
+    layers = {i: LayerOps(remove=ALL, append=prompts[i]) for i in range(1, prompts.shape[0])}
+    return TowerPlan(shallow=prompts[0], layers=layers)
+
+
+def words_ctx(
+    backbone: Backbone, n_ctx: int, phrase: str, std: float = 0.02
+) -> tuple[torch.Tensor, list[Segment]]:
+    """ProGrad-style context: ``n_ctx`` learnable slots ending in the first ``w`` tokens of ``phrase``
+    (``w`` = its word count, as the official code counts), zeros before them; the phrase's remaining
+    tokens stay frozen text before the class name.  ``""``: N(0, std^2) context, CoOp's prompt.
+    Returns ``(ctx (n_ctx, d), segments)``."""
+    width = backbone.text.width
+    if not phrase:
+        return torch.randn(n_ctx, width) * std, [("ctx", n_ctx), ("text", "{}.")]
+    ids = backbone.encode_words(phrase.replace("_", " "))
+    w = len(phrase.split(" "))
+    if w > n_ctx:
+        raise VlpromptError(
+            f"context init '{phrase}' has {w} words but n_ctx={n_ctx}; raise n_ctx to at least {w}"
+        )
+    ctx = torch.zeros(n_ctx, width)
+    with torch.no_grad():
+        ctx[n_ctx - w :] = backbone.token_embed(torch.tensor(ids[:w])).float().cpu()
+    rest = backbone.tokenizer.decode(ids[w:]).strip() if len(ids) > w else ""
+    if rest and backbone.encode_words(rest) != ids[w:]:  # BPE round trip must be exact
+        raise VlpromptError(f"context init '{phrase}' cannot be split after {w} tokens; use whole words")
+    return ctx, [("ctx", n_ctx), ("text", f"{rest} {{}}." if rest else "{}.")]
+
+
+def official_template(table: dict[str, str], template: str, override: str = "") -> str:
+    """``override`` when set, else the official code's template for the data set whose CoOp template
+    is ``template`` (``table`` lists only those that differ), else ``template`` itself."""
+    if override:
+        if "{}" not in override:
+            raise VlpromptError(f"template '{override}' has no '{{}}' placeholder for the class name")
+        return override
+    return table.get(template, template)
+
+
+#: CLIP's ImageNet prompt templates as used by PromptSRC's frozen text ensemble (60 of them)
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+)  # fmt: skip

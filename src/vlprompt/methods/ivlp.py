@@ -19,10 +19,17 @@ import torch
 from torch import nn
 
 from vlprompt.backbones import Backbone
-from vlprompt.engine import ALL, LayerOps, TowerPlan
+from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
-from vlprompt.methods.common import ClassPrompts, normal_prompts, prefix_ctx, validate_depth
+from vlprompt.methods.common import (
+    ClassPrompts,
+    deep_image_plan,
+    deep_text_plan,
+    normal_prompts,
+    prefix_ctx,
+    validate_depth,
+)
 
 
 @dataclass
@@ -65,14 +72,7 @@ class IVLP(PromptMethod):
 
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         at = int(self.prompts.slots[0, 0])
-        layers = {i + 1: LayerOps(replace=t, replace_at=at) for i, t in enumerate(self.text_deep)}
-        return TextInputs(
-            self.prompts.fill(self.ctx), self.prompts.eot, TowerPlan(layers=layers) if layers else None
-        )
+        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot, deep_text_plan(self.text_deep, at))
 
     def image_plan(self) -> TowerPlan | None:
-        if self.image_prompts is None:
-            return None
-        p = self.image_prompts
-        layers = {i: LayerOps(remove=ALL, append=p[i]) for i in range(1, p.shape[0])}
-        return TowerPlan(shallow=p[0], layers=layers)
+        return deep_image_plan(self.image_prompts)

@@ -1,24 +1,28 @@
-"""PromptModel: a frozen backbone + one method, giving ``forward(images) -> logits (B, C)``.
+"""PromptModel: a frozen backbone + one method; ``forward(images) -> logits``, ``run(images) -> ModelOutput``.
 
 The data flow of every method: images -> image tower (engine, method's image plan) -> features;
 class names -> tokens -> text tower (engine, method's text plan) -> features; logits =
 logit_scale * cosine.  The text side is computed once per step for all classes and cached at
-evaluation whenever nothing in it depends on the image.
+evaluation whenever nothing in it depends on the image.  :meth:`PromptModel.run` also gives, on
+request, what a regularised objective compares against: the *frozen* CLIP image / text features and
+the zero-shot logits (frozen text computed once per class set and template set, then cached).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones import Backbone
-from vlprompt.engine import ATTENTION_MODES, TowerPlan, encode_image, encode_text
+from vlprompt.engine import ATTENTION_MODES, TowerPlan, encode_image, encode_text, slice_plan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import PromptMethod, build_config, get_method
+from vlprompt.methods.base import PromptMethod, TextInputs, build_config, get_method
+from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -40,8 +44,15 @@ class ModelOptions:
         return set(cls.__dataclass_fields__)
 
 
+class TextStrategy(Protocol):
+    """Runs the text tower on a method's class prompts (see :meth:`PromptModel.set_text_strategy`)."""
+
+    def encode(self, model: PromptModel, inputs: TextInputs) -> torch.Tensor: ...
+
+
 class PromptModel(nn.Module):
-    """Frozen CLIP + a prompt method; ``forward(images)`` gives logits over the current class names."""
+    """Frozen CLIP + a prompt method; ``forward(images)`` gives logits over the current class names,
+    :meth:`run` the typed :class:`ModelOutput` an objective reads."""
 
     def __init__(
         self,
@@ -50,6 +61,7 @@ class PromptModel(nn.Module):
         classnames: list[str],
         template: str = DEFAULT_TEMPLATE,
         options: ModelOptions | None = None,
+        text_strategy: TextStrategy | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -60,6 +72,8 @@ class PromptModel(nn.Module):
                 f"unknown attention '{self.options.attention}'; use one of {', '.join(ATTENTION_MODES)}"
             )
         self._text_cache: tuple[Any, torch.Tensor] | None = None
+        self._frozen_text: tuple[Any, torch.Tensor] | None = None
+        self.text_strategy: TextStrategy | None = text_strategy  # None: all classes, this process
         self.classnames: list[str] = []
         self.template = template
         self.set_classnames(classnames, template)
@@ -127,13 +141,17 @@ class PromptModel(nn.Module):
         )
         return F.normalize(feats.float(), dim=-1)
 
-    def _run_text(self, embeds: torch.Tensor, eot: torch.Tensor, plan: TowerPlan | None) -> torch.Tensor:
+    def run_text(self, embeds: torch.Tensor, eot: torch.Tensor, plan: TowerPlan | None) -> torch.Tensor:
+        """Normalised text features of ``embeds`` (N, L, d) under ``plan``, in chunks of ``text_chunk``."""
+        return F.normalize(self._text_tower(embeds, eot, plan), dim=-1)
+
+    def _text_tower(self, embeds: torch.Tensor, eot: torch.Tensor, plan: TowerPlan | None) -> torch.Tensor:
         n = embeds.shape[0]
         chunk = max(1, int(self.options.text_chunk))
         outs = []
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            sub = plan if (s == 0 and e == n) else _slice_plan(plan, s, e, n)
+            sub = plan if (s == 0 and e == n) else slice_plan(plan, s, e, n)
             outs.append(
                 encode_text(
                     self.backbone.clip,
@@ -146,7 +164,15 @@ class PromptModel(nn.Module):
                     share_prefix=self.options.share_prefix,
                 )
             )
-        return F.normalize(torch.cat(outs).float(), dim=-1)
+        return torch.cat(outs).float()
+
+    def set_text_strategy(self, strategy: TextStrategy | None) -> None:
+        """How the class-prompt text tower runs (``None``: locally, all classes in this process).
+
+        A strategy is any object with ``encode(model, inputs) -> (C, e)`` normalised features; the
+        class-sharded DDP encoder of :mod:`vlprompt.train.distributed` is one."""
+        self.text_strategy = strategy
+        self._text_cache = None
 
     def encode_text(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised text features: (C, e), or (B, C, e) for image-conditioned methods."""
@@ -157,7 +183,7 @@ class PromptModel(nn.Module):
                 )
             inputs = self.method.text_inputs(image_features)
             b = image_features.shape[0]
-            return self._run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
+            return self.run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
         cacheable = self.options.cache_text and not torch.is_grad_enabled()
         key = None
         if cacheable:
@@ -169,34 +195,95 @@ class PromptModel(nn.Module):
             if self._text_cache is not None and self._text_cache[0] == key:
                 return self._text_cache[1]
         inputs = self.method.text_inputs(None)
-        feats = self._run_text(inputs.embeds, inputs.eot, inputs.plan)
+        if self.text_strategy is not None:
+            feats = self.text_strategy.encode(self, inputs)
+        else:
+            feats = self.run_text(inputs.embeds, inputs.eot, inputs.plan)
         if cacheable:
             self._text_cache = (key, feats)
         return feats
 
+    # ------------------------------------------------------------------ frozen CLIP
+    @torch.no_grad()
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen CLIP's normalised image features (no prompts), for the same images."""
+        if images.dim() == 2:  # cached frozen features already
+            return F.normalize(images.to(self.backbone.device).float(), dim=-1)
+        return self.encode_image(images, plan=TowerPlan())
+
+    @torch.no_grad()
+    def frozen_text_features(self) -> torch.Tensor:
+        """Frozen CLIP's normalised text features (C, e) of the method's hand-crafted templates.
+
+        With several templates the *unnormalised* features are averaged, then normalised (as
+        PromptSRC's ensemble does).  Computed once per class set and template set, then cached."""
+        templates = tuple(self.method.frozen_templates(self.template))
+        if not templates:
+            raise VlpromptError(f"method '{self.method.name}' names no template for frozen text features")
+        key = (tuple(self.classnames), templates, self.backbone.device)
+        if self._frozen_text is not None and self._frozen_text[0] == key:
+            return self._frozen_text[1]
+        total = None
+        for t in templates:
+            tok = self.method.frozen_prompts(self.backbone, self.classnames, t)
+            feats = self._text_tower(tok.embeds, tok.eot, None)
+            total = feats if total is None else total + feats
+        out = F.normalize(total / len(templates), dim=-1)
+        self._frozen_text = (key, out)
+        return out
+
+    # ------------------------------------------------------------------ forward
     def logits_from_features(self, img: torch.Tensor) -> torch.Tensor:
         """Logits from normalised image features (lets callers cache frozen image features)."""
         txt = self.encode_text(img if self.method.image_conditioned_text else None)
+        return self._logits(img, txt)
+
+    def _logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         scale = self.backbone.logit_scale.float()
         if txt.dim() == 3:
             return scale * torch.einsum("be,bce->bc", img, txt)
         return scale * img @ txt.t()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits from images ``(B, 3, H, W)`` -- or from cached frozen image features ``(B, e)``.
-
-        Features are accepted only when the method's image side has no prompts (they are then exactly
-        what the image tower would give; see :mod:`vlprompt.bench.features`), so a trainer or evaluator
-        can run on a feature dataset unchanged.
-        """
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() == 2:
             if self.method.prompts_image:
                 raise VlpromptError(
                     f"method '{self.method.name}' prompts the image tower, so cached image features cannot "
                     "be used; pass images"
                 )
-            return self.logits_from_features(F.normalize(images.to(self.backbone.device).float(), dim=-1))
-        return self.logits_from_features(self.encode_image(images))
+            return F.normalize(images.to(self.backbone.device).float(), dim=-1)
+        return self.encode_image(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits from images ``(B, 3, H, W)`` -- or from cached frozen image features ``(B, e)``.
+
+        Features are accepted only when the method's image side has no prompts (they are then exactly
+        what the image tower would give; see :mod:`vlprompt.train.features`), so a trainer or evaluator
+        can run on a feature dataset unchanged.
+        """
+        return self.logits_from_features(self._image_features(images))
+
+    def run(self, images: torch.Tensor, need: Iterable[str] = ()) -> ModelOutput:
+        """The typed output of one forward: logits, features and the frozen-CLIP entries in ``need``.
+
+        ``need`` is a subset of ``FROZEN_NEEDS`` (the trainer passes ``method.needs``);
+        ``zero_shot_logits`` implies both frozen feature sets.  Logits equal ``forward(images)``."""
+        need = set(need)
+        bad = need - FROZEN_NEEDS
+        if bad:
+            raise VlpromptError(f"unknown model output(s) {sorted(bad)}; choose from {sorted(FROZEN_NEEDS)}")
+        img = self._image_features(images)
+        txt = self.encode_text(img if self.method.image_conditioned_text else None)
+        out = ModelOutput(self._logits(img, txt), img, txt, logit_scale=self.backbone.logit_scale.float())
+        if need & {"frozen_image", "zero_shot_logits"}:
+            out.frozen_image_features = (
+                img.detach() if not self.method.prompts_image else self.frozen_image_features(images)
+            )
+        if need & {"frozen_text", "zero_shot_logits"}:
+            out.frozen_text_features = self.frozen_text_features()
+        if "zero_shot_logits" in need:
+            out.zero_shot_logits = self._logits(out.frozen_image_features, out.frozen_text_features).detach()
+        return out
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -231,20 +318,6 @@ class PromptModel(nn.Module):
         tf = build_transform(False, **self.backbone.preprocess_cfg)
         pil = [im.convert("RGB") if isinstance(im, Image.Image) else load_rgb(str(im)) for im in items]
         return torch.stack([tf(im) for im in pil])
-
-
-def _slice_plan(plan: TowerPlan | None, s: int, e: int, n: int) -> TowerPlan | None:
-    """The part of ``plan`` for sequences ``s:e`` (per-sequence prompt tensors are sliced)."""
-    if plan is None:
-        return None
-
-    def cut(t):
-        return t[s:e] if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == n else t
-
-    from dataclasses import replace
-
-    layers = {i: replace(op, replace=cut(op.replace), append=cut(op.append)) for i, op in plan.layers.items()}
-    return TowerPlan(shallow=cut(plan.shallow), layers=layers, attention=plan.attention)
 
 
 def create_model(

@@ -1,8 +1,8 @@
 """Published numbers (SPEC §5) shown beside ours by ``vlprompt report --reference``.
 
 All are top-1 accuracy (%) with CLIP ViT-B/16 *pretrained* weights, 16 shots, mean of seeds 1-3, as
-printed in the CoOp / CoCoOp / MaPLe / PromptSRC / MPL papers. They are data, never computed, and
-are always labelled :data:`LABEL` so they cannot be mistaken for this package's results.
+printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL papers. They are data,
+never computed, and are always labelled :data:`LABEL` so they cannot be mistaken for this package's results.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ PAPER_NAMES: dict[str, str] = {
     "coop": "CoOp",
     "cocoop": "CoCoOp",
     "kgcoop": "KgCoOp",
+    "prograd": "ProGrad",
     "ivlp": "IVLP",
     "maple": "MaPLe",
     "promptsrc": "PromptSRC",
@@ -27,6 +28,7 @@ BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "CoOp": (82.69, 63.22, 71.66),
     "CoCoOp": (80.47, 71.69, 75.83),
     "KgCoOp": (80.73, 73.60, 77.00),
+    "ProGrad": (82.48, 70.75, 76.16),
     "IVLP": (84.21, 71.79, 77.51),
     "MaPLe": (82.28, 75.14, 78.55),
     "PromptSRC": (84.26, 76.10, 79.97),

@@ -38,6 +38,9 @@ _DISPLAY = {
     "vpt": "VPT-deep",
     "maple": "MaPLe",
     "mpl": "MPL",
+    "kgcoop": "KgCoOp",
+    "prograd": "ProGrad",
+    "promptsrc": "PromptSRC",
 }
 
 

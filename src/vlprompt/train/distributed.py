@@ -370,17 +370,38 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     return _GatherRows.apply(local, counts, e.rank)
 
 
-def enable_text_sharding(model: nn.Module) -> bool:
-    """Make ``model.encode_text`` split the class prompts across ranks while training.
+class ShardedText:
+    """Text strategy (``PromptModel.set_text_strategy``): the class prompts split across ranks.
 
     Each rank runs the text tower on its contiguous ``1/W`` of the classes; the features are
     all-gathered with gradient (:func:`gather_rows`), so text-tower time and activation memory divide
     by W. Applies when a process group is up, the model is in training mode and autograd is on; for
     evaluation (``no_grad``, rank 0 alone) the full text is encoded locally, so no rank waits on a
-    collective the others never join. Methods whose text depends on the image (CoCoOp-style) are left
-    alone: their text work already splits with the image batch. Returns whether sharding was installed.
+    collective the others never join.
     """
-    from vlprompt.methods.model import PromptModel, _slice_plan
+
+    def encode(self, model: Any, inputs: Any) -> torch.Tensor:
+        from vlprompt.engine import slice_plan
+
+        if not (model.training and torch.is_grad_enabled() and is_distributed()):
+            return model.run_text(inputs.embeds, inputs.eot, inputs.plan)
+        e = env()
+        n = inputs.embeds.shape[0]
+        s, t = shard_range(n, e.rank, e.world_size)
+        if t > s:
+            local = model.run_text(inputs.embeds[s:t], inputs.eot[s:t], slice_plan(inputs.plan, s, t, n))
+        else:  # more ranks than classes: this rank contributes no rows
+            local = inputs.embeds.new_zeros((0, model.backbone.embed_dim), dtype=torch.float32)
+        return gather_rows(local, n)
+
+
+def enable_text_sharding(model: nn.Module) -> bool:
+    """Give ``model`` the :class:`ShardedText` strategy when a process group is up.
+
+    Methods whose text depends on the image (CoCoOp-style) are left alone: their text work already
+    splits with the image batch. Returns whether sharding was installed.
+    """
+    from vlprompt.methods.model import PromptModel
 
     if not isinstance(model, PromptModel):
         raise TypeError(f"text sharding needs a PromptModel, got {type(model).__name__}")
@@ -391,23 +412,6 @@ def enable_text_sharding(model: nn.Module) -> bool:
             "shard_text: method '%s' conditions its text on the image; text is not sharded", model.method.name
         )
         return False
-    if getattr(model, "_vlp_sharded_text", False):
-        return True
-    original = model.encode_text
-
-    def encode_text(image_features: torch.Tensor | None = None) -> torch.Tensor:
-        if not (model.training and torch.is_grad_enabled() and is_distributed()):
-            return original(image_features)
-        e = env()
-        inputs = model.method.text_inputs(None)
-        n = inputs.embeds.shape[0]
-        s, t = shard_range(n, e.rank, e.world_size)
-        if t > s:
-            local = model._run_text(inputs.embeds[s:t], inputs.eot[s:t], _slice_plan(inputs.plan, s, t, n))
-        else:  # more ranks than classes: this rank contributes no rows
-            local = inputs.embeds.new_zeros((0, model.backbone.embed_dim), dtype=torch.float32)
-        return gather_rows(local, n)
-
-    model.encode_text = encode_text  # instance attribute: shadows the class method for this model only
-    model._vlp_sharded_text = True
+    if not isinstance(model.text_strategy, ShardedText):
+        model.set_text_strategy(ShardedText())
     return True

@@ -1,13 +1,16 @@
-"""The training loop: cross-entropy on the model's logits, only the prompt parameters learn.
+"""The training loop: the method's objective on the model's typed output; only the prompts learn.
 
-One loop for every method (the trainer knows no method by name): fp32 master weights, autocast per
-``precision``, SGD + the reference per-epoch schedule, seeded shuffling, evaluation of the last epoch
-(no model selection), a checkpoint after every epoch, and exact resume: a killed run continued with
-``resume=True`` ends with the same prompt weights and metrics as an uninterrupted one (CPU).
+One loop for every method: the trainer knows no method by name; it calls the method's ``objective``
+(default cross-entropy), ``backward`` and ``on_epoch_end`` hooks and checkpoints ``hook_state_dict``.
+fp32 master weights, autocast per ``precision``, SGD + the reference per-epoch schedule, seeded
+shuffling, evaluation of the last epoch (no model selection), a checkpoint after every epoch, and
+exact resume: a killed run continued with ``resume=True`` ends with the same prompt weights and
+metrics as an uninterrupted one (CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -17,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from vlprompt.errors import VlpromptError
@@ -41,15 +43,15 @@ def _as_dataset(
 ) -> Dataset | DataLoader:
     """A Dataset/DataLoader as given, or Datum items wrapped with the backbone's transforms.
 
-    ``features``: Datum items become cached frozen image features (``vlprompt.bench.features``) under
+    ``features``: Datum items become cached frozen image features (``vlprompt.train.features``) under
     the deterministic test transform -- only for methods whose image side has no prompts.
     """
     if isinstance(data, (Dataset, DataLoader)):
         return data
     is_items = isinstance(data, Sequence) and data and hasattr(data[0], "impath")
     if features and is_items and not model.method.prompts_image:
-        from vlprompt.bench.features import FeatureCache, feature_dataset
         from vlprompt.data import build_transform
+        from vlprompt.train.features import FeatureCache, feature_dataset
 
         tf = build_transform(False, **model.backbone.preprocess_cfg)
         split = "train-noaug" if train else "eval"
@@ -79,6 +81,15 @@ def _resume_key(train: Any, seed: int, model: torch.nn.Module) -> str:
     t = {k: v for k, v in train.to_dict().items() if k not in EXECUTION_KEYS}
     shapes = {n: list(p.shape) for n, p in model.trainable_parameters()}
     return sha256_json({"train": t, "seed": seed, "params": shapes, "classes": list(model.classnames)})
+
+
+def _backprop(
+    t: torch.Tensor, retain_graph: bool = False, *, n: int, totals: Any, scaler: Any, params: list
+) -> None:
+    """Back-propagate ``t`` as the trainer does: DDP share scaling, AMP loss scaling, gradient sum."""
+    t = ddp.scale_loss(t, n, totals)
+    (scaler.scale(t) if scaler is not None else t).backward(retain_graph=retain_graph)
+    ddp.allreduce_grads(params)
 
 
 def _check_frozen(model: torch.nn.Module) -> None:
@@ -186,6 +197,7 @@ def fit(
         schedule.load_state_dict(state["schedule"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        model.method.load_hook_state_dict(state.get("hooks") or {})
         ckpt.set_rng_state(state["rng"])
         loader.generator.set_state(state["loader_generator"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
@@ -206,22 +218,23 @@ def fit(
             t0 = time.perf_counter()
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device)
+            method = model.method
             with prec.autocast():
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+                output = model.run(images, need=method.needs)
+            loss, terms = method.objective(output, labels)  # the method's loss and its logged terms
+            logits = output.logits
             n = labels.shape[0]
             correct = int((logits.detach().argmax(-1) == labels).sum())
             batch = ddp.batch_totals(loss, n, correct)  # all ranks' totals (this rank's when single)
             optimizer.zero_grad(set_to_none=True)
+
+            backprop = functools.partial(_backprop, n=n, totals=batch, scaler=scaler, params=params)
             try:
+                method.backward(loss, terms, params, backprop)  # default: backprop(loss)
                 if scaler is not None:
-                    scaler.scale(ddp.scale_loss(loss, n, batch)).backward()
-                    ddp.allreduce_grads(params)
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    ddp.scale_loss(loss, n, batch).backward()
-                    ddp.allreduce_grads(params)
                     optimizer.step()
             except RuntimeError as e:  # e.g. an lr that does not fit the parameters' dtype
                 if "overflow" not in str(e):
@@ -246,6 +259,7 @@ def fit(
                         "epoch": epoch + 1,
                         "step": step,
                         "loss": batch.loss,
+                        **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},  # this rank's batch
                         "acc": batch.acc,
                         "lr": lr,
                         "images_per_s": batch.n / max(dt, 1e-9),
@@ -260,6 +274,7 @@ def fit(
                 img_s=f"{tot_n / max(time.perf_counter() - t_epoch, 1e-9):.1f}",
             )
         bar.close()
+        model.method.on_epoch_end(epoch + 1, epochs)  # e.g. prompt aggregation, before eval + checkpoint
         dt_epoch = time.perf_counter() - t_epoch
         elapsed += dt_epoch
         summary: dict[str, Any] = {
@@ -304,6 +319,7 @@ def fit(
                     "loader_generator": loader.generator.get_state(),
                     "elapsed": elapsed,
                     "history": history,
+                    "hooks": model.method.hook_state_dict(),  # tensors and JSON-able values only
                 },
             )
         ddp.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint

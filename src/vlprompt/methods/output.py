@@ -1,0 +1,30 @@
+"""What one forward pass of a PromptModel gives an objective: :class:`ModelOutput`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: what a method may ask :meth:`PromptModel.run` for beyond logits and features (``PromptMethod.needs``)
+FROZEN_NEEDS = frozenset({"frozen_image", "frozen_text", "zero_shot_logits"})
+
+
+@dataclass
+class ModelOutput:
+    """Logits and the L2-normalised features they came from; frozen-CLIP entries only when requested.
+
+    ``text_features`` is ``(C, e)``, or ``(B, C, e)`` for methods whose text depends on the image.
+    ``frozen_text_features`` are frozen CLIP's features of the method's hand-crafted templates
+    (:meth:`PromptMethod.frozen_templates`; several templates are averaged before normalising);
+    ``zero_shot_logits = logit_scale * frozen_image_features @ frozen_text_features.T``.  Frozen
+    entries carry no gradient.
+    """
+
+    logits: torch.Tensor
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    frozen_image_features: torch.Tensor | None = None
+    frozen_text_features: torch.Tensor | None = None
+    zero_shot_logits: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
