@@ -142,6 +142,7 @@ def test_resolve_config_order() -> None:
         "seed": 1,
         "subsample": "base",
         "skip_bad": False,
+        "listing": "sorted",
         "num_workers": 0,
         "max_image_pixels": 178_956_970,
     }

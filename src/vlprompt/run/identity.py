@@ -149,11 +149,11 @@ def load_splits(data: DataConfig) -> Any:
     from vlprompt.data import get_dataset, set_max_image_pixels
 
     set_max_image_pixels(data.max_image_pixels)
-    k = (data.dataset, data.root, data.skip_bad, data.max_image_pixels)
+    k = (data.dataset, data.root, data.skip_bad, data.max_image_pixels, data.listing)
     if k not in _SPLITS:
         if len(_SPLITS) > 16:
             _SPLITS.clear()
-        _SPLITS[k] = get_dataset(data.dataset, data.root, skip_bad=data.skip_bad)
+        _SPLITS[k] = get_dataset(data.dataset, data.root, skip_bad=data.skip_bad, listing=data.listing)
     return _SPLITS[k]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
-from vlprompt.run.backbone import load_backbone_from, portable_section
+from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
@@ -164,13 +164,17 @@ def train_run(
             "fingerprint": fp["fingerprint"],
         }
     splits = build_splits(cfg)
+    banner = backbone is None
     if backbone is None:
-        backbone = load_backbone_from(cfg.backbone, device=device)
+        backbone = load_backbone_from(cfg.backbone, device=device, banner=False)
     created = not run.path.exists()
     lock = RunLock(run.path) if main else None
     try:
         if lock is not None:
             lock.acquire()
+        if banner and main and is_untrained(backbone):
+            log.warning(UNTRAINED_BANNER)  # once the run directory exists (a refused --out stays one line)
+        if lock is not None:
             decision = check_request(cfg, run, fp, resume=resume, force=force)  # re-check under the lock
             run.remove_stale_temps()
             if decision == "fresh":

@@ -190,6 +190,12 @@ class DataConfig(_Section):
     seed: int = key(1, "seed of the few-shot picks and of training", minimum=0)
     subsample: str = key("all", "classes trained on: all | base | new", choices=SUBSAMPLES)
     skip_bad: bool = key(False, "drop unreadable images (logged with a count) instead of failing")
+    listing: str = key(
+        "sorted",
+        "order of ImageNet's class folders: sorted (default) | os (unsorted os.listdir, as the reference "
+        "toolkit; filesystem-dependent)",
+        choices=("sorted", "os"),
+    )
     num_workers: int = key(
         0, "data-loader worker processes (0 = load in the main process)", minimum=0, execution=True
     )
