@@ -138,15 +138,40 @@ def train_run(
     same fingerprint continues from its checkpoint.  Returns ``{"run_dir", "status":
     "trained"|"complete"|"stopped", "evaluation", "evaluations", "fingerprint"}``.
     """
+    cfg = as_run_config(cfg)
+    run = RunDir(out_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise VlpromptError(f"--out {run} is a file; pass a directory")
+    made = _make_dirs(run.path)  # an unwritable --out fails first; removed again if the request is refused
+    try:
+        return _train_run(cfg, run, resume=resume, progress=progress, backbone=backbone, force=force,
+                          stop_after_epoch=stop_after_epoch, callbacks=callbacks)
+    except BaseException:
+        for d in reversed(made):  # deepest first; only folders this call created and left empty
+            if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
+                import shutil
+
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _train_run(cfg: RunConfig, run: RunDir, *, resume: bool, progress: bool, backbone: Any, force: bool,
+               stop_after_epoch: int | None, callbacks: Any) -> dict[str, Any]:
     from vlprompt.methods import create_model
     from vlprompt.train import distributed as ddp
     from vlprompt.train.precision import resolve_device
     from vlprompt.train.trainer import fit
 
-    cfg = as_run_config(cfg)
-    run = RunDir(out_dir)
-    if run.path.exists() and not run.path.is_dir():
-        raise VlpromptError(f"--out {run} is a file; pass a directory")
     env = ddp.init_from_env(cfg.train.device)
     main = env.is_main
     device = ddp.rank_device(resolve_device(cfg.train.device))
@@ -156,51 +181,26 @@ def train_run(
     if decision == "complete":
         evals = run.evaluations()
         log.info("run %s is complete with the same settings; skipping (force to retrain)", run)
-        return {
-            "run_dir": str(run),
-            "status": "complete",
-            "evaluation": evals[0] if evals else None,
-            "evaluations": evals,
-            "fingerprint": fp["fingerprint"],
-        }
+        return {"run_dir": str(run), "status": "complete", "evaluation": evals[0] if evals else None,
+                "evaluations": evals, "fingerprint": fp["fingerprint"]}
     splits = build_splits(cfg)
     banner = backbone is None
     if backbone is None:
         backbone = load_backbone_from(cfg.backbone, device=device, banner=False)
-    created = not run.path.exists()
     lock = RunLock(run.path) if main else None
     try:
         if lock is not None:
             lock.acquire()
-        if banner and main and is_untrained(backbone):
-            log.warning(UNTRAINED_BANNER)  # once the run directory exists (a refused --out stays one line)
-        if lock is not None:
             decision = check_request(cfg, run, fp, resume=resume, force=force)  # re-check under the lock
             run.remove_stale_temps()
             if decision == "fresh":
                 run.clear_results()
             _write_run_info(run, cfg, fp, backbone, splits)
+        if banner and main and is_untrained(backbone):
+            log.warning(UNTRAINED_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
-        return _train(
-            cfg,
-            run,
-            fp,
-            splits,
-            backbone,
-            create_model,
-            fit,
-            main=main,
-            resume=decision == "resume",
-            progress=progress,
-            stop_after_epoch=stop_after_epoch,
-            callbacks=callbacks,
-        )
-    except BaseException:
-        if created and main and run.is_empty():
-            import shutil
-
-            shutil.rmtree(run.path, ignore_errors=True)
-        raise
+        return _train(cfg, run, fp, splits, backbone, create_model, fit, main=main, resume=decision == "resume",
+                      progress=progress, stop_after_epoch=stop_after_epoch, callbacks=callbacks)
     finally:
         if lock is not None:
             lock.release()
