@@ -53,7 +53,8 @@ def load_rgb(path: str) -> Image.Image:
                 return im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise VlpromptError(
-            f"image {path} is too large to decode safely ({_bomb(e)}); {MAX_PIXELS_HINT}, or pass --skip-bad to drop it"
+            f"image {path} is too large to decode safely ({_bomb(e)}); {MAX_PIXELS_HINT}, "
+            "or pass --skip-bad to drop it"
         ) from None
     except FileNotFoundError:
         raise VlpromptError(

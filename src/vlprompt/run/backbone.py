@@ -75,7 +75,8 @@ def backbone_for_manifest(
         weights = (local.get("backbone") or {}).get("weights") if local else None
         if not weights or not Path(weights).is_file():
             raise VlpromptError(
-                f"this prompt was trained with weights '{section.get('weights_file')}' (sha256 {want[:12]}…), "
+                f"this prompt was trained with weights '{section.get('weights_file')}' "
+                f"(sha256 {want[:12]}…), "
                 "which are not at their recorded place; pass --weights PATH (backbone= in Python)"
             )
     if weights is not None:

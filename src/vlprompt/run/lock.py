@@ -48,7 +48,8 @@ class RunLock:
                 os.close(fd)
                 who = f"pid {holder}" if holder else "another process"
                 raise VlpromptError(
-                    f"{self.path.parent} is being written by {who}; wait for it to finish or use another --out"
+                    f"{self.path.parent} is being written by {who}; "
+                    "wait for it to finish or use another --out"
                 ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -144,8 +144,16 @@ def train_run(
         raise VlpromptError(f"--out {run} is a file; pass a directory")
     made = _make_dirs(run.path)  # an unwritable --out fails first; removed again if the request is refused
     try:
-        return _train_run(cfg, run, resume=resume, progress=progress, backbone=backbone, force=force,
-                          stop_after_epoch=stop_after_epoch, callbacks=callbacks)
+        return _train_run(
+            cfg,
+            run,
+            resume=resume,
+            progress=progress,
+            backbone=backbone,
+            force=force,
+            stop_after_epoch=stop_after_epoch,
+            callbacks=callbacks,
+        )
     except BaseException:
         for d in reversed(made):  # deepest first; only folders this call created and left empty
             if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
@@ -165,8 +173,17 @@ def _make_dirs(path: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _train_run(cfg: RunConfig, run: RunDir, *, resume: bool, progress: bool, backbone: Any, force: bool,
-               stop_after_epoch: int | None, callbacks: Any) -> dict[str, Any]:
+def _train_run(
+    cfg: RunConfig,
+    run: RunDir,
+    *,
+    resume: bool,
+    progress: bool,
+    backbone: Any,
+    force: bool,
+    stop_after_epoch: int | None,
+    callbacks: Any,
+) -> dict[str, Any]:
     from vlprompt.methods import create_model
     from vlprompt.train import distributed as ddp
     from vlprompt.train.precision import resolve_device
@@ -181,8 +198,13 @@ def _train_run(cfg: RunConfig, run: RunDir, *, resume: bool, progress: bool, bac
     if decision == "complete":
         evals = run.evaluations()
         log.info("run %s is complete with the same settings; skipping (force to retrain)", run)
-        return {"run_dir": str(run), "status": "complete", "evaluation": evals[0] if evals else None,
-                "evaluations": evals, "fingerprint": fp["fingerprint"]}
+        return {
+            "run_dir": str(run),
+            "status": "complete",
+            "evaluation": evals[0] if evals else None,
+            "evaluations": evals,
+            "fingerprint": fp["fingerprint"],
+        }
     splits = build_splits(cfg)
     banner = backbone is None
     if backbone is None:
@@ -199,8 +221,20 @@ def _train_run(cfg: RunConfig, run: RunDir, *, resume: bool, progress: bool, bac
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
-        return _train(cfg, run, fp, splits, backbone, create_model, fit, main=main, resume=decision == "resume",
-                      progress=progress, stop_after_epoch=stop_after_epoch, callbacks=callbacks)
+        return _train(
+            cfg,
+            run,
+            fp,
+            splits,
+            backbone,
+            create_model,
+            fit,
+            main=main,
+            resume=decision == "resume",
+            progress=progress,
+            stop_after_epoch=stop_after_epoch,
+            callbacks=callbacks,
+        )
     finally:
         if lock is not None:
             lock.release()

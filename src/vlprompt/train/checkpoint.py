@@ -5,7 +5,8 @@ loader's generator, GradScaler, method hooks, epoch, per-epoch history) is a nes
 dicts, lists, numbers, strings and tensors.  :func:`encode` splits it into a JSON tree whose tensor
 leaves are references into one safetensors file, so nothing in a run directory is ever unpickled.
 Both files are written atomically, tensors first; ``state.json`` names its tensor file and carries its
-sha256, so a kill between the writes can never pair weights of one epoch with an optimiser of another.  ``last.safetensors`` is the learned prompt alone (portable).
+sha256, so a kill between the writes can never pair weights of one epoch with an optimiser of
+another.  ``last.safetensors`` is the learned prompt alone (portable).
 
 A ``state.pt`` from an older vlprompt (a pickle) is never opened: resume refuses it with one line.
 """
