@@ -407,17 +407,12 @@ def build_options(method: str, options: Mapping[str, Any]) -> Any:
         options = dict(options.items())
     if not isinstance(options, Mapping):
         raise VlpromptError(f"options must be a mapping of method '{method}' option names to values")
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    bad = [k for k in options if k not in fields]
-    if bad:
-        valid = ", ".join(sorted(fields)) or "none"
-        raise VlpromptError(
-            f"unknown option(s) {', '.join(map(str, bad))} for method '{method}'; valid options: {valid}"
-        )
+    from vlprompt.methods import build_config
+
     hints = _hints(cls.Config)
-    values = {k: coerce(v, hints.get(k, Any), f"options.{k}") for k, v in options.items()}
+    values = {k: coerce(v, hints[k], f"options.{k}") if k in hints else v for k, v in options.items()}
     try:
-        return cls.Config(**values)
+        return build_config(cls, values)  # unknown names: one line listing the valid ones
     except (TypeError, ValueError) as e:
         raise VlpromptError(f"options for method '{method}' are invalid ({e})") from None
 
