@@ -1,0 +1,119 @@
+"""Few-shot picks against a committed fixture that needs no external data (runs on every machine).
+
+``fixtures/fewshot_picks.json`` holds a tiny generated data set (file names and labels only; classes
+interleaved, some smaller than K) and, for every (shots, seed), the picks of the reference toolkit's
+algorithm as ``fixtures/make_fewshot_fixture.py`` states it independently of vlprompt.  The sampler
+must give exactly those items in exactly that order, use its seed, and leave the global RNGs in the
+same state whether it sampled or read its cache.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlprompt.data import fewshot
+from vlprompt.data.splits import DatasetSplits, Datum
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURE = json.loads((FIXTURES / "fewshot_picks.json").read_text(encoding="utf-8"))
+KEYS = list(FIXTURE["picks"])
+
+
+def _splits(name: str = "fixture") -> DatasetSplits:
+    names = FIXTURE["classnames"]
+
+    def items(rows):
+        return [Datum(f"/nowhere/{rel}", label, names[label], rel) for rel, label in rows]
+
+    return DatasetSplits(
+        name=name,
+        root="/nowhere",
+        train=items(FIXTURE["train"]),
+        val=items(FIXTURE["val"]),
+        test=items(FIXTURE["test"]),
+        classnames=list(names),
+        template="a photo of a {}.",
+    )
+
+
+def _shots_seed(key: str) -> tuple[int, int]:
+    shot, seed = key.split("-")
+    return int(shot.removeprefix("shot")), int(seed.removeprefix("seed"))
+
+
+def _rng_state() -> tuple:
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()
+
+
+def test_fixture_is_what_the_generator_states() -> None:
+    """The committed picks are the independent statement's output (the fixture is not stale)."""
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import make_fewshot_fixture as gen
+    finally:
+        sys.path.remove(str(FIXTURES))
+    assert gen.dumps(gen.build()) == (FIXTURES / "fewshot_picks.json").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_picks_and_their_order_match_the_fixture(key) -> None:
+    shots, seed = _shots_seed(key)
+    want = FIXTURE["picks"][key]
+    fs = fewshot(_splits(), shots, seed, use_cache=False)
+    assert [d.relpath for d in fs.train] == want["train"]
+    assert [d.relpath for d in fs.val] == want["val"]
+    assert (fs.shots, fs.seed) == (shots, seed)
+    assert [d.relpath for d in fs.test] == [r for r, _ in FIXTURE["test"]]  # test is never sampled
+    # classes with fewer than K images keep all of theirs; labels stay attached to their items
+    counts = {c: sum(1 for _, lab in FIXTURE["train"] if lab == c) for c in range(5)}
+    assert len(fs.train) == sum(min(n, shots) for n in counts.values())
+    assert all(d.relpath.split("/")[0] == FIXTURE["classnames"][d.label] for d in fs.train + fs.val)
+
+
+def test_seed_decides_the_picks_and_the_global_rng_does_not() -> None:
+    picks = {}
+    for seed in (1, 2, 3):
+        random.seed(999 + seed)  # whatever the caller's RNG state, the seed alone decides
+        picks[seed] = [d.relpath for d in fewshot(_splits(), 4, seed, use_cache=False).train]
+    assert len({tuple(p) for p in picks.values()}) == 3
+    assert picks[2] == [d.relpath for d in fewshot(_splits(), 4, 2, use_cache=False).train]
+
+
+@pytest.mark.parametrize("key", ["shot2-seed1", "shot8-seed3"])
+def test_cache_hit_gives_the_same_picks_and_rng_state_as_sampling(key) -> None:
+    shots, seed = _shots_seed(key)
+    splits = _splits(name=f"fixture-cache-{key}")
+    fresh = fewshot(splits, shots, seed)  # samples and writes the cache
+    after_sampling = _rng_state()
+    random.seed(12345)
+    torch.manual_seed(12345)
+    np.random.seed(12345)
+    hit = fewshot(splits, shots, seed)  # read back from the cache
+    after_hit = _rng_state()
+    want = FIXTURE["picks"][key]["train"]
+    assert [d.relpath for d in hit.train] == [d.relpath for d in fresh.train] == want
+    assert [d.relpath for d in hit.val] == FIXTURE["picks"][key]["val"]
+    assert after_hit == after_sampling
+    # and that state is the seed's: what the reference toolkit leaves after the same draws
+    assert after_sampling == _rng_state_after_reference(splits, shots, seed)
+
+
+def _rng_state_after_reference(splits: DatasetSplits, shots: int, seed: int) -> tuple:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    for items, k in ((splits.train, shots), (splits.val, min(shots, 4))):
+        groups: dict[int, list] = {}
+        for d in items:
+            groups.setdefault(d.label, []).append(d)
+        for g in groups.values():
+            if len(g) >= k:
+                random.sample(g, k)
+    return _rng_state()
