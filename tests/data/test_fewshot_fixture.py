@@ -10,6 +10,7 @@ same state whether it sampled or read its cache.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlprompt.data import fewshot
-from vlprompt.data.splits import DatasetSplits, Datum
+from vlprompt.data import fewshot, sample_per_class
+from vlprompt.data.splits import DatasetSplits, Datum, split_hash
+from vlprompt.errors import VlpromptError
+from vlprompt.utils import cache_dir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE = json.loads((FIXTURES / "fewshot_picks.json").read_text(encoding="utf-8"))
@@ -117,3 +120,101 @@ def _rng_state_after_reference(splits: DatasetSplits, shots: int, seed: int) -> 
             if len(g) >= k:
                 random.sample(g, k)
     return _rng_state()
+
+
+# ------------------------------------------------------------------- errors, warnings and the cache file
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "4"])
+def test_bad_shots_are_one_line_errors(bad) -> None:
+    with pytest.raises(VlpromptError, match=f"shots must be a positive integer, got {bad!r}; use one of"):
+        fewshot(_splits(), bad, seed=1, use_cache=False)
+
+
+def test_resampling_and_missing_train_are_one_line_errors() -> None:
+    once = fewshot(_splits(), 2, seed=1, use_cache=False)
+    with pytest.raises(
+        VlpromptError, match="fixture is already a 2-shot split; sample from the full data set"
+    ):
+        fewshot(once, 2, seed=1, use_cache=False)
+    with pytest.raises(VlpromptError, match="fixture has no training split .*few-shot needs a training set"):
+        fewshot(_splits().with_(train=[]), 2, seed=1, use_cache=False)
+
+
+def test_short_classes_warn_with_source_and_count(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="vlprompt.data.fewshot"):
+        fewshot(_splits(), 8, seed=1, use_cache=False)  # train counts 9 3 7 1 12, val 4 2 5 1 3
+        sample_per_class(_splits().train, 4)
+    assert [r.getMessage() for r in caplog.records] == [
+        "fixture train: 3 classes have fewer than 8 images; using all of theirs",
+        "fixture val: 3 classes have fewer than 4 images; using all of theirs",
+        "few-shot: 2 classes have fewer than 4 images; using all of theirs",
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,folder",
+    [
+        ("_folder:/data/My PetsX!", "folder_data_My_PetsX"),
+        ("!!!", "dataset"),
+        ("a" * 70, "a" * 60),
+    ],
+)
+def test_cache_file_is_where_and_what_it_says(name, folder, caplog) -> None:
+    splits = _splits(name=name)
+    with caplog.at_level(logging.WARNING, logger="vlprompt.data.fewshot"):
+        fs = fewshot(splits, 2, seed=3)
+    path = cache_dir() / "fewshot" / folder / f"shot2-seed3-{split_hash(splits)[:16]}.json"
+    assert path.is_file(), sorted(p.name for p in (cache_dir() / "fewshot").iterdir())
+    assert json.loads(path.read_text(encoding="utf-8")) == {
+        "dataset": name,
+        "shots": 2,
+        "seed": 3,
+        "split_hash": split_hash(splits),
+        "train": FIXTURE["picks"]["shot2-seed3"]["train"],
+        "val": FIXTURE["picks"]["shot2-seed3"]["val"],
+    }
+    assert [d.relpath for d in fs.train] == FIXTURE["picks"]["shot2-seed3"]["train"]
+    assert "stale" not in caplog.text
+
+
+def test_cache_is_authoritative_and_use_cache_false_ignores_it(caplog) -> None:
+    """A valid cache file is what a run uses (the picks other tools wrote), stale ones are replaced."""
+    splits = _splits(name="fixture-authoritative")
+    fewshot(splits, 1, seed=1)
+    path = cache_dir() / "fewshot" / "fixture-authoritative" / f"shot1-seed1-{split_hash(splits)[:16]}.json"
+    cached = json.loads(path.read_text(encoding="utf-8"))
+    other = {
+        **cached,
+        "train": [r for r, _ in FIXTURE["train"][:3]],
+        "val": [r for r, _ in FIXTURE["val"][:2]],
+    }
+    path.write_text(json.dumps(other), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="vlprompt.data.fewshot"):
+        hit = fewshot(splits, 1, seed=1)
+        assert [d.relpath for d in hit.train] == other["train"] and [d.relpath for d in hit.val] == other[
+            "val"
+        ]
+        assert "stale" not in caplog.text
+        fresh = fewshot(splits, 1, seed=1, use_cache=False)  # neither reads nor writes the file
+        assert [d.relpath for d in fresh.train] == FIXTURE["picks"]["shot1-seed1"]["train"]
+        assert "stale" not in caplog.text
+    assert json.loads(path.read_text(encoding="utf-8")) == other
+    for broken in ("{not json", json.dumps({**cached, "train": ["gone.jpg"]}), json.dumps({"val": []})):
+        path.write_text(broken, encoding="utf-8")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vlprompt.data.fewshot"):
+            again = fewshot(splits, 1, seed=1)
+        assert f"ignoring stale few-shot cache {path}" in caplog.text
+        assert [d.relpath for d in again.train] == FIXTURE["picks"]["shot1-seed1"]["train"]
+        assert json.loads(path.read_text(encoding="utf-8")) == cached  # rewritten
+
+
+def test_unsampled_val_stays_whole_through_the_cache() -> None:
+    """Data sets whose val is their test set (ImageNet) set ``extra["fewshot_val"] = False``."""
+    splits = _splits(name="fixture-whole-val")
+    splits.extra["fewshot_val"] = False
+    for _ in range(2):  # sampled, then read from the cache
+        fs = fewshot(splits, 2, seed=1)
+        assert fs.val is splits.val
+        assert [d.relpath for d in fs.train] == FIXTURE["picks"]["shot2-seed1"]["train"]
+    path = cache_dir() / "fewshot" / "fixture-whole-val" / f"shot2-seed1-{split_hash(splits)[:16]}.json"
+    assert json.loads(path.read_text(encoding="utf-8"))["val"] is None
