@@ -148,6 +148,16 @@ def test_short_classes_warn_with_source_and_count(caplog) -> None:
         "fixture val: 3 classes have fewer than 4 images; using all of theirs",
         "few-shot: 2 classes have fewer than 4 images; using all of theirs",
     ]
+    caplog.clear()
+    splits = _splits(name="fixture-warn")
+    for _ in range(2):  # sampled, then a cache hit: the same warnings
+        with caplog.at_level(logging.WARNING, logger="vlprompt.data.fewshot"):
+            fewshot(splits, 8, seed=1)
+        assert [r.getMessage() for r in caplog.records] == [
+            "fixture-warn train: 3 classes have fewer than 8 images; using all of theirs",
+            "fixture-warn val: 3 classes have fewer than 4 images; using all of theirs",
+        ]
+        caplog.clear()
 
 
 @pytest.mark.parametrize(
@@ -203,18 +213,23 @@ def test_cache_is_authoritative_and_use_cache_false_ignores_it(caplog) -> None:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="vlprompt.data.fewshot"):
             again = fewshot(splits, 1, seed=1)
-        assert f"ignoring stale few-shot cache {path}" in caplog.text
+        assert [r.getMessage() for r in caplog.records] == [f"ignoring stale few-shot cache {path}"]
         assert [d.relpath for d in again.train] == FIXTURE["picks"]["shot1-seed1"]["train"]
         assert json.loads(path.read_text(encoding="utf-8")) == cached  # rewritten
 
 
-def test_unsampled_val_stays_whole_through_the_cache() -> None:
+def test_unsampled_val_stays_whole_through_the_cache(caplog) -> None:
     """Data sets whose val is their test set (ImageNet) set ``extra["fewshot_val"] = False``."""
     splits = _splits(name="fixture-whole-val")
     splits.extra["fewshot_val"] = False
     for _ in range(2):  # sampled, then read from the cache
-        fs = fewshot(splits, 2, seed=1)
+        with caplog.at_level(logging.WARNING, logger="vlprompt.data.fewshot"):
+            fs = fewshot(splits, 2, seed=1)
         assert fs.val is splits.val
         assert [d.relpath for d in fs.train] == FIXTURE["picks"]["shot2-seed1"]["train"]
+        assert [r.getMessage() for r in caplog.records] == [
+            "fixture-whole-val train: 1 classes have fewer than 2 images; using all of theirs"
+        ]  # the same on the hit (no "stale"), and val is never sampled
+        caplog.clear()
     path = cache_dir() / "fewshot" / "fixture-whole-val" / f"shot2-seed1-{split_hash(splits)[:16]}.json"
     assert json.loads(path.read_text(encoding="utf-8"))["val"] is None
