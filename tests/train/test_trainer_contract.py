@@ -1,0 +1,145 @@
+"""The rest of ``fit()``'s contract: its guards and errors, batching, logging cadence, callbacks, the
+execution settings a resume may change, and what it returns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tinymethod
+import torch
+
+from vlprompt.backbones import load_backbone
+from vlprompt.errors import VlpromptError
+from vlprompt.methods import create_model
+from vlprompt.train import fit
+from vlprompt.train.trainer import EXECUTION_KEYS
+
+CLASSES = ["cat", "dog", "car"]
+CFG = {
+    "train": {
+        "lr": 0.05,
+        "batch_size": 3,
+        "eval_batch_size": 4,
+        "epochs": 2,
+        "warmup_epochs": 1,
+        "device": "cpu",
+        "precision": "fp32",
+    },
+    "data": {"seed": 3},
+}
+
+
+def _cfg(**train) -> dict:
+    return {**CFG, "train": {**CFG["train"], **train}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tinyctx():
+    with tinymethod.registered():
+        yield
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("vlp-tiny")
+
+
+def _data(n: int) -> list[tuple[torch.Tensor, int]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(3, 224, 224, generator=g), i % 3) for i in range(n)]
+
+
+def _model(backbone):
+    torch.manual_seed(0)
+    return create_model("tinyctx", backbone, CLASSES)
+
+
+def test_returns_the_run_summary(backbone) -> None:
+    model = _model(backbone)
+    res = fit(model, _data(6), CFG, None, eval_data=_data(5), progress=False)
+    assert (res["epochs_done"], res["epochs"], res["stopped"], res["steps"]) == (2, 2, False, 4)
+    assert (res["device"], res["precision"]) == ("cpu", "fp32")
+    assert res["trainable_parameters"] == 2 * backbone.text.width
+    assert res["eval"]["n"] == 5 and set(res["eval"]) >= {"accuracy", "macro_f1", "per_class_accuracy"}
+    h = res["history"][-1]
+    assert (h["kind"], h["epoch"], h["step"]) == ("epoch", 2, 4)
+    assert h["eval"] == {k: res["eval"][k] for k in ("accuracy", "macro_f1", "n")}
+    assert "eval" not in res["history"][0]  # evaluated after the last epoch only by default
+
+
+@pytest.mark.parametrize("n,batch,steps", [(7, 3, 2), (6, 3, 2), (2, 3, 1)])
+def test_last_partial_batch_dropped_only_when_a_full_one_exists(backbone, n, batch, steps) -> None:
+    res = fit(_model(backbone), _data(n), _cfg(batch_size=batch, epochs=1), None, progress=False)
+    assert res["steps"] == steps
+    trained = steps * batch if n >= batch else n  # images in the batches actually trained on
+    assert res["history"][0]["acc"] * trained / 100 == pytest.approx(
+        round(res["history"][0]["acc"] * trained / 100)
+    )
+
+
+def test_log_every_eval_every_epoch_and_callbacks(backbone, tmp_path) -> None:
+    seen = []
+    res = fit(
+        _model(backbone),
+        _data(6),
+        _cfg(epochs=3, log_every=2, eval_every_epoch=True),
+        tmp_path,
+        eval_data=_data(4),
+        progress=False,
+        callbacks=[seen.append],
+    )
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "step"] == [2, 4, 6]
+    assert [x["epoch"] for x in lines if x["kind"] == "epoch"] == [1, 2, 3]
+    assert [s["epoch"] for s in seen] == [1, 2, 3] and seen == res["history"]
+    assert all(s["eval"]["n"] == 4 for s in seen)
+    assert [h["lr"] for h in res["history"]] == [1e-5, 0.05, pytest.approx(0.0375)]
+
+
+def test_resume_may_change_execution_settings_only(backbone, tmp_path) -> None:
+    assert set(EXECUTION_KEYS) == {"device", "eval_every_epoch", "log_every", "eval_batch_size", "shard_text"}
+    fit(_model(backbone), _data(6), CFG, tmp_path, progress=False, stop_after_epoch=1)
+    changed = _cfg(eval_batch_size=2, log_every=3, eval_every_epoch=True, shard_text=False)
+    res = fit(_model(backbone), _data(6), changed, tmp_path, resume=True, progress=False)
+    assert res["epochs_done"] == 2 and [h["epoch"] for h in res["history"]] == [1, 2]
+    for other in (_cfg(batch_size=2), _cfg(momentum=0.5), {**CFG, "data": {"seed": 4}}):
+        with pytest.raises(VlpromptError, match="different settings; resume with the same config"):
+            fit(_model(backbone), _data(6), other, tmp_path, resume=True, progress=False)
+
+
+def test_frozen_backbone_is_enforced(backbone) -> None:
+    model = _model(backbone)
+    p = next(backbone.clip.parameters())
+    p.requires_grad_(True)
+    try:
+        with pytest.raises(RuntimeError, match="CLIP weights would be trained .*only prompt parameters"):
+            fit(model, _data(3), CFG, None, progress=False)
+    finally:
+        p.requires_grad_(False)
+
+
+def test_prompt_parameters_must_be_fp32(backbone) -> None:
+    model = _model(backbone)
+    model.method.ctx.data = model.method.ctx.data.half()
+    with pytest.raises(TypeError, match=r"learnable parameters must be fp32 master weights: \['.*ctx'\]"):
+        fit(model, _data(3), CFG, None, progress=False)
+
+
+def test_bad_data_and_settings_are_one_line_errors(backbone) -> None:
+    with pytest.raises(VlpromptError, match="train.image_features_cache='on'; use off, eval or train"):
+        fit(_model(backbone), _data(3), _cfg(image_features_cache="on"), None, progress=False)
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 3))
+    for data in ([], empty, torch.utils.data.DataLoader(empty, batch_size=3)):
+        with pytest.raises(VlpromptError, match="the training split is empty; check the data set"):
+            fit(_model(backbone), data, CFG, None, progress=False)
+    with pytest.raises(TypeError, match="cannot train on int; pass a Dataset, a DataLoader or Datum items"):
+        fit(_model(backbone), 5, CFG, None, progress=False)
+
+
+def test_non_finite_loss_stops_with_advice(backbone) -> None:
+    model = _model(backbone)
+    with torch.no_grad():
+        model.method.ctx.fill_(float("nan"))
+    with pytest.raises(VlpromptError, match=r"loss became nan at epoch 1; lower train.lr or use"):
+        fit(model, _data(3), CFG, None, progress=False)
