@@ -143,3 +143,13 @@ def test_non_finite_loss_stops_with_advice(backbone) -> None:
         model.method.ctx.fill_(float("nan"))
     with pytest.raises(VlpromptError, match=r"loss became nan at epoch 1; lower train.lr or use"):
         fit(model, _data(3), CFG, None, progress=False)
+
+
+def test_feature_cache_leaves_tensor_data_alone(backbone) -> None:
+    """``image_features_cache`` caches Datum items only; ready tensors train exactly as without it."""
+    runs = []
+    for mode in ("off", "train"):
+        model = _model(backbone)
+        res = fit(model, _data(6), _cfg(image_features_cache=mode), None, eval_data=_data(4), progress=False)
+        runs.append((model.prompt_state_dict()["ctx"], [h["loss"] for h in res["history"]], res["eval"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
