@@ -153,3 +153,27 @@ def test_feature_cache_leaves_tensor_data_alone(backbone) -> None:
         res = fit(model, _data(6), _cfg(image_features_cache=mode), None, eval_data=_data(4), progress=False)
         runs.append((model.prompt_state_dict()["ctx"], [h["loss"] for h in res["history"]], res["eval"]))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+
+
+@pytest.mark.parametrize("n_items", [1, 4])
+def test_feature_cache_on_items_equals_training_on_test_transform_tensors(tmp_path, n_items) -> None:
+    """Datum items with ``image_features_cache=train``: the same training as on the items run through
+    the backbone's own deterministic test transform (its mean/std, here not CLIP's defaults)."""
+    from PIL import Image
+
+    from vlprompt.data import Datum, ImageDataset, build_transform
+
+    bb = load_backbone("vlp-tiny")
+    bb.clip.visual.image_mean, bb.clip.visual.image_std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    items = []
+    for i in range(n_items):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 30), (60 * i, 200 - 40 * i, 90)).save(path)
+        items.append(Datum(str(path), i % 3, CLASSES[i % 3], path.name))
+    tensors = list(ImageDataset(items, build_transform(False, **bb.preprocess_cfg)))
+    cfg = {**_cfg(batch_size=1, epochs=1, warmup_epochs=0), "data": {"seed": 3, "dataset": f"items{n_items}"}}
+    a, b = _model(bb), _model(bb)
+    fit(a, items, {**cfg, "train": {**cfg["train"], "image_features_cache": "train"}}, None, progress=False)
+    fit(b, tensors, cfg, None, progress=False)
+    torch.testing.assert_close(a.prompt_state_dict()["ctx"], b.prompt_state_dict()["ctx"], rtol=0, atol=1e-5)
+    assert not torch.equal(a.prompt_state_dict()["ctx"], _model(bb).prompt_state_dict()["ctx"])
