@@ -113,10 +113,14 @@ def test_trainer_wraps_training_items_with_the_train_transform(tmp_path) -> None
     path = tmp_path / "coords.png"
     _coordinate_image().save(path)
     items = [Datum(str(path), 0, "a", path.name)]
-    model = create_model("zeroshot", load_backbone("vlp-tiny"), ["a", "b"])
+    bb = load_backbone("vlp-tiny")
+    bb.clip.visual.image_mean, bb.clip.visual.image_std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not CLIP's
+    model = create_model("zeroshot", bb, ["a", "b"])
     train_ds = _as_dataset(items, model, train=True)
     eval_ds = _as_dataset(items, model, train=False)
     torch.manual_seed(0)
     train_draws = {train_ds[0][0].sum().item() for _ in range(5)}
     eval_draws = {eval_ds[0][0].sum().item() for _ in range(5)}
     assert len(train_draws) == 5 and len(eval_draws) == 1
+    # the backbone's own statistics, not the defaults
+    assert torch.equal(eval_ds[0][0], build_transform(False, **bb.preprocess_cfg)(_coordinate_image()))

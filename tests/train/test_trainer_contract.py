@@ -177,3 +177,14 @@ def test_feature_cache_on_items_equals_training_on_test_transform_tensors(tmp_pa
     fit(b, tensors, cfg, None, progress=False)
     torch.testing.assert_close(a.prompt_state_dict()["ctx"], b.prompt_state_dict()["ctx"], rtol=0, atol=1e-5)
     assert not torch.equal(a.prompt_state_dict()["ctx"], _model(bb).prompt_state_dict()["ctx"])
+
+
+def test_data_seed_decides_the_batch_order(backbone, tmp_path) -> None:
+    def step_losses(seed: int) -> list[float]:
+        out = tmp_path / f"seed{seed}"
+        fit(_model(backbone), _data(6), {**CFG, "data": {"seed": seed}}, out, progress=False)
+        lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        return [x["loss"] for x in lines if x["kind"] == "step"]
+
+    assert step_losses(3) == step_losses(3)
+    assert step_losses(3) != step_losses(4)  # same data and init: only the shuffling differs
