@@ -106,6 +106,12 @@ def test_resume_may_change_execution_settings_only(backbone, tmp_path) -> None:
     for other in (_cfg(batch_size=2), _cfg(momentum=0.5), {**CFG, "data": {"seed": 4}}):
         with pytest.raises(VlpromptError, match="different settings; resume with the same config"):
             fit(_model(backbone), _data(6), other, tmp_path, resume=True, progress=False)
+    for model in (  # other prompt shapes, other classes
+        create_model("tinyctx", backbone, CLASSES, n_ctx=3),
+        create_model("tinyctx", backbone, ["cat", "dog", "bus"]),
+    ):
+        with pytest.raises(VlpromptError, match="different settings; resume with the same config"):
+            fit(model, _data(6), CFG, tmp_path, resume=True, progress=False)
 
 
 def test_frozen_backbone_is_enforced(backbone) -> None:
