@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import tinymethod
 import torch
@@ -174,7 +175,8 @@ def test_feature_cache_on_items_equals_training_on_test_transform_tensors(tmp_pa
     items = []
     for i in range(n_items):
         path = tmp_path / f"{i}.png"
-        Image.new("RGB", (40, 30), (60 * i, 200 - 40 * i, 90)).save(path)
+        x, y = np.meshgrid(np.arange(40), np.arange(30))  # not uniform: a random crop would change it
+        Image.fromarray(np.stack([5 * x + 40 * i, 8 * y, 255 - 5 * x], -1).astype(np.uint8)).save(path)
         items.append(Datum(str(path), i % 3, CLASSES[i % 3], path.name))
     tensors = list(ImageDataset(items, build_transform(False, **bb.preprocess_cfg)))
     cfg = {**_cfg(batch_size=1, epochs=1, warmup_epochs=0), "data": {"seed": 3, "dataset": f"items{n_items}"}}
