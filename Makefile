@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vlprompt-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench mutate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,5 +29,19 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/vlprompt bench $(BENCH_ARGS)
 
+# Mutation testing (slow, not part of CI; see docs/testing.md). The four hand-written one-line bugs first,
+# then mutmut over what [tool.mutmut] in pyproject.toml names; MUTANTS narrows it by mutant-name glob,
+# e.g. make mutate MUTANTS='vlprompt.data.fewshot*'.
+MUTANTS ?=
+MUTATE_JOBS ?= 2
+$(VENV)/.vlprompt-mutate: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,mutate]'
+	@touch $@
+
+mutate: $(VENV)/.vlprompt-mutate
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) tests/mutation/hand_mutants.py
+	OMP_NUM_THREADS=1 nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache mutants

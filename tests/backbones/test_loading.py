@@ -117,11 +117,18 @@ def test_openai_plain_state_dict_fp16_uses_quickgelu(tmp_path, inputs):
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
 
 
-def test_path_as_name_and_frozen(tmp_path, tiny):
+def test_path_as_name_and_frozen(tmp_path, tiny, inputs):
+    # weights unlike the default random init (init_seed=0), so loading them is distinguishable from it
+    other = vlprompt.load_backbone("vlp-tiny", init_seed=1)
     path = tmp_path / "w.safetensors"
-    tiny.save_safetensors(str(path))
+    other.save_safetensors(str(path))
     b = vlprompt.load_backbone(str(path))
     assert all(not p.requires_grad for p in b.parameters())
+    want, got = other.clip.state_dict(), b.clip.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    _assert_same(_outputs(b, inputs), _outputs(other, inputs))
+    assert (_outputs(b, inputs)[1] - _outputs(tiny, inputs)[1]).abs().max() > 1e-3
 
 
 def test_errors_are_one_line(tmp_path):

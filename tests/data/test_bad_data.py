@@ -90,8 +90,9 @@ def test_k_larger_than_available_warns_and_uses_all(tmp_path, caplog):
         fs = fewshot(splits, 16, seed=1)
     assert len(fs.train) == 30 and len(fs.val) == 30  # all 3 per class, val K = min(16, 4)
     assert "fewer than 16 images" in caplog.text
-    with pytest.raises(VlpromptError):
-        fewshot(splits, 0, seed=1)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(VlpromptError, match=f"shots must be a positive integer, got {bad!r}"):
+            fewshot(splits, bad, seed=1)
 
 
 def test_custom_folder_with_one_class(tmp_path):

@@ -34,6 +34,8 @@ def test_train_transform_random_but_seeded():
     a = t(img)
     torch.manual_seed(0)
     assert a.shape == (3, 224, 224) and torch.equal(a, t(img))
+    torch.manual_seed(1)
+    assert not torch.equal(a, t(img))  # random: another seed gives another crop/flip
 
 
 def test_greyscale_and_palette_converted_to_rgb_and_loader_deterministic(tmp_path):

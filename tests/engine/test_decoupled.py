@@ -118,8 +118,14 @@ def test_alpha_init_and_validation():
     att = DecoupledAttention(HEADS, alpha_init=0.05)
     assert torch.allclose(att.alpha, torch.tensor([0.05]))
     assert DecoupledAttention(HEADS, mode="exact").a is None
-    for kwargs in ({"mode": "bogus"}, {"gate": "token"}, {"alpha_init": 0.0}, {"alpha_init": 1.0}):
-        with pytest.raises(ValueError):
+    cases = [
+        ({"mode": "bogus"}, r"mode 'bogus'.*gated, exact"),
+        ({"gate": "token"}, r"gate 'token'.*layer, head"),
+        ({"alpha_init": 0.0}, r"alpha_init .*between 0 and 1, got 0.0"),
+        ({"alpha_init": 1.0}, r"alpha_init .*between 0 and 1, got 1.0"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(ValueError, match=msg):
             DecoupledAttention(HEADS, **kwargs)
 
 

@@ -191,9 +191,17 @@ def test_parameter_counts(tiny, capsys):
 
 
 def test_invalid_options_are_clear_errors(tiny):
-    for kw in ({"mode": "soft"}, {"gate": "token"}, {"alpha_init": 0}, {"depth_image": 9}, {"beta": 1.5}):
-        with pytest.raises(VlpromptError):
+    cases = [
+        ({"mode": "soft"}, r"mode 'soft'.*gated, exact"),
+        ({"gate": "token"}, r"gate 'token'.*layer, head"),
+        ({"alpha_init": 0}, r"alpha_init=0 .*between 0 and 1"),
+        ({"depth_image": 9}, r"depth 9 .*image tower"),
+        ({"beta": 1.5}, r"beta=1.5 .*\[0, 1\]"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(VlpromptError, match=msg) as e:
             _model(tiny, **kw)
+        assert "\n" not in str(e.value), kw  # one line
     with pytest.raises(VlpromptError, match="n_prompts_text"):
         create_model("dpl-visual", tiny, CLASSES, n_prompts_text=4)
 

@@ -232,5 +232,5 @@ def test_report_cli(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert RANDOM_BANNER in out and "6 runs ->" in out
     assert (tmp_path / "runs" / "report" / "report.md").is_file()
-    with pytest.raises(VlpromptError):
+    with pytest.raises(VlpromptError, match="runs directory not found: .*nope"):
         build_report(tmp_path / "nope")

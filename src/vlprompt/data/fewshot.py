@@ -60,7 +60,8 @@ def fewshot(splits: DatasetSplits, shots: int, seed: int, *, use_cache: bool = T
     """K-shot train (and ``min(K, 4)``-shot val) picked exactly as the reference; test is unchanged.
 
     Sample before base/new subsampling (the reference does). As a side effect the global RNGs are
-    re-seeded with ``seed`` (``set_seed``), whether the picks are sampled or read from the cache.
+    re-seeded with ``seed`` (``set_seed``) and advanced by the draws, whether the picks are sampled
+    or read from the cache (a hit replays the draws), so what runs next sees the same RNG state.
     ImageNet's val is its test set and is left whole, as in CoOp.
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
@@ -85,6 +86,10 @@ def fewshot(splits: DatasetSplits, shots: int, seed: int, *, use_cache: bool = T
             train = val = None
         if train is None or val is None:
             log.warning("ignoring stale few-shot cache %s", path)
+        else:  # replay the draws: a cache hit leaves the global RNGs exactly as sampling does
+            sample_per_class(splits.train, shots, f"{splits.name} train")
+            if sample_val:
+                sample_per_class(splits.val, min(shots, 4), f"{splits.name} val")
     if train is None or val is None:
         train = sample_per_class(splits.train, shots, f"{splits.name} train")
         val = sample_per_class(splits.val, min(shots, 4), f"{splits.name} val") if sample_val else splits.val

@@ -174,6 +174,8 @@ def fit(
     dataset_name = data_cfg.dataset
     ds = _as_dataset(train_data, model, train=True, features=feat_mode == "train", dataset=dataset_name)
     bs = train.batch_size
+    if not isinstance(ds, DataLoader) and len(ds) == 0:  # before the sampler fails on it with a traceback
+        raise VlpromptError("the training split is empty; check the data set, shots and subsample")
     drop_last = not isinstance(ds, DataLoader) and len(ds) >= bs  # as the reference loader
     loader = ddp.shard_loader(_loader(ds, bs, True, seed, num_workers, drop_last))  # bs = global batch
     if len(loader) == 0:
