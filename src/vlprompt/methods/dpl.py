@@ -1,4 +1,4 @@
-"""DPL -- Decoupled Prompt Learning (SPEC §2.7) **[reconstructed from the paper's abstract]**.
+"""DPL -- Decoupled Prompt Learning **[reconstructed from the paper's abstract]**.
 
 The paper's method section is not available offline.  What is taken from its abstract: attention
 over ``[instances; prompts]`` is decoupled into four sub-processes (I->I, I->P, P->I, P->P) that are

@@ -1,4 +1,4 @@
-"""MPL -- Modular Prompt Learning (SPEC §2.6): add / remove / carry image prompts layer by layer.
+"""MPL -- Modular Prompt Learning: add / remove / carry image prompts layer by layer.
 
 Deep prompting usually *replaces* every prompt at each layer and so throws away what the prompt
 outputs gathered.  MPL keeps a prompt context in the image tower and, before each block
@@ -62,7 +62,7 @@ def image_prompt_counts(n_ctx: int, add: int, remove: int, depth: int, layers: i
 
     ``n_0 = n_ctx`` (the shallow prompt); for ``l = 1..depth-1``: ``n_l = n_{l-1} - r + add * n_ctx``
     (``r = n_{l-1}`` for ``ALL``); later layers carry ``n_{depth-1}``.  With a fixed ``r`` this is
-    SPEC's ``n_ctx - r + (l-1)(p - r) + p``.
+    the paper's ``n_ctx - r + (l-1)(p - r) + p``.
     """
     p = add * n_ctx
     counts = [n_ctx]
