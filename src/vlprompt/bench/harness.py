@@ -289,7 +289,7 @@ def class_names(n: int) -> list[str]:
 
 
 def method_recipe(method: str) -> tuple[dict[str, Any], int]:
-    """(official options, official batch size) from the method's preset (the official batch sizes as fallback)."""
+    """(official options, official batch size) from the method's preset (the official table as fallback)."""
     try:
         from vlprompt.train.config import load_preset
 

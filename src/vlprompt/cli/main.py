@@ -16,7 +16,19 @@ import sys
 from vlprompt.errors import VlpromptError
 
 # sub-command modules, in the order --help lists them
-COMMANDS = ["demo", "train", "eval", "run", "report", "predict", "export", "data", "bench", "methods"]
+COMMANDS = [
+    "demo",
+    "train",
+    "eval",
+    "run",
+    "report",
+    "predict",
+    "export",
+    "import",
+    "data",
+    "bench",
+    "methods",
+]
 
 
 class _Parser(argparse.ArgumentParser):
