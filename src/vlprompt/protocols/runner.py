@@ -130,10 +130,15 @@ def run_grid(
     execute_fn: Callable[..., RunResult] = execute,
 ) -> list[RunResult]:
     """Execute specs sequentially, logging each outcome; returns every result (failures included)."""
+    from vlprompt.protocols.gridview import GridView
+
     specs = list(specs)
     results = []
+    view = GridView(len(specs), progress)  # runs done / running / failed and the grid's ETA
     for i, spec in enumerate(specs, 1):
+        view.start(i)
         res = execute_fn(spec, progress=progress, share_backbone=share_backbone)
+        view.finish(i, res)
         if res.status == "skipped":
             log.info("[%d/%d] skip %s (complete)", i, len(specs), spec.name)
         elif res.status == "failed":
@@ -141,6 +146,7 @@ def run_grid(
         else:
             log.info("[%d/%d] done %s in %.1fs", i, len(specs), spec.name, res.seconds)
         results.append(res)
+    view.close()
     return results
 
 
