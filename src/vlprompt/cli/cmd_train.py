@@ -54,7 +54,21 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.out} holds an interrupted run's checkpoint; pass --resume to continue it "
             "or --force to start over"
         )
-    res = train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
+    from vlprompt.train.loggers import make_loggers
+
+    loggers = make_loggers(getattr(args, "log_to", None), args.out, cfg)  # TensorBoard / W&B (optional)
+    try:
+        res = train_run(
+            cfg,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            force=args.force,
+            callbacks=loggers,
+        )
+    finally:
+        for logger in loggers:
+            logger.close()
     from vlprompt.train.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 prints the result
@@ -93,4 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="retrain even if the run is complete")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--log-to", metavar="NAMES", help="also log epochs to tensorboard and/or wandb (comma-separated)"
+    )
     p.set_defaults(func=_run)

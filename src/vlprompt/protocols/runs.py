@@ -200,8 +200,11 @@ def train_run(
     *,
     force: bool = False,
     stop_after_epoch: int | None = None,
+    callbacks: Any = (),
 ) -> dict[str, Any]:
     """Train ``cfg`` (from ``resolve_config``) into ``out_dir`` and evaluate its own test split.
+
+    ``callbacks``: passed to ``fit`` (e.g. ``vlprompt.train.loggers`` TensorBoard / W&B loggers).
 
     A complete run (``done`` present) returns its metrics immediately unless ``force``.  With ``resume``
     an interrupted run continues from its checkpoint (same config required); otherwise it starts over.
@@ -282,6 +285,7 @@ def train_run(
         eval_data=eval_loader,
         progress=progress,
         stop_after_epoch=stop_after_epoch,
+        callbacks=callbacks,
     )
     if result["stopped"]:
         return {"run_dir": str(out), "status": "stopped", "evaluation": None, "evaluations": []}
