@@ -144,6 +144,7 @@ def _entry(res: Mapping[str, Any], *, dataset, subsample, epoch, seed, shots, me
         "seed": seed,
         "shots": shots,
         "method": method,
+        **({"confusion": res["confusion_sparse"]} if "confusion_sparse" in res else {}),
     }
 
 
@@ -460,7 +461,7 @@ def evaluate_run(
         int(batch_size or train.get("eval_batch_size", 100)),
         int(num_workers if num_workers is not None else data_cfg.get("num_workers", 0) or 0),
     )
-    res = evaluate(model, loader, device=dev, precision=train.get("precision", "auto"))
+    res = evaluate(model, loader, device=dev, precision=train.get("precision", "auto"), confusion=True)
     entry = _entry(
         res,
         dataset=splits.name,

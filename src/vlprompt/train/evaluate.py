@@ -82,7 +82,27 @@ def evaluate(
     out = scores_from_confusion(conf, list(model.classnames))
     if confusion:
         out["confusion"] = conf.tolist()
+        out["confusion_sparse"] = sparse_confusion(conf, list(model.classnames))
     return out
+
+
+def sparse_confusion(conf: torch.Tensor, classnames: list[str]) -> dict[str, Any]:
+    """``{"classes": [...], "counts": [[true, predicted, count], ...]}``: the non-zero cells only.
+
+    What metrics.json stores (a 1000-class dense matrix would be a million numbers; the non-zero
+    cells are at most one per test image).
+    """
+    nz = conf.nonzero().tolist()
+    return {"classes": list(classnames), "counts": [[i, j, int(conf[i, j])] for i, j in nz]}
+
+
+def dense_confusion(sparse: dict[str, Any]) -> torch.Tensor:
+    """The ``(C, C)`` count matrix back from :func:`sparse_confusion`."""
+    c = len(sparse["classes"])
+    conf = torch.zeros(c, c, dtype=torch.long)
+    for i, j, n in sparse.get("counts", []):
+        conf[int(i), int(j)] = int(n)
+    return conf
 
 
 def _n_images(loader: Iterable) -> int | None:

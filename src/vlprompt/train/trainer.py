@@ -256,7 +256,7 @@ def fit(
         }
         last = epoch + 1 == epochs
         if main and eval_loader is not None and (last or train.get("eval_every_epoch")):
-            res = evaluate(model, eval_loader, device=device, precision=prec.name)
+            res = evaluate(model, eval_loader, device=device, precision=prec.name, confusion=last)
             summary["eval"] = {k: res[k] for k in ("accuracy", "macro_f1", "n")}
             if last:
                 summary["eval_full"] = res
