@@ -187,8 +187,9 @@ def training_curves(
                 if len(xy) == 1:
                     ax.plot(xs, ys, marker="o", color=color, label=label)
                     continue
-                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
-                ax.plot(xs, smooth(ys), color=color, linewidth=1.6, label=label)
+                few = len(xy) < 30  # a short run still shows its points
+                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, marker="." if few else None)
+                ax.plot(xs, smooth(ys), color=color, linewidth=1.6, label=label, marker="o" if few else None)
         for ax, name in ((ax_l, "training loss"), (ax_a, "training accuracy (%)")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(name)

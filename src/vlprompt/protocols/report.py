@@ -259,7 +259,11 @@ class Table:
 
         lines = [f"### {self.title}", ""]
         lines.append("| " + " | ".join(fmt(c) for c in self.columns) + " |")
-        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.columns))) + "|")
+        numeric = [
+            i > 0 and all(isinstance(r[i], (int, float, MeanStd)) or r[i] is None for r in self.rows)
+            for i in range(len(self.columns))
+        ]
+        lines.append("|" + "|".join("---:" if num else "---" for num in numeric) + "|")
         lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in self.rows]
         lines += [""] + [f"{n}" for n in self.notes] + ([""] if self.notes else [])
         return "\n".join(lines)
@@ -757,7 +761,7 @@ def build_report(
     other = sorted(set(by_protocol) - {"base2new", "cross-dataset", "dg", "fewshot", SINGLE})
     confused = _confusion_table(complete)
     if confused is not None:
-        sections.append(("Errors", [confused]))
+        sections.append(("Which classes are confused", [confused]))
     if reference:
         pub = Table(
             "published_base2new",
