@@ -69,4 +69,5 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public API (lazily loaded names included), not the module's own imports."""
+    return list(__all__)
