@@ -128,6 +128,8 @@ def detect_method(sd: Mapping[str, Any]) -> str:
         return "ivlp"
     if "image_encoder.VPT" in keys:
         return "vpt"
+    if _PL + "ctx" in keys:  # IVLP with text prompts only (vision depth 0, text depth 1)
+        return "ivlp"
     if "ctx" in keys and any(k.startswith("meta_net.") for k in keys):
         return "cocoop"
     if "ctx" in keys:
