@@ -73,3 +73,18 @@ def test_shape_mismatch_error_names_the_tensor_whole(tmp_path):
     assert "\n" not in msg
     assert "in the file" in msg and "in the model" in msg and "pass the matching open_clip model name" in msg
     assert "torc)" not in msg  # the old message was cut mid-word
+
+
+def test_cli_weights_alone_is_not_taken_for_vit_b16(tmp_path, capsys):
+    """`eval --weights FILE` without --model: the file's own architecture (here vlp-tiny), not ViT-B-16."""
+    from safetensors.torch import save_file
+
+    from vlprompt.cli.main import main
+
+    bb = vlprompt.load_backbone("vlp-tiny", init_seed=1)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.clip.state_dict().items() if k != "attn_mask"}, str(path))
+    rc = main(["eval", "--method", "zeroshot", "--dataset", "demo", "--weights", str(path), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "demo" in out and "540" in out  # the built-in digits test split, evaluated

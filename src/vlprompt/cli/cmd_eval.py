@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vlprompt.cli.cmd_train import add_backbone_args, print_table
+from vlprompt.cli.cmd_train import add_backbone_args, model_name, print_table
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
         raise VlpromptError("eval --method needs --dataset NAME")
     dev = resolve_device(args.device or "auto")
     backbone = _load_backbone_from(
-        {"name": args.model, "pretrained": args.pretrained, "weights": args.weights}, device=dev
+        {"name": model_name(args), "pretrained": args.pretrained, "weights": args.weights}, device=dev
     )
     splits = subsample(get_dataset(args.dataset, args.root, skip_bad=args.skip_bad), args.subsample or "all")
     model = create_model(args.method, backbone, list(splits.classnames), template=splits.template)

@@ -35,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--shots", help="comma-separated shots per class (default 16; fewshot: 1,2,4,8,16)")
     p.add_argument("--out", default="runs", help="runs directory (default ./runs)")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
+    p.add_argument(
+        "--model", default=None, help="open_clip architecture (default ViT-B-16; with --weights: inferred)"
+    )
     w = p.add_mutually_exclusive_group()
     w.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai); default: random init")
     w.add_argument("--weights", help="local weights file (.safetensors / .pt / .bin)")
@@ -82,7 +84,7 @@ def plan_from_args(args: argparse.Namespace) -> list:
         args.out,
         shots=parse_list(args.shots, "shots", int) if args.shots else None,
         root=args.root,
-        model=args.model,
+        model=args.model or (None if args.weights else "ViT-B-16"),
         pretrained=args.pretrained,
         weights=args.weights,
         overrides=list(args.overrides or []) + (["data.skip_bad=true"] if args.skip_bad else []),

@@ -9,11 +9,23 @@ from vlprompt.errors import VlpromptError
 
 
 def add_backbone_args(p: argparse.ArgumentParser, default_model: str | None = "ViT-B-16") -> None:
-    p.add_argument("--model", default=default_model, help="open_clip architecture (default %(default)s)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"open_clip architecture (default {default_model}; with --weights: inferred from the file)",
+    )
+    p.set_defaults(default_model=default_model)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pretrained", help="open_clip pretrained tag (needs the weights cached or a network)")
     g.add_argument("--weights", help="local CLIP weights file (OpenAI .pt, open_clip .bin/.pt, .safetensors)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+
+
+def model_name(args: argparse.Namespace) -> str | None:
+    """``--model``, else the default -- except with ``--weights``, whose architecture is inferred."""
+    if args.model:
+        return args.model
+    return None if getattr(args, "weights", None) else getattr(args, "default_model", "ViT-B-16")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -38,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         subsample=args.subsample,
         protocol=args.protocol,
-        model=args.model,
+        model=model_name(args),
         pretrained=args.pretrained,
         weights=args.weights,
         overrides=(args.set or []) + (["data.skip_bad=true"] if args.skip_bad else []),
