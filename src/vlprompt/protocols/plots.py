@@ -75,6 +75,7 @@ def base2new_bars(
         fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.9 * len(labels)), 3.8))
         width = 0.8 / len(labels)
         shown_pub = False
+        top = 0.0
         for i, label in enumerate(labels):
             g = _group(per_method[label])
             vals = [v if v is not None else 0.0 for v in g["values"]]
@@ -82,6 +83,7 @@ def base2new_bars(
             err = [s if (s is not None and g["values"][k] is not None) else 0.0 for k, s in enumerate(std)]
             xs = [k + (i - (len(labels) - 1) / 2) * width for k in range(3)]
             bars = ax.bar(xs, vals, width, label=label, yerr=err if any(err) else None, capsize=2)
+            top = max([top, *(v + e for v, e in zip(vals, err))])
             for b, v, e in zip(bars, g["values"], err):
                 if v is not None:
                     ax.annotate(
@@ -103,7 +105,8 @@ def base2new_bars(
                     shown_pub = True
         ax.set_xticks(range(3), ["Base", "New", "HM"])
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_ylim(0, 105)
+        # published markers need the full scale; our numbers alone get room to be read
+        ax.set_ylim(0, 105 if shown_pub else min(105.0, max(10.0, 1.2 * top)))
         ax.set_title(
             f"base-to-new: {dataset}" + (f"\n{title_suffix.strip()}" if title_suffix else ""), fontsize=9
         )
