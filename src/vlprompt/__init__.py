@@ -1,13 +1,26 @@
 """vlprompt: prompt learning for CLIP-style vision-language models.
 
-Public API (lazy-imported so ``import vlprompt`` stays cheap)::
+Public API (loaded on first use, so ``import vlprompt`` stays cheap; ``dir(vlprompt)`` lists it)::
 
     load_backbone(name, pretrained=...)          # open_clip name+tag, local file, or random init
     create_model(method, backbone, classnames, **options)
-    list_methods(), list_datasets(), load_run(path)
+    load_prompt(path_or_run, backbone=...)       # a trained run, an export or an imported prompt
+    model.predict(images, classnames)            # -> Prediction: class names + probabilities
+    list_methods(), list_datasets(), resolve_config(...), train_run(cfg, out_dir)
+
+Training in Python (the same as ``vlprompt train``)::
+
+    import vlprompt
+    cfg = vlprompt.resolve_config("coop", "caltech101", root="data", shots=16, model="ViT-B-16")
+    result = vlprompt.train_run(cfg, "runs/coop-caltech")
+    model = vlprompt.load_prompt("runs/coop-caltech")
+    print(model.predict(["cat.jpg"]).top())
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -17,13 +30,34 @@ _LAZY = {
     "create_model": "vlprompt.methods",
     "list_methods": "vlprompt.methods",
     "PromptModel": "vlprompt.methods",
+    "Prediction": "vlprompt.methods.model",
     "list_datasets": "vlprompt.data",
     "get_dataset": "vlprompt.data",
     "load_run": "vlprompt.run",
+    "train_run": "vlprompt.run",
+    "evaluate_run": "vlprompt.run",
+    "resolve_config": "vlprompt.train.config",
+    "fit": "vlprompt.train",
+    "evaluate": "vlprompt.train",
     "VlpromptError": "vlprompt.errors",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted([*_LAZY, "load_prompt", "__version__"])
+
+
+def load_prompt(path_or_run: str | os.PathLike, backbone: Any = None, device: Any = None):
+    """The PromptModel of a run directory, an export, a ``prompt.safetensors`` or an imported prompt.
+
+    ``backbone``: a loaded :class:`Backbone` (or an open_clip name / weights file) to use instead of
+    the one the manifest records -- e.g. the same CLIP weights stored elsewhere.
+    """
+    from vlprompt.run import load_run
+
+    if isinstance(backbone, (str, os.PathLike)):
+        from vlprompt.backbones import load_backbone
+
+        backbone = load_backbone(str(backbone), device=device)
+    return load_run(path_or_run, backbone=backbone, device=device)
 
 
 def __getattr__(name: str):
@@ -32,3 +66,8 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vlprompt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API (lazily loaded names included), not the module's own imports."""
+    return list(__all__)

@@ -57,5 +57,7 @@ def test_run_then_report(tmp_path: Path, capsys) -> None:
     assert plots == [
         "base2new_Average.png",
         "base2new_Demo_scikit-learn_digits.png",
+        "confusion_base2new_coop_demo_s2_seed1_demo_base.png",  # one confusion matrix per evaluation
+        "confusion_base2new_coop_demo_s2_seed1_demo_new.png",
         "train_base2new_CoOp_demo.png",
     ]

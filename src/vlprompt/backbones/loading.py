@@ -19,6 +19,8 @@ records it, or when the caller passes ``quick_gelu=True``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -47,6 +49,26 @@ def _register_configs() -> None:
 
         open_clip.add_model_config(str(_CONFIG_DIR))
         _REGISTERED = True
+
+
+class _NoRandomInitNotice(logging.Filter):
+    """open_clip says "No pretrained weights loaded" on the root logger; random init is asked for here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "No pretrained weights loaded" not in msg and "Model initialized randomly" not in msg
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """Silence open_clip's random-init notice (vlprompt prints its own banner where it matters)."""
+    flt = _NoRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def list_architectures() -> list[str]:
@@ -160,7 +182,19 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def infer_clip_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Architecture of a ViT CLIP from its weights (head width 64, as every OpenAI/open_clip ViT CLIP)."""
+    """Architecture of a ViT CLIP from its weights' shapes.
+
+    Head counts and the other switches no shape records (``no_ln_pre`` ...) come from the open_clip
+    config that fits the shapes exactly (see :func:`match_architecture`); only when none fits do we fall
+    back to a generic config with 64-wide heads, as OpenAI's and most open_clip ViTs use.
+    """
+    found = match_architecture(sd)
+    if found is not None:
+        return found[1]
+    return _generic_config(sd)
+
+
+def _generic_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     vision_width = sd["visual.conv1.weight"].shape[0]
     patch = sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -190,6 +224,108 @@ def infer_clip_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
+def _is_plain_vit_clip(cfg: dict[str, Any]) -> bool:
+    """A config open_clip builds as its plain ``CLIP`` with a ViT image tower (what vlprompt prompts)."""
+    v, t = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
+    return (
+        isinstance(v.get("layers"), int)
+        and "patch_size" in v
+        and not v.get("timm_model_name")
+        and not t.get("hf_model_name")
+        and "multimodal_cfg" not in cfg
+    )
+
+
+def _key_dims(cfg: dict[str, Any]) -> tuple:
+    """The sizes a config fixes that are cheap to read from a state dict (a pre-filter)."""
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    size = v.get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return (
+        int(cfg["embed_dim"]),
+        int(v["width"]),
+        int(v["layers"]),
+        int(v["patch_size"]),
+        int(size) // int(v["patch_size"]),
+        int(t.get("width", 512)),
+        int(t.get("layers", 12)),
+        int(t.get("context_length", 77)),
+        int(t.get("vocab_size", 49408)),
+    )
+
+
+def _sd_key_dims(sd: dict[str, Any]) -> tuple | None:
+    try:
+        patch = int(sd["visual.conv1.weight"].shape[-1])
+        return (
+            int(sd["text_projection"].shape[1]),
+            int(sd["visual.conv1.weight"].shape[0]),
+            len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}),
+            patch,
+            round((int(sd["visual.positional_embedding"].shape[0]) - 1) ** 0.5),
+            int(sd["ln_final.weight"].shape[0]),
+            len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+            int(sd["positional_embedding"].shape[0]),
+            int(sd["token_embedding.weight"].shape[0]),
+        )
+    except (KeyError, IndexError, AttributeError):
+        return None
+
+
+def config_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of the state dict open_clip's CLIP has under ``cfg`` (built on the meta device)."""
+    from open_clip.model import CLIP
+
+    with torch.device("meta"):
+        model = CLIP(**{k: v for k, v in cfg.items() if k not in ("quick_gelu", "custom_text")})
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("attn_mask")}
+
+
+@functools.cache
+def shipped_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """:func:`config_shapes` of a registered open_clip config, computed once per process."""
+    import open_clip
+
+    return config_shapes(open_clip.get_model_config(name))
+
+
+def _preference(name: str) -> tuple:
+    """Among configs with identical shapes: the plain name first (QuickGELU is decided separately)."""
+    return ("quickgelu" in name, any(s in name for s in ("CLIPA", "worldwide")), len(name), name)
+
+
+def match_architecture(sd: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(name, config)`` of the shipped open_clip ViT config whose state dict has exactly ``sd``'s shapes.
+
+    Configs that differ only in what no shape shows (``-quickgelu``, a tokenizer) tie; the plainest name
+    wins and the others are named in a debug line.  ``None`` when no config fits.
+    """
+    import open_clip
+
+    _register_configs()
+    dims = _sd_key_dims(sd)
+    if dims is None:
+        return None
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("attn_mask")}
+    fits = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name)
+        if cfg is None or not _is_plain_vit_clip(cfg) or _key_dims(cfg) != dims:
+            continue
+        try:
+            if shipped_shapes(name) == shapes:
+                fits.append(name)
+        except Exception as e:  # a config this open_clip cannot build: not a candidate
+            log.debug("skipping open_clip config %s (%s)", name, e)
+    if not fits:
+        return None
+    fits.sort(key=_preference)
+    if len(fits) > 1:
+        log.debug("weights fit %s; using %s (pass --model to choose another)", ", ".join(fits), fits[0])
+    cfg = {k: v for k, v in open_clip.get_model_config(fits[0]).items() if k != "quick_gelu"}
+    return fits[0], cfg
+
+
 def _build_from_config(cfg: dict[str, Any], quick_gelu: bool) -> torch.nn.Module:
     from open_clip.model import CLIP
 
@@ -216,7 +352,9 @@ def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[
         cfg = dict(recorded)
         qg = bool(cfg.get("quick_gelu", False))
     else:
-        cfg = infer_clip_config(sd)
+        found = match_architecture(sd)
+        cfg = found[1] if found is not None else _generic_config(sd)
+        info["inferred"] = found[0] if found is not None else None
         qg = info["openai"]
     if quick_gelu is not None:
         qg = quick_gelu
@@ -226,9 +364,9 @@ def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:100])
         raise VlpromptError(
-            f"weights in {path} do not fit {arch} ({first[:140]}); pass the matching model name"
+            f"weights in {path} do not fit {arch} ({_first_mismatch(str(e))}); "
+            "pass the matching open_clip model name with --model"
         ) from None
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
@@ -237,7 +375,25 @@ def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[
             f"weights in {path} do not fit {arch} ({what}); pass the matching open_clip model name"
         )
     cfg = {**cfg, "quick_gelu": qg}
-    return model, {"source": str(path), "format": info["format"], "config": cfg, "quick_gelu": qg}
+    meta = {"source": str(path), "format": info["format"], "config": cfg, "quick_gelu": qg}
+    if info.get("inferred"):
+        meta["architecture"] = info["inferred"]
+    return model, meta
+
+
+def _first_mismatch(message: str) -> str:
+    """The first size mismatch of a ``load_state_dict`` error, whole: key, file shape, model shape."""
+    import re
+
+    m = re.search(
+        r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+        r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)",
+        message,
+    )
+    if m:
+        return f"{m.group(1)} has shape ({m.group(2)}) in the file, ({m.group(3)}) in the model"
+    line = next((ln.strip() for ln in message.splitlines() if ln.strip()), "shapes differ")
+    return line if len(line) <= 160 else line[: line.rfind(" ", 0, 157)] + " ..."
 
 
 # --------------------------------------------------------------------------------------- entry point
@@ -289,7 +445,8 @@ def load_backbone(
         qg = bool(quick_gelu)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
+            with quiet_open_clip():
+                model = open_clip.create_model(name, pretrained=None, force_quick_gelu=qg)
         cfg = {**_model_config(name)}
         cfg["quick_gelu"] = bool(cfg.get("quick_gelu", False)) or qg
         meta = {

@@ -59,7 +59,7 @@ from vlprompt.utils import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 TRAINED_METHODS = ("coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "dpl")
-# SPEC §3 batch sizes, used when a method has no preset file
+# the official recipes' batch sizes, used when a method has no preset file
 OFFICIAL_BATCH = {"coop": 32, "cocoop": 1, "ivlp": 4, "vpt": 4, "maple": 4, "mpl": 4, "dpl": 4}
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "reference": {"truncate_text": False, "cache_text": False, "attention": "plain", "share_prefix": False},
@@ -289,7 +289,7 @@ def class_names(n: int) -> list[str]:
 
 
 def method_recipe(method: str) -> tuple[dict[str, Any], int]:
-    """(official options, official batch size) from the method's preset (SPEC §3 table as fallback)."""
+    """(official options, official batch size) from the method's preset (the official table as fallback)."""
     try:
         from vlprompt.train.config import load_preset
 
@@ -298,7 +298,7 @@ def method_recipe(method: str) -> tuple[dict[str, Any], int]:
             preset["train"].get("batch_size", OFFICIAL_BATCH.get(method, 4))
         )
     except Exception as e:  # no trainer / preset yet: official batch, Config defaults
-        log.debug("no preset for %s (%s); using SPEC batch size", method, e)
+        log.debug("no preset for %s (%s); using the official batch size", method, e)
         return {}, OFFICIAL_BATCH.get(method, 4)
 
 

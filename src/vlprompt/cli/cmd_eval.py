@@ -55,6 +55,10 @@ def _run(args: argparse.Namespace) -> int:
         raise VlpromptError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if bool(args.run) == bool(args.method):
         raise VlpromptError("pass either --run RUN (a trained run) or --method NAME (e.g. zeroshot)")
+    if args.no_progress:
+        from vlprompt.train.progress import set_progress
+
+        set_progress(False)
     if args.method:
         return _zeroshot(args)
     from vlprompt.run import evaluate_run
@@ -92,4 +96,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     p.add_argument("--out", help="with --method: directory to write metrics.json into")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -46,7 +46,21 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.out} holds an interrupted run's checkpoint; "
             "pass --resume to continue it or --force to start over"
         )
-    res = train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress, force=args.force)
+    from vlprompt.train.loggers import make_loggers
+
+    loggers = make_loggers(getattr(args, "log_to", None), args.out, cfg.to_dict())  # TensorBoard / W&B (optional)
+    try:
+        res = train_run(
+            cfg,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            force=args.force,
+            callbacks=loggers,
+        )
+    finally:
+        for logger in loggers:
+            logger.close()
     from vlprompt.train.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 prints the result
@@ -85,4 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--force", action="store_true", help="replace the run even if it is complete or differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--log-to", metavar="NAMES", help="also log epochs to tensorboard and/or wandb (comma-separated)"
+    )
     p.set_defaults(func=_run)

@@ -22,12 +22,13 @@ def environment_epilog() -> str:
     return "environment variables:\n" + "\n".join(lines)
 
 
-def add_backbone_args(p: argparse.ArgumentParser) -> None:
+def add_backbone_args(p: argparse.ArgumentParser, default_model: str | None = DEFAULT_MODEL) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help=f"open_clip architecture (default {DEFAULT_MODEL}; inferred from --weights when omitted)",
+        help=f"open_clip architecture (default {default_model}; inferred from --weights when omitted)",
     )
+    p.set_defaults(default_model=default_model)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pretrained", help="open_clip pretrained tag (needs the weights cached or a network)")
     g.add_argument("--weights", help="local CLIP weights file (OpenAI .pt, open_clip .bin/.pt, .safetensors)")
@@ -38,7 +39,7 @@ def model_name(args: argparse.Namespace) -> str | None:
     """--model, or the default architecture unless a weights file will tell."""
     if args.model:
         return args.model
-    return None if getattr(args, "weights", None) else DEFAULT_MODEL
+    return None if getattr(args, "weights", None) else getattr(args, "default_model", DEFAULT_MODEL)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

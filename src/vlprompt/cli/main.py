@@ -24,6 +24,7 @@ COMMANDS = [
     "report",
     "predict",
     "export",
+    "import",
     "config",
     "data",
     "bench",

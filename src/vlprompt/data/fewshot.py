@@ -1,4 +1,4 @@
-"""Few-shot sampling that reproduces the reference toolkit's picks bit for bit (SPEC 4.2).
+"""Few-shot sampling that reproduces the reference toolkit's picks bit for bit.
 
 The reference (Dassl's ``generate_fewshot_dataset`` as CoOp calls it) seeds python/numpy/torch,
 groups items by label in order of first appearance, and calls ``random.sample(group, K)`` per group

@@ -330,10 +330,10 @@ BENCHMARKS: tuple[str, ...] = (
     "eurosat",
     "ucf101",
 )
-#: cross-dataset protocol (SPEC 4.4): train on the source, evaluate on the full test sets of the targets
+#: cross-dataset protocol: train on the source, evaluate on the full test sets of the targets
 CROSS_DATASET_SOURCE = "imagenet"
 CROSS_DATASET_TARGETS: tuple[str, ...] = BENCHMARKS[1:]
-#: domain generalisation (SPEC 4.4): train on ImageNet, evaluate on its four shifted variants
+#: domain generalisation: train on ImageNet, evaluate on its four shifted variants
 DG_SOURCE = "imagenet"
 DG_TARGETS: tuple[str, ...] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 

@@ -68,7 +68,7 @@ class DatasetSplits:
 
 
 def final_classname(raw: str) -> str:
-    """The class name shown to the text encoder: underscores become spaces (SPEC 4.1)."""
+    """The class name shown to the text encoder: underscores become spaces."""
     return raw.replace("_", " ").strip()
 
 

@@ -1,4 +1,4 @@
-"""Base-to-new class subsampling (SPEC 4.3), exactly as CoOp's ``subsample_classes``."""
+"""Base-to-new class subsampling, exactly as CoOp's ``subsample_classes``."""
 
 from __future__ import annotations
 

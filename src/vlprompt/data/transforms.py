@@ -1,4 +1,4 @@
-"""Image pre-processing (SPEC 4.6) with torchvision; sizes and statistics come from the backbone."""
+"""Image pre-processing with torchvision; sizes and statistics come from the backbone."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """``verify_dataset``: check a data set on disk and say what is wrong and how to fix it.
 
 Unlike ``get_dataset`` (which stops at the first problem), this collects every problem -- missing
-folders or split files, counts that differ from SPEC's table, missing and unreadable images by path --
-and includes where the official data set can be obtained and how to lay it out.
+folders or split files, counts that differ from the published split sizes, missing and unreadable
+images by path -- and includes where the official data set can be obtained and how to lay it out.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CoCoOp: CoOp's context plus an image-conditioned bias from a small meta-net (SPEC §2.3).
+"""CoCoOp: CoOp's context plus an image-conditioned bias from a small meta-net.
 
 For each image feature x (normalised, width e) the meta-net Linear(e→e//16)–ReLU–Linear(e//16→d_txt)
 gives a bias π(x) added to every context vector, so the text prompts differ per image: the text

@@ -1,4 +1,4 @@
-"""CoOp: learnable context vectors in the text prompt, frozen image tower (SPEC §2.2).
+"""CoOp: learnable context vectors in the text prompt, frozen image tower.
 
 Prompt ``[SOS][V1..VM][CLASS][.][EOT]`` (class token at the end, front or middle).  The context is
 shared by all classes, or class-specific (``csc``: one ``(M, d)`` context per class; such a prompt

@@ -1,4 +1,4 @@
-"""IVLP: independent deep prompts in both towers (SPEC §2.4).
+"""IVLP: independent deep prompts in both towers.
 
 Text: the prompt is ``"<ctx_init> {class}."``; its first ``n_ctx_text`` tokens are learnable slots
 initialised from those tokens' embeddings (our choice, following the MaPLe/IVLP code: with the

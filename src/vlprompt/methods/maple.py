@@ -1,4 +1,4 @@
-"""MaPLe: multi-modal prompts, image prompts projected from the text prompts (SPEC §2.5).
+"""MaPLe: multi-modal prompts, image prompts projected from the text prompts.
 
 Text: ``"a photo of a {class}."`` whose first ``n_ctx`` tokens ("a photo") are learnable, initialised
 from their embeddings; "of a" stays frozen.  Deep text prompts T_1..T_{J-1} (N(0, 0.02²)) replace

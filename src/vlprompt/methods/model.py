@@ -287,23 +287,27 @@ class PromptModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def predict(self, images: Any, classnames: list[str] | None = None, topk: int = 5):
-        """Top-k ``(probabilities, indices)`` over ``classnames`` (default: current classes).
+    def predict(self, images: Any, classnames: list[str] | None = None, topk: int = 5) -> Prediction:
+        """Class probabilities of ``images`` over ``classnames`` (default: the current classes).
 
         ``images``: a preprocessed ``(B, 3, H, W)`` tensor, or image file paths / PIL images (a list
         or one), which get the backbone's test transform.  Classes may differ from training: that
-        is the point of base-to-new generalisation.
+        is the point of base-to-new generalisation.  Returns a :class:`Prediction` (class names and
+        probabilities; ``.probs`` / ``.values`` / ``.indices`` are the tensors).
         """
+        if topk < 1:
+            raise VlpromptError(f"topk must be at least 1, got {topk}")
         if not isinstance(images, torch.Tensor):
             images = self.preprocess(images)
         if classnames is not None and list(classnames) != self.classnames:
             self.set_classnames(list(classnames))
         was = self.training
         self.eval()
-        probs = self(images).softmax(-1)
-        self.train(was)
-        k = min(topk, probs.shape[-1])
-        return probs.topk(k, dim=-1)
+        try:
+            probs = self(images).float().softmax(-1)
+        finally:
+            self.train(was)
+        return Prediction(list(self.classnames), probs.cpu(), min(topk, probs.shape[-1]))
 
     def preprocess(self, images: Any) -> torch.Tensor:
         """Paths or PIL images -> a ``(B, 3, H, W)`` batch under the backbone's test transform."""
@@ -314,10 +318,63 @@ class PromptModel(nn.Module):
 
         items = images if isinstance(images, (list, tuple)) else [images]
         if not items:
-            raise VlpromptError("no images given to predict")
+            raise VlpromptError("no images given to predict; pass image paths, PIL images or a tensor")
         tf = build_transform(False, **self.backbone.preprocess_cfg)
         pil = [im.convert("RGB") if isinstance(im, Image.Image) else load_rgb(str(im)) for im in items]
         return torch.stack([tf(im) for im in pil])
+
+
+@dataclass
+class Prediction:
+    """What :meth:`PromptModel.predict` returns: per image, the top classes by name with probabilities.
+
+    ``probs`` is the full ``(B, C)`` probability tensor over ``classnames``; ``values`` / ``indices``
+    are its top-k (and the object unpacks as ``values, indices`` like ``torch.topk``'s result).
+    """
+
+    classnames: list[str]
+    probs: torch.Tensor
+    k: int = 5
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.probs.topk(self.k, dim=-1).values
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.probs.topk(self.k, dim=-1).indices
+
+    @property
+    def labels(self) -> list[str]:
+        """The most probable class name of each image."""
+        return [self.classnames[i] for i in self.probs.argmax(-1).tolist()]
+
+    def top(self, k: int | None = None) -> list[list[tuple[str, float]]]:
+        """Per image, the ``k`` (default: as asked) most probable ``(class name, probability)`` pairs."""
+        k = min(k or self.k, self.probs.shape[-1])
+        vals, idx = self.probs.topk(k, dim=-1)
+        return [
+            [(self.classnames[i], float(v)) for v, i in zip(vs, ix)]
+            for vs, ix in zip(vals.tolist(), idx.tolist())
+        ]
+
+    def records(self) -> list[list[dict[str, Any]]]:
+        """JSON-ready: per image a list of ``{"rank", "class", "probability"}``."""
+        return [
+            [{"rank": r + 1, "class": c, "probability": round(p, 6)} for r, (c, p) in enumerate(row)]
+            for row in self.top()
+        ]
+
+    def __len__(self) -> int:
+        return int(self.probs.shape[0])
+
+    def __iter__(self):
+        return iter((self.values, self.indices))
+
+    def __repr__(self) -> str:
+        rows = "; ".join(", ".join(f"{c} {p:.3f}" for c, p in row[:3]) for row in self.top()[:3])
+        more = " ..." if len(self) > 3 else ""
+        return f"Prediction({len(self)} image(s), {len(self.classnames)} classes: {rows}{more})"
 
 
 def create_model(

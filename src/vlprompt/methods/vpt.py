@@ -1,11 +1,11 @@
-"""VPT-deep: learnable image tokens at every prompted layer, fixed hand-crafted text (SPEC §2.4).
+"""VPT-deep: learnable image tokens at every prompted layer, fixed hand-crafted text.
 
 ``n_ctx`` tokens are appended after the positional embedding (before ``ln_pre``); at layers
 1..depth-1 the previous prompt outputs are dropped and fresh learnable tokens appended (VPT-deep;
 ``depth=1`` is VPT-shallow).  The text side is the fixed prompt ``text`` (default
 ``"a photo of a {}."``; ``""`` uses the data set's template), computed once and cached at evaluation.
 
-Initialisation (SPEC gives none): the default ``normal`` is N(0, 0.02²), what the MaPLe
+Initialisation (the paper states none): the default ``normal`` is N(0, 0.02²), what the MaPLe
 repository's VPT baseline (the source of this recipe) does for every layer's prompts; ``uniform`` is
 the VPT paper's xavier-style U(-v, v) with v = sqrt(6 / (3·patch² + width)).
 """

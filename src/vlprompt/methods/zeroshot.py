@@ -1,4 +1,4 @@
-"""Zero-shot CLIP: the data set's hand-crafted template, nothing learned (SPEC §2.1)."""
+"""Zero-shot CLIP: the data set's hand-crafted template, nothing learned."""
 
 from __future__ import annotations
 

@@ -191,7 +191,7 @@ def run_grid_parallel(
     view and logging. Complete runs are skipped up front. ``execute_fn`` (a top-level function, as
     workers import it by name) replaces :func:`~vlprompt.protocols.runner.execute` in tests.
     """
-    from vlprompt.train.progress import progress_bar
+    from vlprompt.protocols.gridview import GridView
 
     specs = list(specs)
     slots = device_slots(jobs, devices)
@@ -203,16 +203,13 @@ def run_grid_parallel(
             results[i] = RunResult(spec.name, str(spec.out_dir), "skipped")
         else:
             todo.append(i)
-    bar = progress_bar(total, "runs", progress)
-    bar.update(len(results))
+    bar = GridView(total, progress, skipped=len(results), redirect_logs=False)  # done/running/failed, ETA
     if results:
         log.info("%d of %d runs already complete; skipping them", len(results), total)
 
     def finish(i: int, res: RunResult) -> None:
         results[i] = res
-        bar.update(1)
-        counts = {s: sum(r.status == s for r in results.values()) for s in ("done", "failed")}
-        bar.set_postfix(done=counts["done"], failed=counts["failed"])
+        bar.finish(i, res)
         _log_result(res, len(results), total)
 
     with _redirect_logging(bar):
@@ -221,9 +218,10 @@ def run_grid_parallel(
         elif len(slots) == 1 and slots[0] is None:
             for i in todo:
                 log.info("start %s", specs[i].name)
+                bar.start(i)
                 finish(i, execute_fn(specs[i], progress=False, share_backbone=True))
         else:
-            _run_workers(specs, todo, slots, finish, execute_fn)
+            _run_workers(specs, todo, slots, finish, execute_fn, on_start=bar.start)
     bar.close()
     return [results[i] for i in range(total)]
 
@@ -246,6 +244,7 @@ def _run_workers(
     slots: Sequence[str | None],
     finish: Callable[[int, RunResult], None],
     execute_fn: Callable[..., RunResult],
+    on_start: Callable[[int], None] = lambda i: None,
 ) -> None:
     import multiprocessing as mp
 
@@ -284,6 +283,7 @@ def _run_workers(
         if pending:
             w.task = pending.pop(0)
             w.started = time.perf_counter()
+            on_start(w.task)
             log.info("start %s (job %d%s)", specs[w.task].name, w.wid, f", device {w.slot}" if w.slot else "")
             w.tasks.put((w.task, specs[w.task]))
         else:

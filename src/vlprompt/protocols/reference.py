@@ -1,4 +1,4 @@
-"""Published numbers (SPEC §5) shown beside ours by ``vlprompt report --reference``.
+"""Published numbers (from the methods' papers) shown beside ours by ``vlprompt report --reference``.
 
 All are top-1 accuracy (%) with CLIP ViT-B/16 *pretrained* weights, 16 shots, mean of seeds 1-3, as
 printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL papers. They are data,
@@ -58,7 +58,7 @@ BASE2NEW_HM: dict[str, dict[str, float]] = {
     },
 }  # fmt: skip
 
-#: base-to-new (Base, New) per data set, where SPEC §5 gives them
+#: base-to-new (Base, New) per data set, where the papers give them
 BASE2NEW_BN: dict[str, dict[str, tuple[float, float]]] = {
     "CLIP": {"caltech101": (96.84, 94.00)},
     "CoOp": {"caltech101": (98.00, 89.81)},

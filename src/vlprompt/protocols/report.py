@@ -2,10 +2,16 @@
 
 Inputs are ``config.yaml``, ``metrics.json``, ``log.jsonl`` (and ``manifest.json`` / ``env.json``
 to detect a random-init backbone) of every run under a runs directory; console logs are never
-parsed. Numbers follow SPEC §4.7: accuracy of the last epoch, mean and (population) standard
-deviation over seeds; per data set HM = HM of the seed-averaged Base and New; the base-to-new
-"Average" row is HM(mean Base, mean New) over data sets, not the mean of per-data-set HMs;
-cross-dataset / DG averages are plain means over the targets.
+parsed. Numbers are the papers' convention: accuracy of the last epoch, mean and (population)
+standard deviation over seeds; per data set HM = HM of the seed-averaged Base and New; the
+base-to-new "Average" row is HM(mean Base, mean New) over data sets, not the mean of per-data-set
+HMs; cross-dataset / DG averages are plain means over the targets.
+
+Published numbers (``--reference``) are compared like with like: beside an average over our data
+sets stands the published average over the *same* data sets (computed from the papers' per-data-set
+numbers, and labelled so), never the papers' 11-data-set average.  Runs trained with plain
+``vlprompt train`` (no protocol) and imported prompts are listed as single runs; failed runs appear
+with their one-line error (``failed.json``, written by the grid runner).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 
 RANDOM_BANNER = "untrained (random) backbone: numbers are a pipeline check, not CLIP results"
 DPL_NOTE = "(reconstructed from the paper's abstract)"
+PUB = "pub."  # column marker of published numbers; the report explains it once
+SINGLE = "single"  # protocol of runs made by plain `vlprompt train` (and imported prompts)
+MOST_CONFUSED = 5  # pairs per evaluation in the "most confused pairs" table
 
 _DISPLAY = {
     "zeroshot": "CLIP (zero-shot)",
@@ -107,6 +116,8 @@ class RunRecord:
     random_backbone: bool
     done: bool
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None  # the one-line reason of a failed run (failed.json)
+    imported: bool = False
 
     def accuracy(self, dataset: str, subsample: str) -> float | None:
         """Test accuracy for (dataset, subsample); the last recorded entry wins."""
@@ -158,31 +169,53 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
     import yaml
 
     run_dir = Path(run_dir)
+    manifest = _read_json(run_dir / "manifest.json")
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
-        return None
+        cfg = _config_from_manifest(manifest)
+        if cfg is None:
+            return None
     if not isinstance(cfg, dict) or "method" not in cfg:
         return None
     data = cfg.get("data") or {}
-    manifest = _read_json(run_dir / "manifest.json")
     env = _read_json(run_dir / "env.json")
     metrics = _read_json(run_dir / "metrics.json") or {}
     bb = cfg.get("backbone") or {}
     tag = bb.get("pretrained") or (Path(bb["weights"]).name if bb.get("weights") else None)
     random = _random_backbone(cfg, manifest, env)
+    failed = _read_json(run_dir / "failed.json")
+    imported = isinstance(manifest, dict) and bool(manifest.get("imported_from"))
     return RunRecord(
         path=run_dir,
         method=str(cfg["method"]),
-        protocol=str(cfg.get("protocol") or "base2new"),
+        protocol=str(cfg.get("protocol") or SINGLE),
         dataset=str(data.get("dataset")),
         shots=data.get("shots"),
         seed=data.get("seed"),
         backbone=f"{bb.get('name')} ({'random init' if random else tag})",
         random_backbone=random,
-        done=(run_dir / "done").is_file(),
+        done=(run_dir / "done").is_file() or (imported and bool(metrics)),
         evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) else [],
+        error=str(failed.get("error")) if isinstance(failed, dict) and failed.get("error") else None,
+        imported=imported,
     )
+
+
+def _config_from_manifest(manifest: Any) -> dict[str, Any] | None:
+    """The parts of a config an export or imported prompt's manifest records (it has no config.yaml)."""
+    if not isinstance(manifest, dict) or manifest.get("format") != "vlprompt-prompt":
+        return None
+    return {
+        "method": manifest.get("method"),
+        "protocol": manifest.get("protocol"),
+        "data": {
+            "dataset": manifest.get("dataset"),
+            "shots": manifest.get("shots"),
+            "seed": manifest.get("seed"),
+        },
+        "backbone": manifest.get("backbone") or {},
+    }
 
 
 def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
@@ -190,11 +223,21 @@ def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise VlpromptError(f"runs directory not found: {runs_dir}; pass the --out folder of `vlprompt run`")
+    dirs = {p.parent for p in runs_dir.rglob("config.yaml")}
+    dirs |= {p.parent for p in runs_dir.rglob("manifest.json") if (p.parent / "metrics.json").is_file()}
+    dirs |= {p.parent for p in runs_dir.rglob("failed.json")}
     records = []
-    for cfg_path in sorted(runs_dir.rglob("config.yaml")):
-        rec = load_run_record(cfg_path.parent)
+    for d in sorted(dirs):
+        if d.name == "report" or any(part == "report" for part in d.relative_to(runs_dir).parts[:-1]):
+            continue
+        rec = load_run_record(d)
         if rec is not None:
             records.append(rec)
+        elif (d / "failed.json").is_file():  # refused before writing its config
+            err = _read_json(d / "failed.json") or {}
+            records.append(
+                RunRecord(d, "?", "?", "?", None, None, "?", False, False, [], str(err.get("error", "?")))
+            )
     return records
 
 
@@ -219,7 +262,11 @@ class Table:
 
         lines = [f"### {self.title}", ""]
         lines.append("| " + " | ".join(fmt(c) for c in self.columns) + " |")
-        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.columns))) + "|")
+        numeric = [
+            i > 0 and all(isinstance(r[i], (int, float, MeanStd)) or r[i] is None for r in self.rows)
+            for i in range(len(self.columns))
+        ]
+        lines.append("|" + "|".join("---:" if num else "---" for num in numeric) + "|")
         lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in self.rows]
         lines += [""] + [f"{n}" for n in self.notes] + ([""] if self.notes else [])
         return "\n".join(lines)
@@ -301,6 +348,42 @@ def base2new_summary(
     return rows, (mb, mn, harmonic_mean(mb, mn))
 
 
+def published_base2new_average(
+    paper: str, datasets: Sequence[str]
+) -> tuple[tuple[float | None, float | None, float | None] | None, str]:
+    """The published (Base, New, HM) average over exactly ``datasets``, and how it was obtained.
+
+    The papers' own average when ``datasets`` are their 11; otherwise HM(mean Base, mean New) of the
+    papers' per-data-set Base/New (the same rule as ours), or -- where only per-data-set HMs are
+    stored -- the plain mean of those HMs (Base/New then unknown).  ``None`` when a data set has no
+    published number.
+    """
+    from vlprompt.data import BENCHMARKS
+
+    datasets = list(datasets)
+    if not datasets:
+        return None, "no data sets"
+    if set(datasets) == set(BENCHMARKS) and paper in ref.BASE2NEW_AVERAGE:
+        return ref.BASE2NEW_AVERAGE[paper], "the papers' 11-data-set average"
+    bn = ref.BASE2NEW_BN.get(paper, {})
+    if all(d in bn for d in datasets):
+        mb = sum(bn[d][0] for d in datasets) / len(datasets)
+        mn = sum(bn[d][1] for d in datasets) / len(datasets)
+        return (mb, mn, harmonic_mean(mb, mn)), "HM(mean Base, mean New) of the papers' per-data-set numbers"
+    hm = ref.BASE2NEW_HM.get(paper, {})
+    if all(d in hm for d in datasets):
+        return (
+            None,
+            None,
+            sum(hm[d] for d in datasets) / len(datasets),
+        ), "mean of the papers' per-data-set HM"
+    return None, "not published for all of these data sets"
+
+
+def _avg_label(n: int) -> str:
+    return f"Average ({n} data set{'s' if n != 1 else ''})"
+
+
 def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table], dict[str, Any]]:
     tables: list[Table] = []
     all_shots = {r.shots for r in runs}
@@ -314,7 +397,7 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
         paper = ref.paper_name(method) if reference else None
         cols = ["Data set", "Base", "New", "HM", "seeds"]
         if paper:
-            cols += [f"Base [{ref.LABEL}]", f"New [{ref.LABEL}]", f"HM [{ref.LABEL}]"]
+            cols += [f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})"]
         body = []
         for row in rows:
             n = max(row.base.n if row.base else 0, row.new.n if row.new else 0)
@@ -327,22 +410,18 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
                     ref.BASE2NEW_HM.get(paper, {}).get(row.dataset),
                 ]
             body.append(line)
-        if avg is not None:
-            n_full = sum(1 for row in rows if row.base is not None and row.new is not None)
-            line = [f"Average ({n_full} data set{'s' if n_full != 1 else ''})", avg[0], avg[1], avg[2], None]
-            if paper:
-                pub = ref.BASE2NEW_AVERAGE.get(paper)
-                line += list(pub) if pub else [None, None, None]
-            body.append(line)
         notes = [
             "Base / New: top-1 test accuracy (%) of the last epoch, mean ± std over seeds; HM = 2BN/(B+N) "
-            "of the seed means. Average: HM(mean Base, mean New) over the data sets (SPEC §4.7)."
+            "of the seed means. Average: HM(mean Base, mean New) over the data sets with both."
         ]
-        if paper:
-            notes.append(
-                f"Columns marked [{ref.LABEL}] are the numbers printed in the papers (11 data sets), "
-                "not produced by this package."
-            )
+        if avg is not None:
+            covered = [row.dataset for row in rows if row.base is not None and row.new is not None]
+            line = [_avg_label(len(covered)), avg[0], avg[1], avg[2], None]
+            if paper:
+                pub, how = published_base2new_average(paper, covered)
+                line += list(pub) if pub else [None, None, None]
+                notes.append(f"Average ({PUB}): over the same {len(covered)} data set(s) -- {how}.")
+            body.append(line)
         tables.append(
             Table(
                 f"base2new_{method}" + (f"_shots{shots}" if len(all_shots) > 1 else ""),
@@ -362,13 +441,14 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
         for m in present:
             cols += [f"{method_label(m)} Base", f"{method_label(m)} New", f"{method_label(m)} HM"]
             if reference and ref.paper_name(m) in ref.BASE2NEW_HM:
-                cols.append(f"{ref.paper_name(m)} HM [{ref.LABEL}]")
+                cols.append(f"{ref.paper_name(m)} HM ({PUB})")
         datasets = dataset_order({row.dataset for m in present for row in summaries[(m, shots)][0]})
         body = []
         for d in [*datasets, "__avg__"]:
             line: list[Any] = ["Average" if d == "__avg__" else dataset_title(d)]
             for m in present:
                 rows, avg = summaries[(m, shots)]
+                covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
                 if d == "__avg__":
                     line += list(avg) if avg else [None, None, None]
                 else:
@@ -380,15 +460,22 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
                     ]
                 if reference and ref.paper_name(m) in ref.BASE2NEW_HM:
                     p = ref.paper_name(m)
-                    line.append(ref.BASE2NEW_AVERAGE[p][2] if d == "__avg__" else ref.BASE2NEW_HM[p].get(d))
+                    if d == "__avg__":
+                        pub, _ = published_base2new_average(p, covered)
+                        line.append(pub[2] if pub else None)
+                    else:
+                        line.append(ref.BASE2NEW_HM[p].get(d))
             body.append(line)
+        notes = ["Average row: HM(mean Base, mean New) over each method's data sets."]
+        if reference:
+            notes.append(f"HM ({PUB}) in the Average row: over the same data sets as that method's runs.")
         tables.append(
             Table(
                 "base2new_comparison" + (f"_shots{shots}" if len(all_shots) > 1 else ""),
                 f"Base-to-new: comparison of methods (seed means){_suffix(shots, all_shots)}",
                 cols,
                 body,
-                ["Average row: HM(mean Base, mean New) over each method's data sets (SPEC §4.7)."],
+                notes,
             )
         )
     return tables, summaries
@@ -427,7 +514,7 @@ def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> l
         body.append(line)
     notes = [
         "Top-1 test accuracy (%) on each target's full test set, mean ± std over seeds; "
-        f"Average = plain mean over the {len(targets)} target(s) shown (SPEC §4.7)."
+        f"Average = plain mean over the {len(targets)} target(s) shown."
     ]
     missing = [t for t in standard if t not in targets]
     if missing:
@@ -435,13 +522,15 @@ def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> l
             f"Not evaluated (missing from metrics.json): {', '.join(missing)}; the average is not "
             "comparable to the papers' average over all targets."
         )
-    if reference:
+    if reference and not missing:  # like with like: the papers average over all standard targets
         pub = ref.CROSS_DATASET_AVERAGE if protocol == "cross-dataset" else ref.DG_AVERAGE
         for name, avg in pub.items():
-            body.append([f"{name} [{ref.LABEL}]"] + [None] * (len(cols) - 2) + [avg])
+            body.append([f"{name} ({PUB})"] + [None] * (len(cols) - 2) + [avg])
+        notes.append(f"Rows marked ({PUB}) are the papers' averages over the same {len(standard)} targets.")
+    elif reference:
         notes.append(
-            f"Rows marked [{ref.LABEL}] are the papers' averages (per-target numbers not stored), "
-            "not produced by this package."
+            f"Published averages ({PUB}) cover all {len(standard)} targets and the papers do not give the "
+            "per-target numbers here, so none is shown beside this partial average."
         )
     title = "Cross-dataset transfer" if protocol == "cross-dataset" else "Domain generalisation"
     return [Table(protocol.replace("-", "_"), title, cols, body, notes)] if body else []
@@ -518,6 +607,109 @@ def _num(v: Any) -> float | None:
         return None
 
 
+def read_epoch_curve(run_dir: str | Path) -> list[tuple[float, float | None, float | None]]:
+    """``(epoch, loss, acc)`` per logged step, ``epoch`` fractional: step k of n in epoch e is e-1+k/n.
+
+    Runs logged per epoch only give one point per epoch (at e).  This is what the training-curve
+    plots use: an x axis in epochs reads the same for runs of different lengths and batch sizes.
+    """
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    steps: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    epochs: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), (int, float)):
+            continue
+        e = int(rec["epoch"])
+        if rec.get("kind") == "epoch":
+            epochs[e] = rec
+        else:
+            steps[e].append(rec)
+    pts: list[tuple[float, float | None, float | None]] = []
+    for e in sorted(set(steps) | set(epochs)):
+        recs = steps.get(e)
+        if recs:
+            n = len(recs)
+            pts += [
+                (e - 1 + (k + 1) / n, _num(r.get("loss")), _num(r.get("acc"))) for k, r in enumerate(recs)
+            ]
+        else:
+            r = epochs[e]
+            pts.append((float(e), _num(r.get("loss")), _num(r.get("acc"))))
+    return pts
+
+
+def most_confused(entry: dict[str, Any], k: int = MOST_CONFUSED) -> list[tuple[str, str, int, float]]:
+    """The ``k`` largest off-diagonal cells of an evaluation's confusion counts.
+
+    ``(true class, predicted class, images, % of the true class's images)``; ties by class order.
+    """
+    conf = entry.get("confusion") or {}
+    classes = conf.get("classes") or []
+    counts = conf.get("counts") or []
+    support: dict[int, int] = defaultdict(int)
+    for i, _, n in counts:
+        support[int(i)] += int(n)
+    off = [(int(n), int(i), int(j)) for i, j, n in counts if int(i) != int(j) and int(n) > 0]
+    off.sort(key=lambda x: (-x[0], x[1], x[2]))
+    return [(classes[i], classes[j], n, 100.0 * n / max(support[i], 1)) for n, i, j in off[:k]]
+
+
+def _confusion_table(runs: Sequence[RunRecord]) -> Table | None:
+    body = []
+    for r in runs:
+        for e in r.evaluations:
+            for true, pred, n, pct in most_confused(e):
+                body.append(
+                    [_run_name(r), f"{dataset_title(str(e.get('dataset')))} ({e.get('subsample', 'all')})",
+                     true, pred, n, pct]
+                )  # fmt: skip
+    if not body:
+        return None
+    return Table(
+        "most_confused",
+        "Most confused pairs",
+        ["Run", "Evaluated on", "True class", "Predicted as", "images", "% of true class"],
+        body,
+        [f"Per evaluation, the {MOST_CONFUSED} largest off-diagonal cells of the confusion matrix."],
+    )
+
+
+def _run_name(r: RunRecord) -> str:
+    return f"{method_label(r.method)} · {r.dataset} · shots {r.shots} · seed {r.seed}"
+
+
+def _single_table(runs: Sequence[RunRecord]) -> Table:
+    body = []
+    for r in runs:
+        for e in r.evaluations:
+            body.append(
+                [
+                    f"`{r.path.name}`" + (" (imported)" if r.imported else ""),
+                    method_label(r.method),
+                    r.dataset,
+                    r.shots,
+                    r.seed,
+                    f"{dataset_title(str(e.get('dataset')))} ({e.get('subsample', 'all')})",
+                    _num(e.get("accuracy")),
+                    _num(e.get("macro_f1")),
+                    e.get("n"),
+                ]
+            )
+    return Table(
+        "single_runs",
+        "Single runs",
+        ["Run", "Method", "Trained on", "Shots", "Seed", "Evaluated on", "Accuracy", "Macro-F1", "images"],
+        body,
+        ["Runs made by `vlprompt train` (no protocol) or imported with `vlprompt import`: one seed each."],
+    )
+
+
 # ---------------------------------------------------------------------------------------- report
 @dataclass
 class ReportResult:
@@ -536,11 +728,14 @@ def build_report(
     runs_dir = Path(runs_dir)
     out_dir = Path(out_dir) if out_dir else runs_dir / "report"
     records = collect_runs(runs_dir)
-    complete = [r for r in records if r.done and r.evaluations]
+    complete = [r for r in records if r.done and r.evaluations and not r.error]
     incomplete = [r for r in records if r not in complete]
     if not complete:
+        failed = [r for r in records if r.error]
+        why = f"; {len(failed)} failed, e.g. {failed[0].path}: {failed[0].error}" if failed else ""
         raise VlpromptError(
-            f"no complete run (config.yaml + metrics.json + done) under {runs_dir}; run `vlprompt run` first"
+            f"no complete run (config.yaml + metrics.json + done) under {runs_dir}{why}; "
+            "run `vlprompt run` first"
         )
     by_protocol: dict[str, list[RunRecord]] = defaultdict(list)
     for r in complete:
@@ -564,14 +759,19 @@ def build_report(
     if by_protocol.get("fewshot"):
         t, fs_summary = _fewshot_tables(by_protocol["fewshot"])
         sections.append(("Few-shot learning", t))
-    other = sorted(set(by_protocol) - {"base2new", "cross-dataset", "dg", "fewshot"})
+    if by_protocol.get(SINGLE):
+        sections.append(("Single runs", [_single_table(by_protocol[SINGLE])]))
+    other = sorted(set(by_protocol) - {"base2new", "cross-dataset", "dg", "fewshot", SINGLE})
+    confused = _confusion_table(complete)
+    if confused is not None:
+        sections.append(("Which classes are confused", [confused]))
     if reference:
         pub = Table(
             "published_base2new",
-            f"Published base-to-new averages over 11 data sets [{ref.LABEL}]",
-            ["Method", f"Base [{ref.LABEL}]", f"New [{ref.LABEL}]", f"HM [{ref.LABEL}]"],
+            f"Published base-to-new averages over the papers' 11 data sets ({PUB})",
+            ["Method", f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})"],
             [[name, *v] for name, v in ref.BASE2NEW_AVERAGE.items()],
-            ["Reference only (SPEC §5): printed in the papers, not produced by this package."],
+            ["For reference only: these average 11 data sets, so they compare with an 11-data-set run."],
         )
         sections.append(("Published reference numbers", [pub]))
     for _, ts in sections:
@@ -596,10 +796,15 @@ def build_report(
             f"DPL is {DPL_NOTE[1:-1]}: its method section is not available offline (see docs/dpl.md).",
             "",
         ]
-    if reference and any("ViT-B-16" not in b or "random" in b for b in backbones):
+    if reference:
         lines += [
-            f"Note: the [{ref.LABEL}] numbers come from a different setting than these runs "
-            f"({', '.join(backbones)}); do not read the difference as a result.",
+            f"**({PUB})** marks numbers printed in the methods' papers ({ref.LABEL}, 16 shots, mean of 3 "
+            "seeds): not produced by this package. Averages beside ours cover the same data sets."
+            + (
+                f" These runs use {', '.join(backbones)}: do not read the difference as a result."
+                if any("ViT-B-16" not in b or "random" in b for b in backbones)
+                else ""
+            ),
             "",
         ]
     for title, ts in sections:
@@ -607,8 +812,15 @@ def build_report(
     if other:
         lines += [f"Runs with protocols not tabulated: {', '.join(other)}", ""]
     if incomplete:
-        lines += ["## Incomplete runs (not in the tables)", ""]
-        lines += [f"- `{r.path}`" + ("" if r.done else " (no `done` file)") for r in incomplete] + [""]
+        lines += ["## Failed and incomplete runs (not in the tables)", ""]
+        for r in incomplete:
+            if r.error:
+                lines.append(f"- `{r.path}`: **failed**: {r.error}")
+            elif not r.done:
+                lines.append(f"- `{r.path}`: not finished (no `done` file: interrupted or still running)")
+            else:
+                lines.append(f"- `{r.path}`: no evaluation recorded in metrics.json")
+        lines.append("")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csvs = []
@@ -622,12 +834,22 @@ def build_report(
 
     pngs: list[Path] = []
     if plots:
-        pngs = _plots(complete, b2n_summaries, fs_summary, out_dir / "plots")
+        pngs = _plots(complete, b2n_summaries, fs_summary, out_dir / "plots", reference)
         if pngs:
             lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in pngs] + [""]
     md = out_dir / "report.md"
     atomic_write_text(md, "\n".join(lines).rstrip() + "\n")
     return ReportResult(md, csvs, pngs, tables, len(complete), bool(random_runs))
+
+
+def reconstruction_note(method: str) -> str:
+    """The method's own note when it is a reconstruction (DPL), else ``""``."""
+    try:
+        from vlprompt.methods import get_method
+
+        return get_method(method).reconstruction_note
+    except Exception:  # a method not registered in this installation
+        return "reconstructed from the paper's abstract" if method.lower().startswith("dpl") else ""
 
 
 def _runs_csv(runs: list[RunRecord]) -> str:
@@ -637,6 +859,7 @@ def _runs_csv(runs: list[RunRecord]) -> str:
         [
             "protocol",
             "method",
+            "reconstructed",
             "train_dataset",
             "shots",
             "seed",
@@ -650,11 +873,13 @@ def _runs_csv(runs: list[RunRecord]) -> str:
         ]
     )
     for r in runs:
+        note = reconstruction_note(r.method)
         for e in r.evaluations:
             w.writerow(
                 [
                     r.protocol,
                     r.method,
+                    note,
                     r.dataset,
                     r.shots,
                     r.seed,
@@ -670,23 +895,36 @@ def _runs_csv(runs: list[RunRecord]) -> str:
     return buf.getvalue()
 
 
-def _plots(runs: list[RunRecord], b2n: dict[str, Any], fs: dict[str, Any], out_dir: Path) -> list[Path]:
+def _plots(
+    runs: list[RunRecord], b2n: dict[str, Any], fs: dict[str, Any], out_dir: Path, reference: bool = False
+) -> list[Path]:
     from vlprompt.protocols import plots
 
     paths: list[Path] = []
     random = " (random backbone: pipeline check)" if any(r.random_backbone for r in runs) else ""
     all_shots = {s for _, s in b2n}
-    bars: dict[str, dict[str, tuple[Any, Any, Any]]] = defaultdict(dict)
+    bars: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (method, shots), (rows, avg) in sorted(b2n.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         label = method_label(method) + _suffix(shots, all_shots)
+        paper = ref.paper_name(method) if reference else None
         for row in rows:
-            bars[dataset_title(row.dataset)][label] = (
-                row.base.mean if row.base else None,
-                row.new.mean if row.new else None,
-                row.hm,
-            )
+            pub = None
+            if paper:
+                bn = ref.BASE2NEW_BN.get(paper, {}).get(row.dataset)
+                pub = (
+                    bn[0] if bn else None,
+                    bn[1] if bn else None,
+                    ref.BASE2NEW_HM.get(paper, {}).get(row.dataset),
+                )
+            bars[dataset_title(row.dataset)][label] = {
+                "values": (row.base.mean if row.base else None, row.new.mean if row.new else None, row.hm),
+                "std": (row.base.std if row.base else None, row.new.std if row.new else None, None),
+                "published": pub if pub and any(v is not None for v in pub) else None,
+            }
         if avg:
-            bars["Average"][label] = avg
+            covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
+            pub = published_base2new_average(paper, covered)[0] if paper else None
+            bars["Average"][label] = {"values": avg, "std": None, "published": pub}
     paths += plots.base2new_bars(bars, out_dir, random)
     curves = {
         dataset_title(d): {
@@ -697,10 +935,32 @@ def _plots(runs: list[RunRecord], b2n: dict[str, Any], fs: dict[str, Any], out_d
     paths += plots.fewshot_curves(curves, out_dir, random)
     train: dict[str, dict[str, list[Any]]] = defaultdict(dict)
     for r in runs:
-        pts = read_training_curve(r.path)
+        pts = read_epoch_curve(r.path)
         if pts:
             train[f"{r.protocol} {method_label(r.method)} {r.dataset}"][f"shots {r.shots}, seed {r.seed}"] = (
                 pts
             )
     paths += plots.training_curves(train, out_dir)
+    from vlprompt.train.evaluate import dense_confusion
+
+    for r in runs:
+        for e in r.evaluations:
+            conf = e.get("confusion")
+            if not conf or not conf.get("classes"):
+                continue
+            sub = e.get("subsample", "all")
+            title = (
+                f"{_run_name(r)}\non {dataset_title(str(e.get('dataset')))} ({sub}): "
+                f"accuracy {_num(e.get('accuracy')) or 0:.2f}%, {e.get('n')} images{random}"
+            )
+            name = f"confusion_{_slug_name(r)}_{e.get('dataset')}_{sub}.png"
+            paths.append(
+                plots.confusion_matrix(dense_confusion(conf).tolist(), conf["classes"], title, out_dir / name)
+            )
     return paths
+
+
+def _slug_name(r: RunRecord) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{r.protocol}_{r.method}_{r.dataset}_s{r.shots}_seed{r.seed}")

@@ -120,6 +120,23 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if not isinstance(exc, VlpromptError) else first
 
 
+FAILED = "failed.json"
+
+
+def record_failure(run_dir: str | Path, reason: str) -> None:
+    """``failed.json`` in the run directory: the one-line error the report shows (removed on success)."""
+    from vlprompt.utils import atomic_write_json
+
+    if not Path(run_dir).is_dir():  # refused before it started: no folder is created for it
+        return
+    try:
+        atomic_write_json(
+            Path(run_dir) / FAILED, {"error": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        )
+    except OSError as e:  # an unwritable run directory must not hide the original error
+        log.debug("could not record the failure in %s: %s", run_dir, e)
+
+
 def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) -> RunResult:
     """Bring one run to completion: train (resuming a partial run) then add missing evaluations.
 
@@ -169,6 +186,7 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
             )
     except Exception as exc:  # one failing run must not stop the grid
         log.debug("run %s failed:\n%s", spec.name, traceback.format_exc())
+        record_failure(spec.out_dir, _one_line(exc))  # the report lists it with this reason
         return RunResult(
             spec.name,
             str(spec.out_dir),
@@ -178,6 +196,7 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
             trained,
             evaluated,
         )
+    (spec.out_dir / FAILED).unlink(missing_ok=True)
     return RunResult(
         spec.name, str(spec.out_dir), "done", "", time.perf_counter() - start, trained, evaluated
     )
@@ -190,10 +209,15 @@ def run_grid(
     execute_fn: Callable[..., RunResult] = execute,
 ) -> list[RunResult]:
     """Execute specs sequentially, logging each outcome; returns every result (failures included)."""
+    from vlprompt.protocols.gridview import GridView
+
     specs = list(specs)
     results = []
+    view = GridView(len(specs), progress)  # runs done / running / failed and the grid's ETA
     for i, spec in enumerate(specs, 1):
+        view.start(i)
         res = execute_fn(spec, progress=progress, share_backbone=share_backbone)
+        view.finish(i, res)
         if res.status == "skipped":
             log.info("[%d/%d] skip %s (complete)", i, len(specs), spec.name)
         elif res.status == "failed":
@@ -201,6 +225,7 @@ def run_grid(
         else:
             log.info("[%d/%d] done %s in %.1fs", i, len(specs), spec.name, res.seconds)
         results.append(res)
+    view.close()
     return results
 
 

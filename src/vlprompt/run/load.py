@@ -167,7 +167,7 @@ def evaluate_run(
         int(batch_size or train.eval_batch_size),
         int(num_workers if num_workers is not None else data.data.num_workers),
     )
-    res = evaluate(model, loader, device=dev, precision=train.precision)
+    res = evaluate(model, loader, device=dev, precision=train.precision, confusion=True)
     entry = metrics_entry(
         res,
         dataset=splits.name,

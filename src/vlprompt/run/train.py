@@ -69,7 +69,7 @@ def metrics_entry(
         "seed": seed,
         "shots": shots,
         "method": method,
-        **({"confusion": res["confusion"]} if res.get("confusion") is not None else {}),
+        **({"confusion": res["confusion_sparse"]} if "confusion_sparse" in res else {}),
     }
 
 

@@ -1,7 +1,9 @@
 """Training logs: ``log.jsonl`` + ``log.csv`` (one record per step or every N steps, and per epoch).
 
 On resume the records of epochs that were not checkpointed are dropped, so the logs of a resumed run
-read like those of an uninterrupted one.  Progress bars go to stderr through tqdm, only on a terminal.
+read like those of an uninterrupted one.  Progress bars go to stderr through tqdm, only on a terminal
+(and not with ``--no-progress`` / ``VLPROMPT_PROGRESS=0``): one bar per training run (epochs x steps,
+ETA, loss, lr) and one per evaluation (images).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -62,9 +65,66 @@ class RunLog:
             csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n").writerow(rec)
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr, disabled when ``enabled`` is false or stderr is not a terminal."""
-    from tqdm.auto import tqdm
+_ENABLED = True
 
-    disable = not enabled or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, leave=False, dynamic_ncols=True)
+
+def set_progress(enabled: bool) -> None:
+    """Turn every progress bar of this process on or off (``--no-progress``)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def progress_enabled(requested: bool = True) -> bool:
+    """Bars show only when asked for, not switched off (``VLPROMPT_PROGRESS=0``), on a terminal."""
+    env = os.environ.get("VLPROMPT_PROGRESS", "1").strip().lower()
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return bool(requested) and _ENABLED and env not in ("0", "false", "off", "no") and tty
+
+
+def _bar_class():
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    class LoggingBar(tqdm):
+        """A tqdm bar that, while open, prints log lines above itself instead of through it."""
+
+        def __init__(self, *args: Any, redirect_logs: bool = False, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._redirect = None
+            if redirect_logs and not self.disable:
+                self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()], tqdm_class=type(self))
+                self._redirect.__enter__()
+
+        def close(self) -> None:
+            redirect, self._redirect = getattr(self, "_redirect", None), None
+            if redirect is not None:
+                redirect.__exit__(None, None, None)
+            super().close()
+
+    return LoggingBar
+
+
+def progress_bar(
+    total: int,
+    desc: str,
+    enabled: bool,
+    *,
+    initial: int = 0,
+    unit: str = "it",
+    redirect_logs: bool = False,
+):
+    """A tqdm bar on stderr, disabled unless :func:`progress_enabled` (a terminal, not switched off).
+
+    ``redirect_logs``: while the bar is open, log lines print above it (their text is unchanged).
+    """
+    return _bar_class()(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not progress_enabled(enabled),
+        leave=False,
+        dynamic_ncols=True,
+        redirect_logs=redirect_logs,
+    )

@@ -210,12 +210,14 @@ def fit(
     log_every = train.log_every
     checked_grads = False
     stopped = False
+    bar = progress_bar(
+        epochs * len(loader), "train", progress, initial=start_epoch * len(loader), redirect_logs=True
+    )
     for epoch in range(start_epoch, epochs):
         lr = schedule.set_epoch(epoch)
         model.train()
         t_epoch = time.perf_counter()
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
-        bar = progress_bar(len(loader), f"epoch {epoch + 1}/{epochs}", progress)
         for images, labels in loader:
             t0 = time.perf_counter()
             images = images.to(device, non_blocking=True)
@@ -270,12 +272,12 @@ def fit(
                 )
             bar.update(1)
             bar.set_postfix(
+                epoch=f"{epoch + 1}/{epochs}",
                 loss=f"{tot_loss / tot_n:.4f}",
                 acc=f"{100.0 * tot_correct / tot_n:.1f}",
                 lr=f"{lr:.3g}",
                 img_s=f"{tot_n / max(time.perf_counter() - t_epoch, 1e-9):.1f}",
             )
-        bar.close()
         model.method.on_epoch_end(epoch + 1, epochs)  # e.g. prompt aggregation, before eval + checkpoint
         dt_epoch = time.perf_counter() - t_epoch
         elapsed += dt_epoch
@@ -291,7 +293,7 @@ def fit(
         }
         last = epoch + 1 == epochs
         if main and eval_loader is not None and (last or train.eval_every_epoch):
-            res = evaluate(model, eval_loader, device=device, precision=prec.name)
+            res = evaluate(model, eval_loader, device=device, precision=prec.name, confusion=last)
             summary["eval"] = {k: res[k] for k in ("accuracy", "macro_f1", "n")}
             if last:
                 summary["eval_full"] = res
@@ -330,6 +332,7 @@ def fit(
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not last:
             stopped = True
             break
+    bar.close()
 
     final = history[-1] if history else {}
     return {
