@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from vlprompt.run.dassl_import import build_model, import_checkpoint, write_prompt_dir
 
     out = Path(args.out)
-    if out.exists() and (out / "manifest.json").exists() and not args.force:
+    if out.exists() and RunDir(out).manifest() is not None and not args.force:
         raise VlpromptError(f"{out} already holds a prompt; pass another --out or --force")
     imp = import_checkpoint(args.checkpoint, args.method)
     overrides = _options(args.option or [])

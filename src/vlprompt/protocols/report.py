@@ -165,26 +165,33 @@ def _random_backbone(cfg: dict[str, Any], manifest: Any, env: Any) -> bool:
 
 
 def load_run_record(run_dir: str | Path) -> RunRecord | None:
-    """Read one run directory (None when it has no readable config.yaml)."""
-    import yaml
+    """Read one run directory through the run layer (None when it has no readable config)."""
+    from vlprompt.run import RunDir
 
-    run_dir = Path(run_dir)
-    manifest = _read_json(run_dir / "manifest.json")
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+    run = RunDir(run_dir)
+    run_dir = run.path
+
+    def safe(read: Any, default: Any = None) -> Any:
+        try:
+            return read()
+        except VlpromptError:  # a damaged or crafted file: the run is listed without it
+            return default
+
+    manifest = safe(run.manifest)
+    cfg = safe(run.read_config) if run.has_config() else None
+    if not cfg:
         cfg = _config_from_manifest(manifest)
         if cfg is None:
             return None
     if not isinstance(cfg, dict) or "method" not in cfg:
         return None
     data = cfg.get("data") or {}
-    env = _read_json(run_dir / "env.json")
-    metrics = _read_json(run_dir / "metrics.json") or {}
+    env = safe(run.env)
+    metrics = safe(run.metrics, {}) or {}
     bb = cfg.get("backbone") or {}
-    tag = bb.get("pretrained") or (Path(bb["weights"]).name if bb.get("weights") else None)
+    weights = bb.get("weights") or bb.get("weights_file")
+    tag = bb.get("pretrained") or (Path(str(weights)).name if weights else None)
     random = _random_backbone(cfg, manifest, env)
-    failed = _read_json(run_dir / "failed.json")
     imported = isinstance(manifest, dict) and bool(manifest.get("imported_from"))
     return RunRecord(
         path=run_dir,
@@ -195,9 +202,9 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
         seed=data.get("seed"),
         backbone=f"{bb.get('name')} ({'random init' if random else tag})",
         random_backbone=random,
-        done=(run_dir / "done").is_file() or (imported and bool(metrics)),
+        done=run.is_complete() or (imported and bool(metrics)),
         evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) else [],
-        error=str(failed.get("error")) if isinstance(failed, dict) and failed.get("error") else None,
+        error=safe(run.failure),
         imported=imported,
     )
 
@@ -223,9 +230,12 @@ def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise VlpromptError(f"runs directory not found: {runs_dir}; pass the --out folder of `vlprompt run`")
-    dirs = {p.parent for p in runs_dir.rglob("config.yaml")}
-    dirs |= {p.parent for p in runs_dir.rglob("manifest.json") if (p.parent / "metrics.json").is_file()}
-    dirs |= {p.parent for p in runs_dir.rglob("failed.json")}
+    from vlprompt.run import RunDir
+    from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS
+
+    dirs = {p.parent for p in runs_dir.rglob(CONFIG)}
+    dirs |= {p.parent for p in runs_dir.rglob(MANIFEST) if (p.parent / METRICS).is_file()}
+    dirs |= {p.parent for p in runs_dir.rglob(FAILED)}
     records = []
     for d in sorted(dirs):
         if d.name == "report" or any(part == "report" for part in d.relative_to(runs_dir).parts[:-1]):
@@ -233,11 +243,8 @@ def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
         rec = load_run_record(d)
         if rec is not None:
             records.append(rec)
-        elif (d / "failed.json").is_file():  # refused before writing its config
-            err = _read_json(d / "failed.json") or {}
-            records.append(
-                RunRecord(d, "?", "?", "?", None, None, "?", False, False, [], str(err.get("error", "?")))
-            )
+        elif (err := RunDir(d).failure()) is not None:  # refused before writing its config
+            records.append(RunRecord(d, "?", "?", "?", None, None, "?", False, False, [], err))
     return records
 
 

@@ -120,19 +120,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if not isinstance(exc, VlpromptError) else first
 
 
-FAILED = "failed.json"
-
-
 def record_failure(run_dir: str | Path, reason: str) -> None:
-    """``failed.json`` in the run directory: the one-line error the report shows (removed on success)."""
-    from vlprompt.utils import atomic_write_json
+    """The one-line error the report shows, kept in the run directory (never creates the folder)."""
+    from vlprompt.run import RunDir
 
-    if not Path(run_dir).is_dir():  # refused before it started: no folder is created for it
-        return
     try:
-        atomic_write_json(
-            Path(run_dir) / FAILED, {"error": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        )
+        RunDir(run_dir).record_failure(reason)
     except OSError as e:  # an unwritable run directory must not hide the original error
         log.debug("could not record the failure in %s: %s", run_dir, e)
 
@@ -196,7 +189,7 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
             trained,
             evaluated,
         )
-    (spec.out_dir / FAILED).unlink(missing_ok=True)
+    RunDir(spec.out_dir).clear_failure()
     return RunResult(
         spec.name, str(spec.out_dir), "done", "", time.perf_counter() - start, trained, evaluated
     )

@@ -14,6 +14,7 @@
       local.json          machine-local facts (absolute data root and weights path); never exported
       checkpoint/         resume state (safetensors + JSON, never a pickle)
       done                written last: the run is complete
+      failed.json         the one-line error of the grid's last attempt (removed on success)
       .lock               held (flock) by the one process writing the run
 """
 
@@ -39,6 +40,7 @@ MANIFEST = "manifest.json"
 LOCAL = "local.json"
 DONE = "done"
 LOCK = ".lock"
+FAILED = "failed.json"
 CHECKPOINT = "checkpoint"
 #: results that a retrain replaces (the checkpoint goes with them)
 RESULT_FILES = (DONE, METRICS, PROMPT, MANIFEST, FINGERPRINT)
@@ -159,6 +161,18 @@ class RunDir:
         metrics["evaluations"] = evals
         atomic_write_json(self.path / METRICS, metrics)
         return metrics
+
+    def record_failure(self, reason: str) -> None:
+        """``failed.json``: the one-line error a report shows (only in a folder that already exists)."""
+        if self.path.is_dir():
+            atomic_write_json(self.path / FAILED, {"error": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def clear_failure(self) -> None:
+        (self.path / FAILED).unlink(missing_ok=True)
+
+    def failure(self) -> str | None:
+        f = self.read_json(FAILED) if (self.path / FAILED).is_file() else None
+        return str(f.get("error")) if isinstance(f, dict) and f.get("error") else None
 
     def mark_done(self) -> None:
         atomic_write_text(self.path / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
