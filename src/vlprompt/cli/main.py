@@ -16,7 +16,7 @@ import sys
 from vlprompt.errors import VlpromptError
 
 # sub-command modules, in the order --help lists them
-COMMANDS = ["demo", "train", "eval", "run", "report", "predict", "export", "data", "bench", "methods"]
+COMMANDS = ["demo", "train", "eval", "run", "report", "predict", "export", "data", "world", "bench", "methods"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ from vlprompt.data.demo import ensure_demo
 from vlprompt.data.images import drop_unreadable, is_image_file
 from vlprompt.data.registry import DatasetSpec, canonical_name, get_spec
 from vlprompt.data.splits import DatasetSplits, Datum, drop_missing, read_split, validate_classes
+from vlprompt.data.worldsets import ensure_world
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def read_items(
 ) -> tuple[list[Datum], list[Datum], list[Datum], list[str]]:
     """Items and class names of a built-in data set found at ``ddir`` (``check_files`` tests existence)."""
     img = image_dir(spec, ddir)
-    if spec.kind in ("split", "demo"):
+    if spec.kind in ("split", "demo", "world"):
         split_path = ddir / spec.split_file
         if not split_path.is_file():
             raise VlpromptError(f"split file not found: {split_path}; " + spec.howto.format(root=base))
@@ -231,8 +232,8 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, skip_bad: bool
         splits = load_custom(*custom, skip_bad=skip_bad)
     else:
         spec = get_spec(canonical_name(name))
-        if spec.kind == "demo":
-            ddir = ensure_demo()
+        if spec.kind in ("demo", "world"):
+            ddir = ensure_demo() if spec.kind == "demo" else ensure_world(spec.name)
             base = ddir
         else:
             base = resolve_root(root)
