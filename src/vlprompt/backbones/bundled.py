@@ -95,8 +95,8 @@ def build_bundled(b: Bundled) -> tuple[torch.nn.Module, dict[str, Any]]:
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
         raise VlpromptError(
-            f"bundled weights {b.file} do not fit {b.name} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "reinstall vlprompt"
+            f"bundled weights {b.file} do not fit {b.name} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); reinstall vlprompt"
         )
     meta = {
         "source": str(b.file),
@@ -106,5 +106,8 @@ def build_bundled(b: Bundled) -> tuple[torch.nn.Module, dict[str, Any]]:
         "random_init": False,
         "pretrained_on": b.record.get("pretrained_on"),
         "sha256": b.record.get("sha256"),
+        # 32-px images whose objects fill 10-40% of the frame: CoOp's (0.08, 1) crops would mostly
+        # cut the object out, so training crops keep at least half the image (ours; docs/world.md)
+        "train_crop_scale": (0.5, 1.0),
     }
     return model, meta

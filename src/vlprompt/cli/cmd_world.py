@@ -65,10 +65,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     atomic_write_json(out.with_suffix(".json"), record)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)  sha256 {sha}")
     print(
-        f"probe zero-shot colour-shape accuracy {summary['probe_colour_shape_zero_shot']:.1f}% (64-way; chance 1.6%)"
+        f"probe zero-shot colour-shape accuracy {summary['probe_colour_shape_zero_shot']:.1f}% "
+        "(64-way; chance 1.6%)"
     )
     print(
-        f"torch {torch.__version__}, open_clip {open_clip.__version__}, {platform.processor() or platform.machine()}"
+        f"torch {torch.__version__}, open_clip {open_clip.__version__}, "
+        f"{platform.processor() or platform.machine()}"
     )
     if args.check:
         b = find_bundled(recipe.arch, None)
@@ -77,15 +79,14 @@ def _pretrain(args: argparse.Namespace) -> int:
             raise VlpromptError("no bundled record with this recipe to check against; use the full recipe")
         if sha != want:
             raise VlpromptError(
-                f"sha256 {sha[:16]}... differs from the bundled {want[:16]}...; a different torch build or CPU "
-                "kind changes float rounding (the bundled record names the ones used)"
+                f"sha256 {sha[:16]}... differs from the bundled {want[:16]}...; a different torch build or "
+                "CPU kind changes float rounding (the bundled record names the ones used)"
             )
         print("reproduced: sha256 equals the bundled checkpoint's")
     return 0
 
 
 def _samples(args: argparse.Namespace) -> int:
-    import numpy as np
     from PIL import Image
 
     from vlprompt.data import world

@@ -16,7 +16,8 @@ import sys
 from vlprompt.errors import VlpromptError
 
 # sub-command modules, in the order --help lists them
-COMMANDS = ["demo", "train", "eval", "run", "report", "predict", "export", "data", "world", "bench", "methods"]
+COMMANDS = ["demo", "train", "eval", "run", "report", "predict", "export", "data", "bench", "methods"]
+COMMANDS.insert(COMMANDS.index("data") + 1, "world")  # vlprompt world (the generated world, docs/world.md)
 
 
 class _Parser(argparse.ArgumentParser):

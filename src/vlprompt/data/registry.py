@@ -316,7 +316,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
 )
 
 
-
 def _world_spec(ws: WorldSet) -> DatasetSpec:
     return DatasetSpec(
         ws.name,
@@ -403,6 +402,6 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def list_datasets() -> list[str]:
-    """Built-in names for ``get_dataset``: 15 benchmarks, ``demo`` and the ``world-*`` sets (also ``folder:PATH``,
+    """Built-in names for ``get_dataset``: 15 benchmarks, ``demo``, the ``world-*`` sets (and ``folder:PATH``,
     ``csv:PATH``)."""
     return list(SPECS)

@@ -194,12 +194,12 @@ def _position(obj: WorldObject) -> str:
     return "top" if dy < 0 else "bottom"
 
 
-def describe(obj: WorldObject, rng: np.random.Generator, p_colour: float = 0.9) -> str:
+def describe(obj: WorldObject, rng: np.random.Generator, p_colour: float = 0.6) -> str:
     """A noun phrase for one object naming a random subset of its attributes (the shape always)."""
     words = []
     if obj.size != "medium" and rng.random() < 0.35:
         words.append(obj.size)
-    if rng.random() < (0.2 if obj.texture == "plain" else 0.5):
+    if rng.random() < (0.25 if obj.texture == "plain" else 0.6):
         words.append(obj.texture)
     if rng.random() < p_colour:
         words.append(obj.colour)
@@ -261,7 +261,7 @@ def sample_pair(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarr
 
 
 def sample_batch(seed: int, start: int, count: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
-    """Pairs ``start .. start+count-1`` of stream ``seed`` as a ``(count, size, size, 3)`` array + captions."""
+    """Pairs ``start .. start+count-1`` of stream ``seed``: a ``(count, size, size, 3)`` array, captions."""
     pairs = [sample_pair(seed, i, size) for i in range(start, start + count)]
     return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 

@@ -1,4 +1,4 @@
-"""Downstream classification data sets of the generated world (``world-colour-shape``, ``world-texture-shape``).
+"""Classification data sets of the generated world: ``world-colour-shape``, ``world-texture-shape``.
 
 Each set is a fixed list of classes (attribute combinations of :mod:`vlprompt.data.world`) and a
 number of images per class and split; images show one object of the class with every other attribute

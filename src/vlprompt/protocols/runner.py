@@ -60,7 +60,7 @@ def _shared_backbone(cfg: dict[str, Any]) -> Any:
         # a random-init backbone is seeded inside load_backbone (init_seed=0, global RNG untouched),
         # so it does not depend on which process loads it or after which run
         _BACKBONES[key] = load_backbone(bb.get("name"), pretrained=pretrained, device=device)
-        if not pretrained:
+        if _BACKBONES[key].meta.get("source") == "random-init":  # not bundled (vlp-world) weights
             log.warning(
                 "untrained weights: pipeline check only, accuracy is chance (%s random init)", bb.get("name")
             )

@@ -90,7 +90,7 @@ def _load_backbone_from(section: Mapping[str, Any], device: Any = None):
             f"backbone weights file not found: {weights}; pass --weights PATH to a local copy"
         )
     bb = load_backbone(name, pretrained=weights or tag, device=device)
-    if not weights and not tag:
+    if bb.meta.get("source") == "random-init":  # not bundled (vlp-world) weights
         log.warning(UNTRAINED_BANNER)
     return bb
 
