@@ -51,7 +51,7 @@ class Recipe:
 
     arch: str = ARCH
     seed: int = 0  # model init and the world stream
-    steps: int = 720
+    steps: int = 360
     batch_size: int = 64
     lr: float = 3e-3
     min_lr: float = 1e-5

@@ -75,7 +75,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.check:
         b = find_bundled(recipe.arch, None)
         want = b.record.get("sha256") if b else None
-        if want is None or b.record.get("recipe") != record["recipe"]:
+        if want is None or b.record.get("recipe") != json.loads(json.dumps(record["recipe"])):
             raise VlpromptError("no bundled record with this recipe to check against; use the full recipe")
         if sha != want:
             raise VlpromptError(

@@ -1,4 +1,4 @@
-"""Classification data sets of the generated world: ``world-colour-shape``, ``world-texture-shape``.
+"""Classification data sets of the generated world: ``world-colour-shape``, ``world-colour-background``.
 
 Each set is a fixed list of classes (attribute combinations of :mod:`vlprompt.data.world`) and a
 number of images per class and split; images show one object of the class with every other attribute
@@ -40,14 +40,17 @@ class WorldSet:
     counts: tuple[int, int, int]  # images per class: train, val, test
     seed: int
     sizes: tuple[str, ...] = tuple(world.SIZES)  # sizes the object may have
+    joiner: str = " "  # between the two attribute words of a class name ("red circle", "red on black")
 
     @property
     def split_file(self) -> str:
         return f"split_{self.name}.json"
 
 
-def _classes(first: tuple[str, ...], second: tuple[str, ...], seed: int) -> tuple[str, ...]:
-    names = [f"{a} {b}" for a in first for b in second]
+def _classes(
+    first: tuple[str, ...], second: tuple[str, ...], seed: int, joiner: str = " "
+) -> tuple[str, ...]:
+    names = [f"{a}{joiner}{b}" for a in first for b in second]
     order = np.random.default_rng(seed).permutation(len(names))
     return tuple(names[i] for i in order)
 
@@ -65,14 +68,14 @@ WORLD_SETS: dict[str, WorldSet] = {
             seed=1,
         ),
         WorldSet(
-            "world-texture-shape",
-            "World: texture x shape (fine-grained)",
-            ("texture", "shape"),
-            _classes(world.TEXTURES, world.SHAPES, 102),
-            "a photo of a {}.",
+            "world-colour-background",
+            "World: colour x background",
+            ("colour", "background"),
+            _classes(tuple(world.COLOURS), world.BACKGROUNDS, 102, " on "),
+            "a photo of a {} background.",
             (20, 4, 16),
             seed=2,
-            sizes=("medium", "large"),  # a small object's texture is two or three pixels wide
+            joiner=" on ",
         ),
     )
 }
@@ -86,8 +89,9 @@ def _write(ws: WorldSet, dest: Path) -> None:
     img_dir = dest / "images"
     splits: list[list[Datum]] = [[], [], []]
     for label, cname in enumerate(ws.classnames):
-        a, b = cname.split(" ")
+        a, b = cname.split(ws.joiner)
         fixed = dict(zip(ws.attributes, (a, b)))
+        obj_attrs = {k: v for k, v in fixed.items() if k != "background"}
         folder = cname.replace(" ", "_")
         (img_dir / folder).mkdir(parents=True)
         k = 0
@@ -95,7 +99,9 @@ def _write(ws: WorldSet, dest: Path) -> None:
             for _ in range(n):
                 rng = np.random.default_rng([ws.seed, label, k])
                 size = ws.sizes[rng.integers(len(ws.sizes))]
-                scene = world.sample_scene(rng, 1, size=size, **fixed)
+                scene = world.sample_scene(rng, 1, size=size, **obj_attrs)
+                if "background" in fixed:
+                    scene = world.Scene(fixed["background"], scene.objects)
                 rel = f"{folder}/{k:03d}.png"
                 Image.fromarray(world.render(scene, rng)).save(img_dir / rel, format="PNG", compress_level=1)
                 splits[part].append(Datum(str(img_dir / rel), label, cname, rel))
