@@ -150,9 +150,12 @@ def probe_accuracy(model: torch.nn.Module, tokenizer: Any, n: int = 256, seed: i
 
 
 def pretrain(
-    recipe: Recipe, on_step: Callable[[int, float, float], None] | None = None
+    recipe: Recipe, on_step: Callable[[int, float, float], None] | None = None, probe: bool = True
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train the world CLIP from scratch by ``recipe``; returns the fp32 model and a training summary."""
+    """Train the world CLIP from scratch by ``recipe``; returns the fp32 model and a training summary.
+
+    ``probe=False`` skips the zero-shot probe of the summary (it does not change the weights).
+    """
     import open_clip
     from open_clip.loss import ClipLoss
     from open_clip.tokenizer import SimpleTokenizer
@@ -199,7 +202,7 @@ def pretrain(
             summary = {
                 "final_loss": float(np.mean(losses[-20:])),
                 "train_seconds": round(time.perf_counter() - t0, 1),
-                "probe_colour_shape_zero_shot": probe_accuracy(model, tokenizer),
+                "probe_colour_shape_zero_shot": probe_accuracy(model, tokenizer) if probe else None,
             }
     finally:
         torch.set_num_threads(prev_threads)

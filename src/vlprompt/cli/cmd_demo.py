@@ -2,7 +2,7 @@
 
 By default it uses ``vlp-world``, the small CLIP that ships with vlprompt, pretrained by vlprompt on its
 generated world of coloured, textured shapes (docs/world.md).  It evaluates zero-shot CLIP on the
-``world-colour-shape`` data set, trains MPL (default) on the base classes, evaluates base and new
+``world-colour-background`` data set, trains MPL (default) on the base classes, evaluates base and new
 classes, and prints Zero-shot beside the trained method as Base / New / HM.  These are toy-world
 numbers, not CLIP results -- but the backbone is pretrained, so they move for real.
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained weights: pipeline check only, accuracy is chance"
 WORLD_MODEL = "vlp-world"  # pretrained, bundled: the default
-WORLD_DATASET = "world-colour-shape"
+WORLD_DATASET = "world-colour-background"
 RANDOM_MODEL = "vlp-demo"  # 12 layers (MPL's depth 9 fits), width 128, random init: the pipeline check
 RANDOM_DATASET = "demo"
 WORLD_SHOTS = 8

@@ -34,25 +34,28 @@ WORLD_VERSION = 1  # bump when generation changes, so cached sets are regenerate
 class WorldSet:
     name: str
     title: str
-    attributes: tuple[str, str]  # the two object attributes a class fixes, e.g. ("colour", "shape")
-    classnames: tuple[str, ...]  # "<first> <second>", in label order
+    attributes: tuple[str, str]  # what a class fixes, e.g. ("colour", "shape"); "background" is allowed
+    values: tuple[tuple[str, str], ...]  # per label, the two attribute values
+    name_format: str  # class name from the two values: "{} {}" -> "red circle"
     template: str
     counts: tuple[int, int, int]  # images per class: train, val, test
     seed: int
     sizes: tuple[str, ...] = tuple(world.SIZES)  # sizes the object may have
-    joiner: str = " "  # between the two attribute words of a class name ("red circle", "red on black")
 
     @property
     def split_file(self) -> str:
         return f"split_{self.name}.json"
 
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return tuple(self.name_format.format(a, b) for a, b in self.values)
 
-def _classes(
-    first: tuple[str, ...], second: tuple[str, ...], seed: int, joiner: str = " "
-) -> tuple[str, ...]:
-    names = [f"{a}{joiner}{b}" for a in first for b in second]
-    order = np.random.default_rng(seed).permutation(len(names))
-    return tuple(names[i] for i in order)
+
+def _classes(first: tuple[str, ...], second: tuple[str, ...], seed: int) -> tuple[tuple[str, str], ...]:
+    """Every (first, second) pair in a fixed shuffled order (so each half mixes all values)."""
+    pairs = [(a, b) for a in first for b in second]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    return tuple(pairs[i] for i in order)
 
 
 WORLD_SETS: dict[str, WorldSet] = {
@@ -63,6 +66,7 @@ WORLD_SETS: dict[str, WorldSet] = {
             "World: colour x shape",
             ("colour", "shape"),
             _classes(tuple(world.COLOURS), world.SHAPES, 101),
+            "{} {}",
             "a photo of a {}.",
             (20, 4, 16),
             seed=1,
@@ -71,11 +75,11 @@ WORLD_SETS: dict[str, WorldSet] = {
             "world-colour-background",
             "World: colour x background",
             ("colour", "background"),
-            _classes(tuple(world.COLOURS), world.BACKGROUNDS, 102, " on "),
-            "a photo of a {} background.",
+            _classes(tuple(world.COLOURS), world.BACKGROUNDS, 102),
+            "{} on {} background",
+            "a photo of a {}.",
             (20, 4, 16),
             seed=2,
-            joiner=" on ",
         ),
     )
 }
@@ -88,9 +92,8 @@ def world_root(name: str) -> Path:
 def _write(ws: WorldSet, dest: Path) -> None:
     img_dir = dest / "images"
     splits: list[list[Datum]] = [[], [], []]
-    for label, cname in enumerate(ws.classnames):
-        a, b = cname.split(ws.joiner)
-        fixed = dict(zip(ws.attributes, (a, b)))
+    for label, (cname, pair) in enumerate(zip(ws.classnames, ws.values)):
+        fixed = dict(zip(ws.attributes, pair))
         obj_attrs = {k: v for k, v in fixed.items() if k != "background"}
         folder = cname.replace(" ", "_")
         (img_dir / folder).mkdir(parents=True)
