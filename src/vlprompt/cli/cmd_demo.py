@@ -78,9 +78,31 @@ def _is_random(backbone: str | None, args: argparse.Namespace) -> bool:
     return backbone not in bundled_names()
 
 
+def _zero_shot(dataset: str, model: str | None, args: argparse.Namespace) -> tuple[float, float]:
+    """Zero-shot Base and New test accuracy (the hand-crafted template, no learning; no seed involved)."""
+    from vlprompt.backbones import load_backbone
+    from vlprompt.data import build_loader, build_transform, get_dataset, subsample
+    from vlprompt.methods.model import create_model
+    from vlprompt.train.evaluate import evaluate
+    from vlprompt.train.precision import resolve_device
+
+    device = resolve_device(args.device)
+    backbone = load_backbone(model, pretrained=args.weights or args.pretrained, device=device)
+    tf = build_transform(False, **backbone.preprocess_cfg)
+    full = get_dataset(dataset)
+    accs = []
+    for which in ("base", "new"):
+        splits = subsample(full, which)
+        zs = create_model("zeroshot", backbone, list(splits.classnames), template=splits.template)
+        accs.append(
+            evaluate(zs, build_loader(splits.test, tf, 256, shuffle=False), device=device)["accuracy"]
+        )
+    return accs[0], accs[1]
+
+
 def run(args: argparse.Namespace) -> int:
     from vlprompt.protocols.grid import plan_grid
-    from vlprompt.protocols.report import base2new_summary, build_report, collect_runs
+    from vlprompt.protocols.report import base2new_summary, build_report, collect_runs, harmonic_mean
     from vlprompt.protocols.runner import run_grid, summarize
 
     t0 = time.perf_counter()
@@ -108,10 +130,9 @@ def run(args: argparse.Namespace) -> int:
         f"{shots} shots, seed {args.seed}"
     )
     out = Path(args.out)
-    methods = ["zeroshot", args.method] if args.method != "zeroshot" else ["zeroshot"]
     specs = plan_grid(
         "base2new",
-        methods,
+        [args.method],
         [spec.name],
         [args.seed],
         out / "runs",
@@ -123,12 +144,13 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         device=args.device,
     )
-    trained = [s for s in specs if s.cfg["method"] == args.method][0]
+    trained = specs[0]
     train = trained.cfg["train"]
     print(
         f"method: {args.method} (preset recipe: {train.get('epochs')} epochs, "
         f"batch {train.get('batch_size')}, lr {train.get('lr')}) beside zero-shot"
     )
+    zero_shot = _zero_shot(spec.name, model, args)
     results = run_grid(specs, progress=not args.no_progress)
     print(summarize(results))
     failed = [r for r in results if not r.ok]
@@ -139,14 +161,15 @@ def run(args: argparse.Namespace) -> int:
     report = build_report(out / "runs", out / "report")
     records = [r for r in collect_runs(out / "runs") if r.protocol == "base2new" and r.dataset == spec.name]
     print()
-    print(f"{'method':<12} {'data set':<20} {'Base':>7} {'New':>7} {'HM':>7}")
-    for method in methods:
-        rows, _ = base2new_summary([r for r in records if r.method == method])
-        for row in rows:
-            if row.base is not None and row.new is not None:
-                print(
-                    f"{method:<12} {row.dataset:<20} {row.base.mean:7.2f} {row.new.mean:7.2f} {row.hm:7.2f}"
-                )
+    print(f"{'method':<12} {'data set':<24} {'Base':>7} {'New':>7} {'HM':>7}")
+    b, n = zero_shot
+    print(f"{'zero-shot':<12} {spec.name:<24} {b:7.2f} {n:7.2f} {harmonic_mean(b, n):7.2f}")
+    rows, _ = base2new_summary([r for r in records if r.method == args.method])
+    for row in rows:
+        if row.base is not None and row.new is not None:
+            print(
+                f"{args.method:<12} {row.dataset:<24} {row.base.mean:7.2f} {row.new.mean:7.2f} {row.hm:7.2f}"
+            )
     half = spec.num_classes - spec.num_classes // 2
     print(f"(chance: {100 / half:.1f}% on each half)")
     print(f"\nreport: {report.markdown}  ({len(report.plots)} plots, {len(report.csvs)} CSV tables)")
