@@ -136,7 +136,10 @@ class Backbone(nn.Module):
         size = size[0] if isinstance(size, (tuple, list)) else size
         mean = getattr(self.clip.visual, "image_mean", None) or OPENAI_MEAN
         std = getattr(self.clip.visual, "image_std", None) or OPENAI_STD
-        return {"size": int(size), "mean": tuple(mean), "std": tuple(std), "interpolation": "bicubic"}
+        cfg = {"size": int(size), "mean": tuple(mean), "std": tuple(std), "interpolation": "bicubic"}
+        if self.meta.get("train_crop_scale"):  # a bundled backbone's own choice (vlp-world: docs/world.md)
+            cfg["scale"] = tuple(self.meta["train_crop_scale"])
+        return cfg
 
     # ------------------------------------------------------------------ provenance / export
     def describe(self) -> dict[str, Any]:

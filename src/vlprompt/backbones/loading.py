@@ -413,7 +413,8 @@ def load_backbone(
     Args:
         name: open_clip architecture name (``ViT-B-16``, ``ViT-B-32-quickgelu``, ``vlp-tiny`` ...), or a
             path to a local checkpoint.  May be ``None`` when ``pretrained`` is a file (inferred).
-        pretrained: ``None`` (random init), an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``)
+        pretrained: ``None`` (random init; the shipped weights for a bundled name such as ``vlp-world``),
+            an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``)
             or a path to a local checkpoint file.
         quick_gelu: override the activation choice (see module docstring).
         device: where to put the model (default CPU).
@@ -423,10 +424,16 @@ def load_backbone(
     import open_clip
 
     from vlprompt.backbones.backbone import Backbone
+    from vlprompt.backbones.bundled import TAG as BUNDLED_TAG
+    from vlprompt.backbones.bundled import build_bundled, find_bundled
 
     _register_configs()
     if name is not None and pretrained is None and (os.sep in str(name) or Path(str(name)).suffix):
         name, pretrained = None, name  # a path passed as the name
+    bundled = find_bundled(name, pretrained)  # weights shipped in the package (vlp-world)
+    if bundled is not None:
+        model, meta = build_bundled(bundled)
+        return Backbone(model, name=name, pretrained=BUNDLED_TAG, meta=meta).to(device or "cpu")
     path = Path(pretrained) if pretrained is not None else None
     looks_like_path = pretrained is not None and (
         os.sep in str(pretrained) or path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}

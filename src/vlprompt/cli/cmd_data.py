@@ -40,7 +40,7 @@ def _verify(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{k} {len(getattr(splits, k)):,}" for k in ("train", "val", "test"))
         print(f"{args.dataset}: OK\n  counts: {counts}\n  {len(splits.classnames)} classes")
         return 0
-    if args.dataset != "demo" and not custom and not args.root:
+    if args.dataset != "demo" and not args.dataset.startswith("world-") and not custom and not args.root:
         raise VlpromptError("data verify needs --root DIR (the folder that holds the data set folders)")
     report = verify_dataset(args.dataset, args.root, check_images=args.check_images)
     print(report.format())

@@ -27,6 +27,7 @@ COMMANDS = [
     "import",
     "config",
     "data",
+    "world",
     "bench",
     "methods",
     "inspect",

@@ -16,6 +16,7 @@ from vlprompt.data.demo import ensure_demo
 from vlprompt.data.images import drop_unreadable, is_image_file
 from vlprompt.data.registry import DatasetSpec, canonical_name, get_spec
 from vlprompt.data.splits import DatasetSplits, Datum, drop_missing, read_split, validate_classes
+from vlprompt.data.worldsets import ensure_world
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def read_items(
     """
     check_listing(listing)
     img = image_dir(spec, ddir)
-    if spec.kind in ("split", "demo"):
+    if spec.kind in ("split", "demo", "world"):
         split_path = ddir / spec.split_file
         if not split_path.is_file():
             raise VlpromptError(f"split file not found: {split_path}; " + spec.howto.format(root=base))
@@ -271,8 +272,8 @@ def get_dataset(
         splits = load_custom(*custom, skip_bad=skip_bad)
     else:
         spec = get_spec(canonical_name(name))
-        if spec.kind == "demo":
-            ddir = ensure_demo()
+        if spec.kind in ("demo", "world"):
+            ddir = ensure_demo() if spec.kind == "demo" else ensure_world(spec.name)
             base = ddir
         else:
             base = resolve_root(root)

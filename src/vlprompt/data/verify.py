@@ -110,15 +110,16 @@ def verify_dataset(name: str, root: str | os.PathLike | None, check_images: bool
     report = VerifyReport(name=spec.title, root=str(root), source=spec.source)
     report.howto = spec.howto.format(root=root)  # refined below once the root resolves
     try:
-        base = resolve_root(root) if spec.kind != "demo" else Path()
+        generated = spec.kind in ("demo", "world")
+        base = resolve_root(root) if not generated else Path()
         report.root = str(base)
         report.howto = spec.howto.format(root=base)
-        if spec.kind == "demo":
-            splits = get_dataset("demo")
+        if generated:
+            splits = get_dataset(spec.name)
             report.root = splits.root
             parts = {s: getattr(splits, s) for s in SPLITS}
             _check_counts(report, spec, {s: len(v) for s, v in parts.items()})
-            _check_items(report, parts, check_images, "split_demo.json")
+            _check_items(report, parts, check_images, spec.split_file)
             return report
         ddir = dataset_dir(spec, base)
     except VlpromptError as e:

@@ -1,0 +1,113 @@
+"""Backbone weights that ship inside the package, loaded by name (``load_backbone("vlp-world")``).
+
+``vlp-world`` is a small CLIP that vlprompt pretrained itself on its generated world
+(:mod:`vlprompt.backbones.pretrain`, docs/world.md).  It is *not* CLIP: it knows coloured, textured
+shapes and nothing else, but it is pretrained, so prompt learning on the ``world-*`` data sets moves
+accuracies that mean something.  Its pretrained tag is ``bundled``; ``weights/<name>.json`` records the
+recipe, the command that reproduces the file and the file's sha256, which is checked on every load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlprompt.errors import VlpromptError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+TAG = "bundled"
+
+
+@dataclass(frozen=True)
+class Bundled:
+    name: str
+    file: Path
+    record: dict[str, Any]  # the JSON next to the file: recipe, sha256, command, measured numbers
+
+
+def bundled_names() -> list[str]:
+    """Architectures with weights in the package (each loads pretrained when no tag or file is given)."""
+    return sorted(
+        p.stem for p in WEIGHTS_DIR.glob("*.safetensors") if (WEIGHTS_DIR / f"{p.stem}.json").is_file()
+    )
+
+
+def find_bundled(name: str | None, pretrained: Any) -> Bundled | None:
+    """The bundled weights ``load_backbone(name, pretrained)`` should use, or None for the usual paths.
+
+    A bundled name with ``pretrained`` None or ``"bundled"`` gets its shipped weights; any other tag for
+    it is refused in one line (no other weights exist for these architectures).
+    """
+    if name is None or name not in bundled_names():
+        return None
+    if pretrained is not None and str(pretrained) != TAG:
+        p = Path(str(pretrained))
+        if p.suffix or "/" in str(pretrained) or "\\" in str(pretrained):
+            return None  # a local file: the usual path
+        raise VlpromptError(
+            f"unknown pretrained tag '{pretrained}' for {name}; its only weights are the bundled ones "
+            f"(pretrained='{TAG}', or leave it out)"
+        )
+    file = WEIGHTS_DIR / f"{name}.safetensors"
+    record = json.loads((WEIGHTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    return Bundled(name, file, record)
+
+
+@lru_cache(maxsize=4)
+def _verified(path: str, sha256: str) -> bool:
+    from vlprompt.backbones.pretrain import sha256_file
+
+    return sha256_file(path) == sha256
+
+
+def read_bundled_state_dict(b: Bundled) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict: the compact token table is expanded into zeros (unused tokens)."""
+    from safetensors.torch import load_file
+
+    from vlprompt.backbones.pretrain import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY
+
+    if not _verified(str(b.file), b.record.get("sha256", "")):
+        raise VlpromptError(
+            f"bundled weights {b.file} do not match their recorded sha256; reinstall vlprompt "
+            f"(or rebuild them: {b.record.get('command', 'vlprompt world pretrain')})"
+        )
+    sd = load_file(str(b.file))
+    ids, rows = sd.pop(COMPACT_IDS), sd.pop(COMPACT_ROWS)
+    vocab = int(b.record["config"]["text_cfg"]["vocab_size"])
+    table = torch.zeros(vocab, rows.shape[1], dtype=torch.float32)
+    table[ids] = rows.float()
+    sd[EMBED_KEY] = table
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def build_bundled(b: Bundled) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The open_clip CLIP with the bundled weights, plus the backbone meta (says: pretrained, by whom)."""
+    from open_clip.model import CLIP
+
+    cfg = dict(b.record["config"])
+    model = CLIP(**{k: v for k, v in cfg.items() if k != "quick_gelu"}, quick_gelu=False)
+    missing, unexpected = model.load_state_dict(read_bundled_state_dict(b), strict=False)
+    missing = [k for k in missing if not k.endswith("attn_mask")]
+    if missing or unexpected:
+        raise VlpromptError(
+            f"bundled weights {b.file} do not fit {b.name} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); reinstall vlprompt"
+        )
+    meta = {
+        "source": str(b.file),
+        "format": "vlprompt-bundled",
+        "config": {**cfg, "quick_gelu": False},
+        "quick_gelu": False,
+        "random_init": False,
+        "pretrained_on": b.record.get("pretrained_on"),
+        "sha256": b.record.get("sha256"),
+        # 32-px images whose objects fill 10-40% of the frame: CoOp's (0.08, 1) crops would mostly
+        # cut the object out, so training crops keep at least half the image (ours; docs/world.md)
+        "train_crop_scale": (0.5, 1.0),
+    }
+    return model, meta

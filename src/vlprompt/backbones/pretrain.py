@@ -1,0 +1,287 @@
+"""Pretrain the bundled ``vlp-world`` CLIP on the generated world, bit-for-bit reproducibly on a CPU.
+
+open_clip's own pieces do the modelling: the ``vlp-world`` architecture is an open_clip model config,
+the model is ``open_clip.create_model``'s CLIP, the loss is ``open_clip.loss.ClipLoss`` and the tokenizer
+is open_clip's ``SimpleTokenizer``.  Our loop replaces open_clip's training entry point (which wants
+webdataset/CSV shards and a distributed launcher) with one that draws image-caption pairs straight from
+:mod:`vlprompt.data.world` by index, so a run depends only on the recipe (seed included).
+
+Reproducibility: the recipe fixes the torch thread count and enables deterministic algorithms; the
+data stream is ``world.sample_batch(seed, step * batch, batch)``; nothing reads a clock or the global
+RNG state left by someone else.  Same recipe + same torch build + same CPU kind -> same bytes, which
+``vlprompt world pretrain --check`` verifies against the recorded sha256.
+
+The checkpoint is compact: weights in fp16, and of the 49,408-row token table only the rows of tokens
+the world's text can produce are stored (``token_ids`` + ``token_rows``); the loader puts them back into
+a zero table (:mod:`vlprompt.backbones.bundled`).  Tokens that never occur were never trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlprompt.data import world
+from vlprompt.errors import VlpromptError
+
+log = logging.getLogger(__name__)
+
+ARCH = "vlp-world"
+RECIPE_KEY = "vlprompt_world_recipe"
+COMPACT_IDS = "token_ids"
+COMPACT_ROWS = "token_rows"
+EMBED_KEY = "token_embedding.weight"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the checkpoint (stored in its metadata)."""
+
+    arch: str = ARCH
+    seed: int = 0  # model init and the world stream
+    steps: int = 360
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    threads: int = 1  # one thread: bit-for-bit across machines, and fastest on a shared CPU
+    image_size: int = world.IMAGE_SIZE
+
+
+RECIPES: dict[str, Recipe] = {
+    "full": Recipe(),
+    "short": Recipe(steps=8, warmup_steps=3),  # a reproducibility check in about a minute
+}
+
+
+def _lr_at(r: Recipe, step: int) -> float:
+    if step < r.warmup_steps:
+        return r.lr * (step + 1) / r.warmup_steps
+    t = (step - r.warmup_steps) / max(1, r.steps - r.warmup_steps)
+    return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def world_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids the world's captions, class names and templates can produce (plus start/end/padding)."""
+    ids = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
+    for w in [*world.vocabulary(), ".", ":", ","]:
+        ids.update(tokenizer.encode(w))
+    return sorted(ids)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> normalised float ``(N, 3, H, W)``, as the eval transform does it."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _param_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
+    """open_clip's split: no decay on gains, biases, embeddings, logit scale (all <2-D tensors + tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def _train_with_compact_table(model: torch.nn.Module, tokenizer: Any) -> torch.Tensor:
+    """Swap the 49,408-row token table for the world's rows; returns the id -> row lookup table.
+
+    Equivalent to training the full table (rows of tokens that never occur get no gradient and no
+    weight decay) at a fraction of the optimizer's cost.  Ids are kept in order, so the end-of-text
+    token is still the largest id and open_clip's argmax pooling finds the same position.
+    """
+    ids = torch.tensor(world_token_ids(tokenizer))
+    full = model.token_embedding
+    lut = torch.zeros(full.num_embeddings, dtype=torch.long)
+    lut[ids] = torch.arange(len(ids))
+    compact = torch.nn.Embedding(len(ids), full.embedding_dim)
+    compact.weight.copy_(full.weight[ids])
+    model.token_embedding = compact
+    return lut
+
+
+@torch.no_grad()
+def _restore_full_table(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Back to the full table: trained rows in place, zeros for tokens the world never produces."""
+    ids = torch.tensor(world_token_ids(tokenizer))
+    compact = model.token_embedding
+    vocab = int(model.vocab_size)
+    full = torch.nn.Embedding(vocab, compact.embedding_dim)
+    full.weight.zero_()
+    full.weight[ids] = compact.weight
+    model.token_embedding = full
+
+
+@torch.no_grad()
+def probe_accuracy(model: torch.nn.Module, tokenizer: Any, n: int = 256, seed: int = 12345) -> float:
+    """Zero-shot colour-shape accuracy on ``n`` fresh single-object scenes (64-way; a training monitor)."""
+    rng = np.random.default_rng(seed)
+    names = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
+    labels = rng.integers(len(names), size=n)
+    imgs = []
+    for y in labels:
+        c, s = names[y].split(" ")
+        imgs.append(world.render(world.sample_scene(rng, 1, colour=c, shape=s), rng))
+    was = model.training
+    model.eval()
+    img = model.encode_image(images_to_tensor(np.stack(imgs)), normalize=True)
+    txt = model.encode_text(tokenizer([f"a photo of a {c}." for c in names]), normalize=True)
+    model.train(was)
+    return float(((img @ txt.T).argmax(1).numpy() == labels).mean() * 100)
+
+
+def pretrain(
+    recipe: Recipe, on_step: Callable[[int, float, float], None] | None = None, probe: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the world CLIP from scratch by ``recipe``; returns the fp32 model and a training summary.
+
+    ``probe=False`` skips the zero-shot probe of the summary (it does not change the weights).
+    """
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from vlprompt.backbones.loading import _register_configs  # noqa: F401  (same package)
+
+    _register_configs()
+    cfg = open_clip.get_model_config(recipe.arch)
+    if cfg is None:
+        raise VlpromptError(f"unknown architecture {recipe.arch!r} in the pretraining recipe")
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(recipe.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            model = open_clip.create_model(recipe.arch, pretrained=None)
+            tokenizer = SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+            loss_fn = ClipLoss()
+            lut = _train_with_compact_table(model, tokenizer)
+            opt = torch.optim.AdamW(
+                _param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps
+            )
+            model.train()
+            t0 = time.perf_counter()
+            losses = []
+            for step in range(recipe.steps):
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(recipe, step)
+                imgs, caps = world.sample_batch(recipe.seed, step * recipe.batch_size, recipe.batch_size)
+                image_features, text_features, scale = model(images_to_tensor(imgs), lut[tokenizer(caps)])
+                loss = loss_fn(image_features, text_features, scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step, losses[-1], time.perf_counter() - t0)
+            _restore_full_table(model, tokenizer)
+            model.eval()
+            summary = {
+                "final_loss": float(np.mean(losses[-20:])),
+                "train_seconds": round(time.perf_counter() - t0, 1),
+                "probe_colour_shape_zero_shot": probe_accuracy(model, tokenizer) if probe else None,
+            }
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+    return model, summary
+
+
+def compact_state_dict(model: torch.nn.Module, tokenizer: Any) -> dict[str, torch.Tensor]:
+    """fp16 weights with the token table cut down to the world's rows (see the module docstring)."""
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    sd.pop("attn_mask", None)
+    ids = torch.tensor(world_token_ids(tokenizer), dtype=torch.int64)
+    table = sd.pop(EMBED_KEY)
+    sd[COMPACT_IDS] = ids
+    sd[COMPACT_ROWS] = table[ids].contiguous()
+    return sd
+
+
+def save_checkpoint(model: torch.nn.Module, recipe: Recipe, path: str | Path) -> str:
+    """Write the compact checkpoint with the recipe in its metadata; returns its sha256."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+    from safetensors.torch import save_file
+
+    from vlprompt.backbones.loading import METADATA_KEY
+    from vlprompt.utils import atomic_write
+
+    cfg = open_clip.get_model_config(recipe.arch)
+    tokenizer = SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+    meta = {
+        METADATA_KEY: json.dumps({**cfg, "quick_gelu": False}, sort_keys=True),
+        RECIPE_KEY: json.dumps(asdict(recipe), sort_keys=True),
+    }
+    atomic_write(str(path), lambda tmp: save_file(compact_state_dict(model, tokenizer), tmp, metadata=meta))
+    return sha256_file(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def recipe_from_name(name: str, **overrides: Any) -> Recipe:
+    if name not in RECIPES:
+        raise VlpromptError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    r = asdict(RECIPES[name])
+    r.update({k: v for k, v in overrides.items() if v is not None})
+    r["betas"] = tuple(r["betas"])
+    return Recipe(**r)
+
+
+def record_for(recipe: Recipe, sha256: str, summary: dict[str, Any], recipe_name: str) -> dict[str, Any]:
+    """The JSON record written beside a checkpoint: what reproduces it and what it was measured to do."""
+    import platform
+
+    import open_clip
+
+    cfg = open_clip.get_model_config(recipe.arch)
+    flags = "" if recipe_name == "full" else f" --recipe {recipe_name}"
+    defaults = asdict(RECIPES[recipe_name])
+    for k in ("seed", "steps"):
+        if getattr(recipe, k) != defaults[k]:
+            flags += f" --{k} {getattr(recipe, k)}"
+    return {
+        "name": recipe.arch,
+        "sha256": sha256,
+        "command": f"vlprompt world pretrain --out {recipe.arch}.safetensors{flags}",
+        "recipe": asdict(recipe),
+        "config": {**cfg, "quick_gelu": False},
+        "pretrained_on": "vlprompt's generated world (vlprompt.data.world): not CLIP, not natural images",
+        "summary": summary,
+        "built_with": {
+            "torch": torch.__version__,
+            "open_clip": getattr(open_clip, "__version__", None),
+            "numpy": np.__version__,
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
