@@ -134,7 +134,8 @@ def test_prompt_parameters_must_be_fp32(backbone) -> None:
 
 
 def test_bad_data_and_settings_are_one_line_errors(backbone) -> None:
-    with pytest.raises(VlpromptError, match="train.image_features_cache='on' is invalid; choose one of: off, eval, train"):
+    msg = "train.image_features_cache='on' is invalid; choose one of: off, eval, train"
+    with pytest.raises(VlpromptError, match=msg):
         fit(_model(backbone), _data(3), _cfg(image_features_cache="on"), None, progress=False)
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 3))
     for data in ([], empty, torch.utils.data.DataLoader(empty, batch_size=3)):
@@ -148,7 +149,8 @@ def test_non_finite_loss_stops_with_advice(backbone) -> None:
     model = _model(backbone)
     with torch.no_grad():
         model.method.ctx.fill_(float("nan"))
-    with pytest.raises(VlpromptError, match=r"training diverged at epoch 1, step 1: the loss became nan; lower train.lr \(now"):
+    msg = r"training diverged at epoch 1, step 1: the loss became nan; lower train.lr \(now"
+    with pytest.raises(VlpromptError, match=msg):
         fit(model, _data(3), CFG, None, progress=False)
 
 

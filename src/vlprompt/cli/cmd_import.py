@@ -47,9 +47,9 @@ def _classnames(args: argparse.Namespace) -> tuple[list[str], str | None, str | 
 def _run(args: argparse.Namespace) -> int:
     from vlprompt.backbones import load_backbone
     from vlprompt.run.backbone import portable_section
+    from vlprompt.run.dassl_import import build_model, import_checkpoint, write_prompt_dir
     from vlprompt.run.layout import LOCAL, RunDir
     from vlprompt.train.config import BackboneConfig
-    from vlprompt.run.dassl_import import build_model, import_checkpoint, write_prompt_dir
 
     out = Path(args.out)
     if out.exists() and RunDir(out).manifest() is not None and not args.force:

@@ -48,7 +48,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     from vlprompt.train.loggers import make_loggers
 
-    loggers = make_loggers(getattr(args, "log_to", None), args.out, cfg.to_dict())  # TensorBoard / W&B (optional)
+    # TensorBoard / W&B (optional)
+    loggers = make_loggers(getattr(args, "log_to", None), args.out, cfg.to_dict())
     try:
         res = train_run(
             cfg,

@@ -9,6 +9,7 @@ directory and a one-line reason and does not stop the others.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -120,7 +121,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if not isinstance(exc, VlpromptError) else first
 
 
-def record_failure(run_dir: str | Path, reason: str) -> None:
+def record_failure(run_dir: str | os.PathLike, reason: str) -> None:
     """The one-line error the report shows, kept in the run directory (never creates the folder)."""
     from vlprompt.run import RunDir
 

@@ -165,7 +165,8 @@ class RunDir:
     def record_failure(self, reason: str) -> None:
         """``failed.json``: the one-line error a report shows (only in a folder that already exists)."""
         if self.path.is_dir():
-            atomic_write_json(self.path / FAILED, {"error": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            atomic_write_json(self.path / FAILED, {"error": reason, "time": stamp})
 
     def clear_failure(self) -> None:
         (self.path / FAILED).unlink(missing_ok=True)
