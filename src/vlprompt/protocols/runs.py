@@ -125,9 +125,30 @@ def _build_splits(data: Mapping[str, Any], subsample: str | None = None, fewshot
 
 def _eval_loader(splits, backbone, batch_size: int, num_workers: int):
     from vlprompt.data import build_loader, build_transform
+    from vlprompt.data.image_cache import cached_eval_loader
 
+    cached = cached_eval_loader(  # decode once per data set/split/transform, shared by every run
+        splits.test, backbone.preprocess_cfg, batch_size, dataset=splits.name,
+        split=f"test/{splits.subsample}", device=backbone.device, num_workers=num_workers,
+    )  # fmt: skip
+    if cached is not None:
+        return cached
     tf = build_transform(False, **backbone.preprocess_cfg)
     return build_loader(splits.test, tf, batch_size, shuffle=False, num_workers=num_workers, seed=0)
+
+
+def _train_data(splits, backbone, train: Mapping[str, Any], num_workers: int):
+    """Few-shot training images decoded once (augmentation unchanged: it runs per step on the same
+    pixels); the items as they are for full training splits or the frozen-feature training mode."""
+    if not splits.shots or str(train.get("image_features_cache", "off")) == "train":
+        return splits.train
+    from vlprompt.data import build_transform
+    from vlprompt.data.image_cache import cached_train_dataset
+
+    tf = build_transform(True, **backbone.preprocess_cfg)  # the trainer's own training transform
+    split = f"train/shots{splits.shots}-seed{splits.seed}/{splits.subsample}"
+    ds = cached_train_dataset(splits.train, tf, dataset=splits.name, split=split, workers=max(1, num_workers))
+    return splits.train if ds is None else ds
 
 
 def _entry(res: Mapping[str, Any], *, dataset, subsample, epoch, seed, shots, method) -> dict[str, Any]:
@@ -275,7 +296,7 @@ def train_run(
     )
     result = fit(
         model,
-        splits.train,
+        _train_data(splits, backbone, train, int(data.get("num_workers", 0))),
         cfg,
         out,
         resume=resume and not force,
