@@ -304,6 +304,11 @@ def train_run(
         progress=progress,
         stop_after_epoch=stop_after_epoch,
     )
+    if main:  # which attention implementation "auto" measured and used, per shape class
+        from vlprompt.engine import attention_choices
+
+        env = {**_read_json(out / "env.json"), "attention": attention_choices()}
+        atomic_write_json(out / "env.json", env)
     if result["stopped"]:
         return {"run_dir": str(out), "status": "stopped", "evaluation": None, "evaluations": []}
     if not main:  # rank 0 evaluated and writes the results; report what it wrote
