@@ -100,3 +100,21 @@ def test_jobs_per_device_slots_threads_and_memory():
     assert P.memory_fraction(["0", "0", "0", "1"], "0") == pytest.approx(1 / 3)
     with pytest.raises(VlpromptError, match="omit --jobs"):
         P.run_grid_parallel([], jobs=3, devices=["0", "1"], jobs_per_device=2, progress=False)
+
+
+@pytest.mark.slow
+def test_jobs_per_device_report_equals_one_job_at_a_time(tmp_path, capsys):
+    """Real training on the CPU: two jobs sharing the device (threads split) give the one-job report."""
+    from fakeruns import demo_grid_argv
+
+    from vlprompt.cli.main import main
+
+    def report(out: Path, *extra: str) -> str:
+        assert main(demo_grid_argv(out, "1,2", *extra)) == 0
+        printed = capsys.readouterr().out
+        assert "2 runs: 2 done, 0 skipped (complete), 0 failed" in printed
+        return (out / "report" / "report.md").read_text().replace(str(out), "RUNS")
+
+    shared = report(tmp_path / "k2", "--jobs-per-device", "2")
+    single = report(tmp_path / "j1", "--jobs", "1")
+    assert shared == single and "| Demo" in shared
