@@ -102,3 +102,23 @@ def test_model_default_is_auto_and_recorded(fresh):
         assert torch.allclose(auto(images), sdpa(images), atol=1e-4)
     classes = A.attention_choices()["choices"]
     assert any("|L50|" in k or "|L52|" in k for k in classes), classes  # vlp-tiny image tokens (+ prompts)
+
+
+def test_probe_inside_activation_checkpointing(fresh):
+    """The first call of a shape class inside a checkpointed block probes (with its own backward) without
+    re-entering the block's recomputation; gradients equal the fixed-SDPA model's."""
+    import torch.nn.functional as F
+
+    from vlprompt.backbones import load_backbone
+    from vlprompt.methods import create_model
+
+    bb = load_backbone("vlp-tiny")
+    x, y = torch.randn(2, 3, 224, 224), torch.tensor([0, 1])
+    grads = {}
+    for attn in ("auto", "sdpa"):
+        torch.manual_seed(0)
+        m = create_model("maple", bb, ["cat", "dog", "bird"], depth=2, checkpoint_text=True, attention=attn)
+        F.cross_entropy(m(x), y).backward()
+        grads[attn] = [p.grad.clone() for _, p in m.trainable_parameters()]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads["auto"], grads["sdpa"]))
+    assert any("|grad|" in k for k in A.attention_choices()["choices"])

@@ -112,7 +112,7 @@ def plain_attention(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContex
 
 ENV_FORCE = "VLPROMPT_ATTENTION"
 _CHOICES: dict[str, dict[str, Any]] = {}  # shape class -> {"choice", "sdpa_ms", "plain_ms", "source"}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 
 
 def _mask_kind(ctx: AttnContext, length: int) -> str:
@@ -218,7 +218,10 @@ def probe(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> dict
 
         return fn
 
-    with torch.no_grad() if not grad else contextlib.nullcontext():
+    # identity saved-tensor hooks: inside a checkpointed block the probe's own backward must not
+    # trigger the block's recomputation
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with torch.no_grad() if not grad else contextlib.nullcontext(), hooks:
         sdpa_ms, plain_ms = _time(run("sdpa"), x.device), _time(run("plain"), x.device)
     return {
         "choice": "sdpa" if sdpa_ms <= plain_ms else "plain",
