@@ -70,3 +70,14 @@ def test_quick_suite_runs_and_labels_dpl(tmp_path):
     md = mpath.read_text()
     assert "dpl (reconstructed)" in md and "What was extrapolated" in md and "Whole suite" in md
     assert jpath.name == "suite-quick.json"
+
+
+def test_bench_rows_of_dpl_are_labelled_reconstructed():
+    from vlprompt.bench import harness
+    from vlprompt.methods import get_method
+
+    rows = harness.label_reconstructed([{"method": "dpl"}, {"method": "mpl"}, {"method": "dpl-text"}])
+    assert rows[0]["reconstructed"] is True and rows[0]["note"] == get_method("dpl").reconstruction_note
+    assert "reconstructed" not in rows[1] and "note" not in rows[1]
+    assert rows[2]["reconstructed"] is True
+    assert harness._method_cell(rows[0]) == "dpl (reconstructed)" and harness._method_cell(rows[1]) == "mpl"

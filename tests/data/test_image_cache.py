@@ -19,8 +19,12 @@ from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
 from vlprompt.train.evaluate import evaluate
 
-PRE = {"size": 32, "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
-       "interpolation": "bicubic"}  # fmt: skip
+PRE = {
+    "size": 32,
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+}
 
 
 @pytest.fixture()
@@ -182,11 +186,29 @@ def test_a_run_trained_and_evaluated_through_the_cache_equals_one_without(monkey
 
     def train(out, cache):
         monkeypatch.setenv("VLPROMPT_IMAGE_CACHE", cache)
-        argv = ["train", "--method", "coop", "--dataset", "demo", "--shots", "2", "--model", "vlp-tiny",
-                "--epochs", "2", "--set", "train.batch_size=4", "--out", str(out), "--no-progress"]  # fmt: skip
+        argv = [
+            "train",
+            "--method",
+            "coop",
+            "--dataset",
+            "demo",
+            "--shots",
+            "2",
+            "--model",
+            "vlp-tiny",
+            "--epochs",
+            "2",
+            "--set",
+            "train.batch_size=4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
         assert main(argv) == 0
         capsys.readouterr()
         metrics = json.loads((out / "metrics.json").read_text())["evaluations"]
+        attention = json.loads((out / "env.json").read_text())["attention"]  # what attention="auto" chose
+        assert attention["mode"] == "auto" and attention["choices"]
         return load_file(out / "prompt.safetensors"), metrics
 
     cached_prompt, cached_metrics = train(tmp_path / "a", str(tmp_path / "cache"))

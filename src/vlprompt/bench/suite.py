@@ -57,8 +57,9 @@ class SuiteConfig:
     @classmethod
     def quick_config(cls, **over: Any) -> SuiteConfig:
         """vlp-tiny, tiny class counts, one repeat: a smoke test (seconds)."""
-        base: dict[str, Any] = dict(model="vlp-tiny", classes=(5, 20), repeats=1, warmup=1, eval_images=4,
-                                    eval_batch=2, quick=True)  # fmt: skip
+        base: dict[str, Any] = dict(
+            model="vlp-tiny", classes=(5, 20), repeats=1, warmup=1, eval_images=4, eval_batch=2, quick=True
+        )
         base.update(over)
         return cls(**base)
 
@@ -75,8 +76,20 @@ def plan_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     from vlprompt.data import get_spec
     from vlprompt.protocols.grid import plan_grid
 
-    specs = plan_grid(cfg.protocol, cfg.methods, cfg.datasets, cfg.seeds, "/nonexistent/suite-plan",
-                      shots=cfg.shots, model=cfg.model)  # fmt: skip
+    datasets = cfg.datasets
+    if datasets is None and cfg.protocol in ("base2new", "fewshot"):
+        from vlprompt.data import BENCHMARKS
+
+        datasets = list(BENCHMARKS)  # the papers' 11 data sets
+    specs = plan_grid(
+        cfg.protocol,
+        cfg.methods,
+        datasets,
+        cfg.seeds,
+        "/nonexistent/suite-plan",
+        shots=cfg.shots,
+        model=cfg.model,
+    )
     rows = []
     for s in specs:
         dspec = get_spec(s.dataset)
@@ -92,14 +105,29 @@ def plan_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
             t = get_spec(e.dataset)
             tc = (t.counts or (0, 0, 0))[2]
             c = _n_classes(t, e.subsample)
-            evals.append({"dataset": e.dataset, "subsample": e.subsample, "classes": c,
-                          "images": int(round(tc * c / max(1, t.num_classes)))})  # fmt: skip
-        rows.append({
-            "method": s.method, "dataset": s.dataset, "seed": s.seed, "shots": s.shots,
-            "classes": c_train, "train_images": n_train, "batch": batch, "epochs": int(train["epochs"]),
-            "steps": int(train["epochs"]) * steps_per_epoch, "eval_batch": int(train["eval_batch_size"]),
-            "evaluations": evals,
-        })  # fmt: skip
+            evals.append(
+                {
+                    "dataset": e.dataset,
+                    "subsample": e.subsample,
+                    "classes": c,
+                    "images": int(round(tc * c / max(1, t.num_classes))),
+                }
+            )
+        rows.append(
+            {
+                "method": s.method,
+                "dataset": s.dataset,
+                "seed": s.seed,
+                "shots": s.shots,
+                "classes": c_train,
+                "train_images": n_train,
+                "batch": batch,
+                "epochs": int(train["epochs"]),
+                "steps": int(train["epochs"]) * steps_per_epoch,
+                "eval_batch": int(train["eval_batch_size"]),
+                "evaluations": evals,
+            }
+        )
     return rows
 
 
@@ -143,8 +171,15 @@ def measure_costs(cfg: SuiteConfig, backbone: Any, device: torch.device) -> dict
     """Per method: training step seconds at ``cfg.classes`` and evaluation seconds per image."""
     from vlprompt.bench.harness import BenchConfig, bench_eval, bench_train
 
-    bc = BenchConfig(model=cfg.model, repeats=cfg.repeats, warmup=cfg.warmup, eval_images=cfg.eval_images,
-                     eval_batch=cfg.eval_batch, profile=False, device=str(device))  # fmt: skip
+    bc = BenchConfig(
+        model=cfg.model,
+        repeats=cfg.repeats,
+        warmup=cfg.warmup,
+        eval_images=cfg.eval_images,
+        eval_batch=cfg.eval_batch,
+        profile=False,
+        device=str(device),
+    )
     out: dict[str, Any] = {}
     for m in cfg.methods:
         steps = {c: bench_train(backbone, m, c, "fast", bc, device) for c in cfg.classes}
@@ -190,14 +225,16 @@ def project(plan: Sequence[dict[str, Any]], costs: dict[str, Any], decode_s: flo
             if ekey not in decoded:
                 decoded.add(ekey)
                 dec_cache += e["images"] * decode_s
-        runs.append({**r, "train_s": train_s, "eval_s": eval_s, "decode_s": dec_nocache,
-                     "decode_cached_s": dec_cache})  # fmt: skip
+        runs.append(
+            {**r, "train_s": train_s, "eval_s": eval_s, "decode_s": dec_nocache, "decode_cached_s": dec_cache}
+        )
 
     def totals(key: str) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for r in runs:
-            t = out.setdefault(r[key], {"runs": 0, "train_h": 0.0, "eval_h": 0.0, "decode_h": 0.0,
-                                         "decode_cached_h": 0.0})  # fmt: skip
+            t = out.setdefault(
+                r[key], {"runs": 0, "train_h": 0.0, "eval_h": 0.0, "decode_h": 0.0, "decode_cached_h": 0.0}
+            )
             t["runs"] += 1
             t["train_h"] += r["train_s"] / 3600
             t["eval_h"] += r["eval_s"] / 3600
@@ -224,8 +261,12 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     backbone = load_backbone(cfg.model, device=device)
     load_start = _loadavg()
     costs = measure_costs(cfg, backbone, device)
-    first = next((r["dataset"] for r in plan), None)
-    dec = measure_decode(cfg.root, first, size=backbone.preprocess_cfg["size"])
+    dec = None
+    for name in dict.fromkeys(r["dataset"] for r in plan):  # the first data set present under --root
+        dec = measure_decode(cfg.root, name, size=backbone.preprocess_cfg["size"])
+        if not dec["source"].startswith("synthetic") or not cfg.root:
+            break
+    dec = dec or measure_decode(None, None, size=backbone.preprocess_cfg["size"])
     proj = project(plan, costs, dec["s_per_image"])
     methods = label_reconstructed([{"method": m} for m in cfg.methods])
     return {
@@ -298,13 +339,23 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"**Whole suite: {_h(t['total_h'])} h; with the image cache {_h(t['total_cached_h'])} h.**",
             "",
         ]
-    lines += ["## Measured costs", "", "| method | batch | step s (per class count) | eval s / image |",
-              "|---|---:|---|---:|"]  # fmt: skip
+    lines += [
+        "## Measured costs",
+        "",
+        "| method | batch | step s (per class count) | eval s / image |",
+        "|---|---:|---|---:|",
+    ]
     for m, c in res["costs"].items():
         steps = ", ".join(f"C={k}: {v:.3f}" for k, v in c["step_s"].items())
         lines.append(f"| {m} | {c['batch']} | {steps} | {c['eval_s_per_image']:.4f} |")
-    lines += ["", f"Decode + resize + crop: {res['decode']['s_per_image'] * 1000:.1f} ms / image "
-              f"({res['decode']['source']}).", "", "## What was measured", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Decode + resize + crop: {res['decode']['s_per_image'] * 1000:.1f} ms / image "
+        f"({res['decode']['source']}).",
+        "",
+        "## What was measured",
+        "",
+    ]
     lines += [f"- {m}" for m in res["measured"]] + ["", "## What was extrapolated", ""]
     lines += [f"- {m}" for m in res["extrapolated"]] + [""]
     return "\n".join(lines)
