@@ -184,6 +184,8 @@ def test_a_run_trained_and_evaluated_through_the_cache_equals_one_without(monkey
 
     from vlprompt.cli.main import main
 
+    monkeypatch.delenv("VLPROMPT_ATTENTION", raising=False)  # the default, auto, is recorded in env.json
+
     def train(out, cache):
         monkeypatch.setenv("VLPROMPT_IMAGE_CACHE", cache)
         argv = [

@@ -122,3 +122,13 @@ def test_probe_inside_activation_checkpointing(fresh):
         grads[attn] = [p.grad.clone() for _, p in m.trainable_parameters()]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads["auto"], grads["sdpa"]))
     assert any("|grad|" in k for k in A.attention_choices()["choices"])
+
+
+def test_near_ties_stay_on_sdpa(fresh, monkeypatch):
+    mha = _mha()
+    ctx = A.AttnContext(n_inst=9)
+    for sdpa_ms, plain_ms, want in [(1.0, 0.95, "sdpa"), (1.0, 0.9, "plain"), (1.0, 1.5, "sdpa")]:
+        timings = iter([sdpa_ms, plain_ms])
+        monkeypatch.setattr(A, "_time", lambda fn, device, reps=3, t=timings: next(t))
+        with torch.no_grad():
+            assert A.probe(mha, torch.randn(2, 9, 32), ctx)["choice"] == want
