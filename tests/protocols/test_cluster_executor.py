@@ -49,8 +49,13 @@ def test_job_array_skips_complete_runs_and_isolates_failures(tmp_path):
     ]
     fake_job(specs[0])  # already complete: never submitted
     (specs[0].out_dir / "pid").write_text("parent")
-    res = C.run_grid_submitit(specs, "local-submitit", folder=tmp_path / "sub", job_fn=fake_job,
-                              resources=C.JobResources(gpus=0, cpus=1, time_min=5))  # fmt: skip
+    res = C.run_grid_submitit(
+        specs,
+        "local-submitit",
+        folder=tmp_path / "sub",
+        job_fn=fake_job,
+        resources=C.JobResources(gpus=0, cpus=1, time_min=5),
+    )
     assert [r.status for r in res] == ["skipped", "done", "failed"]
     assert "boom in the job" in res[2].reason
     assert (specs[0].out_dir / "pid").read_text() == "parent"
@@ -60,8 +65,16 @@ def test_job_array_skips_complete_runs_and_isolates_failures(tmp_path):
 
 def test_resources_and_errors():
     p = C.JobResources(gpus=2, cpus=16, mem_gb=64, time_min=90, partition="gpu").parameters("slurm")
-    assert p == {"timeout_min": 90, "cpus_per_task": 16, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 2,
-                 "mem_gb": 64.0, "slurm_array_parallelism": 64, "slurm_partition": "gpu"}  # fmt: skip
+    assert p == {
+        "timeout_min": 90,
+        "cpus_per_task": 16,
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "gpus_per_node": 2,
+        "mem_gb": 64.0,
+        "slurm_array_parallelism": 64,
+        "slurm_partition": "gpu",
+    }
     assert "slurm_partition" not in C.JobResources(partition="gpu").parameters("local")
     from vlprompt.errors import VlpromptError
 

@@ -188,9 +188,14 @@ class ImageCache:
                 return entry
             need = estimate_bytes() if estimate_bytes is not None else 0
             if need > self.max_bytes:
-                log.info("image cache: %s/%s would need %.1f GB > cap %.1f GB (%s); not cached",
-                         ident.get("dataset"), ident.get("split"), need / 1e9, self.max_bytes / 1e9,
-                         ENV_MAX_GB)  # fmt: skip
+                log.info(
+                    "image cache: %s/%s would need %.1f GB > cap %.1f GB (%s); not cached",
+                    ident.get("dataset"),
+                    ident.get("split"),
+                    need / 1e9,
+                    self.max_bytes / 1e9,
+                    ENV_MAX_GB,
+                )
                 return None
             entry = self._build(items, ident, key, decode, workers)
             self.builds += 1
@@ -203,8 +208,12 @@ class ImageCache:
         data, header, _ = self._paths(key)
         shapes: list[tuple[int, int, int]] = []
         digest = hashlib.sha256()
-        log.info("image cache: decoding %d images of %s/%s once", len(items), ident.get("dataset"),
-                 ident.get("split"))  # fmt: skip
+        log.info(
+            "image cache: decoding %d images of %s/%s once",
+            len(items),
+            ident.get("dataset"),
+            ident.get("split"),
+        )
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f, ThreadPoolExecutor(max(1, int(workers))) as pool:
@@ -250,8 +259,12 @@ class ImageCache:
                     with contextlib.suppress(OSError):
                         p.unlink()
             total -= size
-            log.info("image cache: evicted %s (%.2f GB) to stay under %.1f GB", stem, size / 1e9,
-                     self.max_bytes / 1e9)  # fmt: skip
+            log.info(
+                "image cache: evicted %s (%.2f GB) to stay under %.1f GB",
+                stem,
+                size / 1e9,
+                self.max_bytes / 1e9,
+            )
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.u8")) if self.root.is_dir() else 0
@@ -349,8 +362,14 @@ class DeviceNormalizeLoader(DataLoader):
 
 
 def eval_ident(dataset: str, split: str, size: int, interpolation: str) -> dict[str, Any]:
-    return {"kind": "eval", "dataset": dataset, "split": split, "size": int(size),
-            "interpolation": str(interpolation), "crop": "resize-shorter+center"}  # fmt: skip
+    return {
+        "kind": "eval",
+        "dataset": dataset,
+        "split": split,
+        "size": int(size),
+        "interpolation": str(interpolation),
+        "crop": "resize-shorter+center",
+    }
 
 
 def cached_eval_entry(

@@ -44,8 +44,13 @@ class JobResources:
     extra: dict[str, Any] | None = None  # any other submitit parameter (e.g. slurm_account)
 
     def parameters(self, cluster: str) -> dict[str, Any]:
-        p: dict[str, Any] = {"timeout_min": int(self.time_min), "cpus_per_task": int(self.cpus),
-                             "nodes": 1, "tasks_per_node": 1, "gpus_per_node": int(self.gpus)}  # fmt: skip
+        p: dict[str, Any] = {
+            "timeout_min": int(self.time_min),
+            "cpus_per_task": int(self.cpus),
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "gpus_per_node": int(self.gpus),
+        }
         if self.mem_gb:
             p["mem_gb"] = float(self.mem_gb)
         if cluster == "slurm":
@@ -111,8 +116,13 @@ def run_grid_submitit(
         res = resources or JobResources(gpus=1 if cluster == "slurm" else 0)
         ex.update_parameters(name="vlprompt-grid", **res.parameters(cluster))
         jobs = ex.map_array(job_fn, [specs[i] for i in todo])
-        log.info("submitted %d runs as %s job array %s (logs: %s)", len(jobs), executor,
-                 jobs[0].job_id.split("_")[0], folder)  # fmt: skip
+        log.info(
+            "submitted %d runs as %s job array %s (logs: %s)",
+            len(jobs),
+            executor,
+            jobs[0].job_id.split("_")[0],
+            folder,
+        )
         t0 = time.perf_counter()
         for i, job in zip(todo, jobs, strict=True):
             spec = specs[i]
@@ -120,10 +130,22 @@ def run_grid_submitit(
                 r = job.result()
             except Exception as exc:  # a job that failed or was killed fails its run, not the grid
                 reason = job_failure_reason(exc)
-                r = RunResult(spec.name, str(spec.out_dir), "failed", f"job {job.job_id}: {reason}"[:300],
-                              time.perf_counter() - t0)  # fmt: skip
+                r = RunResult(
+                    spec.name,
+                    str(spec.out_dir),
+                    "failed",
+                    f"job {job.job_id}: {reason}"[:300],
+                    time.perf_counter() - t0,
+                )
             results[i] = r
             level = logging.ERROR if r.status == "failed" else logging.INFO
-            log.log(level, "[%d/%d] %s %s%s", len(results), len(specs), r.status, r.name,
-                    f": {r.reason}" if r.reason else "")  # fmt: skip
+            log.log(
+                level,
+                "[%d/%d] %s %s%s",
+                len(results),
+                len(specs),
+                r.status,
+                r.name,
+                f": {r.reason}" if r.reason else "",
+            )
     return [results[i] for i in range(len(specs))]
