@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
     """No hub access, and caches (demo set, few-shot picks, tensors) in a per-session tmp dir, never ~."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "VLPROMPT_HOME")}
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "VLPROMPT_HOME", "VLPROMPT_ATTENTION")}
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["VLPROMPT_ATTENTION"] = "sdpa"  # timing-independent numerics; the auto probe has its own tests
     os.environ["VLPROMPT_HOME"] = str(tmp_path_factory.mktemp("vlprompt_home"))
     yield
     for k, v in saved.items():

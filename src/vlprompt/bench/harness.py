@@ -63,10 +63,10 @@ TRAINED_METHODS = ("coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "dpl")
 OFFICIAL_BATCH = {"coop": 32, "cocoop": 1, "ivlp": 4, "vpt": 4, "maple": 4, "mpl": 4, "dpl": 4}
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "reference": {"truncate_text": False, "cache_text": False, "attention": "plain", "share_prefix": False},
-    "fast": {"truncate_text": True, "cache_text": True, "attention": "sdpa", "share_prefix": True},
-    "fast+features": {"truncate_text": True, "cache_text": True, "attention": "sdpa", "share_prefix": True},
+    "fast": {"truncate_text": True, "cache_text": True, "attention": "auto", "share_prefix": True},
+    "fast+features": {"truncate_text": True, "cache_text": True, "attention": "auto", "share_prefix": True},
 }
-TARGETS = {"mpl_train": 2.0, "maple_train": 2.0, "coop_train_features": 10.0, "eval": 1.3, "image_peak": 0.5}
+TARGETS = {"mpl_train": 2.0, "maple_train": 2.0, "coop_train_features": 10.0, "eval": 1.3, "image_peak": 0.75}
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -338,7 +338,7 @@ def shared_prefix(model: Any, inputs: Any) -> int:
     from vlprompt.engine import shared_prefix_length
 
     opts = model.options
-    if not opts.share_prefix or opts.checkpoint_text or opts.attention != "sdpa":
+    if not opts.share_prefix or opts.checkpoint_text or opts.attention not in ("sdpa", "auto"):
         return 0
     length = _text_length(model, inputs)
     pos = model.backbone.clip.positional_embedding[:length]
@@ -400,11 +400,12 @@ def pad_batch(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
 def bench_image_tower(
     backbone: Any, cfg: BenchConfig, device: torch.device, peak: float
 ) -> list[dict[str, Any]]:
-    """Frozen image-tower forward at ``cfg.image_batch``: SDPA vs the plain reference attention."""
+    """Frozen image-tower forward at ``cfg.image_batch``: the default (auto) attention, and with
+    ``--reference`` each fixed implementation (SDPA, the plain reference) for comparison."""
     images = torch.randn(cfg.image_batch, 3, *_image_size(backbone), device=device)
     flops = image_tower_flops(backbone.clip.visual, cfg.image_batch).forward
     rows = []
-    for attention in ["sdpa", "plain"] if cfg.reference else ["sdpa"]:
+    for attention in ["auto", "sdpa", "plain"] if cfg.reference else ["auto"]:
         fn = _maybe_compile(lambda a=attention: frozen_image_features(backbone, images, a), cfg.compile)
         with torch.inference_mode(), MemoryProbe(device) as mem:
             r = time_it(fn, cfg.repeats, cfg.warmup, device)
@@ -443,7 +444,7 @@ def bench_text_tower(
     for length in sorted({min(L, ctx_len) for L in cfg.text_lengths}):
         embeds = backbone.token_embed(torch.randint(1, 1000, (n, ctx_len)))
         eot = torch.full((n,), length - 1, dtype=torch.long)
-        attns = ["sdpa", "plain"] if (cfg.reference and length == ctx_len) else ["sdpa"]
+        attns = ["auto", "sdpa", "plain"] if (cfg.reference and length == ctx_len) else ["auto"]
         for attention in attns:
             # truncation is what makes the tower run `length` tokens; the reference runs all 77
             def fn(a=attention, embeds=embeds, eot=eot):
@@ -706,9 +707,9 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": r["speedup"] >= TARGETS["eval"],
                 }
             )
-    sdpa = [r for r in res["image_tower"] if r["attention"] == "sdpa"]
-    if sdpa and sdpa[0].get("fraction_of_peak") is not None:
-        f = sdpa[0]["fraction_of_peak"]
+    default = [r for r in res["image_tower"] if r["attention"] in ("auto", "sdpa")]  # sdpa: older results
+    if default and default[0].get("fraction_of_peak") is not None:
+        f = default[0]["fraction_of_peak"]
         out.append(
             {
                 "target": f"image-tower forward >= {int(TARGETS['image_peak'] * 100)}% of the matmul peak",
@@ -718,6 +719,21 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def label_reconstructed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark rows of a method reconstructed from its paper (DPL) with ``reconstructed`` + the note."""
+    from vlprompt.methods import get_method
+
+    for r in rows:
+        note = getattr(get_method(r["method"]), "reconstruction_note", "") if r.get("method") else ""
+        if note:
+            r["reconstructed"], r["note"] = True, note
+    return rows
+
+
+def _method_cell(r: dict[str, Any]) -> str:
+    return f"{r['method']} (reconstructed)" if r.get("reconstructed") else str(r["method"])
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -819,6 +835,11 @@ def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
     res["matmul"]["peak_gflops"] = best
     for row in res["image_tower"] + res["text_tower"]:
         row["fraction_of_peak"] = round(row["gflops"] / best, 3) if best else None
+    for rows in (res["train"], res["eval"], res["memory"]):
+        label_reconstructed(rows)
+    from vlprompt.engine import attention_choices
+
+    res["attention_choices"] = attention_choices()
     res["targets"] = _targets(res)
     res["profiles"] = {}
     if cfg.profile and device.type == "cpu":
@@ -894,6 +915,8 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"Not benchmarked (method not registered in this build): {', '.join(res['skipped_methods'])}.",
             "",
         ]
+    notes = sorted({r["note"] for k in ("train", "eval", "memory") for r in res.get(k, []) if r.get("note")})
+    lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Training step (official batch size)", ""]
     lines += [
         "| method | classes | variant | batch | text tokens (shared) | ms/step | images/s | GFLOP/s "
@@ -902,7 +925,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     ]
     for r in res["train"]:
         lines.append(
-            f"| {r['method']} | {r['classes']} | {r['variant']} | {r['batch']} | "
+            f"| {_method_cell(r)} | {r['classes']} | {r['variant']} | {r['batch']} | "
             f"{r['text_tokens']} ({r.get('shared_prefix') or 0}) | "
             f"{_fmt(r['ms_per_step'])} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['gflops'])} | "
             f"{_fmt(r['peak_mb'], 0)} | {_fmt(r['delta_mb'], 0)} | "
@@ -915,7 +938,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     ]
     for r in res["eval"]:
         lines.append(
-            f"| {r['method']} | {r['classes']} | {r['variant']} | {r['images']} | {r['batch']} | "
+            f"| {_method_cell(r)} | {r['classes']} | {r['variant']} | {r['images']} | {r['batch']} | "
             f"{r['text_passes']} | "
             f"{_fmt(r['ms'])} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['gflops'])} | "
             f"{_fmt(r['speedup'], 2) + '×' if r.get('speedup') else '–'} |"
@@ -947,7 +970,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         ]
         for r, p in zip(res["memory"], res["memory_projection"], strict=True):
             lines.append(
-                f"| {r['method']} | {r['classes']} | {_fmt(r['checkpoint_text'])} | "
+                f"| {_method_cell(r)} | {r['classes']} | {_fmt(r['checkpoint_text'])} | "
                 f"{_fmt(r['ms_per_step'])} | {_fmt(r['peak_mb'], 0)} | {_fmt(r['delta_mb'], 0)} | "
                 f"{_fmt(p['projected_gpu_gb_fp32'], 2)} | {_fmt(p['projected_gpu_gb_bf16'], 2)} | "
                 f"{_fmt(p['fits_16gb_fp32'])} |"

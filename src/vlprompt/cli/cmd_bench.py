@@ -29,8 +29,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--full is the grid.",
     )
     p.add_argument(
+        "what",
+        nargs="?",
+        choices=["suite"],
+        help="`suite`: project the cost of a whole protocol (methods x data sets x seeds) on this device "
+        "from measured per-step and per-image costs; writes suite-<protocol>.{json,md}",
+    )
+    p.add_argument(
         "--model", default=None, help="backbone architecture (default ViT-B-16; --quick: vlp-tiny)"
     )
+    s = p.add_argument_group("suite (with `vlprompt bench suite`)")
+    s.add_argument("--protocol", default="base2new", help="protocol to project (default base2new)")
+    s.add_argument("--datasets", type=_csv(str), default=None, help="data sets (default: the protocol's)")
+    s.add_argument("--seeds", type=_csv(int), default=None, help="seeds (default 1,2,3)")
+    s.add_argument("--shots", type=_csv(int), default=None, help="shots (default: the protocol's)")
+    s.add_argument("--root", default=None, help="data root: decode cost measured on real images if present")
     p.add_argument("--methods", type=_csv(str), default=None, help="training methods, e.g. coop,maple,mpl")
     p.add_argument("--eval-methods", type=_csv(str), default=None, help="methods timed at evaluation")
     p.add_argument("--classes", type=_csv(int), default=None, help="class counts, e.g. 10,100,1000")
@@ -55,7 +68,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def run_suite(args: argparse.Namespace) -> int:
+    from vlprompt.bench.harness import default_out_dir
+    from vlprompt.bench.suite import SUITE_METHODS, SuiteConfig, render_markdown, run_suite, write_suite
+
+    over = {"protocol": args.protocol, "device": args.device, "root": args.root}
+    for key, val in [("model", args.model), ("methods", args.methods), ("datasets", args.datasets),
+                     ("seeds", args.seeds), ("shots", args.shots), ("repeats", args.repeats),
+                     ("warmup", args.warmup)]:  # fmt: skip
+        if val is not None:
+            over[key] = val
+    if args.classes is not None:
+        if len(args.classes) != 2:
+            from vlprompt.errors import VlpromptError
+
+            raise VlpromptError(
+                f"bench suite --classes takes two class counts (e.g. 50,500), got {args.classes}"
+            )
+        over["classes"] = tuple(args.classes)
+    over.setdefault("methods", list(SUITE_METHODS))
+    cfg = SuiteConfig.quick_config(**over) if args.quick else SuiteConfig(**over)
+    res = run_suite(cfg)
+    out = args.out or default_out_dir(res)
+    jpath, mpath = write_suite(res, out)
+    print(render_markdown(res))
+    print(f"wrote {jpath} and {mpath} ({res['wall_s']} s)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "what", None) == "suite":
+        return run_suite(args)
     from vlprompt.bench.harness import TRAINED_METHODS, BenchConfig, default_out_dir, run_bench, write_results
     from vlprompt.errors import VlpromptError
 

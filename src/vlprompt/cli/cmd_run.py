@@ -56,6 +56,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="one GPU index per job, e.g. 0,1 or 0,0,1,1 to share a GPU between two jobs (cpu allowed); "
         "sets --jobs to the number of entries",
     )
+    p.add_argument(
+        "--jobs-per-device",
+        type=int,
+        help="K jobs on every device (each --devices entry, else every visible GPU, else the CPU), threads "
+        "split between all jobs and each GPU job limited to 1/K of its memory",
+    )
+    c = p.add_argument_group(
+        "cluster (--executor slurm | local-submitit; needs `pip install vlprompt[slurm]`)"
+    )
+    c.add_argument(
+        "--executor",
+        choices=["local", "local-submitit", "slurm"],
+        default="local",
+        help="local (default): this machine; slurm: one submitit job-array task per run; local-submitit: "
+        "the same array as subprocesses here",
+    )
+    c.add_argument("--partition", help="SLURM partition")
+    c.add_argument("--gpus-per-job", type=int, help="GPUs per run (default 1 on slurm, 0 locally)")
+    c.add_argument("--cpus-per-job", type=int, default=8, help="CPUs per run (default 8)")
+    c.add_argument("--mem-gb", type=float, help="memory per run in GB (default: the cluster's)")
+    c.add_argument("--time-min", type=int, default=240, help="time limit per run in minutes (default 240)")
+    c.add_argument("--array-parallelism", type=int, default=64, help="max runs at once on slurm (default 64)")
     p.set_defaults(func=run)
 
 
@@ -109,12 +131,33 @@ def run(args: argparse.Namespace) -> int:
     if args.force:
         for s in specs:
             s.force = True
-    parallel = getattr(args, "jobs", None) is not None or getattr(args, "devices", None)
-    if parallel:  # protocols/parallel.py: worker processes + one aggregated report at the end
+    executor = getattr(args, "executor", "local") or "local"
+    per_device = getattr(args, "jobs_per_device", None)
+    parallel = (
+        getattr(args, "jobs", None) is not None
+        or getattr(args, "devices", None)
+        or per_device is not None
+        or executor != "local"
+    )
+    if executor != "local":  # protocols/cluster.py: a submitit job array, same execute(), one report
+        from vlprompt.protocols.cluster import JobResources, run_grid_submitit
+        from vlprompt.protocols.parallel import report_grid
+
+        gpus = args.gpus_per_job if args.gpus_per_job is not None else (1 if executor == "slurm" else 0)
+        res = JobResources(gpus=gpus, cpus=args.cpus_per_job, mem_gb=args.mem_gb, time_min=args.time_min,
+                           partition=args.partition, array_parallelism=args.array_parallelism)  # fmt: skip
+        from pathlib import Path
+
+        results = run_grid_submitit(specs, executor, folder=Path(args.out) / ".submitit", resources=res)
+    elif parallel:  # protocols/parallel.py: worker processes + one aggregated report at the end
         from vlprompt.protocols.parallel import parse_devices, report_grid, run_grid_parallel
 
         results = run_grid_parallel(
-            specs, jobs=args.jobs, devices=parse_devices(args.devices), progress=not args.no_progress
+            specs,
+            jobs=args.jobs,
+            devices=parse_devices(args.devices),
+            progress=not args.no_progress,
+            jobs_per_device=per_device,
         )
     else:
         results = run_grid(specs, progress=not args.no_progress)

@@ -13,8 +13,9 @@ from vlprompt.data.custom import load_custom
 from vlprompt.data.datasets import get_dataset
 from vlprompt.data.demo import ensure_demo
 from vlprompt.data.fewshot import fewshot, sample_per_class
+from vlprompt.data.image_cache import CachedImageDataset as CachedEvalDataset
 from vlprompt.data.images import load_rgb, set_max_image_pixels
-from vlprompt.data.loaders import CachedEvalDataset, ImageDataset, build_loader, cached_eval_dataset
+from vlprompt.data.loaders import ImageDataset, build_loader, cached_eval_dataset
 from vlprompt.data.registry import (
     BENCHMARKS,
     CROSS_DATASET_SOURCE,

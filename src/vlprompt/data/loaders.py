@@ -1,9 +1,7 @@
-"""Torch datasets and loaders over :class:`Datum` items, plus an exact on-disk cache of test tensors."""
+"""Torch datasets and loaders over :class:`Datum` items (the on-disk pixel cache: ``image_cache``)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -12,13 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from vlprompt.data.images import load_rgb
 from vlprompt.data.splits import Datum
-from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD, eval_resize_crop
+from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +93,6 @@ def build_loader(
     )
 
 
-class CachedEvalDataset(Dataset):
-    """Pre-cropped uint8 pixels; ``__getitem__`` scales like ToTensor and normalises like the transform."""
-
-    def __init__(
-        self, pixels: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-    ):
-        self.pixels = pixels
-        self.labels = labels
-        self.normalize = T.Normalize(mean=list(mean), std=list(std))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.pixels[i].to(dtype=torch.get_default_dtype()).div(255)
-        return self.normalize(x), int(self.labels[i])
-
-
 def cached_eval_dataset(
     items: Sequence[Datum],
     key: str,
@@ -122,33 +100,17 @@ def cached_eval_dataset(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     interpolation: str = "bicubic",
-) -> CachedEvalDataset:
-    """Test items decoded and resized/cropped once, kept in ``cache_dir()/tensors/`` for later evaluations.
+) -> Dataset:
+    """Test items decoded and resized/cropped once (the shared :mod:`vlprompt.data.image_cache`).
 
     Gives the same tensors as ``ImageDataset(items, build_transform(False, ...))``: the deterministic PIL
     part is cached as uint8 and ToTensor/Normalize run on load. ``key`` names the use (e.g.
-    ``"caltech101/test/new"``); the file name also hashes the items and transform parameters, so a changed
-    split or size never reuses stale pixels. Costs 3*size*size bytes per image on disk.
+    ``"caltech101/test/new"``). With the cache disabled this is the plain decoding dataset.
     """
-    ident = {
-        "key": key,
-        "size": size,
-        "interpolation": interpolation,
-        "items": hashlib.sha256("\n".join(f"{d.relpath}\t{d.label}" for d in items).encode()).hexdigest(),
-    }
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir() / "tensors" / f"{digest}.pt"
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob["pixels"].shape[0] == len(items):
-                return CachedEvalDataset(blob["pixels"], blob["labels"], mean, std)
-        except Exception as e:  # a damaged cache file is rebuilt, never trusted
-            log.warning("rebuilding unreadable tensor cache %s (%s)", path, e)
-    crop = eval_resize_crop(size, interpolation)
-    pixels = torch.empty((len(items), 3, size, size), dtype=torch.uint8)
-    for i, d in enumerate(items):
-        pixels[i] = torch.from_numpy(np.array(crop(load_rgb(d.impath)), dtype=np.uint8)).permute(2, 0, 1)
-    labels = torch.tensor([d.label for d in items], dtype=torch.long)
-    atomic_write(path, lambda tmp: torch.save({"pixels": pixels, "labels": labels, "ident": ident}, tmp))
-    return CachedEvalDataset(pixels, labels, mean, std)
+    from vlprompt.data.image_cache import CachedImageDataset, cached_eval_entry
+    from vlprompt.data.transforms import build_transform
+
+    entry = cached_eval_entry(items, key, "", size, interpolation)
+    if entry is None:
+        return ImageDataset(items, build_transform(False, size, mean, std, interpolation))
+    return CachedImageDataset(entry, mean, std)

@@ -36,7 +36,7 @@ class ModelOptions:
     text_chunk: int = 2048  # max text sequences per text-tower call (image-conditioned methods)
     checkpoint_text: bool = False  # activation checkpointing in the text tower (memory for 1000 classes)
     checkpoint_image: bool = False
-    attention: str = "sdpa"  # where a plan names no mode: "sdpa" (fused) | "plain" (explicit softmax)
+    attention: str = "auto"  # where a plan names no mode: "auto" (measured per shape) | "sdpa" | "plain"
     share_prefix: bool = True  # run the tokens all class prompts share ([SOS] + shared context) once
 
     @classmethod

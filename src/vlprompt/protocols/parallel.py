@@ -13,6 +13,12 @@ skipped without starting anything; half-finished runs resume from their checkpoi
 an exception, or a worker process that dies (then a fresh worker takes its slot) -- is reported and the
 others go on. :func:`run_grid_parallel` returns every result in grid order; :func:`report_grid` builds
 the one aggregated report.
+
+Workers never outlive the parent: each asks the kernel for SIGKILL when the parent dies (Linux
+``PR_SET_PDEATHSIG``) and also watches its parent pid (every other OS), so a ``kill -9`` of
+``vlprompt run`` stops the grid instead of leaving workers blocked on their task queues; an
+interrupted run resumes from its checkpoint next time. ``--jobs-per-device K`` puts K jobs on every
+device slot (threads split over all jobs, each CUDA job limited to 1/K of its GPU's memory).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import contextlib
 import logging
 import os
 import queue
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,8 +85,55 @@ def device_slots(jobs: int | None, devices: Sequence[str] | None) -> list[str | 
     return [None] * jobs
 
 
+def per_device_slots(
+    per_device: int, devices: Sequence[str] | None, gpus: int | None = None
+) -> list[str | None]:
+    """``--jobs-per-device K``: every device slot (the ``--devices`` entries, else every visible GPU,
+    else the CPU) repeated K times, e.g. K=2 over GPUs 0,1 -> ``["0", "0", "1", "1"]``."""
+    if int(per_device) < 1:
+        raise VlpromptError(f"--jobs-per-device must be >= 1, got {per_device}")
+    if devices:
+        base: list[str | None] = list(dict.fromkeys(devices))
+    else:
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        base = [str(i) for i in range(gpus)] if gpus else [None]
+    return [d for d in base for _ in range(int(per_device))]
+
+
 def threads_per_job(jobs: int) -> int:
     return max(1, cpu_count() // max(1, jobs))
+
+
+def memory_fraction(slots: Sequence[str | None], slot: str | None) -> float:
+    """Share of its GPU a job may allocate: 1 / (number of jobs on the same GPU)."""
+    if slot is None or slot == "cpu":
+        return 1.0
+    return 1.0 / max(1, sum(s == slot for s in slots))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker exit when ``parent`` dies (SIGKILL from the kernel on Linux, a watcher elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:  # re-parented: the parent is gone
+                os._exit(1)
+            time.sleep(1.0)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="vlprompt-parent-watch", daemon=True).start()
 
 
 def _worker_env(slot: str | None, threads: int) -> dict[str, str]:
@@ -133,11 +189,17 @@ def _worker_main(
     tasks: Any,
     results: Any,
     execute_fn: Callable[..., RunResult],
+    parent: int | None = None,
+    mem_fraction: float = 1.0,
 ) -> None:
     """Worker loop: execute specs until a ``None`` task arrives (a top-level function: spawn pickles it)."""
+    if parent is not None:
+        _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
+    if mem_fraction < 1.0 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(mem_fraction)
     handler = _ForwardHandler(results, wid)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -184,9 +246,11 @@ def run_grid_parallel(
     devices: Sequence[str] | None = None,
     progress: bool = True,
     execute_fn: Callable[..., RunResult] = execute,
+    jobs_per_device: int | None = None,
 ) -> list[RunResult]:
     """Execute ``specs`` with ``jobs`` concurrent workers (one per device slot); results in grid order.
 
+    ``jobs_per_device=K`` runs K workers on every device (see :func:`per_device_slots`).
     ``jobs=1`` without devices runs in this process (no worker start-up cost), with the same progress
     view and logging. Complete runs are skipped up front. ``execute_fn`` (a top-level function, as
     workers import it by name) replaces :func:`~vlprompt.protocols.runner.execute` in tests.
@@ -194,7 +258,14 @@ def run_grid_parallel(
     from vlprompt.protocols.gridview import GridView
 
     specs = list(specs)
-    slots = device_slots(jobs, devices)
+    if jobs_per_device is not None:
+        slots = per_device_slots(jobs_per_device, devices)
+        if jobs is not None and jobs != len(slots):
+            raise VlpromptError(
+                f"--jobs {jobs} but --jobs-per-device {jobs_per_device} gives {len(slots)} jobs; omit --jobs"
+            )
+    else:
+        slots = device_slots(jobs, devices)
     total = len(specs)
     results: dict[int, RunResult] = {}
     todo: list[int] = []
@@ -270,7 +341,16 @@ def _run_workers(
         with _environ(_worker_env(slot, threads)):
             proc = ctx.Process(
                 target=_worker_main,
-                args=(wid, threads, levels, tasks, results, execute_fn),
+                args=(
+                    wid,
+                    threads,
+                    levels,
+                    tasks,
+                    results,
+                    execute_fn,
+                    os.getpid(),
+                    memory_fraction(slots, slot),
+                ),
                 name=f"vlprompt-job{wid}",
                 daemon=True,
             )

@@ -48,9 +48,32 @@ def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = 
 def eval_loader(splits: Any, backbone: Any, batch_size: int, num_workers: int) -> Any:
     """The deterministic test-split loader of a run (the backbone's test transform)."""
     from vlprompt.data import build_loader, build_transform
+    from vlprompt.data.image_cache import cached_eval_loader
 
+    cached = cached_eval_loader(  # decode once per data set/split/transform, shared by every run
+        splits.test, backbone.preprocess_cfg, batch_size, dataset=splits.name,
+        split=f"test/{splits.subsample}", device=backbone.device, num_workers=num_workers,
+    )  # fmt: skip
+    if cached is not None:
+        return cached
     tf = build_transform(False, **backbone.preprocess_cfg)
     return build_loader(splits.test, tf, batch_size, shuffle=False, num_workers=num_workers, seed=0)
+
+
+def train_data(splits: Any, backbone: Any, cfg: RunConfig) -> Any:
+    """Few-shot training images decoded once (augmentation unchanged: it runs per step on the same
+    pixels); the items as they are for full training splits or the frozen-feature training mode."""
+    if not splits.shots or cfg.train.image_features_cache == "train":
+        return splits.train
+    from vlprompt.data import build_transform
+    from vlprompt.data.image_cache import cached_train_dataset
+
+    tf = build_transform(True, **backbone.preprocess_cfg)  # the trainer's own training transform
+    split = f"train/shots{splits.shots}-seed{splits.seed}/{splits.subsample}"
+    ds = cached_train_dataset(
+        splits.train, tf, dataset=splits.name, split=split, workers=max(1, cfg.data.num_workers)
+    )
+    return splits.train if ds is None else ds
 
 
 def metrics_entry(
@@ -299,7 +322,7 @@ def _train(
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
     result = fit(
         model,
-        splits.train,
+        train_data(splits, backbone, cfg),
         cfg,
         run.path,
         resume=resume,
@@ -308,6 +331,10 @@ def _train(
         stop_after_epoch=stop_after_epoch,
         callbacks=callbacks,
     )
+    if main:  # which attention implementation "auto" measured and used, per shape class
+        from vlprompt.engine import attention_choices
+
+        run.write_env({**(run.env() or {}), "attention": attention_choices()})
     if result["stopped"]:
         return {
             "run_dir": str(run),
