@@ -399,8 +399,15 @@ def _first_mismatch(message: str) -> str:
 # --------------------------------------------------------------------------------------- entry point
 
 
+class _Default(str):
+    """``load_backbone``'s default name: ViT-B-16, unless a weights file is given (then inferred)."""
+
+
+DEFAULT_ARCHITECTURE_SENTINEL = _Default("ViT-B-16")
+
+
 def load_backbone(
-    name: str | None = "ViT-B-16",
+    name: str | None = DEFAULT_ARCHITECTURE_SENTINEL,
     pretrained: str | os.PathLike | None = None,
     *,
     quick_gelu: bool | None = None,
@@ -428,6 +435,14 @@ def load_backbone(
     from vlprompt.backbones.bundled import build_bundled, find_bundled
 
     _register_configs()
+    if name is DEFAULT_ARCHITECTURE_SENTINEL:  # not given: inferred from a weights file, else ViT-B-16
+        is_file = pretrained is not None and Path(str(pretrained)).suffix in {
+            ".pt",
+            ".pth",
+            ".bin",
+            ".safetensors",
+        }
+        name = None if is_file else "ViT-B-16"
     if name is not None and pretrained is None and (os.sep in str(name) or Path(str(name)).suffix):
         name, pretrained = None, name  # a path passed as the name
     bundled = find_bundled(name, pretrained)  # weights shipped in the package (vlp-world)

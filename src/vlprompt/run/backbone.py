@@ -46,15 +46,11 @@ def portable_section(cfg_backbone: BackboneConfig, backbone: Any) -> dict[str, A
     """How a manifest names the backbone: architecture, tag, weights file name + sha256 (no paths)."""
     weights = cfg_backbone.weights
     source = (backbone.meta or {}).get("source")
-    if (
-        not weights
-        and source
-        and source != "random-init"
-        and Path(str(source)).is_file()
-        and not cfg_backbone.pretrained
-    ):
-        weights = str(source)  # bundled weights of a registered name
+    bundled = None
+    if not weights and not cfg_backbone.pretrained and source and Path(str(source)).is_file():
+        bundled = weights_sha256(str(source))  # weights shipped with a registered name (vlp-world)
     return {
+        **({"bundled_weights_sha256": bundled} if bundled else {}),
         "name": cfg_backbone.name or backbone.name,
         "architecture": (backbone.meta or {}).get("config", {}).get("name") or backbone.name,
         "pretrained": cfg_backbone.pretrained,
