@@ -165,7 +165,7 @@ def test_location_and_cap_settings(monkeypatch, tmp_path, items):
 
 
 def test_run_layer_evaluates_through_the_cache(monkeypatch, tmp_path):
-    from vlprompt.protocols.runs import _eval_loader
+    from vlprompt.run.train import eval_loader as _eval_loader
 
     splits = get_dataset("demo")
     bb = load_backbone("vlp-tiny")

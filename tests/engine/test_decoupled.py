@@ -121,8 +121,8 @@ def test_alpha_init_and_validation():
     cases = [
         ({"mode": "bogus"}, r"mode 'bogus'.*gated, exact"),
         ({"gate": "token"}, r"gate 'token'.*layer, head"),
-        ({"alpha_init": 0.0}, r"alpha_init .*between 0 and 1, got 0.0"),
-        ({"alpha_init": 1.0}, r"alpha_init .*between 0 and 1, got 1.0"),
+        ({"alpha_init": 0.0}, r"alpha_init must lie strictly between 0 and 1 or be .auto., got 0.0"),
+        ({"alpha_init": 1.0}, r"alpha_init must lie strictly between 0 and 1 or be .auto., got 1.0"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(ValueError, match=msg):

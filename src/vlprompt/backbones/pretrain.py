@@ -236,8 +236,31 @@ def save_checkpoint(model: torch.nn.Module, recipe: Recipe, path: str | Path) ->
         METADATA_KEY: json.dumps({**cfg, "quick_gelu": False}, sort_keys=True),
         RECIPE_KEY: json.dumps(asdict(recipe), sort_keys=True),
     }
-    atomic_write(str(path), lambda tmp: save_file(compact_state_dict(model, tokenizer), tmp, metadata=meta))
+
+    def write(tmp: str) -> None:
+        save_file(compact_state_dict(model, tokenizer), tmp, metadata=meta)
+        canonical_header(tmp)
+
+    atomic_write(str(path), write)
     return sha256_file(path)
+
+
+def canonical_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place.
+
+    safetensors writes the metadata in hash-map order, which differs from one write to the next, so
+    the same tensors and metadata could give files with different bytes; sorting makes the file (and
+    its sha256) a function of its content alone.  The header keeps its length, so the tensor data and
+    its offsets are untouched.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n).decode("utf-8"))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        if len(text) > n:  # cannot happen for a header safetensors wrote (same content, same length)
+            raise VlpromptError(f"cannot canonicalise the header of {path}")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -191,13 +191,14 @@ def check_ddp(model: str, device: torch.device, work: Path) -> dict[str, Any]:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
-    log_text = (p.stdout + p.stderr)[-4000:]
+    full_log = p.stdout + p.stderr
+    log_text = full_log[-4000:]
     backend = "nccl" if device.type == "cuda" else "gloo"
     return {
         "ok": p.returncode == 0 and (out / "done").is_file(),
         "backend": backend,
         "returncode": p.returncode,
-        "backend_logged": f"backend {backend}" in log_text,
+        "backend_logged": f"backend {backend}" in full_log,
         "tail": log_text[-800:],
     }
 
