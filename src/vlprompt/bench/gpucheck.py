@@ -189,13 +189,20 @@ def check_ddp(model: str, device: torch.device, work: Path) -> dict[str, Any]:
         str(out),
         "--no-progress",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # a 1-process job joins a real process group (nccl / gloo) instead of skipping it
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "VLPROMPT_DIST_FORCE": "1",
+    }
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    from vlprompt.run import RunDir
+
     full_log = p.stdout + p.stderr
     log_text = full_log[-4000:]
     backend = "nccl" if device.type == "cuda" else "gloo"
     return {
-        "ok": p.returncode == 0 and (out / "done").is_file(),
+        "ok": p.returncode == 0 and RunDir(out).is_complete(),
         "backend": backend,
         "returncode": p.returncode,
         "backend_logged": f"backend {backend}" in full_log,

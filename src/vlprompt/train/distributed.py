@@ -102,7 +102,7 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
     one copy of every message. ``VLPROMPT_DIST_TIMEOUT`` (seconds) bounds how long collectives wait.
     """
     world = _env_int("WORLD_SIZE", 1)
-    if world <= 1:
+    if world <= 1 and os.environ.get("VLPROMPT_DIST_FORCE") != "1":  # force: a 1-process group (GPU check)
         return _SINGLE
     if not dist.is_available():
         raise VlpromptError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
