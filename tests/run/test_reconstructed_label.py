@@ -15,27 +15,15 @@ NOTE = "reconstructed from the paper's abstract"
 DPL_TINY = ["--set", "options.depth_image=2", "--set", "options.depth_text=2", "--set", "train.batch_size=4"]
 
 
+def _train(method: str, out: Path, *extra: str) -> int:
+    argv = ["train", "--method", method, "--dataset", "demo", "--shots", "1", "--model", "vlp-tiny"]
+    return main([*argv, "--epochs", "1", "--no-progress", "--out", str(out), *extra])
+
+
 @pytest.fixture(scope="module")
 def dpl_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dpl") / "run"
-    argv = [
-        "train",
-        "--method",
-        "dpl",
-        "--dataset",
-        "demo",
-        "--shots",
-        "1",
-        "--model",
-        "vlp-tiny",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--out",
-        str(out),
-        *DPL_TINY,
-    ]
-    assert main(argv) == 0
+    assert _train("dpl", out, *DPL_TINY) == 0
     return out
 
 
@@ -65,24 +53,6 @@ def test_export_carries_the_label(dpl_run, tmp_path):
 
 def test_other_methods_carry_no_label(tmp_path):
     out = tmp_path / "coop"
-    argv = [
-        "train",
-        "--method",
-        "coop",
-        "--dataset",
-        "demo",
-        "--shots",
-        "1",
-        "--model",
-        "vlp-tiny",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--out",
-        str(out),
-        "--set",
-        "train.batch_size=4",
-    ]
-    assert main(argv) == 0
+    assert _train("coop", out, "--set", "train.batch_size=4") == 0
     assert "reconstructed" not in json.loads((out / "manifest.json").read_text())
     assert "provenance" not in yaml.safe_load((out / "config.yaml").read_text())
