@@ -186,7 +186,7 @@ def test_sharded_text_matches_single_process_loss_and_gradients(tmp_path):
     """coop (shallow text context) and mpl depth 2 (deep text prompts): 2 gloo ranks, 5 classes split
     3 + 2, a batch of 6 split 3 + 3; loss and every prompt gradient equal the 1-process values."""
     mp.spawn(_text_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in res:
         assert torch.equal(r["partial"][0], torch.ones(2)) and r["partial"][1] is None
     for method, _ in METHODS:
@@ -283,7 +283,7 @@ def test_two_process_training_matches_one_process(tmp_path):
     start = {k: v.clone() for k, v in ref_model.prompt_state_dict().items()}
     data = RecordingData()
     ref = fit(ref_model, data, TRAIN_CFG, tmp_path / "single", progress=False)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # each rank loaded only its share of every global batch (3 + 2 images), together the 1-process images
     assert [len(r["seen"]) for r in ranks] == [18, 12]
     assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == sorted(data.seen)

@@ -171,7 +171,7 @@ def test_two_process_fit_learns(backbone, tmp_path) -> None:
     data = _toy_data(backbone)
     before, _ = _full_loss(_model(backbone), data)
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in ranks:
         assert r["loss"] <= 0.5 * before, (before, r["loss"])
         assert r["acc"] == 100.0

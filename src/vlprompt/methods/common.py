@@ -13,6 +13,7 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
+from vlprompt.methods.base import TextInputs
 
 Segment = tuple[str, object]  # ("ctx", n) | ("text", "a photo of a {}.")
 
@@ -305,3 +306,36 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a pixelated photo of a {}.",
     "itap of the {}.",
 )  # fmt: skip
+
+
+class IndependentDeepPrompts:
+    """Mixin for methods with IVLP's prompts: a learnable text context (the first tokens of a phrase),
+    independent deep text prompts, and deep image prompts.  The parameters keep IVLP's names
+    (``ctx``, ``text_deep``, ``image_prompts``), so saved prompts and imported checkpoints fit."""
+
+    def init_independent_prompts(
+        self, backbone: Backbone, *, n_ctx_text: int, ctx_words: str, depth_text: int, n_ctx_image: int,
+        depth_image: int,
+    ) -> None:  # fmt: skip
+        validate_depth(depth_text, backbone.text.layers, "text")
+        if depth_image:
+            validate_depth(depth_image, backbone.image.layers, "image")
+            if n_ctx_image < 1:
+                raise VlpromptError(f"n_ctx_image={n_ctx_image} must be at least 1 (or set depth_image=0)")
+        elif depth_image < 0:
+            raise VlpromptError(f"depth_image={depth_image} must be 0 (off) or a layer count")
+        d_txt, d_img = backbone.text.width, backbone.image.width
+        ctx, self._segments = prefix_ctx(backbone, n_ctx_text, ctx_words, d_txt)
+        self.ctx = nn.Parameter(ctx)
+        self.text_deep = nn.ParameterList([normal_prompts(n_ctx_text, d_txt) for _ in range(depth_text - 1)])
+        self.image_prompts = normal_prompts(depth_image, n_ctx_image, d_img) if depth_image else None
+
+    def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
+        self.prompts = ClassPrompts(backbone, classnames, self._segments)
+
+    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
+        at = int(self.prompts.slots[0, 0])
+        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot, deep_text_plan(self.text_deep, at))
+
+    def image_plan(self) -> TowerPlan | None:
+        return deep_image_plan(self.image_prompts)

@@ -15,20 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from vlprompt.backbones import Backbone
-from vlprompt.engine import TowerPlan
-from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_method
 from vlprompt.methods.common import (
-    ClassPrompts,
-    deep_image_plan,
-    deep_text_plan,
-    normal_prompts,
-    prefix_ctx,
-    validate_depth,
+    IndependentDeepPrompts,
 )
 
 
@@ -42,37 +32,14 @@ class IVLPConfig(MethodConfig):
 
 
 @register_method
-class IVLP(PromptMethod):
+class IVLP(IndependentDeepPrompts, PromptMethod):
     name = "ivlp"
     Config = IVLPConfig
     summary = "IVLP: independent deep prompts in the text and image towers"
 
     def __init__(self, cfg: IVLPConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        validate_depth(cfg.depth_text, backbone.text.layers, "text")
-        if cfg.depth_image:
-            validate_depth(cfg.depth_image, backbone.image.layers, "image")
-            if cfg.n_ctx_image < 1:
-                raise VlpromptError(
-                    f"n_ctx_image={cfg.n_ctx_image} must be at least 1 (or set depth_image=0)"
-                )
-        elif cfg.depth_image < 0:
-            raise VlpromptError(f"depth_image={cfg.depth_image} must be 0 (off) or a layer count")
-        d_txt, d_img = backbone.text.width, backbone.image.width
-        ctx, self._segments = prefix_ctx(backbone, cfg.n_ctx_text, cfg.ctx_init, d_txt)
-        self.ctx = nn.Parameter(ctx)
-        self.text_deep = nn.ParameterList(
-            [normal_prompts(cfg.n_ctx_text, d_txt) for _ in range(cfg.depth_text - 1)]
-        )
-        n_img = cfg.depth_image
-        self.image_prompts = normal_prompts(n_img, cfg.n_ctx_image, d_img) if n_img else None
-
-    def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
-        self.prompts = ClassPrompts(backbone, classnames, self._segments)
-
-    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
-        at = int(self.prompts.slots[0, 0])
-        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot, deep_text_plan(self.text_deep, at))
-
-    def image_plan(self) -> TowerPlan | None:
-        return deep_image_plan(self.image_prompts)
+        self.init_independent_prompts(
+            backbone, n_ctx_text=cfg.n_ctx_text, ctx_words=cfg.ctx_init, depth_text=cfg.depth_text,
+            n_ctx_image=cfg.n_ctx_image, depth_image=cfg.depth_image,
+        )  # fmt: skip

@@ -32,17 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones import Backbone
-from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
+from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_method
 from vlprompt.methods.common import (
     IMAGENET_TEMPLATES,
-    ClassPrompts,
-    deep_image_plan,
-    deep_text_plan,
-    normal_prompts,
-    prefix_ctx,
-    validate_depth,
+    IndependentDeepPrompts,
 )
 from vlprompt.methods.output import ModelOutput
 
@@ -87,7 +81,7 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 
 
 @register_method
-class PromptSRC(PromptMethod):
+class PromptSRC(IndependentDeepPrompts, PromptMethod):
     name = "promptsrc"
     Config = PromptSRCConfig
     summary = "PromptSRC: IVLP prompts + L1/KL self-regulation to frozen CLIP + Gaussian prompt aggregation"
@@ -95,42 +89,17 @@ class PromptSRC(PromptMethod):
 
     def __init__(self, cfg: PromptSRCConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        validate_depth(cfg.depth_text, backbone.text.layers, "text")
-        if cfg.depth_image:
-            validate_depth(cfg.depth_image, backbone.image.layers, "image")
-            if cfg.n_ctx_image < 1:
-                raise VlpromptError(
-                    f"n_ctx_image={cfg.n_ctx_image} must be at least 1 (or set depth_image=0)"
-                )
-        elif cfg.depth_image < 0:
-            raise VlpromptError(f"depth_image={cfg.depth_image} must be 0 (off) or a layer count")
         if cfg.frozen_templates_set not in ("imagenet", "dataset"):
             raise VlpromptError(
                 f"frozen_templates_set='{cfg.frozen_templates_set}'; use 'imagenet' or 'dataset'"
             )
         gpa_weights(1, cfg.gpa_mean, cfg.gpa_std)  # validates std early
-        d_txt, d_img = backbone.text.width, backbone.image.width
         # official: the words initialise the context only when n_ctx_text <= 4, else N(0, 0.02^2)
-        words = cfg.ctx_init if cfg.n_ctx_text <= 4 else ""
-        ctx, self._segments = prefix_ctx(backbone, cfg.n_ctx_text, words, d_txt)
-        self.ctx = nn.Parameter(ctx)
-        self.text_deep = nn.ParameterList(
-            [normal_prompts(cfg.n_ctx_text, d_txt) for _ in range(cfg.depth_text - 1)]
-        )
-        n_img = cfg.depth_image
-        self.image_prompts = normal_prompts(n_img, cfg.n_ctx_image, d_img) if n_img else None
+        self.init_independent_prompts(
+            backbone, n_ctx_text=cfg.n_ctx_text, ctx_words=cfg.ctx_init if cfg.n_ctx_text <= 4 else "",
+            depth_text=cfg.depth_text, n_ctx_image=cfg.n_ctx_image, depth_image=cfg.depth_image,
+        )  # fmt: skip
         self._gpa: dict[str, torch.Tensor] | None = None
-
-    # --- prompts (IVLP's) -----------------------------------------------------------------
-    def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
-        self.prompts = ClassPrompts(backbone, classnames, self._segments)
-
-    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
-        at = int(self.prompts.slots[0, 0])
-        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot, deep_text_plan(self.text_deep, at))
-
-    def image_plan(self) -> TowerPlan | None:
-        return deep_image_plan(self.image_prompts)
 
     # --- objective -------------------------------------------------------------------------
     def frozen_templates(self, template: str) -> list[str]:
