@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlprompt.methods import base
+from vlprompt.methods import registered as _registered
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs
 from vlprompt.methods.common import ClassPrompts, ctx_segments
 
@@ -40,8 +40,5 @@ class TinyCtx(PromptMethod):
 @contextlib.contextmanager
 def registered():
     """Make ``tinyctx`` a known method for the duration of the block."""
-    base._REGISTRY[TinyCtx.name] = TinyCtx
-    try:
+    with _registered(TinyCtx):
         yield
-    finally:
-        base._REGISTRY.pop(TinyCtx.name, None)

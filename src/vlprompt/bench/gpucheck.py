@@ -212,7 +212,8 @@ def check_ddp(model: str, device: torch.device, work: Path) -> dict[str, Any]:
 
 def check_bench(model: str, device: torch.device, dry: bool, work: Path) -> dict[str, Any]:
     """Bench at official batch sizes (+ evaluation at batch 100, memory at 1000 classes), compile on/off."""
-    from vlprompt.bench.harness import TRAINED_METHODS, BenchConfig, run_bench
+    from vlprompt.bench.harness import BenchConfig, run_bench
+    from vlprompt.methods import bench_methods
 
     if dry:
         cfg = BenchConfig.quick_config(
@@ -226,9 +227,9 @@ def check_bench(model: str, device: torch.device, dry: bool, work: Path) -> dict
     else:
         cfg = BenchConfig(
             model=model,
-            methods=list(TRAINED_METHODS),
+            methods=bench_methods(),
             classes=[100],
-            eval_methods=["zeroshot", *TRAINED_METHODS],
+            eval_methods=["zeroshot", *bench_methods()],
             eval_images=200,
             eval_batch=100,
             image_batch=32,

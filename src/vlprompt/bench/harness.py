@@ -58,9 +58,6 @@ from vlprompt.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-TRAINED_METHODS = ("coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "dpl")
-# the official recipes' batch sizes, used when a method has no preset file
-OFFICIAL_BATCH = {"coop": 32, "cocoop": 1, "ivlp": 4, "vpt": 4, "maple": 4, "mpl": 4, "dpl": 4}
 VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
     "reference": {"truncate_text": False, "cache_text": False, "attention": "plain", "share_prefix": False},
     "fast": {"truncate_text": True, "cache_text": True, "attention": "auto", "share_prefix": True},
@@ -289,17 +286,14 @@ def class_names(n: int) -> list[str]:
 
 
 def method_recipe(method: str) -> tuple[dict[str, Any], int]:
-    """(official options, official batch size) from the method's preset (the official table as fallback)."""
-    try:
-        from vlprompt.train.config import load_preset
+    """(official options, official batch size): the preset's, else the registry entry's bench batch size."""
+    from vlprompt.methods import get_method
+    from vlprompt.train.config import load_preset
 
-        preset = load_preset(method)
-        return dict(preset.get("options") or {}), int(
-            preset["train"].get("batch_size", OFFICIAL_BATCH.get(method, 4))
-        )
-    except Exception as e:  # no trainer / preset yet: official batch, Config defaults
-        log.debug("no preset for %s (%s); using the official batch size", method, e)
-        return {}, OFFICIAL_BATCH.get(method, 4)
+    cls = get_method(method)
+    preset = load_preset(method)
+    batch = (cls.preset().get("train") or {}).get("batch_size") or cls.bench_batch_size or 4
+    return dict(preset.get("options") or {}), int(batch)
 
 
 def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extra: Any):
@@ -726,7 +720,7 @@ def label_reconstructed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from vlprompt.methods import get_method
 
     for r in rows:
-        note = getattr(get_method(r["method"]), "reconstruction_note", "") if r.get("method") else ""
+        note = get_method(r["method"]).reconstruction_note if r.get("method") else ""
         if note:
             r["reconstructed"], r["note"] = True, note
     return rows

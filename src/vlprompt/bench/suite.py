@@ -31,16 +31,16 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from vlprompt.methods import bench_methods
 
-#: the trained methods of the base-to-new suite, in the papers' order (DPL is a reconstruction)
-SUITE_METHODS: tuple[str, ...] = ("coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "dpl")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class SuiteConfig:
     protocol: str = "base2new"
-    methods: list[str] = field(default_factory=lambda: list(SUITE_METHODS))
+    # the trained methods of the suite: the registry's bench methods, in registration order
+    methods: list[str] = field(default_factory=lambda: bench_methods())
     datasets: list[str] | None = None
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     shots: list[int] | None = None

@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_suite(args: argparse.Namespace) -> int:
     from vlprompt.bench.harness import default_out_dir
-    from vlprompt.bench.suite import SUITE_METHODS, SuiteConfig, render_markdown, run_suite, write_suite
+    from vlprompt.bench.suite import SuiteConfig, render_markdown, run_suite, write_suite
+    from vlprompt.methods import bench_methods
 
     over = {"protocol": args.protocol, "device": args.device, "root": args.root}
     for key, val in [("model", args.model), ("methods", args.methods), ("datasets", args.datasets),
@@ -86,7 +87,7 @@ def run_suite(args: argparse.Namespace) -> int:
                 f"bench suite --classes takes two class counts (e.g. 50,500), got {args.classes}"
             )
         over["classes"] = tuple(args.classes)
-    over.setdefault("methods", list(SUITE_METHODS))
+    over.setdefault("methods", bench_methods())
     cfg = SuiteConfig.quick_config(**over) if args.quick else SuiteConfig(**over)
     res = run_suite(cfg)
     out = args.out or default_out_dir(res)
@@ -99,17 +100,18 @@ def run_suite(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "what", None) == "suite":
         return run_suite(args)
-    from vlprompt.bench.harness import TRAINED_METHODS, BenchConfig, default_out_dir, run_bench, write_results
+    from vlprompt.bench.harness import BenchConfig, default_out_dir, run_bench, write_results
     from vlprompt.errors import VlpromptError
+    from vlprompt.methods import bench_methods
 
     if args.quick and args.full:
         raise VlpromptError("--quick and --full contradict each other; pass one of them")
     over = {}
     if args.full:
         over.update(
-            methods=list(TRAINED_METHODS),
+            methods=bench_methods(),
             classes=[10, 100, 1000],
-            eval_methods=["zeroshot", *TRAINED_METHODS],
+            eval_methods=["zeroshot", *bench_methods()],
             memory_methods=["maple", "mpl", "dpl"],
             variants_fast_plain=True,
             repeats=3,

@@ -1,16 +1,40 @@
-"""Methods: each a small registered module describing its prompts (see ``base.PromptMethod``)."""
+"""Methods: each a small registered module describing its prompts (see ``base.PromptMethod``).
+
+The registration list below is the one place that names the package's methods: importing a method's
+module registers it (``@register_method``), in this order (the order of the bench and the papers).
+A new method is one module, one preset (``presets/<name>.yaml``) and one line here.
+"""
 
 from vlprompt.methods.base import (
     MethodConfig,
     PromptMethod,
     TextInputs,
+    bench_methods,
     build_config,
     get_method,
     list_methods,
     register_method,
+    registered,
+    registered_methods,
+    unregister_method,
 )
 from vlprompt.methods.model import DEFAULT_TEMPLATE, ModelOptions, PromptModel, TextStrategy, create_model
 from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
+
+# --- the registration list: one line per method -------------------------------------------------
+# isort: off
+from vlprompt.methods import zeroshot  # noqa: E402, F401
+from vlprompt.methods import coop  # noqa: E402, F401
+from vlprompt.methods import cocoop  # noqa: E402, F401
+from vlprompt.methods import ivlp  # noqa: E402, F401
+from vlprompt.methods import vpt  # noqa: E402, F401
+from vlprompt.methods import maple  # noqa: E402, F401
+from vlprompt.methods import mpl  # noqa: E402, F401
+from vlprompt.methods import dpl  # noqa: E402, F401  (dpl, dpl-visual, dpl-text)
+from vlprompt.methods import kgcoop  # noqa: E402, F401
+from vlprompt.methods import prograd  # noqa: E402, F401
+from vlprompt.methods import promptsrc  # noqa: E402, F401
+# isort: on
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -22,9 +46,13 @@ __all__ = [
     "PromptModel",
     "TextInputs",
     "TextStrategy",
+    "bench_methods",
     "build_config",
     "create_model",
     "get_method",
     "list_methods",
     "register_method",
+    "registered",
+    "registered_methods",
+    "unregister_method",
 ]

@@ -12,14 +12,18 @@ pieces live in :mod:`vlprompt.methods.common`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from vlprompt.backbones import Backbone
@@ -75,13 +79,27 @@ class PromptMethod(nn.Module):
     :meth:`prepare_text`, :meth:`text_inputs` and (when they prompt the image tower) :meth:`image_plan`.
     """
 
+    # --- the registry entry: everything the rest of the package knows about a method ---------------
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     image_conditioned_text: ClassVar[bool] = False  # text side depends on the image (CoCoOp)
     summary: ClassVar[str] = ""
+    # the name tables, plots and reports show (default: ``name``); a reconstruction says so in it
+    display_name: ClassVar[str] = ""
+    # the name the methods' papers print in their tables (protocols.reference); default display_name
+    paper_name: ClassVar[str] = ""
     # a one-line provenance note when the method is our reading rather than published code (DPL): the
     # run layer writes ``reconstructed: true`` + this note into every artefact of such a method
     reconstruction_note: ClassVar[str] = ""
+    # a one-line note when training sees unlabelled images of the classes it is tested on: the run
+    # layer writes ``transductive: true`` + this note into every artefact of such a method
+    transductive_note: ClassVar[str] = ""
+    # the official recipe's batch size when ``vlprompt bench`` times this method by default (None: the
+    # bench leaves it out unless asked for by name; it then uses the preset's batch size)
+    bench_batch_size: ClassVar[int | None] = None
+    # the preset file, relative to the folder of the module defining the method; default
+    # ``presets/<name>.yaml`` (a method without one trains with the generic recipe)
+    preset_file: ClassVar[str] = ""
     # frozen-CLIP entries of ModelOutput the objective reads (subset of output.FROZEN_NEEDS)
     needs: ClassVar[frozenset[str]] = frozenset()
 
@@ -158,13 +176,81 @@ class PromptMethod(nn.Module):
                 "not define; resume with the method that wrote it"
             )
 
+    # --- registry entry, read by the run layer, protocols, reports and the bench -------------------
+    @classmethod
+    def label(cls) -> str:
+        """The display name (``name`` when the method sets none)."""
+        return cls.display_name or cls.name
+
+    @classmethod
+    def provenance(cls) -> dict[str, Any]:
+        """What every artefact of a run of this method carries: ``reconstructed`` / ``transductive`` notes."""
+        out: dict[str, Any] = {}
+        if cls.reconstruction_note:
+            out.update({"reconstructed": True, "note": cls.reconstruction_note})
+        if cls.transductive_note:
+            out.update({"transductive": True, "transductive_note": cls.transductive_note})
+        return out
+
+    @classmethod
+    def preset_path(cls) -> Path:
+        """Where the method's preset lives (beside the module that defines it)."""
+        module = sys.modules[cls.__module__]
+        folder = Path(str(module.__file__)).resolve().parent
+        return folder / (cls.preset_file or f"presets/{cls.name}.yaml")
+
+    @classmethod
+    def preset(cls) -> dict[str, Any]:
+        """The preset file's sections (``method``, ``options``, ``train``, ``protocols``), read once and
+        checked once; ``{}`` when the method has no preset.  Callers get a copy."""
+        if cls not in _PRESETS:
+            _PRESETS[cls] = _read_preset(cls)
+        return copy.deepcopy(_PRESETS[cls])
+
     def describe(self) -> dict[str, Any]:
         n = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"method": self.name, "config": self.cfg.to_dict(), "trainable_parameters": n}
 
 
+PRESET_SECTIONS = ("method", "options", "train", "protocols")
+_PRESETS: dict[type[PromptMethod], dict[str, Any]] = {}
+
+
+def _read_preset(cls: type[PromptMethod]) -> dict[str, Any]:
+    path = cls.preset_path()
+    if not path.is_file():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise VlpromptError(f"cannot read preset {path} ({type(e).__name__}); check the file") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VlpromptError(f"preset {path} is not valid YAML ({first}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise VlpromptError(f"preset {path} must hold a mapping of sections, not {type(raw).__name__}")
+    bad = sorted(set(raw) - set(PRESET_SECTIONS))
+    if bad:
+        raise VlpromptError(
+            f"preset {path} has unknown section(s) {', '.join(map(str, bad))}; "
+            f"valid: {', '.join(PRESET_SECTIONS)}"
+        )
+    if raw.get("method", cls.name) != cls.name:
+        raise VlpromptError(
+            f"preset {path} is for method '{raw['method']}', not '{cls.name}'; fix its 'method:' line"
+        )
+    for sec in ("options", "train", "protocols"):
+        if not isinstance(raw.get(sec) or {}, dict):
+            raise VlpromptError(f"preset {path}: section '{sec}' must be a mapping of keys")
+    return raw
+
+
 def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
+    """Class decorator adding a method to the registry under ``cls.name``.
+
+    The package's own methods are registered by the import list in ``vlprompt/methods/__init__.py``;
+    a method defined elsewhere (a script, a plug-in, a test) is registered by importing its module.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     bad_needs = set(cls.needs) - FROZEN_NEEDS
@@ -178,28 +264,45 @@ def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
     if reserved:  # these are create_model()'s own arguments; an option of that name could never be passed
         raise ValueError(f"{cls.__name__}.Config uses reserved option name(s) {sorted(reserved)}")
     _REGISTRY[cls.name] = cls
+    _PRESETS.pop(cls, None)
     return cls
 
 
-def _load_all() -> None:
-    import importlib
-    import pkgutil
+def unregister_method(name: str) -> None:
+    """Remove ``name`` from the registry (a method registered for the duration of a test or a script)."""
+    cls = _REGISTRY.pop(name, None)
+    _PRESETS.pop(cls, None)  # type: ignore[arg-type]
 
-    import vlprompt.methods as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in {"base", "common", "model", "output"} and not mod.name.startswith("_"):
-            importlib.import_module(f"vlprompt.methods.{mod.name}")
+@contextlib.contextmanager
+def registered(cls: type[PromptMethod]) -> Iterator[type[PromptMethod]]:
+    """``cls`` registered for the duration of the block (and the former entry of its name restored)."""
+    before = _REGISTRY.get(cls.name)
+    register_method(cls)
+    try:
+        yield cls
+    finally:
+        unregister_method(cls.name)
+        if before is not None:
+            _REGISTRY[before.name] = before
 
 
 def list_methods() -> list[str]:
-    """Names of every registered method."""
-    _load_all()
+    """Names of every registered method (sorted)."""
     return sorted(_REGISTRY)
 
 
+def registered_methods() -> list[type[PromptMethod]]:
+    """Every registered method class, in registration order (the package's list first)."""
+    return list(_REGISTRY.values())
+
+
+def bench_methods() -> list[str]:
+    """The methods ``vlprompt bench`` times by default: those whose entry names a bench batch size."""
+    return [c.name for c in _REGISTRY.values() if c.bench_batch_size]
+
+
 def get_method(name: str) -> type[PromptMethod]:
-    _load_all()
     if name not in _REGISTRY:
         raise unknown_name("method", name, _REGISTRY)
     return _REGISTRY[name]

@@ -29,6 +29,8 @@ class CoCoOpConfig(MethodConfig):
 @register_method
 class CoCoOp(PromptMethod):
     name = "cocoop"
+    display_name = "CoCoOp"
+    bench_batch_size = 1
     Config = CoCoOpConfig
     image_conditioned_text = True
     summary = "CoCoOp: CoOp context + per-image bias from a meta-net (text prompts conditioned on the image)"

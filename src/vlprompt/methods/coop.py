@@ -29,6 +29,8 @@ class CoOpConfig(MethodConfig):
 @register_method
 class CoOp(PromptMethod):
     name = "coop"
+    display_name = "CoOp"
+    bench_batch_size = 32
     Config = CoOpConfig
     summary = "CoOp: M learnable text context vectors (shared or class-specific), frozen image tower"
 

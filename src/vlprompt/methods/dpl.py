@@ -265,6 +265,8 @@ def _image_plan(self: _DPLBase) -> TowerPlan | None:
 @register_method
 class DPL(_DPLBase):
     name = "dpl"
+    display_name = f"DPL ({RECONSTRUCTED})"
+    bench_batch_size = 4
     Config = DPLConfig
     summary = (
         f"DPL [{RECONSTRUCTED}]: decoupled attention with gated visual prompts and "
@@ -276,6 +278,7 @@ class DPL(_DPLBase):
 @register_method
 class DPLVisual(_DPLBase):
     name = "dpl-visual"
+    display_name = f"DPL-visual ({RECONSTRUCTED})"
     Config = DPLVisualConfig
     summary = f"DPL visual prompts only [{RECONSTRUCTED}]; text = the hand-crafted template"
     image_plan = _image_plan
@@ -284,5 +287,6 @@ class DPLVisual(_DPLBase):
 @register_method
 class DPLText(_DPLBase):
     name = "dpl-text"
+    display_name = f"DPL-text ({RECONSTRUCTED})"
     Config = DPLTextConfig
     summary = f"DPL language-conditioned text prompts only [{RECONSTRUCTED}]; image tower = frozen CLIP"

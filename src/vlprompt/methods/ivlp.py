@@ -34,6 +34,8 @@ class IVLPConfig(MethodConfig):
 @register_method
 class IVLP(IndependentDeepPrompts, PromptMethod):
     name = "ivlp"
+    display_name = "IVLP"
+    bench_batch_size = 4
     Config = IVLPConfig
     summary = "IVLP: independent deep prompts in the text and image towers"
 

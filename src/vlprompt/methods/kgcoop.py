@@ -43,6 +43,7 @@ class KgCoOpConfig(MethodConfig):
 @register_method
 class KgCoOp(PromptMethod):
     name = "kgcoop"
+    display_name = "KgCoOp"
     Config = KgCoOpConfig
     summary = "KgCoOp: CoOp + w * (1 - cos) to frozen CLIP's hand-crafted class embeddings"
     needs = frozenset({"frozen_text"})

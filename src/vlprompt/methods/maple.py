@@ -34,6 +34,8 @@ class MaPLeConfig(MethodConfig):
 @register_method
 class MaPLe(PromptMethod):
     name = "maple"
+    display_name = "MaPLe"
+    bench_batch_size = 4
     Config = MaPLeConfig
     summary = "MaPLe: deep text prompts with per-layer text->image projections as the image prompts"
 

@@ -90,6 +90,8 @@ def image_prompt_counts(n_ctx: int, add: int, remove: int, depth: int, layers: i
 @register_method
 class MPL(PromptMethod):
     name = "mpl"
+    display_name = "MPL"
+    bench_batch_size = 4
     Config = MPLConfig
     summary = "Modular Prompt Learning: add / remove / carry text-projected image prompts per layer"
 

@@ -58,6 +58,7 @@ class ProGradConfig(MethodConfig):
 @register_method
 class ProGrad(PromptMethod):
     name = "prograd"
+    display_name = "ProGrad"
     Config = ProGradConfig
     summary = "ProGrad: CoOp with its CE gradient projected to agree with zero-shot CLIP's KL gradient"
     needs = frozenset({"zero_shot_logits"})

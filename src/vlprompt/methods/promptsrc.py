@@ -83,6 +83,7 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 @register_method
 class PromptSRC(IndependentDeepPrompts, PromptMethod):
     name = "promptsrc"
+    display_name = "PromptSRC"
     Config = PromptSRCConfig
     summary = "PromptSRC: IVLP prompts + L1/KL self-regulation to frozen CLIP + Gaussian prompt aggregation"
     needs = frozenset({"zero_shot_logits"})

@@ -35,6 +35,8 @@ class VPTConfig(MethodConfig):
 @register_method
 class VPT(PromptMethod):
     name = "vpt"
+    display_name = "VPT-deep"
+    bench_batch_size = 4
     Config = VPTConfig
     summary = "VPT-deep: learnable image tokens replaced at every prompted layer; fixed text prompt"
 

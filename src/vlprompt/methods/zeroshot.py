@@ -19,6 +19,8 @@ class ZeroShotConfig(MethodConfig):
 @register_method
 class ZeroShot(PromptMethod):
     name = "zeroshot"
+    display_name = "CLIP (zero-shot)"
+    paper_name = "CLIP"
     Config = ZeroShotConfig
     summary = "zero-shot CLIP with the data set's hand-crafted template (no learning)"
 

@@ -128,16 +128,9 @@ def preset_protocol(method: str, protocol: str) -> str:
     """
     if protocol != "dg":
         return protocol
-    import yaml
+    from vlprompt.train.config import preset_protocols
 
-    from vlprompt.train.config import PRESET_DIR
-
-    path = PRESET_DIR / f"{method}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, yaml.YAMLError):
-        raw = {}  # load_preset reports a broken preset with a proper message
-    return "dg" if "dg" in ((raw or {}).get("protocols") or {}) else "cross-dataset"
+    return "dg" if "dg" in preset_protocols(method) else "cross-dataset"
 
 
 def resolve_run_config(

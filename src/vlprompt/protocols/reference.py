@@ -9,19 +9,6 @@ from __future__ import annotations
 
 LABEL = "published, ViT-B/16, pretrained CLIP"
 
-#: our method name -> the name the papers' tables use
-PAPER_NAMES: dict[str, str] = {
-    "zeroshot": "CLIP",
-    "coop": "CoOp",
-    "cocoop": "CoCoOp",
-    "kgcoop": "KgCoOp",
-    "prograd": "ProGrad",
-    "ivlp": "IVLP",
-    "maple": "MaPLe",
-    "promptsrc": "PromptSRC",
-    "mpl": "MPL",
-}
-
 #: base-to-new averages over the 11 data sets: (Base, New, HM)
 BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "CLIP": (69.34, 74.22, 71.70),
@@ -86,5 +73,15 @@ DG_AVERAGE: dict[str, float] = {
 
 
 def paper_name(method: str) -> str | None:
-    """The papers' name for one of our methods, or None when no published number exists for it."""
-    return PAPER_NAMES.get(method.lower())
+    """The papers' name for one of our methods (its registry entry's ``paper_name``, else its display
+    name), or None when the method is unknown here or the tables hold no number under that name."""
+    from vlprompt.errors import VlpromptError
+    from vlprompt.methods import get_method
+
+    try:
+        cls = get_method(method)
+    except VlpromptError:
+        return None
+    name = cls.paper_name or cls.label()
+    tables = (BASE2NEW_AVERAGE, BASE2NEW_HM, BASE2NEW_BN, CROSS_DATASET_AVERAGE, DG_AVERAGE)
+    return name if any(name in t for t in tables) else None

@@ -34,23 +34,9 @@ from vlprompt.utils import atomic_write_text
 log = logging.getLogger(__name__)
 
 RANDOM_BANNER = "untrained (random) backbone: numbers are a pipeline check, not CLIP results"
-DPL_NOTE = "(reconstructed from the paper's abstract)"
 PUB = "pub."  # column marker of published numbers; the report explains it once
 SINGLE = "single"  # protocol of runs made by plain `vlprompt train` (and imported prompts)
 MOST_CONFUSED = 5  # pairs per evaluation in the "most confused pairs" table
-
-_DISPLAY = {
-    "zeroshot": "CLIP (zero-shot)",
-    "coop": "CoOp",
-    "cocoop": "CoCoOp",
-    "ivlp": "IVLP",
-    "vpt": "VPT-deep",
-    "maple": "MaPLe",
-    "mpl": "MPL",
-    "kgcoop": "KgCoOp",
-    "prograd": "ProGrad",
-    "promptsrc": "PromptSRC",
-}
 
 
 # ---------------------------------------------------------------------------------------- numbers
@@ -79,11 +65,20 @@ def mean_std(values: Iterable[float]) -> MeanStd | None:
     return MeanStd(m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals)), len(vals))
 
 
+def _entry(method: str) -> Any:
+    """The method's registry entry, or None for a method this installation does not know."""
+    from vlprompt.methods import get_method
+
+    try:
+        return get_method(method)
+    except VlpromptError:
+        return None
+
+
 def method_label(method: str) -> str:
-    """Display name; every DPL variant carries the reconstruction note."""
-    if method.lower().startswith("dpl"):
-        return "DPL" + method[3:] + " " + DPL_NOTE
-    return _DISPLAY.get(method.lower(), method)
+    """The registry's display name (a reconstruction carries its note in it); the name otherwise."""
+    entry = _entry(method)
+    return entry.label() if entry is not None else method
 
 
 def dataset_order(names: Iterable[str]) -> list[str]:
@@ -798,11 +793,9 @@ def build_report(
         f"backbone(s): {', '.join(backbones)}",
         "",
     ]
-    if any(r.method.lower().startswith("dpl") for r in complete):
-        lines += [
-            f"DPL is {DPL_NOTE[1:-1]}: its method section is not available offline (see docs/dpl.md).",
-            "",
-        ]
+    notes = {reconstruction_note(r.method) for r in complete} - {""}
+    for note in sorted(notes):  # e.g. DPL: its method section is not available offline (see docs/dpl.md)
+        lines += [f"{note}: its numbers come from our reading of the paper, not from published code.", ""]
     if reference:
         lines += [
             f"**({PUB})** marks numbers printed in the methods' papers ({ref.LABEL}, 16 shots, mean of 3 "
@@ -850,13 +843,9 @@ def build_report(
 
 
 def reconstruction_note(method: str) -> str:
-    """The method's own note when it is a reconstruction (DPL), else ``""``."""
-    try:
-        from vlprompt.methods import get_method
-
-        return get_method(method).reconstruction_note
-    except Exception:  # a method not registered in this installation
-        return "reconstructed from the paper's abstract" if method.lower().startswith("dpl") else ""
+    """The method's own note when it is a reconstruction (DPL), else ``""`` (also for an unknown method)."""
+    entry = _entry(method)
+    return entry.reconstruction_note if entry is not None else ""
 
 
 def _runs_csv(runs: list[RunRecord]) -> str:

@@ -28,11 +28,11 @@ FORMAT_VERSION = 1
 
 
 def provenance(method: str) -> dict[str, Any]:
-    """``{"reconstructed": True, "note": ...}`` for a method that is our reconstruction (DPL), else {}."""
+    """The method's registry notes every artefact carries: ``{"reconstructed": True, "note": ...}`` for
+    a reconstruction (DPL), ``{"transductive": True, ...}`` for a transductive method, else ``{}``."""
     from vlprompt.methods import get_method
 
-    note = getattr(get_method(method), "reconstruction_note", "")
-    return {"reconstructed": True, "note": note} if note else {}
+    return get_method(method).provenance()
 
 
 def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = True) -> Any:
@@ -100,7 +100,7 @@ def record_metrics(run: RunDir, entry: dict[str, Any]) -> dict[str, Any]:
     """Add an evaluation to the run's metrics.json (with the method's provenance note)."""
     metrics = run.write_metrics(entry)
     prov = provenance(str(entry.get("method") or "zeroshot")) if entry.get("method") else {}
-    if prov and not metrics.get("reconstructed"):
+    if prov and any(k not in metrics for k in prov):
         metrics.update(prov)
         run.write_json(METRICS, metrics)
     return metrics
@@ -419,6 +419,8 @@ def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest
     meta = {"vlprompt_manifest": json.dumps(manifest)}
     if manifest.get("reconstructed"):
         meta.update({"reconstructed": "true", "note": str(manifest.get("note", ""))})
+    if manifest.get("transductive"):
+        meta.update({"transductive": "true", "transductive_note": str(manifest.get("transductive_note", ""))})
     save_safetensors(run.file(PROMPT), state, meta)
     run.write_json(MANIFEST, manifest)
 

@@ -37,7 +37,6 @@ import yaml
 
 from vlprompt.errors import VlpromptError, unknown_name
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "methods" / "presets"
 PROTOCOLS: tuple[str, ...] = ("base2new", "cross-dataset", "dg", "fewshot")
 SECTIONS: tuple[str, ...] = ("method", "options", "train", "data", "backbone", "protocol")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -496,25 +495,16 @@ DEFAULT_BACKBONE: dict[str, Any] = BackboneConfig().to_dict()
 def load_preset(method: str, protocol: str | None = None) -> dict[str, Any]:
     """The method's official recipe ``{method, options, train}``, with ``protocols[protocol]`` merged in.
 
-    Reads ``methods/presets/<method>.yaml``; a method without a preset file gets the generic
-    train defaults and its Config defaults (empty ``options``).
+    The preset is the method's registry entry (``PromptMethod.preset()``: read and checked once); a
+    method without a preset file gets the generic train defaults and its Config defaults.
     """
     from vlprompt.methods import get_method
 
-    get_method(method)  # unknown method -> one-line error with close names
+    cls = get_method(method)  # unknown method -> one-line error with close names
     if protocol is not None and protocol not in PROTOCOLS:
         raise unknown_name("protocol", protocol, PROTOCOLS)
-    path = PRESET_DIR / f"{method}.yaml"
-    raw = read_yaml(path, "preset") if path.is_file() else {}
-    bad = sorted(set(raw) - {"method", "options", "train", "protocols"})
-    if bad:
-        raise VlpromptError(
-            f"preset {path} has unknown section(s) {', '.join(bad)}; valid: method, options, train, protocols"
-        )
-    if raw.get("method", method) != method:
-        raise VlpromptError(
-            f"preset {path} is for method '{raw['method']}', not '{method}'; fix its 'method:' line"
-        )
+    raw = cls.preset()
+    path = cls.preset_path()
     protocols = raw.get("protocols") or {}
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
@@ -535,6 +525,13 @@ def load_preset(method: str, protocol: str | None = None) -> dict[str, Any]:
             )
         preset = deep_merge(preset, over)
     return preset
+
+
+def preset_protocols(method: str) -> list[str]:
+    """The protocols the method's preset has its own section for."""
+    from vlprompt.methods import get_method
+
+    return list(get_method(method).preset().get("protocols") or {})
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
