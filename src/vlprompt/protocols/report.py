@@ -166,6 +166,7 @@ def _random_backbone(cfg: dict[str, Any], manifest: Any, env: Any) -> bool:
 
 def load_run_record(run_dir: str | Path) -> RunRecord | None:
     """Read one run directory through the run layer (None when it has no readable config)."""
+    from vlprompt.data.custom import public_name
     from vlprompt.run import RunDir
 
     run = RunDir(run_dir)
@@ -202,7 +203,7 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
         path=run_dir,
         method=str(cfg["method"]),
         protocol=str(cfg.get("protocol") or SINGLE),
-        dataset=str(data.get("dataset")),
+        dataset=public_name(str(data.get("dataset"))),
         shots=data.get("shots"),
         seed=data.get("seed"),
         backbone=f"{bb.get('name')} ({'random init' if random else tag})",

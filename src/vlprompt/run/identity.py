@@ -83,20 +83,33 @@ def train_identity(t: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def data_identity(d: DataConfig, split_hash: str | None) -> dict[str, Any]:
+def data_identity(
+    d: DataConfig, split_hash: str | None, classnames: list[str] | None = None
+) -> dict[str, Any]:
+    """The data keys of the identity.  A ``folder:``/``csv:`` set is named without its machine path
+    (``folder:pets``); what identifies its data is the split hash (every item's relative path and label)
+    and, for these sets only, the class names (a CSV's labels are not in its relative paths)."""
+    from vlprompt.data.custom import public_name
+
     out = {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.metadata.get("execution")}
     out["split_hash"] = split_hash
+    if isinstance(out.get("dataset"), str) and public_name(out["dataset"]) != out["dataset"]:
+        out["dataset"] = public_name(out["dataset"])
+        if classnames is not None:
+            out["classnames_sha256"] = sha256_json(list(classnames))
     return out
 
 
-def identity(cfg: RunConfig, *, split_hash: str | None, precision: str) -> dict[str, Any]:
+def identity(
+    cfg: RunConfig, *, split_hash: str | None, precision: str, classnames: list[str] | None = None
+) -> dict[str, Any]:
     """The identity a run's fingerprint hashes (plain JSON values)."""
     ident = {
         "version": IDENTITY_VERSION,
         "method": cfg.method,
         "options": _options(cfg),
         "backbone": backbone_identity(cfg),
-        "data": data_identity(cfg.data, split_hash),
+        "data": data_identity(cfg.data, split_hash, classnames),
         "train": train_identity(cfg.train),
         "precision": precision,
     }
@@ -200,4 +213,6 @@ def request_fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
     splits = load_splits(cfg.data)
     prec = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
-    return fingerprint_record(identity(cfg, split_hash=split_hash(splits), precision=prec))
+    return fingerprint_record(
+        identity(cfg, split_hash=split_hash(splits), precision=prec, classnames=list(splits.classnames))
+    )

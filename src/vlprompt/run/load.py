@@ -228,7 +228,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
         raw = src.read_config()
         prov = raw.pop("provenance", None)
         if isinstance(raw.get("data"), dict):
+            from vlprompt.data.custom import public_name
+
             raw["data"]["root"] = None
+            if isinstance(raw["data"].get("dataset"), str):
+                raw["data"]["dataset"] = public_name(raw["data"]["dataset"])
         if isinstance(raw.get("backbone"), dict) and raw["backbone"].get("weights"):
             raw["backbone"]["weights"] = Path(str(raw["backbone"]["weights"])).name
         import yaml

@@ -79,8 +79,10 @@ def train_data(splits: Any, backbone: Any, cfg: RunConfig) -> Any:
 def metrics_entry(
     res: dict[str, Any], *, dataset: str, subsample: str, epoch: Any, seed: Any, shots: Any, method: str
 ) -> dict[str, Any]:
+    from vlprompt.data.custom import public_name
+
     return {
-        "dataset": dataset,
+        "dataset": public_name(dataset),  # folder:/csv: sets by name only (no machine path)
         "subsample": subsample,
         "split": "test",
         "epoch": epoch,
@@ -111,7 +113,11 @@ def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str,
     from vlprompt.train.precision import resolve_precision
 
     prec = resolve_precision(cfg.train.precision, device).name
-    return fingerprint_record(identity(cfg, split_hash=split_hash(splits_full), precision=prec))
+    return fingerprint_record(
+        identity(
+            cfg, split_hash=split_hash(splits_full), precision=prec, classnames=list(splits_full.classnames)
+        )
+    )
 
 
 def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
@@ -269,6 +275,7 @@ def _train_run(
 def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any) -> None:
     """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained."""
     from vlprompt.data import split_hash
+    from vlprompt.data.custom import public_name
 
     prov = provenance(cfg.method)
     text = dump_yaml(cfg)
@@ -282,7 +289,7 @@ def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: A
     run.write_json(
         SPLIT,
         {
-            "dataset": splits.name,
+            "dataset": public_name(splits.name),
             "split_hash": split_hash(splits),
             "shots": cfg.data.shots,
             "seed": cfg.data.seed,
@@ -426,6 +433,10 @@ def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest
     if bad:
         raise VlpromptError(f"the prompt holds non-finite values ({', '.join(bad[:3])}); nothing was written")
     manifest = {k: v for k, v in manifest.items() if k != PROMPT_SHA256}
+    if isinstance(manifest.get("dataset"), str):  # folder:/csv: sets by name only (no machine path)
+        from vlprompt.data.custom import public_name
+
+        manifest["dataset"] = public_name(manifest["dataset"])
     meta = {"vlprompt_manifest": json.dumps(manifest)}
     if manifest.get("reconstructed"):
         meta.update({"reconstructed": "true", "note": str(manifest.get("note", ""))})
