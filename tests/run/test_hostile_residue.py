@@ -291,3 +291,15 @@ def test_all_nan_prompt_is_refused_on_load_and_on_save(done_run, tmp_path, capsy
     with pytest.raises(VlpromptError, match="non-finite"):
         save_prompt(tmp_path / "new", state, manifest)
     assert not (tmp_path / "new" / "prompt.safetensors").exists()
+
+
+def test_predict_never_reports_nan_probabilities(done_run):
+    import vlprompt
+    from vlprompt.errors import VlpromptError
+
+    model = vlprompt.load_run(done_run)
+    size = model.backbone.preprocess_cfg["size"]
+    images = torch.zeros(1, 3, size, size)
+    assert torch.isfinite(model.predict(images).probs).all()
+    with pytest.raises(VlpromptError, match="non-finite probabilities"):
+        model.predict(torch.full((1, 3, size, size), float("nan")))

@@ -299,7 +299,7 @@ def get_dataset(
         val = drop_unreadable(splits.val, f"{splits.name} val")
         test = val if same_val_test else drop_unreadable(splits.test, f"{splits.name} test")
         emptied = sorted({d.label for d in splits.train} - {d.label for d in train})
-        if emptied:  # a class with no training image left is no class to learn
+        if emptied and custom is not None:  # a user's class with no training image left is no class
             names = ", ".join(repr(splits.classnames[i]) for i in emptied[:3])
             raise VlpromptError(
                 f"--skip-bad dropped every training image of class {names}"
