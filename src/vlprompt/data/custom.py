@@ -42,26 +42,95 @@ def parse_custom_name(name: str) -> tuple[str, Path] | None:
     return None
 
 
+def public_name(name: str) -> str:
+    """``folder:/home/me/pets`` -> ``folder:pets`` (likewise ``csv:``): what run files, exports and reports
+    record, so no machine path leaves the machine; built-in names come back unchanged."""
+    for kind in ("folder", "csv"):
+        if name.startswith(kind + ":"):
+            path = name[len(kind) + 1 :].rstrip("/\\")
+            return f"{kind}:{Path(path).name or path}"
+    return name
+
+
+def _utf8(name: str, where: str) -> str:
+    """File and folder names are recorded as UTF-8 text (split files, manifests): refuse one that is not."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise VlpromptError(
+            f"{where}: the name '{shown}' is not valid UTF-8; rename it (e.g. convmv -f latin1 -t utf8)"
+        ) from None
+    return name
+
+
 def _scan_folder(root: Path) -> dict[str, list[str]]:
     classes: dict[str, list[str]] = {}
+    real: dict[str, str] = {}  # resolved class folder -> class name
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir() or entry.name.startswith("."):
             continue
+        _utf8(entry.name, f"class folder in {root}")
+        target = os.path.realpath(entry.path)
+        for other_real, other in real.items():
+            if (
+                target == other_real
+                or target.startswith(other_real + os.sep)
+                or other_real.startswith(target + os.sep)
+            ):
+                raise VlpromptError(
+                    f"class folders '{other}' and '{entry.name}' in {root} hold the same images (one links "
+                    "to or lies inside the other); remove the link or merge the classes"
+                )
+        real[target] = entry.name
         files = []
         for dirpath, dirnames, filenames in os.walk(entry.path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files += [
-                os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames) if is_image_file(f)
+                _utf8(os.path.relpath(os.path.join(dirpath, f), root), f"image in {root}")
+                for f in sorted(filenames)
+                if is_image_file(f)
             ]
         if not files:
             raise VlpromptError(f"class folder {entry.path} has no images; add images or remove the folder")
         classes[entry.name] = files
+    _refuse_shared_files(root, classes)
     return classes
+
+
+def _refuse_shared_files(base: Path, classes: dict[str, list[str]]) -> None:
+    """One image file (after links) listed twice -- under two labels or two spellings -- would land in
+    train and test at once: refused, naming both entries."""
+    seen: dict[str, tuple[str, str]] = {}
+    for label, files in classes.items():
+        for rel in files:
+            key = os.path.realpath(os.path.join(base, rel))
+            if key in seen:
+                other_rel, other_label = seen[key]
+                raise VlpromptError(
+                    f"{base}: '{other_rel}' ({other_label}) and '{rel}' ({label}) are the same image file; "
+                    "keep it once, under one label"
+                )
+            seen[key] = (rel, label)
+
+
+def _csv_relpath(raw: str, base: Path, where: str) -> str:
+    """A CSV row's image path as a normalised path relative to the CSV's folder; refused when it points
+    outside that folder (absolute elsewhere, or ``..``)."""
+    p = Path(raw).expanduser()
+    rel = os.path.relpath(os.path.normpath(p if p.is_absolute() else base / p), base)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        raise VlpromptError(
+            f"{where}: image '{raw}' lies outside the data folder {base}; give paths inside it (relative "
+            "to the CSV)"
+        )
+    return rel
 
 
 def _scan_csv(path: Path) -> dict[str, list[str]]:
     classes: dict[str, list[str]] = {}
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
+    base = path.parent
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -76,12 +145,17 @@ def _scan_csv(path: Path) -> dict[str, list[str]]:
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise VlpromptError(f"{path} row {n}: expected 'path,label', got {row!r}; fix that row")
-        rel, label = row[0].strip(), row[1].strip()
+        raw, label = row[0].strip(), row[1].strip()
+        rel = _csv_relpath(raw, base, f"{path} row {n}")
         if rel in seen:
-            raise VlpromptError(f"{path} row {n}: image {rel} is listed twice; keep one row per image")
-        seen.add(rel)
+            raise VlpromptError(
+                f"{path} rows {seen[rel]} and {n} name the same image {rel}; keep one row per image"
+            )
+        seen[rel] = n
         classes.setdefault(label, []).append(rel)
-    return dict(sorted(classes.items()))
+    classes = dict(sorted(classes.items()))
+    _refuse_shared_files(base, classes)
+    return classes
 
 
 def _split(classes: dict[str, list[str]], base: Path) -> list[list[Datum]]:
@@ -166,6 +240,12 @@ def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
             raise VlpromptError(f"cannot write a split file for {name}; make {cache_dir()} writable")
         log.info("wrote a new split for %s to %s", name, split_file)
     train, val, test, classnames = read_split(split_file, base, skip_bad=skip_bad, title=name)
+    if not test:
+        biggest = max((len(v) for v in classes.values()), default=0)
+        raise VlpromptError(
+            f"{public_name(name)} has no test images: with a 50/20/30 split a class needs at least 4 images "
+            f"(the largest has {biggest}); add images"
+        )
     return DatasetSplits(
         name=name,
         root=str(base),

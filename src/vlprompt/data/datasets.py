@@ -298,5 +298,13 @@ def get_dataset(
         train = drop_unreadable(splits.train, f"{splits.name} train")
         val = drop_unreadable(splits.val, f"{splits.name} val")
         test = val if same_val_test else drop_unreadable(splits.test, f"{splits.name} test")
+        emptied = sorted({d.label for d in splits.train} - {d.label for d in train})
+        if emptied and custom is not None:  # a user's class with no training image left is no class
+            names = ", ".join(repr(splits.classnames[i]) for i in emptied[:3])
+            raise VlpromptError(
+                f"--skip-bad dropped every training image of class {names}"
+                f"{f' and {len(emptied) - 3} more' if len(emptied) > 3 else ''} in {splits.name}; fix those "
+                "images or remove the class"
+            )
         splits = splits.with_(train=train, val=val, test=test)
     return splits

@@ -26,9 +26,37 @@ def set_max_image_pixels(n: int | None) -> None:
     PIL refuses larger images with ``DecompressionBombError``; vlprompt turns that into a one-line
     error naming the file (or, with ``--skip-bad``, drops the file).
     """
+    global _MAX_DECODE_BYTES
     Image.MAX_IMAGE_PIXELS = (
         None if not n else int(n) // 2
     )  # PIL raises at twice its limit and warns above it
+    _MAX_DECODE_BYTES = None if not n else BYTES_PER_LIMIT_PIXEL * int(n)
+
+
+#: ours: the memory one image may take to decode and convert to RGB, per pixel of the pixel limit
+#: (PIL keeps 3- and 4-band images at 4 bytes a pixel): 4 x 178,956,970 = 716 MB at the default.  A
+#: small file can declare a huge canvas (a 600 KB PNG of 13000 x 13000 RGBA needs 1.4 GB): its header
+#: is checked against this before any pixel is allocated.
+BYTES_PER_LIMIT_PIXEL = 4
+_MAX_DECODE_BYTES: int | None = None
+
+
+def decode_bytes(im: Image.Image) -> int:
+    """Bytes PIL allocates to decode ``im`` (from its header) and convert it to RGB."""
+    w, h = im.size
+    bands = len(im.getbands())
+    per = 4 if bands >= 3 or im.mode in ("I", "F") else 2 if im.mode.startswith("I;16") else bands
+    return w * h * (per + 4)
+
+
+def check_decode_budget(im: Image.Image, path: str) -> None:
+    """Refuse (before allocating) an image whose decoded size exceeds the byte budget."""
+    if _MAX_DECODE_BYTES is not None and (need := decode_bytes(im)) > _MAX_DECODE_BYTES:
+        w, h = im.size
+        raise Image.DecompressionBombError(
+            f"{w}x{h} {im.mode} needs {need / 2**20:,.0f} MB to decode, over the "
+            f"{_MAX_DECODE_BYTES / 2**20:,.0f} MB budget ({w * h} pixels)"
+        )
 
 
 set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
@@ -49,6 +77,7 @@ def load_rgb(path: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                check_decode_budget(im, path)
                 im.load()
                 return im.convert("RGB")
     except Image.DecompressionBombError as e:
@@ -89,6 +118,8 @@ def image_problem(path: str, decode: bool = True) -> str | None:
 def _bomb(e: Exception) -> str:
     import re
 
+    if "MB budget" in str(e):
+        return str(e).split(" (")[0]
     m = re.search(r"\((\d+) pixels\)", str(e))
     return f"{int(m.group(1)):,} pixels" if m else "over the pixel limit"
 
@@ -98,6 +129,7 @@ def _problem(path: str, decode: bool) -> str | None:
         if decode:
             if im.format == "JPEG":
                 im.draft("RGB", (64, 64))
+            check_decode_budget(im, path)
             im.load()
             return None
         fmt = im.format

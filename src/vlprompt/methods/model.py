@@ -307,6 +307,11 @@ class PromptModel(nn.Module):
             probs = self(images).float().softmax(-1)
         finally:
             self.train(was)
+        if not bool(torch.isfinite(probs).all()):  # never report NaN probabilities as a prediction
+            raise VlpromptError(
+                "the model gives non-finite probabilities (its prompt, backbone weights or images hold NaN "
+                "or inf); check the run with `vlprompt inspect` and the weights file"
+            )
         return Prediction(list(self.classnames), probs.cpu(), min(topk, probs.shape[-1]))
 
     def preprocess(self, images: Any) -> torch.Tensor:

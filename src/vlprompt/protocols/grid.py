@@ -34,7 +34,9 @@ class Evaluation:
     subsample: str  # "all" | "base" | "new"
 
     def key(self) -> tuple[str, str]:
-        return (self.dataset, self.subsample)
+        from vlprompt.data.custom import public_name
+
+        return (public_name(self.dataset), self.subsample)  # as metrics.json records it
 
 
 @dataclass
@@ -87,8 +89,16 @@ def run_dir_name(shots: int, seed: int) -> str:
 
 
 def dataset_slug(name: str) -> str:
-    """A directory-safe name for a data set (``folder:/x/y`` -> ``folder_y``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("folder:", "folder_").replace("csv:", "csv_"))[-80:]
+    """A directory-safe name for a data set: ``folder:/x/y`` -> ``folder_y_<8 hex>`` (the folder's name
+    and a digest of its path, so two folders named alike stay apart and no path is written)."""
+    if name.startswith(("folder:", "csv:")):
+        import hashlib
+
+        from vlprompt.data.custom import public_name
+
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{public_name(name).replace(':', '_', 1)}_{digest}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-80:]
 
 
 def canonical_dataset(name: str) -> str:

@@ -161,6 +161,7 @@ def _random_backbone(cfg: dict[str, Any], manifest: Any, env: Any) -> bool:
 
 def load_run_record(run_dir: str | Path) -> RunRecord | None:
     """Read one run directory through the run layer (None when it has no readable config)."""
+    from vlprompt.data.custom import public_name
     from vlprompt.run import RunDir
 
     run = RunDir(run_dir)
@@ -188,18 +189,23 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
     tag = bb.get("pretrained") or (Path(str(weights)).name if weights else None)
     random = _random_backbone(cfg, manifest, env)
     imported = isinstance(manifest, dict) and bool(manifest.get("imported_from"))
+    try:
+        run.verify()  # an edited config / fingerprint / manifest / prompt is listed as such, never as data
+        problem = None
+    except VlpromptError as e:
+        problem = str(e)
     return RunRecord(
         path=run_dir,
         method=str(cfg["method"]),
         protocol=str(cfg.get("protocol") or SINGLE),
-        dataset=str(data.get("dataset")),
+        dataset=public_name(str(data.get("dataset"))),
         shots=data.get("shots"),
         seed=data.get("seed"),
         backbone=f"{bb.get('name')} ({'random init' if random else tag})",
         random_backbone=random,
-        done=run.is_complete() or (imported and bool(metrics)),
-        evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) else [],
-        error=safe(run.failure),
+        done=problem is None and (run.is_complete() or (imported and bool(metrics))),
+        evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) and not problem else [],
+        error=problem or safe(run.failure),
         imported=imported,
     )
 

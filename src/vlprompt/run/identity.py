@@ -83,26 +83,75 @@ def train_identity(t: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def data_identity(d: DataConfig, split_hash: str | None) -> dict[str, Any]:
+def data_identity(
+    d: DataConfig, split_hash: str | None, classnames: list[str] | None = None
+) -> dict[str, Any]:
+    """The data keys of the identity.  A ``folder:``/``csv:`` set is named without its machine path
+    (``folder:pets``); what identifies its data is the split hash (every item's relative path and label)
+    and, for these sets only, the class names (a CSV's labels are not in its relative paths)."""
+    from vlprompt.data.custom import public_name
+
     out = {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.metadata.get("execution")}
     out["split_hash"] = split_hash
+    if isinstance(out.get("dataset"), str) and public_name(out["dataset"]) != out["dataset"]:
+        out["dataset"] = public_name(out["dataset"])
+        if classnames is not None:
+            out["classnames_sha256"] = sha256_json(list(classnames))
     return out
 
 
-def identity(cfg: RunConfig, *, split_hash: str | None, precision: str) -> dict[str, Any]:
+def identity(
+    cfg: RunConfig, *, split_hash: str | None, precision: str, classnames: list[str] | None = None
+) -> dict[str, Any]:
     """The identity a run's fingerprint hashes (plain JSON values)."""
-    opts = cfg.options
-    options = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts or {})
     ident = {
         "version": IDENTITY_VERSION,
         "method": cfg.method,
-        "options": options,
+        "options": _options(cfg),
         "backbone": backbone_identity(cfg),
-        "data": data_identity(cfg.data, split_hash),
+        "data": data_identity(cfg.data, split_hash, classnames),
         "train": train_identity(cfg.train),
         "precision": precision,
     }
     return json.loads(json.dumps(ident, default=str))
+
+
+def _options(cfg: RunConfig) -> dict[str, Any]:
+    opts = cfg.options
+    return dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts or {})
+
+
+def verify_fingerprint(record: Any, config: dict[str, Any] | None, *, fp_path: Any, config_path: Any) -> None:
+    """One line naming the file that disagrees: ``fingerprint.json`` whose hash is not that of its own
+    identity (edited), or a ``config.yaml`` whose recipe is not the one the fingerprint identifies (an
+    edited config, or a fingerprint swapped in from another run).  Only keys both sides hold are
+    compared, so a run written by an older vlprompt (fewer keys) still verifies."""
+    ident = record.get("identity") if isinstance(record, dict) else None
+    if not isinstance(ident, dict) or sha256_json(ident) != record.get("fingerprint"):
+        raise VlpromptError(
+            f"{fp_path} does not match its own identity (edited or damaged); restore the run's own file "
+            "or retrain with --force"
+        )
+    if not config:
+        return
+    raw = {k: v for k, v in config.items() if k != "provenance"}
+    cfg = RunConfig.from_dict(raw, where=str(config_path))
+    mine = {
+        "method": cfg.method,
+        "options": _options(cfg),
+        "backbone": {"name": cfg.backbone.name, "pretrained": cfg.backbone.pretrained},
+        "data": data_identity(cfg.data, None),
+        "train": train_identity(cfg.train),
+    }
+    a, b = _flatten(ident), _flatten(json.loads(json.dumps(mine, default=str)))
+    diffs = [
+        f"{k}: {a[k]} -> {b[k]}" for k in sorted(set(a) & set(b)) if k != "data.split_hash" and a[k] != b[k]
+    ]
+    if diffs:
+        raise VlpromptError(
+            f"{config_path} disagrees with {fp_path} ({describe_differences(diffs, 2)}); one of them was "
+            "edited or copied from another run -- restore the run's own files or retrain with --force"
+        )
 
 
 def fingerprint_record(ident: dict[str, Any]) -> dict[str, Any]:
@@ -164,4 +213,6 @@ def request_fingerprint(cfg: RunConfig) -> dict[str, Any]:
 
     splits = load_splits(cfg.data)
     prec = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
-    return fingerprint_record(identity(cfg, split_hash=split_hash(splits), precision=prec))
+    return fingerprint_record(
+        identity(cfg, split_hash=split_hash(splits), precision=prec, classnames=list(splits.classnames))
+    )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import atomic_write_json, atomic_write_text, remove_stale_temps
+from vlprompt.utils import atomic_write_json, atomic_write_text
 
 CONFIG = "config.yaml"
 FINGERPRINT = "fingerprint.json"
@@ -44,6 +44,26 @@ FAILED = "failed.json"
 CHECKPOINT = "checkpoint"
 #: results that a retrain replaces (the checkpoint goes with them)
 RESULT_FILES = (DONE, METRICS, PROMPT, MANIFEST, FINGERPRINT)
+LOG_CSV = "log.csv"  # written by train.progress beside log.jsonl
+#: every name the run layer writes at a run's top level (nothing else is ever touched there)
+RUN_NAMES = (
+    LOG_CSV,
+    CONFIG,
+    FINGERPRINT,
+    ENV,
+    SPLIT,
+    LOG,
+    METRICS,
+    PROMPT,
+    MANIFEST,
+    LOCAL,
+    DONE,
+    LOCK,
+    FAILED,
+    CHECKPOINT,
+)
+#: what may already be in a folder the run layer may take over (e.g. a grid's failed first attempt)
+_HARMLESS = (LOCK, FAILED)
 
 
 def read_json(path: Path) -> Any:
@@ -89,6 +109,36 @@ class RunDir:
 
     def is_empty(self) -> bool:
         return self.path.is_dir() and not any(p.name != LOCK for p in self.path.iterdir())
+
+    def is_run(self) -> bool:
+        """Written by the run layer: fingerprint.json (a run's first file) is a fingerprint record."""
+        try:
+            if self.fingerprint() is not None:
+                return True
+        except VlpromptError:
+            pass
+        return (self.path / DONE).is_file() and (self.path / CONFIG).is_file()  # an older vlprompt's run
+
+    def foreign_entries(self) -> list[str]:
+        """Top-level entries that are neither harmless nor a temp file of the run layer's own names."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.path.iterdir() if p.name not in _HARMLESS and not _own_temp(p.name)
+        )
+
+    def require_run_or_empty(self, what: str) -> None:
+        """Refuse (one line) to write into a folder that holds files but is not a vlprompt run: its
+        files are the user's, and a run would overwrite or delete some of them."""
+        if not self.path.is_dir() or self.is_run():
+            return
+        foreign = self.foreign_entries()
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise VlpromptError(
+                f"{what} {self.path} is a folder that is not a vlprompt run (it holds "
+                f"{', '.join(foreign[:3])}{more}); pass a new or empty folder"
+            )
 
     # ---------------------------------------------------------------- readers
     def read_config(self) -> dict[str, Any]:
@@ -139,6 +189,34 @@ class RunDir:
     def local(self) -> dict[str, Any]:
         return self.read_json(LOCAL, {}) or {}
 
+    # ---------------------------------------------------------------- verification
+    def verify(self) -> None:
+        """Check what the run layer trusts, with one line naming the file that disagrees:
+        fingerprint.json against its own hash and against config.yaml, manifest.json against the
+        manifest inside prompt.safetensors, the prompt's bytes against the sha256 manifest.json records,
+        and the manifest's fingerprint against fingerprint.json.  (Runs written before the hashes
+        existed lack ``prompt_sha256``; for them the other checks still apply.)"""
+        from vlprompt.run.identity import verify_fingerprint
+
+        fp_path = self.path / FINGERPRINT
+        record = read_json(fp_path) if fp_path.is_file() else None
+        if record is not None:
+            config = self.read_config() if self.has_config() else None
+            verify_fingerprint(record, config, fp_path=fp_path, config_path=self.path / CONFIG)
+        if self.has_prompt():
+            manifest = read_json(self.path / MANIFEST)
+            verify_prompt(self.path / PROMPT, manifest, self.path / MANIFEST)
+            if (
+                isinstance(record, dict)
+                and isinstance(manifest, dict)
+                and manifest.get("fingerprint")
+                and manifest.get("fingerprint") != record.get("fingerprint")
+            ):
+                raise VlpromptError(
+                    f"{fp_path} names another run than {self.path / MANIFEST} (fingerprints differ); restore "
+                    "the run's own files or retrain with --force"
+                )
+
     # ---------------------------------------------------------------- writers
     def write_config(self, text: str) -> None:
         atomic_write_text(self.path / CONFIG, text)
@@ -186,8 +264,89 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
+    def clear_run_files(self) -> None:
+        """Remove every file the run layer writes at the top (and the checkpoint): the folder stops
+        being a run.  Other files are left alone."""
+        import shutil
+
+        for name in RUN_NAMES:
+            if name in (LOCK, CHECKPOINT):
+                continue
+            (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
     def remove_stale_temps(self) -> int:
-        return remove_stale_temps(self.path)
+        """Remove temp files of interrupted writes: only ``.<run file>.*.tmp`` at the top level and in
+        ``checkpoint/`` (never anything below or beside them that the run layer did not name)."""
+        n = 0
+        for folder in (self.path, self.checkpoint_dir):
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                if _own_temp(p.name, checkpoint=folder != self.path) and p.is_file():
+                    try:
+                        p.unlink()
+                        n += 1
+                    except OSError:
+                        pass
+        return n
+
+
+def _own_temp(name: str, checkpoint: bool = False) -> bool:
+    """``.<name>.<random>.tmp`` of a file the run layer writes (``atomic_write``'s temp names)."""
+    from vlprompt.utils import TMP_SUFFIX
+
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return False
+    if checkpoint:  # last.safetensors, state.json, state-<sha>.safetensors
+        return name.startswith((".last.safetensors.", ".state.json.", ".state-"))
+    return any(name.startswith(f".{n}.") for n in RUN_NAMES if n != CHECKPOINT)
+
+
+PROMPT_SHA256 = "prompt_sha256"  # key of manifest.json: sha256 of prompt.safetensors at write time
+
+
+def embedded_manifest(prompt: Path) -> dict[str, Any] | None:
+    """The manifest stored in a prompt file's safetensors metadata (header only; tensors not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(prompt), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # a damaged header: safetensors raises its own error types
+        raise VlpromptError(
+            f"cannot read {prompt} ({type(e).__name__}); the file is corrupt -- retrain or re-export"
+        ) from None
+    if "vlprompt_manifest" not in meta:
+        return None
+    try:
+        man = json.loads(meta["vlprompt_manifest"])
+    except json.JSONDecodeError:
+        raise VlpromptError(f"{prompt} has a damaged manifest; re-export the prompt") from None
+    return man if isinstance(man, dict) else None
+
+
+def verify_prompt(prompt: Path, manifest: Any, manifest_path: Path) -> None:
+    """manifest.json must equal the manifest inside the prompt file (besides its hash of that file),
+    and the prompt file's sha256 the one manifest.json recorded when it was written."""
+    from vlprompt.utils import sha256_file
+
+    if not isinstance(manifest, dict):
+        return  # read_manifest refuses it with its own message
+    inner = embedded_manifest(prompt)
+    outer = {k: v for k, v in manifest.items() if k != PROMPT_SHA256}
+    if inner is not None and inner != outer:
+        keys = sorted(k for k in set(inner) | set(outer) if inner.get(k) != outer.get(k))
+        raise VlpromptError(
+            f"{manifest_path} disagrees with the manifest inside {prompt.name} ({', '.join(keys[:4])}); "
+            "the file was edited -- restore it, or re-export / retrain"
+        )
+    want = manifest.get(PROMPT_SHA256)
+    if want is not None and sha256_file(prompt) != want:
+        raise VlpromptError(
+            f"{prompt} does not match the sha256 recorded in {manifest_path.name} (damaged or replaced); "
+            "restore it, or re-export / retrain"
+        )
 
 
 def find_runs(root: str | os.PathLike) -> list[RunDir]:

@@ -43,6 +43,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     manifest = read_json(man)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise VlpromptError(f"{man} is not a vlprompt prompt manifest; pass a run or an exported prompt")
+    RunDir(path).verify()  # manifest.json, prompt bytes, fingerprint and config agree (one line if not)
     return manifest, prm
 
 
@@ -56,6 +57,8 @@ def load_run(
     manifest (name + tag, or the weights path recorded on this machine).
     ``model.predict(images, classnames)`` works with new classes.
     """
+    import torch
+
     from vlprompt.methods import create_model
     from vlprompt.train.checkpoint import load_safetensors
     from vlprompt.train.precision import resolve_device
@@ -87,6 +90,12 @@ def load_run(
     except KeyError as e:
         raise VlpromptError(f"manifest of {path} lacks '{e.args[0]}'; re-export the prompt") from None
     state, _ = load_safetensors(prompt_path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise VlpromptError(
+            f"prompt in {prompt_path} holds non-finite values ({', '.join(bad[:3])}); it is damaged -- "
+            "retrain, re-export or re-import it"
+        )
     try:
         model.load_prompt_state_dict({k: v.to(backbone.device) for k, v in state.items()})
     except RuntimeError as e:  # shape mismatch: a different backbone than the one it was trained on
@@ -182,11 +191,13 @@ def evaluate_run(
     return entry
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """The learned prompt (safetensors, manifest embedded) + manifest.json + a portable config.yaml.
 
     The export holds no machine paths: the config's data root and weights path are dropped (the
-    manifest names the weights by file name and sha256).  Files get the umask's mode.
+    manifest names the weights by file name and sha256).  Files get the umask's mode.  The target is a
+    new or empty folder or an earlier export; a run is replaced only with ``force`` (it then stops being
+    a run: its results, fingerprint and checkpoint go), any other folder is refused.
     """
     from vlprompt.utils import atomic_write
 
@@ -194,8 +205,22 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VlpromptError(f"export target {out} is a file; pass a directory")
-    out.mkdir(parents=True, exist_ok=True)
     exp = RunDir(out)
+    if out.is_dir() and out.resolve() == Path(run_dir).resolve():
+        raise VlpromptError(f"export target {out} is the run itself; pass another folder")
+    if exp.is_run():
+        if not force:
+            raise VlpromptError(
+                f"export target {out} is a run; exporting would replace its prompt -- pass --force to "
+                "replace the run by this export (its results and checkpoint go) or choose another folder"
+            )
+        from vlprompt.run.lock import RunLock
+
+        with RunLock(out):
+            exp.clear_run_files()
+    elif set(exp.foreign_entries()) - {PROMPT, MANIFEST, CONFIG}:
+        exp.require_run_or_empty("export target")
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write(exp.file(PROMPT), lambda tmp: shutil.copyfile(prompt_path, tmp))
     exp.write_json(MANIFEST, manifest)
     src = RunDir(run_dir)
@@ -203,7 +228,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         raw = src.read_config()
         prov = raw.pop("provenance", None)
         if isinstance(raw.get("data"), dict):
+            from vlprompt.data.custom import public_name
+
             raw["data"]["root"] = None
+            if isinstance(raw["data"].get("dataset"), str):
+                raw["data"]["dataset"] = public_name(raw["data"]["dataset"])
         if isinstance(raw.get("backbone"), dict) and raw["backbone"].get("weights"):
             raw["backbone"]["weights"] = Path(str(raw["backbone"]["weights"])).name
         import yaml

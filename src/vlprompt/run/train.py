@@ -79,8 +79,10 @@ def train_data(splits: Any, backbone: Any, cfg: RunConfig) -> Any:
 def metrics_entry(
     res: dict[str, Any], *, dataset: str, subsample: str, epoch: Any, seed: Any, shots: Any, method: str
 ) -> dict[str, Any]:
+    from vlprompt.data.custom import public_name
+
     return {
-        "dataset": dataset,
+        "dataset": public_name(dataset),  # folder:/csv: sets by name only (no machine path)
         "subsample": subsample,
         "split": "test",
         "epoch": epoch,
@@ -111,7 +113,11 @@ def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str,
     from vlprompt.train.precision import resolve_precision
 
     prec = resolve_precision(cfg.train.precision, device).name
-    return fingerprint_record(identity(cfg, split_hash=split_hash(splits_full), precision=prec))
+    return fingerprint_record(
+        identity(
+            cfg, split_hash=split_hash(splits_full), precision=prec, classnames=list(splits_full.classnames)
+        )
+    )
 
 
 def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
@@ -120,6 +126,8 @@ def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bo
 
     if force:
         return "fresh"
+    if run.is_complete() or has_checkpoint(run.checkpoint_dir):
+        run.verify()  # an edited or swapped fingerprint / config / manifest / prompt is never believed
     old = run.fingerprint()
     same = old is not None and old.get("fingerprint") == fp["fingerprint"]
     if run.is_complete():
@@ -165,6 +173,7 @@ def train_run(
     run = RunDir(out_dir)
     if run.path.exists() and not run.path.is_dir():
         raise VlpromptError(f"--out {run} is a file; pass a directory")
+    run.require_run_or_empty("--out")  # never write into (or clean) a user's own folder
     made = _make_dirs(run.path)  # an unwritable --out fails first; removed again if the request is refused
     try:
         return _train_run(
@@ -266,6 +275,7 @@ def _train_run(
 def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any) -> None:
     """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained."""
     from vlprompt.data import split_hash
+    from vlprompt.data.custom import public_name
 
     prov = provenance(cfg.method)
     text = dump_yaml(cfg)
@@ -273,13 +283,13 @@ def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: A
         import yaml
 
         text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
+    run.write_json(FINGERPRINT, fp)  # first: it is what marks the folder as a run (RunDir.is_run)
     run.write_config(text)
-    run.write_json(FINGERPRINT, fp)
     run.write_env(environment(str(backbone.device), prov))
     run.write_json(
         SPLIT,
         {
-            "dataset": splits.name,
+            "dataset": public_name(splits.name),
             "split_hash": split_hash(splits),
             "shots": cfg.data.shots,
             "seed": cfg.data.seed,
@@ -412,17 +422,29 @@ def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest
     """prompt.safetensors (manifest embedded, provenance as plain keys) + manifest.json."""
     import json
 
-    from vlprompt.run.layout import MANIFEST, PROMPT
+    import torch
+
+    from vlprompt.run.layout import MANIFEST, PROMPT, PROMPT_SHA256
     from vlprompt.train.checkpoint import save_safetensors
+    from vlprompt.utils import sha256_file
 
     run = run if isinstance(run, RunDir) else RunDir(run)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise VlpromptError(f"the prompt holds non-finite values ({', '.join(bad[:3])}); nothing was written")
+    manifest = {k: v for k, v in manifest.items() if k != PROMPT_SHA256}
+    if isinstance(manifest.get("dataset"), str):  # folder:/csv: sets by name only (no machine path)
+        from vlprompt.data.custom import public_name
+
+        manifest["dataset"] = public_name(manifest["dataset"])
     meta = {"vlprompt_manifest": json.dumps(manifest)}
     if manifest.get("reconstructed"):
         meta.update({"reconstructed": "true", "note": str(manifest.get("note", ""))})
     if manifest.get("transductive"):
         meta.update({"transductive": "true", "transductive_note": str(manifest.get("transductive_note", ""))})
     save_safetensors(run.file(PROMPT), state, meta)
-    run.write_json(MANIFEST, manifest)
+    # manifest.json = the embedded manifest + the prompt file's sha256 (checked on every read)
+    run.write_json(MANIFEST, {**manifest, PROMPT_SHA256: sha256_file(run.file(PROMPT))})
 
 
 __all__ = ["CONFIG", "FORMAT", "FORMAT_VERSION", "train_run", "save_prompt", "provenance", "build_splits"]

@@ -8,6 +8,8 @@ Both files are written atomically, tensors first; ``state.json`` names its tenso
 sha256, so a kill between the writes can never pair weights of one epoch with an optimiser of
 another.  ``last.safetensors`` is the learned prompt alone (portable).
 
+``state.json`` also records the sha256 of its own state tree, so an edited epoch or optimiser entry is
+refused on resume (checkpoints of an older vlprompt have none and are read as before).
 A ``state.pt`` from an older vlprompt (a pickle) is never opened: resume refuses it with one line.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import atomic_write, atomic_write_json, sha256_file
+from vlprompt.utils import atomic_write, atomic_write_json, sha256_file, sha256_json
 
 CKPT_DIR = "checkpoint"
 WEIGHTS = "last.safetensors"
@@ -174,7 +176,13 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> None:
     os.replace(staging, ckpt_dir / name)
     atomic_write_json(
         ckpt_dir / STATE,
-        {"format_version": FORMAT_VERSION, "tensors": name, "tensors_sha256": digest, "state": tree},
+        {
+            "format_version": FORMAT_VERSION,
+            "tensors": name,
+            "tensors_sha256": digest,
+            "state_sha256": sha256_json(tree),  # checked on resume: an edited state.json is refused
+            "state": tree,
+        },
     )
     for old in ckpt_dir.glob(f"{TENSORS_PREFIX}*{TENSORS_SUFFIX}"):
         if old.name != name:
@@ -211,6 +219,12 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
         raise VlpromptError(
             f"resume checkpoint in {d} is incomplete (its tensor file does not match {STATE}, an interrupted "
             f"write); delete {d} to start over"
+        )
+    recorded = head.get("state_sha256")  # absent in checkpoints of an older vlprompt: not checked
+    if recorded is not None and sha256_json(head.get("state")) != recorded:
+        raise VlpromptError(
+            f"resume checkpoint {path} does not match the sha256 recorded in it (edited or damaged); "
+            f"delete {d} or pass --force to start the run over"
         )
     tensors, _ = load_safetensors(tfile)
     try:

@@ -98,6 +98,12 @@ def _check_frozen(model: torch.nn.Module) -> None:
         raise RuntimeError(f"CLIP weights would be trained ({leaked[:3]}); only prompt parameters may learn")
 
 
+#: ours: no prompt entry of a working run comes near these (learned prompts are O(1), losses O(10));
+#: beyond them a run has diverged even while every number is still finite (e.g. train.lr=1e30)
+MAX_PARAM_ABS = 1e4
+MAX_LOSS = 1e6
+
+
 def _guard_finite(
     loss: float, params: Sequence[torch.nn.Parameter], epoch: int, step: int, lr: float, precision: str
 ) -> None:
@@ -105,9 +111,21 @@ def _guard_finite(
     what = None
     if not math.isfinite(loss):
         what = f"the loss became {loss}"
-    elif not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        bad = next(i for i, p in enumerate(params) if not bool(torch.isfinite(p).all()))
-        what = f"prompt parameter #{bad} became non-finite"
+    elif abs(loss) > MAX_LOSS:
+        what = f"the loss reached {loss:.3g} (> {MAX_LOSS:g})"
+    elif any(p.numel() for p in params):
+        peak = torch.stack(
+            [p.detach().abs().amax().float() if p.numel() else p.new_zeros(()) for p in params]
+        )
+        ok = torch.isfinite(peak) & (peak <= MAX_PARAM_ABS)
+        if not bool(ok.all()):
+            bad = int((~ok).nonzero()[0])
+            val = float(peak[bad])
+            what = (
+                f"prompt parameter #{bad} became non-finite"
+                if not math.isfinite(val)
+                else f"prompt parameter #{bad} reached |x| = {val:.3g} (> {MAX_PARAM_ABS:g})"
+            )
     if what is None:
         return
     cause = f"lower train.lr (now {lr:g})"
@@ -194,16 +212,29 @@ def fit(
                 f"checkpoint in {out / ckpt.CKPT_DIR} was written with different settings; "
                 "resume with the same config or start over without --resume"
             )
-        model.load_prompt_state_dict({k: v.to(device) for k, v in state["prompt"].items()})
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        model.method.load_hook_state_dict(state.get("hooks") or {})
-        ckpt.set_rng_state(state["rng"])
-        loader.generator.set_state(state["loader_generator"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        elapsed, history = float(state.get("elapsed", 0.0)), list(state.get("history", []))
+        try:
+            model.load_prompt_state_dict({k: v.to(device) for k, v in state["prompt"].items()})
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            model.method.load_hook_state_dict(state.get("hooks") or {})
+            ckpt.set_rng_state(state["rng"])
+            loader.generator.set_state(state["loader_generator"])
+            start_epoch, step = int(state["epoch"]), int(state["step"])
+            elapsed, history = float(state.get("elapsed", 0.0)), list(state.get("history", []))
+            if not 0 <= start_epoch <= epochs or step < 0:
+                raise ValueError(f"epoch {start_epoch} of {epochs}, step {step}")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            what = (
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0][:80]}"
+                if str(e).strip()
+                else type(e).__name__
+            )
+            raise VlpromptError(
+                f"resume checkpoint {out / ckpt.CKPT_DIR / ckpt.STATE} is damaged ({what}); delete "
+                f"{out / ckpt.CKPT_DIR} or pass --force to start the run over"
+            ) from None
         log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out / ckpt.CKPT_DIR)
     runlog = RunLog(out if main else None, keep_epochs=start_epoch)
 
