@@ -52,7 +52,9 @@ from vlprompt.bench.flops import (
     text_tower_flops,
     text_tower_flops_shared_prefix,
 )
+from vlprompt.engine import AutoAttention
 from vlprompt.errors import VlpromptError
+from vlprompt.run.attention import MeasuredTable, measured_attention
 from vlprompt.train.features import frozen_image_features
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
@@ -302,6 +304,18 @@ def method_recipe(method: str) -> tuple[dict[str, Any], int]:
         return {}, OFFICIAL_BATCH.get(method, 4)
 
 
+#: one measured attention table per device for this process's benches (``attention="auto"``)
+_ATTENTION: dict[str, tuple[AutoAttention, MeasuredTable]] = {}
+
+
+def measured(device: torch.device | str) -> tuple[AutoAttention, MeasuredTable]:
+    """The bench's ``attention="auto"`` for ``device``: the machine's measured table (probed on a miss)."""
+    key = str(torch.device(device))
+    if key not in _ATTENTION:
+        _ATTENTION[key] = measured_attention(device)
+    return _ATTENTION[key]
+
+
 def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extra: Any):
     """A PromptModel of ``method`` with its official options and the variant's execution options."""
     from vlprompt.methods.model import create_model
@@ -314,7 +328,9 @@ def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extr
             opts[k] = max_depth
     opts.update(VARIANT_OPTIONS[variant])
     opts.update(extra)
-    return create_model(method, backbone, class_names(n_classes), **opts)
+    model = create_model(method, backbone, class_names(n_classes), **opts)
+    model.set_auto_attention(measured(backbone.device)[0])
+    return model
 
 
 def _cacheable(model: Any) -> bool:
@@ -406,7 +422,8 @@ def bench_image_tower(
     flops = image_tower_flops(backbone.clip.visual, cfg.image_batch).forward
     rows = []
     for attention in ["auto", "sdpa", "plain"] if cfg.reference else ["auto"]:
-        fn = _maybe_compile(lambda a=attention: frozen_image_features(backbone, images, a), cfg.compile)
+        mode = measured(device)[0] if attention == "auto" else attention
+        fn = _maybe_compile(lambda a=mode: frozen_image_features(backbone, images, a), cfg.compile)
         with torch.inference_mode(), MemoryProbe(device) as mem:
             r = time_it(fn, cfg.repeats, cfg.warmup, device)
         gflops = flops / r["median_s"] / 1e9
@@ -436,7 +453,7 @@ def bench_text_tower(
     backbone: Any, cfg: BenchConfig, device: torch.device, peak: float
 ) -> list[dict[str, Any]]:
     """Text-tower forward (no prompts) for ``cfg.text_prompts`` sequences at each context length."""
-    from vlprompt.engine import ATTENTION_MODES, encode_text
+    from vlprompt.engine import attention_mode, encode_text
 
     rows = []
     ctx_len = backbone.context_length
@@ -449,7 +466,12 @@ def bench_text_tower(
             # truncation is what makes the tower run `length` tokens; the reference runs all 77
             def fn(a=attention, embeds=embeds, eot=eot):
                 return encode_text(
-                    backbone.clip, embeds, eot, None, truncate=True, default_attention=ATTENTION_MODES[a]
+                    backbone.clip,
+                    embeds,
+                    eot,
+                    None,
+                    truncate=True,
+                    default_attention=attention_mode(a, measured(device)[0]),
                 )
 
             with torch.inference_mode():
@@ -750,6 +772,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
     from vlprompt.backbones import load_backbone
 
+    _ATTENTION.clear()  # each bench reads the machine's table afresh
     if cfg.repeats < 1 or cfg.warmup < 0:
         raise VlpromptError(f"repeats={cfg.repeats}, warmup={cfg.warmup}: need repeats >= 1 and warmup >= 0")
     if any(c < 1 for c in cfg.classes):
@@ -837,9 +860,7 @@ def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
         row["fraction_of_peak"] = round(row["gflops"] / best, 3) if best else None
     for rows in (res["train"], res["eval"], res["memory"]):
         label_reconstructed(rows)
-    from vlprompt.engine import attention_choices
-
-    res["attention_choices"] = attention_choices()
+    res["attention_choices"] = measured(device)[1].record()
     res["targets"] = _targets(res)
     res["profiles"] = {}
     if cfg.profile and device.type == "cpu":

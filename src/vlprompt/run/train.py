@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
@@ -240,7 +241,7 @@ def _train_run(
             run.remove_stale_temps()
             if decision == "fresh":
                 run.clear_results()
-            _write_run_info(run, cfg, fp, backbone, splits)
+            _write_run_info(run, cfg, fp, backbone, splits, resume=decision == "resume")
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
@@ -263,8 +264,11 @@ def _train_run(
             lock.release()
 
 
-def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any) -> None:
-    """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained."""
+def _write_run_info(
+    run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any, *, resume: bool = False
+) -> None:
+    """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained (a
+    resumed run keeps the attention implementations it recorded)."""
     from vlprompt.data import split_hash
 
     prov = provenance(cfg.method)
@@ -275,7 +279,9 @@ def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: A
         text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
     run.write_config(text)
     run.write_json(FINGERPRINT, fp)
-    run.write_env(environment(str(backbone.device), prov))
+    recorded = (run.env() or {}).get("attention") if resume else None
+    kept = {"attention": recorded} if recorded else {}
+    run.write_env(environment(str(backbone.device), {**prov, **kept}))
     run.write_json(
         SPLIT,
         {
@@ -319,6 +325,14 @@ def _train(
     model = create_model(
         cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
     )
+    # attention="auto": the choices this run recorded (on resume), else the machine's measured table;
+    # each new choice is written to env.json at once, so a resume after a kill reuses it
+    recorded = (run.env() or {}).get("attention") if resume else None
+    auto, chosen = measured_attention(
+        backbone.device, recorded, on_new=(lambda rec: _record_attention(run, rec)) if main else None
+    )
+    model.options.attention = cfg.train.attention
+    model.set_auto_attention(auto)
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
     result = fit(
         model,
@@ -331,10 +345,8 @@ def _train(
         stop_after_epoch=stop_after_epoch,
         callbacks=callbacks,
     )
-    if main:  # which attention implementation "auto" measured and used, per shape class
-        from vlprompt.engine import attention_choices
-
-        run.write_env({**(run.env() or {}), "attention": attention_choices()})
+    if main:  # which attention implementation "auto" used, per shape class
+        _record_attention(run, chosen.record())
     if result["stopped"]:
         return {
             "run_dir": str(run),
@@ -392,6 +404,10 @@ def _train(
         "evaluations": metrics["evaluations"],
         "fingerprint": fp["fingerprint"],
     }
+
+
+def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
+    run.write_env({**(run.env() or {}), "attention": record})
 
 
 def _options_dict(cfg: RunConfig) -> dict[str, Any]:
