@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__version__ = "0.1.0"
+from vlprompt.version import __version__ as __version__
 
 _LAZY = {
     "load_backbone": "vlprompt.backbones",

@@ -17,7 +17,41 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks; atomic renames still keep files whole
     fcntl = None  # type: ignore[assignment]
 
+from vlprompt.errors import VlpromptError
+
 TMP_SUFFIX = ".tmp"
+#: what reading a JSON file can raise: missing or unreadable, not UTF-8, not JSON
+JSON_READ_ERRORS = (OSError, UnicodeDecodeError, json.JSONDecodeError)
+_RAISE = object()
+
+
+def read_json(
+    path: str | os.PathLike, default: Any = _RAISE, *, error: str = "cannot read {path} ({reason})"
+) -> Any:
+    """The parsed JSON file; when it is missing, unreadable or not JSON: ``default`` if given, else a
+    one-line :class:`VlpromptError`: ``error`` formatted with ``{path}``, ``{parent}``, ``{reason}``
+    (the exception's type) and ``{detail}`` (its message)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except JSON_READ_ERRORS as e:
+        if default is not _RAISE:
+            return default
+        msg = error.format(path=path, parent=Path(path).parent, reason=type(e).__name__, detail=e)
+        raise VlpromptError(msg) from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines file ([] when it is missing); a line cut by a kill is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def lock_fd(fd: int, blocking: bool = True) -> bool:

@@ -56,6 +56,7 @@ from vlprompt.engine import AutoAttention
 from vlprompt.errors import VlpromptError
 from vlprompt.run.attention import MeasuredTable, measured_attention
 from vlprompt.train.features import frozen_image_features
+from vlprompt.train.precision import resolve_device
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -125,15 +126,6 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------------------- device
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VlpromptError(f"device '{name}' requested but CUDA is not available; use --device cpu")
-    return dev
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 

@@ -253,7 +253,8 @@ def project(plan: Sequence[dict[str, Any]], costs: dict[str, Any], decode_s: flo
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     """Plan, measure and project; the result dict :func:`render_markdown` and :func:`write_suite` take."""
     from vlprompt.backbones import load_backbone
-    from vlprompt.bench.harness import _loadavg, device_info, label_reconstructed, resolve_device
+    from vlprompt.bench.harness import _loadavg, device_info, label_reconstructed
+    from vlprompt.train.precision import resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)

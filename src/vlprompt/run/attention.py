@@ -19,7 +19,6 @@ class is decided, so a run killed mid-epoch still resumes with its own choices.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ from torch import nn
 
 from vlprompt.engine import IMPLEMENTATIONS, AttnContext, AutoAttention, joint_mask, masked_scores
 from vlprompt.engine.attention import compute_dtype, needs_grad
-from vlprompt.utils import atomic_write_json, cache_dir, file_lock
+from vlprompt.utils import atomic_write_json, cache_dir, file_lock, read_json
 
 ENV_FORCE = "VLPROMPT_ATTENTION"
 PROBE_FILE = "attention-probe.json"
@@ -171,9 +170,7 @@ class MeasuredTable:
         path = self.cache_file
         try:
             with file_lock(path.with_suffix(".lock")):
-                stored: dict[str, Any] = {}
-                with contextlib.suppress(OSError, ValueError):
-                    stored = json.loads(path.read_text(encoding="utf-8"))
+                stored = read_json(path, {})
                 if not isinstance(stored, dict):
                     stored = {}
                 rec = stored.get(entry)

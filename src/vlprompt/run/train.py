@@ -21,6 +21,7 @@ from vlprompt.run.identity import describe_differences, differences, fingerprint
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
 from vlprompt.run.lock import RunLock
 from vlprompt.train.config import RunConfig, as_run_config, dump_yaml
+from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def _train(
         model,
         train_data(splits, backbone, cfg),
         cfg,
-        run.path,
+        run,  # the trainer writes its log and checkpoint through the run directory
         resume=resume,
         eval_data=loader,
         progress=progress,
@@ -381,7 +382,7 @@ def _train(
         "seed": cfg.data.seed,
         "epochs": result["epochs_done"],
         "fingerprint": fp["fingerprint"],
-        "vlprompt_version": _version(),
+        "vlprompt_version": __version__,
         "trainable_parameters": result["trainable_parameters"],
     }
     save_prompt(run, model.prompt_state_dict(), manifest)
@@ -416,12 +417,6 @@ def _options_dict(cfg: RunConfig) -> dict[str, Any]:
     return (
         dataclasses.asdict(cfg.options) if dataclasses.is_dataclass(cfg.options) else dict(cfg.options or {})
     )
-
-
-def _version() -> str:
-    import vlprompt
-
-    return vlprompt.__version__
 
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
 from vlprompt.train.config import data_settings, train_settings
 from vlprompt.train.evaluate import evaluate
+from vlprompt.train.files import TrainerFiles, trainer_files
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
 from vlprompt.train.progress import RunLog, progress_bar
 from vlprompt.train.schedule import EpochSchedule, build_optimizer
@@ -120,7 +120,7 @@ def fit(
     model: torch.nn.Module,
     train_data: Any,
     cfg: Mapping[str, Any],
-    out_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | TrainerFiles | None = None,
     resume: bool = False,
     *,
     eval_data: Any = None,
@@ -130,7 +130,8 @@ def fit(
     stop_after_epoch: int | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> dict[str, Any]:
-    """Train ``model`` (a PromptModel) on ``train_data``; checkpoints and logs go to ``out_dir``.
+    """Train ``model`` (a PromptModel) on ``train_data``; checkpoints and logs go to ``out_dir``: the
+    :class:`~vlprompt.train.files.TrainerFiles` the run layer hands in (its ``RunDir``), or a folder.
 
     Args:
         train_data: a Dataset of ``(image tensor, label)``, a DataLoader, or Datum items (the
@@ -153,7 +154,7 @@ def fit(
     progress = progress and main
     device = ddp.rank_device(resolve_device(train.device))
     prec = resolve_precision(train.precision, device)
-    out = Path(out_dir) if out_dir is not None else None
+    out = trainer_files(out_dir)
 
     model.to(device)
     _check_frozen(model)
@@ -187,11 +188,11 @@ def fit(
 
     key = _resume_key(train, seed, model)
     start_epoch, step, elapsed, history = 0, 0, 0.0, []
-    state = ckpt.load_checkpoint(out / ckpt.CKPT_DIR) if (resume and out is not None) else None
+    state = ckpt.load_checkpoint(out.checkpoint_dir) if (resume and out is not None) else None
     if state is not None:
         if state.get("config_hash") != key:
             raise VlpromptError(
-                f"checkpoint in {out / ckpt.CKPT_DIR} was written with different settings; "
+                f"checkpoint in {out.checkpoint_dir} was written with different settings; "
                 "resume with the same config or start over without --resume"
             )
         model.load_prompt_state_dict({k: v.to(device) for k, v in state["prompt"].items()})
@@ -204,7 +205,7 @@ def fit(
         loader.generator.set_state(state["loader_generator"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         elapsed, history = float(state.get("elapsed", 0.0)), list(state.get("history", []))
-        log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out / ckpt.CKPT_DIR)
+        log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out.checkpoint_dir)
     runlog = RunLog(out if main else None, keep_epochs=start_epoch)
 
     log_every = train.log_every
@@ -310,7 +311,7 @@ def fit(
         )
         if out is not None and main:
             ckpt.save_checkpoint(
-                out / ckpt.CKPT_DIR,
+                out.checkpoint_dir,
                 {
                     "epoch": epoch + 1,
                     "step": step,
