@@ -1,12 +1,15 @@
 """vlprompt: prompt learning for CLIP-style vision-language models.
 
-Public API (loaded on first use, so ``import vlprompt`` stays cheap; ``dir(vlprompt)`` lists it)::
+Public API (``__all__``; typed: IDEs and type checkers read the imports below)::
 
     load_backbone(name, pretrained=...)          # open_clip name+tag, local file, or random init
     create_model(method, backbone, classnames, **options)
-    load_prompt(path_or_run, backbone=...)       # a trained run, an export or an imported prompt
+    load_prompt(path, backbone=..., weights=...) # a trained run, an export or an imported prompt
     model.predict(images, classnames)            # -> Prediction: class names + probabilities
-    list_methods(), list_datasets(), resolve_config(...), train_run(cfg, out_dir)
+    list_methods(), list_datasets(), get_dataset(name, root)
+    resolve_config(method, dataset, ...)         # the typed run configuration
+    train_run(cfg, out_dir)                      # train into a run directory (fingerprinted, resumable)
+    evaluate_run(run_dir, dataset)               # evaluate a run on a data set, recorded in the run
 
 Training in Python (the same as ``vlprompt train``)::
 
@@ -15,16 +18,36 @@ Training in Python (the same as ``vlprompt train``)::
     result = vlprompt.train_run(cfg, "runs/coop-caltech")
     model = vlprompt.load_prompt("runs/coop-caltech")
     print(model.predict(["cat.jpg"]).top())
+
+One way to load a prompt (``load_prompt``).  Training and evaluation have two levels on purpose:
+``train_run`` / ``evaluate_run`` work on run directories (fingerprint, lock, resume, metrics.json), while
+``fit`` / ``evaluate`` train and score any ``PromptModel`` on your own Dataset or DataLoader and write no
+run directory (what ``train_run`` and ``evaluate_run`` call inside).
+
+The names are imported on first use, not with ``import vlprompt``: the package root runs before every
+``vlprompt`` command, and importing torch would make ``vlprompt --help`` take seconds.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from vlprompt.errors import VlpromptError
+from vlprompt.version import __version__
 
-_LAZY = {
+if TYPE_CHECKING:  # the same names as _API, for IDEs and type checkers
+    from vlprompt.backbones import Backbone, load_backbone
+    from vlprompt.data import get_dataset, list_datasets
+    from vlprompt.methods import PromptModel, create_model, list_methods
+    from vlprompt.methods.model import Prediction
+    from vlprompt.run import evaluate_run, train_run
+    from vlprompt.train import evaluate, fit
+    from vlprompt.train.config import resolve_config
+
+#: public name -> the module it is imported from on first use
+_API = {
     "load_backbone": "vlprompt.backbones",
     "Backbone": "vlprompt.backbones",
     "create_model": "vlprompt.methods",
@@ -33,23 +56,45 @@ _LAZY = {
     "Prediction": "vlprompt.methods.model",
     "list_datasets": "vlprompt.data",
     "get_dataset": "vlprompt.data",
-    "load_run": "vlprompt.run",
     "train_run": "vlprompt.run",
     "evaluate_run": "vlprompt.run",
     "resolve_config": "vlprompt.train.config",
     "fit": "vlprompt.train",
     "evaluate": "vlprompt.train",
-    "VlpromptError": "vlprompt.errors",
 }
 
-__all__ = sorted([*_LAZY, "load_prompt", "__version__"])
+__all__ = [
+    "Backbone",
+    "Prediction",
+    "PromptModel",
+    "VlpromptError",
+    "__version__",
+    "create_model",
+    "evaluate",
+    "evaluate_run",
+    "fit",
+    "get_dataset",
+    "list_datasets",
+    "list_methods",
+    "load_backbone",
+    "load_prompt",
+    "resolve_config",
+    "train_run",
+]
 
 
-def load_prompt(path_or_run: str | os.PathLike, backbone: Any = None, device: Any = None):
+def load_prompt(
+    path_or_run: str | os.PathLike,
+    backbone: Any = None,
+    device: Any = None,
+    *,
+    weights: str | None = None,
+) -> PromptModel:
     """The PromptModel of a run directory, an export, a ``prompt.safetensors`` or an imported prompt.
 
     ``backbone``: a loaded :class:`Backbone` (or an open_clip name / weights file) to use instead of
-    the one the manifest records -- e.g. the same CLIP weights stored elsewhere.
+    the one the manifest records; ``weights``: your copy of the weights file the prompt was trained
+    with (its sha256 is checked against the manifest's).
     """
     from vlprompt.run import load_run
 
@@ -57,17 +102,17 @@ def load_prompt(path_or_run: str | os.PathLike, backbone: Any = None, device: An
         from vlprompt.backbones import load_backbone
 
         backbone = load_backbone(str(backbone), device=device)
-    return load_run(path_or_run, backbone=backbone, device=device)
+    return load_run(path_or_run, backbone=backbone, device=device, weights=weights)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
     raise AttributeError(f"module 'vlprompt' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    """The public API (lazily loaded names included), not the module's own imports."""
+    """The public API (names imported on first use included), not the module's own imports."""
     return list(__all__)

@@ -1,17 +1,85 @@
-"""Small shared helpers: atomic writes, hashing, seeding."""
+"""Small shared helpers: atomic writes, the file lock, hashing, seeding."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks; atomic renames still keep files whole
+    fcntl = None  # type: ignore[assignment]
+
+from vlprompt.errors import VlpromptError
+
 TMP_SUFFIX = ".tmp"
+#: what reading a JSON file can raise: missing or unreadable, not UTF-8, not JSON
+JSON_READ_ERRORS = (OSError, UnicodeDecodeError, json.JSONDecodeError)
+_RAISE = object()
+
+
+def read_json(
+    path: str | os.PathLike, default: Any = _RAISE, *, error: str = "cannot read {path} ({reason})"
+) -> Any:
+    """The parsed JSON file; when it is missing, unreadable or not JSON: ``default`` if given, else a
+    one-line :class:`VlpromptError`: ``error`` formatted with ``{path}``, ``{parent}``, ``{reason}``
+    (the exception's type) and ``{detail}`` (its message)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except JSON_READ_ERRORS as e:
+        if default is not _RAISE:
+            return default
+        msg = error.format(path=path, parent=Path(path).parent, reason=type(e).__name__, detail=e)
+        raise VlpromptError(msg) from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines file ([] when it is missing); a line cut by a kill is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def lock_fd(fd: int, blocking: bool = True) -> bool:
+    """Take the exclusive advisory lock (``flock``) on an open file: the package's one file lock.
+
+    The kernel drops it when the file is closed or its process dies (even by ``kill -9``), so a crash
+    never leaves a lock behind.  Returns False when ``blocking`` is off and another process holds it;
+    True on a system without ``flock`` (atomic renames still keep every file whole)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[int]:
+    """``with file_lock(path):`` -- wait for and hold the exclusive lock on ``path`` (created if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        lock_fd(fd)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -135,7 +135,7 @@ def test_predict_topk(run: Path, capsys) -> None:
 
 
 def test_export_roundtrip(run: Path, tmp_path: Path) -> None:
-    from vlprompt import load_run
+    from vlprompt import load_prompt as load_run
 
     assert main(["export", str(run), str(tmp_path / "exp")]) == 0
     a = load_run(run, device="cpu")

@@ -439,7 +439,7 @@ def test_prompt_predicted_with_weights_from_another_folder(tmp_path, capsys):
     Image.new("RGB", (32, 32), (200, 10, 10)).save(img)
     assert main(["predict", "--run", str(exp), str(img), "--classes", "red,blue"]) == 2
     assert "pass --weights PATH" in last_error(capsys)
-    m = vlprompt.load_run(exp, weights=str(wb))
+    m = vlprompt.load_prompt(exp, weights=str(wb))
     probs, _ = m.predict([str(img)], ["red", "blue"])
     assert probs.shape[-1] == 2 and torch.isfinite(probs).all()
     other = tmp_path / "other.safetensors"
@@ -451,7 +451,7 @@ def test_prompt_predicted_with_weights_from_another_folder(tmp_path, capsys):
     handler.emit = lambda record: seen.append(record.getMessage())
     logging.getLogger("vlprompt").addHandler(handler)
     try:
-        vlprompt.load_run(exp, weights=str(other))
+        vlprompt.load_prompt(exp, weights=str(other))
     finally:
         logging.getLogger("vlprompt").removeHandler(handler)
     assert any("is not the weights file this prompt was trained with" in m for m in seen), seen

@@ -60,7 +60,7 @@ def find_bundled(name: str | None, pretrained: Any) -> Bundled | None:
 
 @lru_cache(maxsize=4)
 def _verified(path: str, sha256: str) -> bool:
-    from vlprompt.backbones.pretrain import sha256_file
+    from vlprompt.utils import sha256_file
 
     return sha256_file(path) == sha256
 

@@ -59,7 +59,7 @@ def _record(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def check_logits(model: str, device: torch.device, methods: list[str], dry: bool) -> dict[str, Any]:
     """CUDA vs CPU logits per method and precision."""
     from vlprompt.backbones import load_backbone
-    from vlprompt.bench.harness import build_model
+    from vlprompt.bench.models import build_model
     from vlprompt.train.precision import resolve_precision
 
     torch.backends.cudnn.allow_tf32 = False
@@ -109,7 +109,7 @@ def check_logits(model: str, device: torch.device, methods: list[str], dry: bool
 def check_train(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
     """A few fit() steps under bf16 and fp16 + GradScaler; losses finite, prompts moved, CLIP frozen."""
     from vlprompt.backbones import load_backbone
-    from vlprompt.bench.harness import build_model
+    from vlprompt.bench.models import build_model
     from vlprompt.train import fit
 
     bb = load_backbone(model, device=device)
@@ -301,7 +301,8 @@ def check_suite(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- driver
 def run_check(dry: bool, out_dir: Path | None = None, model: str | None = None) -> dict[str, Any]:
-    from vlprompt.bench.harness import device_info, write_results
+    from vlprompt.bench.measure import device_info
+    from vlprompt.bench.results import write_results
     from vlprompt.bench.suite import write_suite
     from vlprompt.methods import list_methods
 

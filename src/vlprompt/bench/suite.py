@@ -169,7 +169,8 @@ def measure_decode(
 
 def measure_costs(cfg: SuiteConfig, backbone: Any, device: torch.device) -> dict[str, Any]:
     """Per method: training step seconds at ``cfg.classes`` and evaluation seconds per image."""
-    from vlprompt.bench.harness import BenchConfig, bench_eval, bench_train
+    from vlprompt.bench.benches import bench_eval, bench_train
+    from vlprompt.bench.config import BenchConfig
 
     bc = BenchConfig(
         model=cfg.model,
@@ -253,7 +254,9 @@ def project(plan: Sequence[dict[str, Any]], costs: dict[str, Any], decode_s: flo
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     """Plan, measure and project; the result dict :func:`render_markdown` and :func:`write_suite` take."""
     from vlprompt.backbones import load_backbone
-    from vlprompt.bench.harness import _loadavg, device_info, label_reconstructed, resolve_device
+    from vlprompt.bench.measure import _loadavg, device_info
+    from vlprompt.bench.results import label_reconstructed
+    from vlprompt.train.precision import resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)

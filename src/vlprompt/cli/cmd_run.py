@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from vlprompt.cli.common import add_backbone_args, add_config_args, add_data_args, data_overrides, model_name
+from vlprompt.cli.common import (
+    LazyChoices,
+    add_backbone_args,
+    add_config_args,
+    add_data_args,
+    data_overrides,
+    model_name,
+)
 from vlprompt.errors import VlpromptError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _protocols() -> tuple[str, ...]:
     from vlprompt.protocols.grid import PROTOCOLS
 
+    return PROTOCOLS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="run a protocol grid (base2new, cross-dataset, dg, fewshot) over methods, data sets, seeds",
@@ -20,7 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "conflict (--force replaces it); interrupted runs resume; missing evaluations are added. A failing "
         "run is reported and the others go on (exit status 1 if any failed).",
     )
-    p.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    p.add_argument(
+        "--protocol",
+        required=True,
+        choices=LazyChoices(_protocols),
+        metavar="PROTOCOL",
+        help="base2new, cross-dataset, dg or fewshot (see docs/protocols.md)",
+    )
     p.add_argument(
         "--method",
         "--methods",

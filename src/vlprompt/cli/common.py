@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable, Iterator
 
 DEFAULT_MODEL = "ViT-B-16"
 
@@ -14,6 +15,26 @@ ENVIRONMENT = {
     "VLPROMPT_DIST_TIMEOUT": "seconds DDP collectives wait (default 4 h)",
     "HF_HUB_OFFLINE": "1 = never reach the network for pretrained tags (use the cache or --weights)",
 }
+
+
+class LazyChoices:
+    """``choices`` for argparse, loaded on first use (give the argument a ``metavar``: argparse lists
+    choices while building the parser), so ``vlprompt --help`` does not import torch."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]):
+        self._load = load
+        self._items: tuple[str, ...] | None = None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._items is None:
+            self._items = tuple(self._load())
+        return self._items
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._get()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
 
 
 def environment_epilog() -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from vlprompt.data.images import is_image_file
 from vlprompt.data.splits import DatasetSplits, Datum, final_classname, read_split, write_split
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import cache_dir
+from vlprompt.utils import cache_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,7 @@ def listing_digest(classes: dict[str, list[str]]) -> str:
 
 
 def _stored_digest(split_file: Path) -> str | None:
-    try:
-        obj = json.loads(split_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    obj = read_json(split_file, None)
     value = obj.get(LISTING_KEY) if isinstance(obj, dict) else None
     return str(value) if value else None
 

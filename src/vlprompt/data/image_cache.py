@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +46,7 @@ from vlprompt.data.images import load_rgb
 from vlprompt.data.splits import Datum
 from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD, eval_resize_crop
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import atomic_write, atomic_write_json, cache_dir
+from vlprompt.utils import atomic_write, atomic_write_json, cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +103,6 @@ class Entry:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # no flock (Windows): atomic renames still keep entries whole
-            pass
-        yield
 
 
 class ImageCache:
@@ -181,7 +168,7 @@ class ImageCache:
         ident = {**ident, "items": items_digest(items), "n": len(items)}
         key = self.key(ident)
         data, header, lock = self._paths(key)
-        with _locked(lock):
+        with file_lock(lock):
             entry = self._load(key, ident)
             if entry is not None:
                 self.hits += 1
@@ -254,7 +241,7 @@ class ImageCache:
         for _, stem, size, header, data in sorted(entries, key=lambda e: (e[1] == keep, e[0])):
             if total <= self.max_bytes:
                 break
-            with _locked(self.root / f"{stem}.lock"):
+            with file_lock(self.root / f"{stem}.lock"):
                 for p in (header, data):
                     with contextlib.suppress(OSError):
                         p.unlink()

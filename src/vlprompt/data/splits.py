@@ -8,7 +8,6 @@ can trust the items they get.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import atomic_write_json, sha256_json
+from vlprompt.utils import atomic_write_json, read_json, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,7 @@ def load_split_json(path: str | os.PathLike) -> dict[str, list[tuple[str, int, s
     path = Path(path)
     if not path.is_file():
         raise VlpromptError(f"split file not found: {path}; put the data set's split file there")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VlpromptError(
-            f"split file {path} is not valid JSON ({e}); replace it with a good copy"
-        ) from None
+    obj = read_json(path, error="split file {path} is not valid JSON ({detail}); replace it with a good copy")
     if not isinstance(obj, dict) or not all(isinstance(obj.get(s), list) for s in SPLITS):
         raise VlpromptError(
             f"split file {path} must be a JSON object with lists 'train', 'val' and 'test'; replace it"

@@ -9,30 +9,21 @@ No Python loop over heads or tokens.
 Two exact implementations -- fused ``F.scaled_dot_product_attention`` ("sdpa") and the explicit
 ``softmax(QK^T/sqrt(d)) V`` ("plain") -- differ only in rounding and speed, and which is faster depends
 on the device, the dtype and the shape (on a 2-core EPYC, SDPA is 2-3x faster on the image tower's
-197 tokens while plain wins on 1000 short text sequences). ``"auto"`` (:func:`auto_attention`, the
-default) picks per *shape class* -- device, compute dtype, grad on/off, mask kind, heads, head width,
-sequence length and the batch rounded up to a power of two -- by a short measured probe (both
-implementations on random tensors of that shape, 1 warm-up + 3 timed calls each, the median; the
-explicit one must be 10 % faster to be chosen),
-cached in memory and in ``<cache dir>/attention-probe.json`` (locked, so concurrent jobs agree and later
-runs reuse it). ``$VLPROMPT_ATTENTION=sdpa|plain`` forces one implementation; under ``torch.compile``
-auto uses SDPA. :func:`attention_choices` lists what this process chose (recorded in a run's env).
+197 tokens while plain wins on 1000 short text sequences). ``"auto"`` (:class:`AutoAttention`, the
+default) runs, per *shape class* (:func:`shape_class`: device type, compute dtype, grad on/off, mask
+kind, heads, head width, sequence length, batch rounded up to a power of two), the implementation a
+table handed to it names: a pure function of the shape given the table (:func:`select_attention`).
+Measuring the table, caching it per machine and recording it in a run is the run layer's job
+(:mod:`vlprompt.run.attention`); the engine reads no file, environment variable or clock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import platform
-import statistics
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +93,7 @@ def plain_attention(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContex
     """Explicit ``softmax(QK^T/sqrt(d) + mask) V`` -- the reference implementations' computation.
 
     Same result as :func:`standard_attention` up to rounding (tested); the reference implementations'
-    computation (``vlprompt bench --reference``) and :func:`auto_attention`'s alternative to SDPA.
+    computation (``vlprompt bench --reference``) and ``auto``'s alternative to SDPA.
     """
     q, k, v = qkv_heads(mha, x)
     length = x.shape[1]
@@ -111,12 +102,16 @@ def plain_attention(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContex
     return merge_heads(mha, o)
 
 
-ENV_FORCE = "VLPROMPT_ATTENTION"
-#: the explicit softmax must beat SDPA by 10 % to be chosen: near-ties (tiny shapes, timing noise) stay on
-#: the fused kernel, which also never materialises the L x L scores
-PLAIN_MARGIN = 1.1
-_CHOICES: dict[str, dict[str, Any]] = {}  # shape class -> {"choice", "sdpa_ms", "plain_ms", "source"}
-_LOCK = threading.RLock()
+#: the two exact implementations ``"auto"`` chooses between (same result up to rounding)
+IMPLEMENTATIONS: dict[str, Attention] = {"sdpa": standard_attention, "plain": plain_attention}
+#: the names ``ModelOptions.attention`` accepts
+ATTENTION_MODES = ("auto", *IMPLEMENTATIONS)
+#: what ``"auto"`` runs for a shape class its table does not name and nobody measures
+DEFAULT_IMPLEMENTATION = "sdpa"
+
+#: ``resolve(key, mha, x, ctx) -> "sdpa" | "plain"``: decides a shape class the table lacks (the run
+#: layer's measured, cached probe); called once per class, its answer is kept in the table
+Resolve = Callable[[str, nn.MultiheadAttention, torch.Tensor, AttnContext], str]
 
 
 def _mask_kind(ctx: AttnContext, length: int) -> str:
@@ -125,7 +120,8 @@ def _mask_kind(ctx: AttnContext, length: int) -> str:
     return "mask" if (ctx.causal or ctx.key_valid is not None) else "none"
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention of ``x`` runs in (the autocast dtype where autocast is on)."""
     dev = x.device.type
     with contextlib.suppress(AttributeError, RuntimeError):
         if torch.is_autocast_enabled(dev):
@@ -133,163 +129,67 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def device_name(device: torch.device) -> str:
-    """What the probe cache is keyed by: the GPU's name, or the CPU model and thread count."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{device.type}:{model}:{torch.get_num_threads()}threads"
+def needs_grad(mha: nn.MultiheadAttention, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or mha.in_proj_weight.requires_grad)
 
 
 def shape_class(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> str:
+    """The key ``"auto"`` decides by: device type, compute dtype, grad on/off, mask kind, heads, head
+    width, sequence length and the batch rounded up to a power of two (e.g.
+    ``cpu|float32|nograd|none|H12xhd64|L197|N8``).  Which machine the table was measured on is the
+    table owner's business (the run layer keys its cache by machine)."""
     n, length, d = x.shape
     h = mha.num_heads
     nb = 1 << max(0, int(n - 1).bit_length())
-    grad = (
-        "grad"
-        if torch.is_grad_enabled() and (x.requires_grad or mha.in_proj_weight.requires_grad)
-        else "nograd"
-    )
-    dtype = str(_compute_dtype(x)).replace("torch.", "")
-    return f"{device_name(x.device)}|{dtype}|{grad}|{_mask_kind(ctx, length)}|H{h}xhd{d // h}|L{length}|N{nb}"
+    grad = "grad" if needs_grad(mha, x) else "nograd"
+    dtype = str(compute_dtype(x)).replace("torch.", "")
+    return f"{x.device.type}|{dtype}|{grad}|{_mask_kind(ctx, length)}|H{h}xhd{d // h}|L{length}|N{nb}"
 
 
-def _probe_file() -> Path:
-    from vlprompt.utils import cache_dir  # lazy: engine stays importable without side effects
+def select_attention(table: Mapping[str, str], key: str) -> str:
+    """The implementation for shape class ``key``: the table's entry, else :data:`DEFAULT_IMPLEMENTATION`.
 
-    return cache_dir() / "attention-probe.json"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+b") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except ImportError:
-            pass
-        yield
+    A pure function: the same table and shape give the same implementation, so a run's rounding does
+    not depend on the machine's load (the table is measured once, then read)."""
+    impl = table.get(key, DEFAULT_IMPLEMENTATION)
+    return impl if impl in IMPLEMENTATIONS else DEFAULT_IMPLEMENTATION
 
 
-def _time(fn, device: torch.device, reps: int = 3) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+class AutoAttention:
+    """``attention="auto"``: the implementation named for each shape class by a table handed in.
 
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    ``table`` maps :func:`shape_class` keys to ``"sdpa"`` / ``"plain"``; ``resolve`` (optional) decides a
+    class the table lacks -- the run layer passes its measured, machine-cached probe -- and its answer
+    is added to the table, so each class is decided once per model.  Without ``resolve`` a missing
+    class runs :data:`DEFAULT_IMPLEMENTATION`.  The engine itself reads no file, environment or clock.
+    Under ``torch.compile`` SDPA is used (a data-independent graph).
+    """
 
+    def __init__(self, table: Mapping[str, str] | None = None, resolve: Resolve | None = None):
+        self.table: dict[str, str] = dict(table or {})
+        self.resolve = resolve
 
-def probe(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> dict[str, Any]:
-    """Time both implementations on random q, k, v of this call's shape (forward, + backward if grad)."""
-    n, length, d = x.shape
-    h = mha.num_heads
-    dtype = _compute_dtype(x)
-    grad = torch.is_grad_enabled() and (x.requires_grad or mha.in_proj_weight.requires_grad)
-    g = torch.Generator(device=x.device).manual_seed(0)
-    q, k, v = (torch.randn(n, h, length, d // h, device=x.device, dtype=dtype, generator=g) for _ in range(3))
-    mask = joint_mask(ctx, length, x.device)
-    causal = ctx.causal and length == ctx.n_inst
+    def choose(self, mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> str:
+        compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+        if compiling:
+            return "sdpa"
+        key = shape_class(mha, x, ctx)
+        if key not in self.table and self.resolve is not None:
+            self.table[key] = self.resolve(key, mha, x, ctx)
+        return select_attention(self.table, key)
 
-    def run(impl: str):
-        def fn() -> None:
-            qq = q.detach().requires_grad_(grad)
-            with torch.autocast(x.device.type, enabled=False):
-                if impl == "sdpa":
-                    o = F.scaled_dot_product_attention(
-                        qq, k, v, attn_mask=mask, is_causal=causal and mask is None
-                    )
-                else:
-                    m = mask if mask is not None or not causal else torch.ones(
-                        length, length, dtype=torch.bool, device=x.device).tril()  # fmt: skip
-                    o = masked_scores(qq, k, m).softmax(dim=-1) @ v
-                if grad:
-                    o.sum().backward()
-
-        return fn
-
-    # identity saved-tensor hooks: inside a checkpointed block the probe's own backward must not
-    # trigger the block's recomputation
-    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-    with torch.no_grad() if not grad else contextlib.nullcontext(), hooks:
-        sdpa_ms, plain_ms = _time(run("sdpa"), x.device), _time(run("plain"), x.device)
-    return {
-        "choice": "plain" if plain_ms * PLAIN_MARGIN < sdpa_ms else "sdpa",
-        "sdpa_ms": round(sdpa_ms, 4),
-        "plain_ms": round(plain_ms, 4),
-        "torch": torch.__version__,
-    }
+    def __call__(self, mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        return IMPLEMENTATIONS[self.choose(mha, x, ctx)](mha, x, ctx)
 
 
-def choose_attention(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> str:
-    """``"sdpa"`` or ``"plain"`` for this call: forced by ``$VLPROMPT_ATTENTION``, else the cached probe."""
-    forced = os.environ.get(ENV_FORCE, "").strip().lower()
-    if forced in ("sdpa", "plain"):
-        return forced
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    if compiling:
-        return "sdpa"
-    key = shape_class(mha, x, ctx)
-    hit = _CHOICES.get(key)
-    if hit is not None:
-        return hit["choice"]
-    with _LOCK:
-        if key in _CHOICES:
-            return _CHOICES[key]["choice"]
-        path = _probe_file()
-        try:
-            with _file_lock(path):
-                stored = {}
-                with contextlib.suppress(OSError, ValueError):
-                    stored = json.loads(path.read_text(encoding="utf-8"))
-                rec = stored.get(key)
-                source = "probe-cache"
-                if (
-                    not isinstance(rec, dict)
-                    or rec.get("choice") not in ("sdpa", "plain")
-                    or (rec.get("torch") != torch.__version__)
-                ):
-                    rec, source = probe(mha, x, ctx), "probe"
-                    stored[key] = rec
-                    from vlprompt.utils import atomic_write_json
-
-                    atomic_write_json(path, stored)
-                _CHOICES[key] = {**rec, "source": source}
-        except OSError:  # read-only cache dir: probe, remember in memory only
-            _CHOICES[key] = {**probe(mha, x, ctx), "source": "probe"}
-    return _CHOICES[key]["choice"]
-
-
-def auto_attention(mha: nn.MultiheadAttention, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    """The faster exact implementation for this device/dtype/shape class (see the module docstring)."""
-    impl = choose_attention(mha, x, ctx)
-    return (standard_attention if impl == "sdpa" else plain_attention)(mha, x, ctx)
-
-
-def attention_choices() -> dict[str, Any]:
-    """What ``attention="auto"`` chose in this process, per shape class (for a run's env.json)."""
-    forced = os.environ.get(ENV_FORCE, "").strip().lower()
-    return {
-        "mode": f"forced:{forced}" if forced in ("sdpa", "plain") else "auto",
-        "choices": {k: dict(v) for k, v in sorted(_CHOICES.items())},
-    }
-
-
-ATTENTION_MODES = {"auto": auto_attention, "sdpa": standard_attention, "plain": plain_attention}
+def attention_mode(name: str | Attention, auto: AutoAttention | None = None) -> Attention:
+    """The attention callable of a mode name: ``"auto"`` -> ``auto`` (else a table-less
+    :class:`AutoAttention`, i.e. SDPA), ``"sdpa"`` / ``"plain"`` -> that implementation."""
+    if callable(name):
+        return name
+    if name == "auto":
+        return auto if auto is not None else AutoAttention()
+    return IMPLEMENTATIONS[name]
 
 
 def masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

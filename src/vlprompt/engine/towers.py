@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from vlprompt.engine.attention import Attention, AttnContext, auto_attention, standard_attention
+from vlprompt.engine.attention import Attention, AttnContext, AutoAttention, standard_attention
 from vlprompt.engine.plan import ALL, LayerOps, TowerPlan
 
 
@@ -123,7 +123,8 @@ def encode_text(
                 if op.replace is not None:
                     length = max(length, op.replace_at + op.replace.shape[-2])
     x = embeds[:, :length].to(dtype) + clip.positional_embedding[:length].to(dtype)
-    if share_prefix and not checkpoint and default_attention in (None, standard_attention, auto_attention):
+    standard = default_attention is None or default_attention is standard_attention
+    if share_prefix and not checkpoint and (standard or isinstance(default_attention, AutoAttention)):
         p = shared_prefix_length(x, plan)
         if p >= 2:
             return _encode_text_prefix(clip, x, eot, plan, p)

@@ -308,6 +308,21 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
 )  # fmt: skip
 
 
+class HandCraftedContext:
+    """Mixin for the regularised CoOp variants (KgCoOp, ProGrad): one learnable context ``ctx`` filled
+    into every class prompt, and frozen text from the official code's hand-crafted template for the data
+    set (``official_templates``: those that differ from the CoOp template; ``cfg.frozen_template``
+    overrides)."""
+
+    official_templates: dict[str, str] = {}
+
+    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
+        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot)
+
+    def frozen_templates(self, template: str) -> list[str]:
+        return [official_template(self.official_templates, template, self.cfg.frozen_template)]
+
+
 class IndependentDeepPrompts:
     """Mixin for methods with IVLP's prompts: a learnable text context (the first tokens of a phrase),
     independent deep text prompts, and deep image prompts.  The parameters keep IVLP's names

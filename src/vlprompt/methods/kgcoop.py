@@ -22,8 +22,8 @@ from torch import nn
 
 from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
-from vlprompt.methods.common import ClassPrompts, init_ctx, official_template
+from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_method
+from vlprompt.methods.common import ClassPrompts, HandCraftedContext, init_ctx
 from vlprompt.methods.output import ModelOutput
 
 #: KgCoOp's CUSTOM_TEMPLATES where they differ from the data set's CoOp template (keyed by the latter)
@@ -41,12 +41,13 @@ class KgCoOpConfig(MethodConfig):
 
 
 @register_method
-class KgCoOp(PromptMethod):
+class KgCoOp(HandCraftedContext, PromptMethod):
     name = "kgcoop"
     display_name = "KgCoOp"
     Config = KgCoOpConfig
     summary = "KgCoOp: CoOp + w * (1 - cos) to frozen CLIP's hand-crafted class embeddings"
     needs = frozenset({"frozen_text"})
+    official_templates = KGCOOP_TEMPLATES
 
     def __init__(self, cfg: KgCoOpConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
@@ -58,12 +59,6 @@ class KgCoOp(PromptMethod):
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
         self.prompts = ClassPrompts(backbone, classnames, [("ctx", self.cfg.n_ctx), ("text", "{}.")])
-
-    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
-        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot)
-
-    def frozen_templates(self, template: str) -> list[str]:
-        return [official_template(KGCOOP_TEMPLATES, template, self.cfg.frozen_template)]
 
     def objective(
         self, out: ModelOutput, labels: torch.Tensor

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones import Backbone
-from vlprompt.engine import ATTENTION_MODES, TowerPlan, encode_image, encode_text, slice_plan
+from vlprompt.engine import (
+    ATTENTION_MODES,
+    AutoAttention,
+    TowerPlan,
+    attention_mode,
+    encode_image,
+    encode_text,
+    slice_plan,
+)
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import PromptMethod, TextInputs, build_config, get_method
 from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
@@ -36,7 +44,7 @@ class ModelOptions:
     text_chunk: int = 2048  # max text sequences per text-tower call (image-conditioned methods)
     checkpoint_text: bool = False  # activation checkpointing in the text tower (memory for 1000 classes)
     checkpoint_image: bool = False
-    attention: str = "auto"  # where a plan names no mode: "auto" (measured per shape) | "sdpa" | "plain"
+    attention: str = "auto"  # where a plan names no mode: "auto" (table per shape class) | "sdpa" | "plain"
     share_prefix: bool = True  # run the tokens all class prompts share ([SOS] + shared context) once
 
     @classmethod
@@ -71,6 +79,9 @@ class PromptModel(nn.Module):
             raise VlpromptError(
                 f"unknown attention '{self.options.attention}'; use one of {', '.join(ATTENTION_MODES)}"
             )
+        #: what ``attention="auto"`` runs per shape class; the run layer hands in a measured table
+        #: (:func:`vlprompt.run.attention.measured_attention`); without one, SDPA everywhere
+        self.auto_attention = AutoAttention()
         self._text_cache: tuple[Any, torch.Tensor] | None = None
         self._frozen_text: tuple[Any, torch.Tensor] | None = None
         self.text_strategy: TextStrategy | None = text_strategy  # None: all classes, this process
@@ -129,6 +140,15 @@ class PromptModel(nn.Module):
         return super().train(mode)
 
     # ------------------------------------------------------------------ towers
+    def set_auto_attention(self, auto: AutoAttention) -> None:
+        """The table (and resolver) that ``attention="auto"`` reads from now on (see engine.attention)."""
+        self.auto_attention = auto
+        self._text_cache = None
+
+    def default_attention(self) -> Any:
+        """The attention mode where a plan names none: ``options.attention``, ``auto`` through the table."""
+        return attention_mode(self.options.attention, self.auto_attention)
+
     def encode_image(self, images: torch.Tensor, plan: TowerPlan | None = None) -> torch.Tensor:
         """Normalised image features (B, e) under the method's image plan."""
         plan = self.method.image_plan() if plan is None else plan
@@ -137,7 +157,7 @@ class PromptModel(nn.Module):
             images.to(self.backbone.device),
             plan,
             checkpoint=self.options.checkpoint_image,
-            default_attention=ATTENTION_MODES[self.options.attention],
+            default_attention=self.default_attention(),
         )
         return F.normalize(feats.float(), dim=-1)
 
@@ -160,7 +180,7 @@ class PromptModel(nn.Module):
                     sub,
                     truncate=self.options.truncate_text,
                     checkpoint=self.options.checkpoint_text,
-                    default_attention=ATTENTION_MODES[self.options.attention],
+                    default_attention=self.default_attention(),
                     share_prefix=self.options.share_prefix,
                 )
             )

@@ -26,8 +26,8 @@ from torch import nn
 
 from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import Backprop, MethodConfig, PromptMethod, TextInputs, opt, register_method
-from vlprompt.methods.common import ClassPrompts, official_template, words_ctx
+from vlprompt.methods.base import Backprop, MethodConfig, PromptMethod, opt, register_method
+from vlprompt.methods.common import ClassPrompts, HandCraftedContext, words_ctx
 from vlprompt.methods.output import ModelOutput
 
 #: ProGrad's CUSTOM_TEMPLATES where they differ from the data set's CoOp template (keyed by the latter)
@@ -56,12 +56,13 @@ class ProGradConfig(MethodConfig):
 
 
 @register_method
-class ProGrad(PromptMethod):
+class ProGrad(HandCraftedContext, PromptMethod):
     name = "prograd"
     display_name = "ProGrad"
     Config = ProGradConfig
     summary = "ProGrad: CoOp with its CE gradient projected to agree with zero-shot CLIP's KL gradient"
     needs = frozenset({"zero_shot_logits"})
+    official_templates = PROGRAD_TEMPLATES
 
     def __init__(self, cfg: ProGradConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
@@ -89,12 +90,6 @@ class ProGrad(PromptMethod):
         if self.ctx is None:
             self.ctx = nn.Parameter(ctx)
         self.prompts = ClassPrompts(backbone, classnames, segments)
-
-    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
-        return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot)
-
-    def frozen_templates(self, template: str) -> list[str]:
-        return [official_template(PROGRAD_TEMPLATES, template, self.cfg.frozen_template)]
 
     def objective(
         self, out: ModelOutput, labels: torch.Tensor

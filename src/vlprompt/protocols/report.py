@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from collections import defaultdict
@@ -29,6 +28,8 @@ from typing import Any
 
 from vlprompt.errors import VlpromptError
 from vlprompt.protocols import reference as ref
+from vlprompt.run.backbone import recorded_random_backbone
+from vlprompt.run.layout import RunDir
 from vlprompt.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -127,38 +128,6 @@ class RunRecord:
         return None if hit is None else float(hit)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _random_backbone(cfg: dict[str, Any], manifest: Any, env: Any) -> bool:
-    """True when any run-dir file says the backbone weights were randomly initialised."""
-
-    def flags(obj: Any) -> Iterable[bool]:
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                if k in ("random_init", "random_weights", "untrained") and isinstance(v, bool):
-                    yield v
-                elif k == "source" and v == "random-init":
-                    yield True
-                else:
-                    yield from flags(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                yield from flags(v)
-
-    explicit = [f for obj in (manifest, env) for f in flags(obj)]
-    if explicit:
-        return any(explicit)
-    bb = cfg.get("backbone") or {}
-    if isinstance(manifest, dict) and isinstance(manifest.get("backbone"), dict):
-        bb = {**bb, **manifest["backbone"]}
-    return not bb.get("pretrained") and not bb.get("weights")
-
-
 def load_run_record(run_dir: str | Path) -> RunRecord | None:
     """Read one run directory through the run layer (None when it has no readable config)."""
     from vlprompt.data.custom import public_name
@@ -187,7 +156,7 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
     bb = cfg.get("backbone") or {}
     weights = bb.get("weights") or bb.get("weights_file")
     tag = bb.get("pretrained") or (Path(str(weights)).name if weights else None)
-    random = _random_backbone(cfg, manifest, env)
+    random = recorded_random_backbone(cfg, manifest, env)
     imported = isinstance(manifest, dict) and bool(manifest.get("imported_from"))
     try:
         run.verify()  # an edited config / fingerprint / manifest / prompt is listed as such, never as data
@@ -581,17 +550,7 @@ def _fewshot_tables(runs: list[RunRecord]) -> tuple[list[Table], dict[str, Any]]
 # ---------------------------------------------------------------------------------------- logs
 def read_training_curve(run_dir: str | Path) -> list[tuple[float, float | None, float | None]]:
     """(step, loss, acc) points from ``log.jsonl``: per-step records (per-epoch records if only those)."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        return []
-    recs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("loss") is not None:
-            recs.append(rec)
+    recs = [r for r in RunDir(run_dir).log_records() if isinstance(r, dict) and r.get("loss") is not None]
     kind = next((k for k in ("kind", "type", "event", "level") if any(k in r for r in recs)), None)
     if kind:
         steps = [r for r in recs if r.get(kind) not in ("epoch", "eval", "evaluation")]
@@ -621,16 +580,9 @@ def read_epoch_curve(run_dir: str | Path) -> list[tuple[float, float | None, flo
     Runs logged per epoch only give one point per epoch (at e).  This is what the training-curve
     plots use: an x axis in epochs reads the same for runs of different lengths and batch sizes.
     """
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        return []
     steps: dict[int, list[dict[str, Any]]] = defaultdict(list)
     epochs: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in RunDir(run_dir).log_records():
         if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), (int, float)):
             continue
         e = int(rec["epoch"])

@@ -7,6 +7,7 @@ uses it passes their own copy (``--weights`` / ``backbone=``) and vlprompt check
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,33 @@ UNTRAINED_BANNER = "untrained weights: pipeline check only, accuracy is chance"
 def is_untrained(backbone: Any) -> bool:
     """True for a random-init backbone (no pretrained tag, no weights file, no bundled weights)."""
     return (backbone.meta or {}).get("source") == "random-init"
+
+
+def recorded_random_backbone(cfg: dict[str, Any], manifest: Any, env: Any) -> bool:
+    """True when a run's files (config, manifest, env) say its backbone weights were randomly initialised:
+    an explicit flag anywhere (``random_init`` as :func:`portable_section` records it), else a backbone
+    section with neither a pretrained tag nor a weights file."""
+
+    def flags(obj: Any) -> Iterable[bool]:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k in ("random_init", "random_weights", "untrained") and isinstance(v, bool):
+                    yield v
+                elif k == "source" and v == "random-init":
+                    yield True
+                else:
+                    yield from flags(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from flags(v)
+
+    explicit = [f for obj in (manifest, env) for f in flags(obj)]
+    if explicit:
+        return any(explicit)
+    bb = cfg.get("backbone") or {}
+    if isinstance(manifest, dict) and isinstance(manifest.get("backbone"), dict):
+        bb = {**bb, **manifest["backbone"]}
+    return not bb.get("pretrained") and not bb.get("weights")
 
 
 def load_backbone_from(

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from vlprompt.errors import VlpromptError
+from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -383,15 +384,9 @@ def write_prompt_dir(out: str | os.PathLike, model: Any, manifest: dict[str, Any
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "vlprompt_version": _version(),
+        "vlprompt_version": __version__,
         **provenance(str(manifest.get("method", "zeroshot"))),
         **manifest,
     }
     save_prompt(RunDir(path), model.prompt_state_dict(), full)
     return path
-
-
-def _version() -> str:
-    import vlprompt
-
-    return vlprompt.__version__

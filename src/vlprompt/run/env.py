@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlprompt.version import __version__
+
 RECORD_HOSTNAME_ENV = "VLPROMPT_RECORD_HOSTNAME"
 
 
@@ -45,13 +47,11 @@ def environment(device: str | None = None, extra: dict[str, Any] | None = None) 
     import open_clip
     import torch
 
-    import vlprompt
-
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "open_clip": getattr(open_clip, "__version__", None),
-        "vlprompt": vlprompt.__version__,
+        "vlprompt": __version__,
         "git_revision": git_revision(),
         "device": device,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,

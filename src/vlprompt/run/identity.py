@@ -18,7 +18,7 @@ from typing import Any
 
 from vlprompt.errors import VlpromptError
 from vlprompt.train.config import DataConfig, RunConfig, TrainConfig
-from vlprompt.utils import cache_dir, sha256_file, sha256_json
+from vlprompt.utils import cache_dir, read_json, sha256_file, sha256_json
 
 IDENTITY_VERSION = 1
 #: train keys that are folded into others (epochs tables resolve into train.epochs)
@@ -35,11 +35,8 @@ def weights_sha256(path: str | os.PathLike) -> str:
     if key in _SHA_MEMO:
         return _SHA_MEMO[key]
     memo_file = cache_dir() / "sha256.json"
-    memo: dict[str, Any] = {}
-    try:
-        memo = json.loads(memo_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        memo = {}
+    memo = read_json(memo_file, {})
+    memo = memo if isinstance(memo, dict) else {}
     entry = memo.get(str(p))
     if (
         isinstance(entry, dict)

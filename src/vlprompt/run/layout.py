@@ -8,6 +8,7 @@
       env.json            versions, git revision, device, attention choice (no hostname unless asked)
       split.json          split hash, class names, counts and the few-shot picks (paths relative)
       log.jsonl           step / epoch records (the source of training curves)
+      log.csv             the same records as a table
       metrics.json        every test-split evaluation of this run
       prompt.safetensors  the learned prompt, the manifest embedded in its metadata
       manifest.json       what load_run needs: method, options, classes, backbone by name + sha256
@@ -20,20 +21,22 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from vlprompt import utils
 from vlprompt.errors import VlpromptError
+from vlprompt.train import files as trainer_files
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
 CONFIG = "config.yaml"
 FINGERPRINT = "fingerprint.json"
 ENV = "env.json"
 SPLIT = "split.json"
-LOG = "log.jsonl"
+LOG = trainer_files.LOG  # written by the trainer through RunDir (train/files.py names them)
+LOG_TABLE = trainer_files.LOG_TABLE
 METRICS = "metrics.json"
 PROMPT = "prompt.safetensors"
 MANIFEST = "manifest.json"
@@ -41,7 +44,7 @@ LOCAL = "local.json"
 DONE = "done"
 LOCK = ".lock"
 FAILED = "failed.json"
-CHECKPOINT = "checkpoint"
+CHECKPOINT = trainer_files.CHECKPOINT
 #: results that a retrain replaces (the checkpoint goes with them)
 RESULT_FILES = (DONE, METRICS, PROMPT, MANIFEST, FINGERPRINT)
 LOG_CSV = "log.csv"  # written by train.progress beside log.jsonl
@@ -67,12 +70,8 @@ _HARMLESS = (LOCK, FAILED)
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VlpromptError(
-            f"cannot read {path} ({type(e).__name__}); the run directory is damaged"
-        ) from None
+    """A run file's JSON, or a one-line error saying the run directory is damaged."""
+    return utils.read_json(path, error="cannot read {path} ({reason}); the run directory is damaged")
 
 
 class RunDir:
@@ -93,6 +92,18 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINT
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG
+
+    @property
+    def log_table(self) -> Path:
+        return self.path / LOG_TABLE
+
+    def log_records(self) -> list[Any]:
+        """The records of the training log (a line cut by a kill skipped; [] when there is none)."""
+        return utils.read_jsonl(self.log_file)
 
     # ---------------------------------------------------------------- state
     def exists(self) -> bool:

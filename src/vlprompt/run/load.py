@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import backbone_for_manifest, check_weights
 from vlprompt.run.layout import CONFIG, MANIFEST, METRICS, PROMPT, RunDir, read_json
 from vlprompt.run.train import FORMAT, build_splits, eval_loader, metrics_entry, record_metrics
@@ -104,6 +106,11 @@ def load_run(
             f"prompt in {prompt_path} does not fit this backbone ({detail}); use the run's backbone "
             f"{(manifest.get('backbone') or {}).get('name')}"
         ) from None
+    recorded = None
+    if Path(path).is_dir():  # a run: evaluate with the attention implementations it trained with
+        with contextlib.suppress(VlpromptError):
+            recorded = (RunDir(path).env() or {}).get("attention")
+    model.set_auto_attention(measured_attention(backbone.device, recorded)[0])
     model.eval()
     model.manifest = manifest
     return model

@@ -11,11 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from vlprompt.errors import VlpromptError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks, single-writer is the user's care
-    fcntl = None  # type: ignore[assignment]
+from vlprompt.utils import lock_fd
 
 
 class RunLock:
@@ -36,21 +32,17 @@ class RunLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        if fcntl is not None:
+        if not lock_fd(fd, blocking=False):
+            holder = ""
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holder = os.read(fd, 64).decode(errors="replace").strip()
             except OSError:
-                holder = ""
-                try:
-                    holder = os.read(fd, 64).decode(errors="replace").strip()
-                except OSError:
-                    pass
-                os.close(fd)
-                who = f"pid {holder}" if holder else "another process"
-                raise VlpromptError(
-                    f"{self.path.parent} is being written by {who}; "
-                    "wait for it to finish or use another --out"
-                ) from None
+                pass
+            os.close(fd)
+            who = f"pid {holder}" if holder else "another process"
+            raise VlpromptError(
+                f"{self.path.parent} is being written by {who}; wait for it to finish or use another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         os.fsync(fd)

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
 from vlprompt.run.lock import RunLock
 from vlprompt.train.config import RunConfig, as_run_config, dump_yaml
+from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +251,7 @@ def _train_run(
             run.remove_stale_temps()
             if decision == "fresh":
                 run.clear_results()
-            _write_run_info(run, cfg, fp, backbone, splits)
+            _write_run_info(run, cfg, fp, backbone, splits, resume=decision == "resume")
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
@@ -272,8 +274,11 @@ def _train_run(
             lock.release()
 
 
-def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any) -> None:
-    """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained."""
+def _write_run_info(
+    run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any, *, resume: bool = False
+) -> None:
+    """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained (a
+    resumed run keeps the attention implementations it recorded)."""
     from vlprompt.data import split_hash
     from vlprompt.data.custom import public_name
 
@@ -285,7 +290,9 @@ def _write_run_info(run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: A
         text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
     run.write_json(FINGERPRINT, fp)  # first: it is what marks the folder as a run (RunDir.is_run)
     run.write_config(text)
-    run.write_env(environment(str(backbone.device), prov))
+    recorded = (run.env() or {}).get("attention") if resume else None
+    kept = {"attention": recorded} if recorded else {}
+    run.write_env(environment(str(backbone.device), {**prov, **kept}))
     run.write_json(
         SPLIT,
         {
@@ -329,22 +336,28 @@ def _train(
     model = create_model(
         cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
     )
+    # attention="auto": the choices this run recorded (on resume), else the machine's measured table;
+    # each new choice is written to env.json at once, so a resume after a kill reuses it
+    recorded = (run.env() or {}).get("attention") if resume else None
+    auto, chosen = measured_attention(
+        backbone.device, recorded, on_new=(lambda rec: _record_attention(run, rec)) if main else None
+    )
+    model.options.attention = cfg.train.attention
+    model.set_auto_attention(auto)
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
     result = fit(
         model,
         train_data(splits, backbone, cfg),
         cfg,
-        run.path,
+        run,  # the trainer writes its log and checkpoint through the run directory
         resume=resume,
         eval_data=loader,
         progress=progress,
         stop_after_epoch=stop_after_epoch,
         callbacks=callbacks,
     )
-    if main:  # which attention implementation "auto" measured and used, per shape class
-        from vlprompt.engine import attention_choices
-
-        run.write_env({**(run.env() or {}), "attention": attention_choices()})
+    if main:  # which attention implementation "auto" used, per shape class
+        _record_attention(run, chosen.record())
     if result["stopped"]:
         return {
             "run_dir": str(run),
@@ -379,7 +392,7 @@ def _train(
         "seed": cfg.data.seed,
         "epochs": result["epochs_done"],
         "fingerprint": fp["fingerprint"],
-        "vlprompt_version": _version(),
+        "vlprompt_version": __version__,
         "trainable_parameters": result["trainable_parameters"],
     }
     save_prompt(run, model.prompt_state_dict(), manifest)
@@ -404,18 +417,16 @@ def _train(
     }
 
 
+def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
+    run.write_env({**(run.env() or {}), "attention": record})
+
+
 def _options_dict(cfg: RunConfig) -> dict[str, Any]:
     import dataclasses
 
     return (
         dataclasses.asdict(cfg.options) if dataclasses.is_dataclass(cfg.options) else dict(cfg.options or {})
     )
-
-
-def _version() -> str:
-    import vlprompt
-
-    return vlprompt.__version__
 
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:

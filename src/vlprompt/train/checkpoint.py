@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import atomic_write, atomic_write_json, sha256_file, sha256_json
+from vlprompt.utils import atomic_write, atomic_write_json, read_json, sha256_file, sha256_json
 
-CKPT_DIR = "checkpoint"
 WEIGHTS = "last.safetensors"
 TENSORS_PREFIX, TENSORS_SUFFIX = "state-", ".safetensors"
 STATE = "state.json"
@@ -205,12 +204,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
                 f"code); delete {d} or pass --force to start the run over"
             )
         return None
-    try:
-        head = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VlpromptError(
-            f"resume checkpoint {path} is unreadable ({type(e).__name__}); delete {d} to start over"
-        ) from None
+    head = read_json(
+        path, error="resume checkpoint {path} is unreadable ({reason}); delete {parent} to start over"
+    )
     if not isinstance(head, dict) or head.get("format_version") != FORMAT_VERSION:
         raise VlpromptError(f"resume checkpoint {path} has an unknown format; delete {d} to start over")
     tname = str(head.get("tensors", ""))

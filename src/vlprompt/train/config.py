@@ -175,6 +175,13 @@ class TrainConfig(_Section):
     eval_every_epoch: bool = key(False, "also evaluate after every epoch (slower)", execution=True)
     log_every: int = key(1, "write a step record to log.jsonl every N steps", minimum=1, execution=True)
     shard_text: bool = key(False, "DDP: split the class prompts' text encoding over ranks", execution=True)
+    attention: str = key(
+        "auto",
+        "attention implementation (exact alike, rounding differs): auto (measured once per machine and "
+        "shape, recorded in env.json, reused on resume) | sdpa | plain (fixed: same on every machine)",
+        choices=("auto", "sdpa", "plain"),
+        execution=True,
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.backbones import Backbone
-from vlprompt.engine import ATTENTION_MODES, encode_image
+from vlprompt.engine import Attention, attention_mode, encode_image
 from vlprompt.utils import atomic_write, cache_dir, sha256_json
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,12 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def frozen_image_features(backbone: Backbone, images: torch.Tensor, attention: str = "sdpa") -> torch.Tensor:
+def frozen_image_features(
+    backbone: Backbone, images: torch.Tensor, attention: str | Attention = "sdpa"
+) -> torch.Tensor:
     """L2-normalised fp32 features of frozen CLIP (no image prompts) -- as ``PromptModel.encode_image``."""
     feats = encode_image(
-        backbone.clip.visual, images.to(backbone.device), None, default_attention=ATTENTION_MODES[attention]
+        backbone.clip.visual, images.to(backbone.device), None, default_attention=attention_mode(attention)
     )
     return F.normalize(feats.float(), dim=-1)
 

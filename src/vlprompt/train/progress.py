@@ -15,10 +15,10 @@ import logging
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from vlprompt.utils import atomic_write_text
+from vlprompt.train.files import TrainerFiles, trainer_files
+from vlprompt.utils import atomic_write_text, read_jsonl
 
 FIELDS = ("kind", "epoch", "step", "loss", "acc", "lr", "images_per_s", "time")
 
@@ -30,23 +30,20 @@ def _clean(v: Any) -> Any:
 
 
 class RunLog:
-    """Appends records to ``log.jsonl`` and ``log.csv`` in ``out_dir`` (``None``: keep nothing)."""
+    """Appends records to the log files of ``files`` (JSON lines and CSV; ``None``: keep nothing)."""
 
-    def __init__(self, out_dir: str | os.PathLike | None, keep_epochs: int = 0):
-        self.dir = Path(out_dir) if out_dir is not None else None
-        if self.dir is None:
+    def __init__(self, files: str | os.PathLike | TrainerFiles | None, keep_epochs: int = 0):
+        files = trainer_files(files)
+        self.dir = files.log_file.parent if files is not None else None
+        if files is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = self.dir / "log.jsonl"
-        self.csv = self.dir / "log.csv"
+        self.jsonl, self.csv = files.log_file, files.log_table
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        self.csv.parent.mkdir(parents=True, exist_ok=True)
         kept: list[dict[str, Any]] = []
         if keep_epochs > 0 and self.jsonl.is_file():
-            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if int(rec.get("epoch", 0)) <= keep_epochs:
+            for rec in read_jsonl(self.jsonl):  # a line cut by a kill is skipped
+                if isinstance(rec, dict) and int(rec.get("epoch", 0)) <= keep_epochs:
                     kept.append(rec)
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         buf = io.StringIO()

@@ -16,7 +16,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
 from vlprompt.train.config import data_settings, train_settings
 from vlprompt.train.evaluate import evaluate
+from vlprompt.train.files import TrainerFiles, trainer_files
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
 from vlprompt.train.progress import RunLog, progress_bar
 from vlprompt.train.schedule import EpochSchedule, build_optimizer
@@ -138,7 +138,7 @@ def fit(
     model: torch.nn.Module,
     train_data: Any,
     cfg: Mapping[str, Any],
-    out_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | TrainerFiles | None = None,
     resume: bool = False,
     *,
     eval_data: Any = None,
@@ -148,7 +148,8 @@ def fit(
     stop_after_epoch: int | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> dict[str, Any]:
-    """Train ``model`` (a PromptModel) on ``train_data``; checkpoints and logs go to ``out_dir``.
+    """Train ``model`` (a PromptModel) on ``train_data``; checkpoints and logs go to ``out_dir``: the
+    :class:`~vlprompt.train.files.TrainerFiles` the run layer hands in (its ``RunDir``), or a folder.
 
     Args:
         train_data: a Dataset of ``(image tensor, label)``, a DataLoader, or Datum items (the
@@ -171,7 +172,7 @@ def fit(
     progress = progress and main
     device = ddp.rank_device(resolve_device(train.device))
     prec = resolve_precision(train.precision, device)
-    out = Path(out_dir) if out_dir is not None else None
+    out = trainer_files(out_dir)
 
     model.to(device)
     _check_frozen(model)
@@ -205,11 +206,11 @@ def fit(
 
     key = _resume_key(train, seed, model)
     start_epoch, step, elapsed, history = 0, 0, 0.0, []
-    state = ckpt.load_checkpoint(out / ckpt.CKPT_DIR) if (resume and out is not None) else None
+    state = ckpt.load_checkpoint(out.checkpoint_dir) if (resume and out is not None) else None
     if state is not None:
         if state.get("config_hash") != key:
             raise VlpromptError(
-                f"checkpoint in {out / ckpt.CKPT_DIR} was written with different settings; "
+                f"checkpoint in {out.checkpoint_dir} was written with different settings; "
                 "resume with the same config or start over without --resume"
             )
         try:
@@ -232,10 +233,10 @@ def fit(
                 else type(e).__name__
             )
             raise VlpromptError(
-                f"resume checkpoint {out / ckpt.CKPT_DIR / ckpt.STATE} is damaged ({what}); delete "
-                f"{out / ckpt.CKPT_DIR} or pass --force to start the run over"
+                f"resume checkpoint {out.checkpoint_dir / ckpt.STATE} is damaged ({what}); delete "
+                f"{out.checkpoint_dir} or pass --force to start the run over"
             ) from None
-        log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out / ckpt.CKPT_DIR)
+        log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out.checkpoint_dir)
     runlog = RunLog(out if main else None, keep_epochs=start_epoch)
 
     log_every = train.log_every
@@ -341,7 +342,7 @@ def fit(
         )
         if out is not None and main:
             ckpt.save_checkpoint(
-                out / ckpt.CKPT_DIR,
+                out.checkpoint_dir,
                 {
                     "epoch": epoch + 1,
                     "step": step,
