@@ -19,6 +19,7 @@ import tinymethod  # noqa: E402
 
 from vlprompt.cli.main import main  # noqa: E402
 from vlprompt.run import RunDir  # noqa: E402
+from vlprompt.run.load import load_run  # noqa: E402
 from vlprompt.train.config import resolve_config  # noqa: E402
 from vlprompt.utils import sha256_json  # noqa: E402
 
@@ -239,9 +240,8 @@ def test_untampered_run_verifies_and_older_runs_without_hashes_still_load(done_r
     run = copy(done_run, tmp_path)
     _edit_json(run / "manifest.json", lambda o: o.pop("prompt_sha256"))  # as written before the hashes
     RunDir(run).verify()
-    import vlprompt
 
-    assert vlprompt.load_run(run).n_classes >= 2
+    assert load_run(run).n_classes >= 2
 
 
 # ------------------------------------------------------------------ silently accepted values
@@ -294,10 +294,9 @@ def test_all_nan_prompt_is_refused_on_load_and_on_save(done_run, tmp_path, capsy
 
 
 def test_predict_never_reports_nan_probabilities(done_run):
-    import vlprompt
     from vlprompt.errors import VlpromptError
 
-    model = vlprompt.load_run(done_run)
+    model = load_run(done_run)
     size = model.backbone.preprocess_cfg["size"]
     images = torch.zeros(1, 3, size, size)
     assert torch.isfinite(model.predict(images).probs).all()
