@@ -170,6 +170,12 @@ def test_edited_epoch_in_state_json_is_caught_by_its_hash(interrupted, tmp_path,
     assert train(run, "--resume", "--force", epochs=2) == 0  # --force starts over
 
 
+def test_checkpoint_of_an_older_vlprompt_without_state_hash_resumes(interrupted, tmp_path):
+    run = copy(interrupted, tmp_path)
+    _edit_json(run / "checkpoint" / "state.json", lambda h: h.pop("state_sha256"))
+    assert train(run, "--resume", epochs=2) == 0 and RunDir(run).is_complete()
+
+
 # ------------------------------------------------------------------ tampered / bit-rotted run files
 def _flip_byte(path: Path, offset_from_end: int = 3) -> None:
     data = bytearray(path.read_bytes())
