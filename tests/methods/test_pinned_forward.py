@@ -521,8 +521,11 @@ def _dpl_attention(block, h, n_inst, *, alpha, exact, drop_pp, prompts_first, ke
     return merge(torch.cat([o_x, o_p], 2))
 
 
-def _dpl_stream(p, prefix, depth, layers, *, carry, beta, keep):
-    """Per layer: the prompts that enter the block and the gate used there (None = no prompts)."""
+def _dpl_stream(p, prefix, depth, layers, *, carry, beta, keep, closed=False):
+    """Per layer: the prompt edit before the block and the gate used there (None = exact mode).
+    A learnable beta is sigmoid of the stream's ``beta_logit``; a closed gate is alpha = 0."""
+    if f"{prefix}.beta_logit" in p:
+        beta = torch.sigmoid(p[f"{prefix}.beta_logit"])
 
     def edit(layer, x, n_inst):
         if layer == 0:
@@ -538,7 +541,7 @@ def _dpl_stream(p, prefix, depth, layers, *, carry, beta, keep):
 
     def alpha(layer):
         a = p.get(f"{prefix}.gates.{layer}.a")
-        return None if a is None else torch.sigmoid(a)
+        return None if a is None else torch.zeros_like(a) if closed else torch.sigmoid(a)
 
     return edit, alpha
 
@@ -550,6 +553,8 @@ DPL_CASES = {
     "dpl-visual-drop-pp-first": ("dpl-visual", {"drop_pp": True, "prompts_first": True, "beta": 0.3}),
     "dpl-text-first": ("dpl-text", {"prompts_first": True, "beta": 0.2}),
     "dpl-text-remove-drop-pp": ("dpl-text", {"after_depth": "remove", "drop_pp": True}),
+    "dpl-beta-learnable-head": ("dpl", {"beta_learnable": True, "beta": 0.2, "gate": "head"}),
+    "dpl-visual-gate-closed": ("dpl-visual", {"gate_closed": True}),
 }
 
 
@@ -577,6 +582,7 @@ def test_dpl(bb, images, case):
                 carry=cfg.carry,
                 beta=cfg.beta,
                 keep=cfg.after_depth == "keep",
+                closed=cfg.gate_closed,
             )
             first = p["visual.prompts"][0]
             after = cfg.image_insert == "after_ln_pre"
@@ -606,6 +612,7 @@ def test_dpl(bb, images, case):
                 carry=cfg.carry,
                 beta=cfg.beta,
                 keep=cfg.after_depth == "keep",
+                closed=cfg.gate_closed,
             )
             x = clip.token_embedding(ids) + clip.positional_embedding
             x = torch.cat([x, p["textual.prompts"][0].expand(n, -1, -1)], dim=1)  # appended, no position

@@ -171,6 +171,12 @@ def test_edited_epoch_in_state_json_is_caught_by_its_hash(interrupted, tmp_path,
     assert train(run, "--resume", "--force", epochs=2) == 0  # --force starts over
 
 
+def test_checkpoint_of_an_older_vlprompt_without_state_hash_resumes(interrupted, tmp_path):
+    run = copy(interrupted, tmp_path)
+    _edit_json(run / "checkpoint" / "state.json", lambda h: h.pop("state_sha256"))
+    assert train(run, "--resume", epochs=2) == 0 and RunDir(run).is_complete()
+
+
 # ------------------------------------------------------------------ tampered / bit-rotted run files
 def _flip_byte(path: Path, offset_from_end: int = 3) -> None:
     data = bytearray(path.read_bytes())
@@ -302,3 +308,19 @@ def test_predict_never_reports_nan_probabilities(done_run):
     assert torch.isfinite(model.predict(images).probs).all()
     with pytest.raises(VlpromptError, match="non-finite probabilities"):
         model.predict(torch.full((1, 3, size, size), float("nan")))
+
+
+def test_custom_set_run_written_with_its_absolute_path_still_verifies(tmp_path):
+    """A fingerprint of an older vlprompt named a folder: set by its path; it still matches its config."""
+    from vlprompt.errors import VlpromptError
+    from vlprompt.run.identity import fingerprint_record, identity, verify_fingerprint
+    from vlprompt.train.config import RunConfig
+
+    cfg = {"method": "tinyctx", "data": {"dataset": f"folder:{tmp_path}/pets", "shots": 2}}
+    ident = identity(RunConfig.from_dict(cfg), split_hash="h", precision="fp32")
+    ident["data"]["dataset"] = f"folder:{tmp_path}/pets"  # as written before
+    where = {"fp_path": "fingerprint.json", "config_path": "config.yaml"}
+    verify_fingerprint(fingerprint_record(ident), cfg, **where)
+    ident["data"]["shots"] = 4
+    with pytest.raises(VlpromptError, match="data.shots: 4 -> 2"):
+        verify_fingerprint(fingerprint_record(ident), cfg, **where)

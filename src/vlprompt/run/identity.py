@@ -140,7 +140,11 @@ def verify_fingerprint(record: Any, config: dict[str, Any] | None, *, fp_path: A
         "data": data_identity(cfg.data, None),
         "train": train_identity(cfg.train),
     }
+    from vlprompt.data.custom import public_name
+
     a, b = _flatten(ident), _flatten(json.loads(json.dumps(mine, default=str)))
+    if isinstance(a.get("data.dataset"), str):  # runs written before custom sets were named by name only
+        a["data.dataset"] = public_name(a["data.dataset"])
     diffs = [
         f"{k}: {a[k]} -> {b[k]}" for k in sorted(set(a) & set(b)) if k != "data.split_hash" and a[k] != b[k]
     ]

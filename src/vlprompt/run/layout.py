@@ -11,7 +11,8 @@
       log.csv             the same records as a table
       metrics.json        every test-split evaluation of this run
       prompt.safetensors  the learned prompt, the manifest embedded in its metadata
-      manifest.json       what load_run needs: method, options, classes, backbone by name + sha256
+      manifest.json       what load_run needs: method, options, classes, backbone by name + sha256;
+                          plus prompt_sha256 (the prompt file's sha256, checked on every read)
       local.json          machine-local facts (absolute data root and weights path); never exported
       checkpoint/         resume state (safetensors + JSON, never a pickle)
       done                written last: the run is complete
