@@ -35,7 +35,7 @@ from vlprompt.utils import set_seed, sha256_json
 log = logging.getLogger(__name__)
 
 # train keys that do not change what is computed (may differ between a run and its resume)
-EXECUTION_KEYS = ("device", "eval_every_epoch", "log_every", "eval_batch_size", "shard_text")
+EXECUTION_KEYS = ("device", "eval_every_epoch", "log_every", "eval_batch_size", "shard_text", "attention")
 
 
 def _as_dataset(
