@@ -11,6 +11,9 @@ from torch import nn
 
 from vlprompt.errors import VlpromptError
 
+#: safetensors metadata key holding a CLIP file's architecture (open_clip model config as JSON)
+METADATA_KEY = "vlprompt_clip_config"
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -157,7 +160,6 @@ class Backbone(nn.Module):
         """Write the CLIP weights as ``.safetensors`` with the architecture in the metadata."""
         from safetensors.torch import save_file
 
-        from vlprompt.backbones.loading import METADATA_KEY
         from vlprompt.utils import atomic_write
 
         sd = {k: v.contiguous() for k, v in self.clip.state_dict().items() if k != "attn_mask"}

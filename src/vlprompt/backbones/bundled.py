@@ -21,6 +21,10 @@ from vlprompt.errors import VlpromptError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TAG = "bundled"
+#: a bundled file keeps only the token-embedding rows its world's words use: their ids and the rows
+COMPACT_IDS = "token_ids"
+COMPACT_ROWS = "token_rows"
+EMBED_KEY = "token_embedding.weight"
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,6 @@ def _verified(path: str, sha256: str) -> bool:
 def read_bundled_state_dict(b: Bundled) -> dict[str, torch.Tensor]:
     """The full fp32 state dict: the compact token table is expanded into zeros (unused tokens)."""
     from safetensors.torch import load_file
-
-    from vlprompt.backbones.pretrain import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY
 
     if not _verified(str(b.file), b.record.get("sha256", "")):
         raise VlpromptError(

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+from vlprompt.backbones.backbone import METADATA_KEY, Backbone
+from vlprompt.backbones.bundled import TAG as BUNDLED_TAG
+from vlprompt.backbones.bundled import build_bundled, find_bundled
 from vlprompt.errors import VlpromptError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,6 @@ log = logging.getLogger(__name__)
 _CONFIG_DIR = Path(__file__).parent / "configs"
 _REGISTERED = False
 OPENAI_ARCHIVE_KEYS = ("input_resolution", "context_length", "vocab_size")
-METADATA_KEY = "vlprompt_clip_config"
 
 
 def _register_configs() -> None:
@@ -430,10 +432,6 @@ def load_backbone(
     """
     import open_clip
 
-    from vlprompt.backbones.backbone import Backbone
-    from vlprompt.backbones.bundled import TAG as BUNDLED_TAG
-    from vlprompt.backbones.bundled import build_bundled, find_bundled
-
     _register_configs()
     if name is DEFAULT_ARCHITECTURE_SENTINEL:  # not given: inferred from a weights file, else ViT-B-16
         is_file = pretrained is not None and Path(str(pretrained)).suffix in {
@@ -519,8 +517,6 @@ def meta_backbone(name: str):
     weights are read; nothing can be computed with it.
     """
     import open_clip
-
-    from vlprompt.backbones.backbone import Backbone
 
     _register_configs()
     if open_clip.get_model_config(name) is None:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlprompt.backbones.bundled import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY
 from vlprompt.data import world
 from vlprompt.errors import VlpromptError
 
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 
 ARCH = "vlp-world"
 RECIPE_KEY = "vlprompt_world_recipe"
-COMPACT_IDS = "token_ids"
-COMPACT_ROWS = "token_rows"
-EMBED_KEY = "token_embedding.weight"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -227,7 +225,7 @@ def save_checkpoint(model: torch.nn.Module, recipe: Recipe, path: str | Path) ->
     from open_clip.tokenizer import SimpleTokenizer
     from safetensors.torch import save_file
 
-    from vlprompt.backbones.loading import METADATA_KEY
+    from vlprompt.backbones.backbone import METADATA_KEY
     from vlprompt.utils import atomic_write
 
     cfg = open_clip.get_model_config(recipe.arch)

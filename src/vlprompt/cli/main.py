@@ -40,8 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlprompt import __version__
     from vlprompt.cli.common import environment_epilog
+    from vlprompt.version import __version__
 
     parser = _Parser(
         prog="vlprompt",

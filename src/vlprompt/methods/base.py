@@ -29,7 +29,8 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError, unknown_name
-from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
+from vlprompt.methods.common import ClassPrompts
+from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput, TextInputs
 
 #: ``backprop(loss, retain_graph=False)``: the trainer's backward (loss scaling + DDP gradient reduction)
 Backprop = Callable[..., None]
@@ -60,15 +61,6 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class TextInputs:
-    """What the text tower runs: layer-0 embeddings (N, L, d), end-of-text positions (N,) and a plan."""
-
-    embeds: torch.Tensor
-    eot: torch.Tensor
-    plan: TowerPlan | None = None
 
 
 class PromptMethod(nn.Module):
@@ -133,8 +125,6 @@ class PromptMethod(nn.Module):
 
     def frozen_prompts(self, backbone: Backbone, classnames: list[str], template: str) -> TextInputs:
         """Token embeddings of ``template`` filled with each class name (frozen CLIP, no prompts)."""
-        from vlprompt.methods.common import ClassPrompts
-
         p = ClassPrompts(backbone, classnames, [("text", template)]).to(backbone.device)
         return TextInputs(p.embeds, p.eot)
 

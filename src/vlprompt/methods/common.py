@@ -13,7 +13,7 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.base import TextInputs
+from vlprompt.methods.output import TextInputs
 
 Segment = tuple[str, object]  # ("ctx", n) | ("text", "a photo of a {}.")
 

@@ -1,10 +1,23 @@
-"""What one forward pass of a PromptModel gives an objective: :class:`ModelOutput`."""
+"""The typed values between a method and the model: what the text tower runs (:class:`TextInputs`) and
+what one forward pass gives an objective (:class:`ModelOutput`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from vlprompt.engine import TowerPlan
+
+
+@dataclass
+class TextInputs:
+    """What the text tower runs: layer-0 embeddings (N, L, d), end-of-text positions (N,) and a plan."""
+
+    embeds: torch.Tensor
+    eot: torch.Tensor
+    plan: TowerPlan | None = None
+
 
 #: what a method may ask :meth:`PromptModel.run` for beyond logits and features (``PromptMethod.needs``)
 FROZEN_NEEDS = frozenset({"frozen_image", "frozen_text", "zero_shot_logits"})
