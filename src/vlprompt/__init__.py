@@ -6,7 +6,7 @@ Public API (loaded on first use, so ``import vlprompt`` stays cheap; ``dir(vlpro
     create_model(method, backbone, classnames, **options)
     load_prompt(path_or_run, backbone=...)       # a trained run, an export or an imported prompt
     model.predict(images, classnames)            # -> Prediction: class names + probabilities
-    list_methods(), list_datasets(), resolve_config(...), train_run(cfg, out_dir)
+    list_models(), list_methods(), list_datasets(), resolve_config(...), train_run(cfg, out_dir)
 
 Training in Python (the same as ``vlprompt train``)::
 
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_backbone": "vlprompt.backbones",
     "Backbone": "vlprompt.backbones",
+    "list_models": "vlprompt.backbones",
     "create_model": "vlprompt.methods",
     "list_methods": "vlprompt.methods",
     "PromptModel": "vlprompt.methods",

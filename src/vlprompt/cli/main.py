@@ -30,6 +30,7 @@ COMMANDS = [
     "world",
     "bench",
     "methods",
+    "models",
     "inspect",
 ]
 
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if getattr(args, "model", None):  # ViT-B/16 (OpenAI, papers) -> ViT-B-16 (open_clip)
+        from vlprompt.backbones.names import canonical_model_name
+
+        args.model = canonical_model_name(args.model)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
