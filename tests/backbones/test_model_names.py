@@ -44,7 +44,8 @@ def test_load_backbone_papers_spelling_random_init_small():
 def test_list_models_says_what_each_needs():
     rows = vlprompt.list_models(check_cache=False)
     by = {(r.architecture, r.tag): r for r in rows}
-    assert by[("vlp-world", "bundled")].needs == "nothing" and by[("vlp-world", "bundled")].source == "bundled"
+    world = by[("vlp-world", "bundled")]
+    assert world.needs == "nothing" and world.source == "bundled"
     assert by[("vlp-tiny", None)].needs == "file"
     openai = by[("ViT-B-16", "openai")]
     assert openai.needs == "download" and openai.openai_name == "ViT-B/16"

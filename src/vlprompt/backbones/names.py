@@ -95,7 +95,8 @@ def list_models(filter: str | None = None, *, check_cache: bool = True) -> list[
             cached = False
             if check_cache:
                 try:
-                    cached = _cached_pretrained_file(open_clip.get_pretrained_cfg(arch, tag), None) is not None
+                    pcfg = open_clip.get_pretrained_cfg(arch, tag)
+                    cached = _cached_pretrained_file(pcfg, None) is not None
                 except Exception:  # a malformed cache entry is "not cached"
                     cached = False
             rows.append(
