@@ -34,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
     n_arch = len({r.architecture for r in rows})
-    print(f"{n_arch} architecture(s), {len(rows)} row(s); load: --model ARCH [--pretrained TAG | --weights F]")
+    print(f"{n_arch} architecture(s), {len(rows)} row(s); load: --model ARCH [--pretrained TAG|--weights F]")
     return 0
