@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ __all__ = [
     "dataset_order",
     "dataset_title",
     "fewshot_summary",
+    "grid_summary",
     "harmonic_mean",
     "load_run_record",
     "mean_std",
@@ -86,6 +88,7 @@ __all__ = [
     "read_epoch_curve",
     "read_training_curve",
     "reconstruction_note",
+    "render_text",
 ]
 
 
@@ -290,3 +293,74 @@ def _slug_name(r: RunRecord) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{r.protocol}_{r.method}_{r.dataset}_s{r.shots}_seed{r.seed}")
+
+
+# ---------------------------------------------------------------------------------------- console
+def render_text(table: Table) -> str:
+    """A table as aligned plain text (what a terminal shows at the end of `vlprompt run`)."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return str(v)
+
+    cells = [[fmt(c) for c in table.columns]] + [[fmt(v) for v in row] for row in table.rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.columns))]
+    numeric = [
+        i > 0 and all(isinstance(r[i], (int, float, MeanStd)) or r[i] is None for r in table.rows)
+        for i in range(len(table.columns))
+    ]
+    lines = [table.title]
+    for k, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def grid_summary(run_dirs: Iterable[str | Path]) -> str | None:
+    """The grid's table (seed means, HM; a zero-shot row when the grid has one) for the console.
+
+    ``run_dirs``: the grid's run directories; only complete runs among them are tabulated.
+    """
+    records = [r for d in run_dirs if (r := load_run_record(d)) is not None]
+    complete = [r for r in records if r.done and r.evaluations and not r.error]
+    if not complete:
+        return None
+    by_protocol: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in complete:
+        by_protocol[r.protocol].append(r)
+    tables: list[Table] = []
+    for proto, runs in by_protocol.items():
+        if proto == "base2new":
+            tables += [_base2new_console(runs)]
+        elif proto in ("cross-dataset", "dg"):
+            tables += _transfer_tables(runs, proto, False)
+        elif proto == "fewshot":
+            tables += _fewshot_tables(runs)[0]
+    return "\n\n".join(render_text(t) for t in tables) or None
+
+
+def _base2new_console(runs: list[RunRecord]) -> Table:
+    all_shots = {r.shots for r in runs}
+    groups: dict[tuple[str, Any], list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        groups[(r.method, r.shots)].append(r)
+    order = sorted(groups, key=lambda k: (k[0] != "zeroshot", k[0], k[1] or 0))
+    body: list[list[Any]] = []
+    for method, shots in order:
+        rows, avg = base2new_summary(groups[(method, shots)])
+        label = method_label(method) + _suffix(shots, all_shots)
+        for row in rows:
+            n = max(row.base.n if row.base else 0, row.new.n if row.new else 0)
+            body.append([label, dataset_title(row.dataset), row.base, row.new, row.hm, n])
+        if avg is not None and len(rows) > 1:
+            body.append([label, f"Average ({len(rows)} data sets)", *avg, None])
+    return Table(
+        "grid",
+        "Base-to-new (top-1 %, mean ± std over seeds; HM of the seed means)",
+        ["Method", "Data set", "Base", "New", "HM", "seeds"],
+        body,
+    )
