@@ -151,8 +151,8 @@ def build_report(
         pub = Table(
             "published_base2new",
             f"Published base-to-new averages over the papers' 11 data sets ({PUB})",
-            ["Method", f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})"],
-            [[name, *v] for name, v in ref.BASE2NEW_AVERAGE.items()],
+            ["Method", f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})", f"Shots ({PUB})"],
+            [[name, *v, ref.PUBLISHED_SHOTS] for name, v in ref.BASE2NEW_AVERAGE.items()],
             ["For reference only: these average 11 data sets, so they compare with an 11-data-set run."],
         )
         sections.append(("Published reference numbers", [pub]))
@@ -189,8 +189,10 @@ def build_report(
             ),
             "",
         ]
-    for title, ts in sections:
-        lines += [f"## {title}", ""] + [t.markdown() for t in ts]
+    for title, ts in sections:  # a section holding one table of the same title: no second heading
+        lines += [f"## {title}", ""] + [
+            t.markdown(heading=not (len(ts) == 1 and t.title == title)) for t in ts
+        ]
     if other:
         lines += [f"Runs with protocols not tabulated: {', '.join(other)}", ""]
     if incomplete:
@@ -254,6 +256,8 @@ def _plots(
             covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
             pub = published_base2new_average(paper, covered)[0] if paper else None
             bars["Average"][label] = {"values": avg, "std": None, "published": pub}
+    if len([d for d in bars if d != "Average"]) < 2:
+        bars.pop("Average", None)  # the average of one data set is that data set's chart again
     paths += plots.base2new_bars(bars, out_dir, random)
     curves = {
         dataset_title(d): {

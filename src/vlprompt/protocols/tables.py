@@ -20,7 +20,7 @@ from typing import Any
 
 from vlprompt.protocols import reference as ref
 from vlprompt.protocols.display import dataset_order, dataset_title, method_label, reconstruction_note
-from vlprompt.protocols.records import MOST_CONFUSED, RunRecord, _num, most_confused
+from vlprompt.protocols.records import MOST_CONFUSED, RunRecord, _num
 
 PUB = "pub."  # column marker of published numbers; the report explains it once
 
@@ -62,7 +62,9 @@ class Table:
     rows: list[list[Any]]
     notes: list[str] = field(default_factory=list)
 
-    def markdown(self) -> str:
+    def markdown(self, heading: bool = True) -> str:
+        """The table in Markdown; ``heading=False`` leaves out its ``###`` title (a section says it)."""
+
         def fmt(v: Any) -> str:
             if v is None:
                 return "–"
@@ -70,7 +72,7 @@ class Table:
                 return f"{v:.2f}"
             return str(v).replace("|", "\\|")
 
-        lines = [f"### {self.title}", ""]
+        lines = [f"### {self.title}", ""] if heading else []
         lines.append("| " + " | ".join(fmt(c) for c in self.columns) + " |")
         numeric = [
             i > 0 and all(isinstance(r[i], (int, float, MeanStd)) or r[i] is None for r in self.rows)
@@ -190,6 +192,22 @@ def published_base2new_average(
     return None, "not published for all of these data sets"
 
 
+def _unpublished_note(method: str, datasets: Sequence[str]) -> str | None:
+    """Why a method has no published number beside ours on ``datasets`` (None when it has some)."""
+    paper = ref.paper_name(method)
+    if paper is None:
+        return f"{method_label(method)}: no published base-to-new numbers (its paper reports none we store)."
+    have = ref.BASE2NEW_HM.get(paper, {})
+    if any(d in have for d in datasets):
+        return None
+    where = (
+        "only the 11-data-set average is stored (see Published reference numbers)"
+        if paper in ref.BASE2NEW_AVERAGE
+        else "none is stored"
+    )
+    return f"{paper} ({PUB}): no per-data-set number for these data sets; {where}."
+
+
 def _avg_label(n: int) -> str:
     return f"Average ({n} data set{'s' if n != 1 else ''})"
 
@@ -207,17 +225,19 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
         paper = ref.paper_name(method) if reference else None
         cols = ["Data set", "Base", "New", "HM", "seeds"]
         if paper:
-            cols += [f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})"]
+            cols += ["Shots", f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})", f"Shots ({PUB})"]
         body = []
         for row in rows:
             n = max(row.base.n if row.base else 0, row.new.n if row.new else 0)
             line: list[Any] = [dataset_title(row.dataset), row.base, row.new, row.hm, n]
             if paper:
+                line.append(shots)
                 bn = ref.BASE2NEW_BN.get(paper, {}).get(row.dataset)
                 line += [
                     bn[0] if bn else None,
                     bn[1] if bn else None,
                     ref.BASE2NEW_HM.get(paper, {}).get(row.dataset),
+                    ref.PUBLISHED_SHOTS,
                 ]
             body.append(line)
         notes = [
@@ -229,9 +249,13 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
             line = [_avg_label(len(covered)), avg[0], avg[1], avg[2], None]
             if paper:
                 pub, how = published_base2new_average(paper, covered)
-                line += list(pub) if pub else [None, None, None]
+                line += [shots, *(list(pub) if pub else [None, None, None]), ref.PUBLISHED_SHOTS]
                 notes.append(f"Average ({PUB}): over the same {len(covered)} data set(s) -- {how}.")
             body.append(line)
+        if reference:
+            missing = _unpublished_note(method, [row.dataset for row in rows])
+            if missing:
+                notes.append(missing)
         tables.append(
             Table(
                 f"base2new_{method}" + (f"_shots{shots}" if len(all_shots) > 1 else ""),
@@ -247,15 +271,17 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
         present = [m for m in methods if (m, shots) in summaries]
         if not present:
             continue
-        cols = ["Data set"]
+        cols = ["Data set"] + (["Shots", f"Shots ({PUB})"] if reference else [])
         for m in present:
             cols += [f"{method_label(m)} Base", f"{method_label(m)} New", f"{method_label(m)} HM"]
-            if reference and ref.paper_name(m) in ref.BASE2NEW_HM:
+            if reference and ref.paper_name(m):
                 cols.append(f"{ref.paper_name(m)} HM ({PUB})")
         datasets = dataset_order({row.dataset for m in present for row in summaries[(m, shots)][0]})
         body = []
         for d in [*datasets, "__avg__"]:
             line: list[Any] = ["Average" if d == "__avg__" else dataset_title(d)]
+            if reference:
+                line += [shots, ref.PUBLISHED_SHOTS]
             for m in present:
                 rows, avg = summaries[(m, shots)]
                 covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
@@ -268,17 +294,18 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
                         row.new.mean if row and row.new else None,
                         row.hm if row else None,
                     ]
-                if reference and ref.paper_name(m) in ref.BASE2NEW_HM:
+                if reference and ref.paper_name(m):
                     p = ref.paper_name(m)
                     if d == "__avg__":
                         pub, _ = published_base2new_average(p, covered)
                         line.append(pub[2] if pub else None)
                     else:
-                        line.append(ref.BASE2NEW_HM[p].get(d))
+                        line.append(ref.BASE2NEW_HM.get(p, {}).get(d))
             body.append(line)
         notes = ["Average row: HM(mean Base, mean New) over each method's data sets."]
         if reference:
             notes.append(f"HM ({PUB}) in the Average row: over the same data sets as that method's runs.")
+            notes += [n for m in present if (n := _unpublished_note(m, datasets))]
         tables.append(
             Table(
                 "base2new_comparison" + (f"_shots{shots}" if len(all_shots) > 1 else ""),
@@ -309,9 +336,14 @@ def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> l
         ["Method"] + [f"{dataset_title(s)} (source)" for s in sources] + [dataset_title(t) for t in targets]
     )
     cols += ["Average (targets)"]
+    with_pub = reference and not [t for t in standard if t not in targets]
+    if with_pub:
+        cols.insert(1, "Shots")
     body = []
     for (method, shots), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         line: list[Any] = [method_label(method) + _suffix(shots, all_shots)]
+        if with_pub:
+            line.append(shots)
         for s in sources:
             line.append(mean_std(a for r in rs if r.dataset == s and (a := r.accuracy(s, "all")) is not None))
         means = []
@@ -335,7 +367,7 @@ def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> l
     if reference and not missing:  # like with like: the papers average over all standard targets
         pub = ref.CROSS_DATASET_AVERAGE if protocol == "cross-dataset" else ref.DG_AVERAGE
         for name, avg in pub.items():
-            body.append([f"{name} ({PUB})"] + [None] * (len(cols) - 2) + [avg])
+            body.append([f"{name} ({PUB})", ref.PUBLISHED_SHOTS] + [None] * (len(cols) - 3) + [avg])
         notes.append(f"Rows marked ({PUB}) are the papers' averages over the same {len(standard)} targets.")
     elif reference:
         notes.append(
@@ -381,22 +413,59 @@ def _fewshot_tables(runs: list[RunRecord]) -> tuple[list[Table], dict[str, Any]]
 
 
 def _confusion_table(runs: Sequence[RunRecord]) -> Table | None:
-    body = []
+    """The most confused pairs per (method, training set, shots, evaluation), counts summed over seeds.
+
+    One block per evaluation of each grid cell instead of one per run: seeds of one setting confuse
+    the same classes, and listing them run by run repeats near-identical rows.
+    """
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in runs:
         for e in r.evaluations:
-            for true, pred, n, pct in most_confused(e):
-                body.append(
-                    [_run_name(r), f"{dataset_title(str(e.get('dataset')))} ({e.get('subsample', 'all')})",
-                     true, pred, n, pct]
-                )  # fmt: skip
+            conf = e.get("confusion") or {}
+            classes = conf.get("classes") or []
+            if not classes:
+                continue
+            key = (
+                r.protocol,
+                r.method,
+                r.dataset,
+                r.shots or 0,
+                str(e.get("dataset")),
+                e.get("subsample", "all"),
+            )
+            g = groups.setdefault(key, {"off": defaultdict(int), "support": defaultdict(int), "seeds": set()})
+            g["order"] = {c: k for k, c in enumerate(classes)}
+            for i, j, n in conf.get("counts") or []:
+                g["support"][classes[int(i)]] += int(n)
+                if int(i) != int(j) and int(n) > 0:
+                    g["off"][(classes[int(i)], classes[int(j)])] += int(n)
+            g["seeds"].add(r.seed)
+    body = []
+    for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
+        _, method, trained, shots, evaluated, sub = key
+        g = groups[key]
+        order = g["order"]
+        pairs = sorted(
+            g["off"].items(), key=lambda kv: (-kv[1], order.get(kv[0][0], 0), order.get(kv[0][1], 0))
+        )
+        seeds = sorted(g["seeds"], key=lambda x: (x is None, x))
+        name = f"{method_label(method)} · {trained} · shots {shots}"
+        for (true, pred), n in pairs[:MOST_CONFUSED]:
+            pct = 100.0 * n / max(g["support"][true], 1)
+            body.append(
+                [name, f"{dataset_title(evaluated)} ({sub})", true, pred, n, pct, ", ".join(map(str, seeds))]
+            )
     if not body:
         return None
     return Table(
         "most_confused",
         "Most confused pairs",
-        ["Run", "Evaluated on", "True class", "Predicted as", "images", "% of true class"],
+        ["Run", "Evaluated on", "True class", "Predicted as", "images", "% of true class", "seeds"],
         body,
-        [f"Per evaluation, the {MOST_CONFUSED} largest off-diagonal cells of the confusion matrix."],
+        [
+            f"Per method, training set, shots and evaluation: the {MOST_CONFUSED} largest off-diagonal cells "
+            "of the confusion counts summed over the seeds listed (images), as % of the true class's images."
+        ],
     )
 
 
