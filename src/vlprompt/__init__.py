@@ -47,7 +47,8 @@ __all__ = sorted([*_LAZY, "load_prompt", "__version__"])
 
 
 def load_prompt(path_or_run: str | os.PathLike, backbone: Any = None, device: Any = None):
-    """The PromptModel of a run directory, an export, a ``prompt.safetensors`` or an imported prompt.
+    """The PromptModel of a run directory, an export, a ``prompt.safetensors``, an imported prompt,
+    or ``"hf-hub:org/name"`` (a prompt on the Hugging Face Hub, fetched through its cache).
 
     ``backbone``: a loaded :class:`Backbone` (or an open_clip name / weights file) to use instead of
     the one the manifest records -- e.g. the same CLIP weights stored elsewhere.

@@ -24,6 +24,7 @@ COMMANDS = [
     "report",
     "predict",
     "export",
+    "push",
     "import",
     "config",
     "data",

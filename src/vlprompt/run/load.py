@@ -69,6 +69,10 @@ def load_run(
     manifest (name + tag, or the weights path recorded on this machine).
     ``model.predict(images, classnames)`` works with new classes.
     """
+    from vlprompt.run.hub import download, is_hub_ref
+
+    if is_hub_ref(path):  # hf-hub:org/name[@rev]: the Hub's copy, through its cache
+        path = download(str(path))
     from vlprompt.methods import create_model
     from vlprompt.train.checkpoint import load_safetensors
     from vlprompt.train.precision import resolve_device
