@@ -6,7 +6,7 @@ Public API (``__all__``; typed: IDEs and type checkers read the imports below)::
     create_model(method, backbone, classnames, **options)
     load_prompt(path, backbone=..., weights=...) # a trained run, an export or an imported prompt
     model.predict(images, classnames)            # -> Prediction: class names + probabilities
-    list_methods(), list_datasets(), get_dataset(name, root)
+    list_models(), list_methods(), list_datasets(), get_dataset(name, root)
     resolve_config(method, dataset, ...)         # the typed run configuration
     train_run(cfg, out_dir)                      # train into a run directory (fingerprinted, resumable)
     evaluate_run(run_dir, dataset)               # evaluate a run on a data set, recorded in the run
@@ -38,7 +38,7 @@ from vlprompt.errors import VlpromptError
 from vlprompt.version import __version__
 
 if TYPE_CHECKING:  # the same names as _API, for IDEs and type checkers
-    from vlprompt.backbones import Backbone, load_backbone
+    from vlprompt.backbones import Backbone, list_models, load_backbone
     from vlprompt.data import get_dataset, list_datasets
     from vlprompt.methods import PromptModel, create_model, list_methods
     from vlprompt.methods.model import Prediction
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # the same names as _API, for IDEs and type checkers
 _API = {
     "load_backbone": "vlprompt.backbones",
     "Backbone": "vlprompt.backbones",
+    "list_models": "vlprompt.backbones",
     "create_model": "vlprompt.methods",
     "list_methods": "vlprompt.methods",
     "PromptModel": "vlprompt.methods",
@@ -76,6 +77,7 @@ __all__ = [
     "get_dataset",
     "list_datasets",
     "list_methods",
+    "list_models",
     "load_backbone",
     "load_prompt",
     "resolve_config",
@@ -90,7 +92,8 @@ def load_prompt(
     *,
     weights: str | None = None,
 ) -> PromptModel:
-    """The PromptModel of a run directory, an export, a ``prompt.safetensors`` or an imported prompt.
+    """The PromptModel of a run directory, an export, a ``prompt.safetensors``, an imported prompt,
+    or ``"hf-hub:org/name"`` (a prompt on the Hugging Face Hub, fetched through its cache).
 
     ``backbone``: a loaded :class:`Backbone` (or an open_clip name / weights file) to use instead of
     the one the manifest records; ``weights``: your copy of the weights file the prompt was trained

@@ -109,3 +109,12 @@ def test_python_training_path(tmp_path, monkeypatch):
     ]
     _run_python(code, subs)
     assert (tmp_path / "runs" / "coop_c101" / "done").is_file()
+
+
+def test_readme_opens_with_title_sentence_then_the_two_commands():
+    """Issue 25 item 9: title, one sentence, then `make demo` / `make test` -- before any other text."""
+    text = README.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines[0] == "# vlprompt"
+    assert not lines[1].startswith(("```", "#", "|")) and lines[1].count(". ") == 0  # one sentence
+    assert lines[2] == "```bash" and lines[3].startswith("make demo") and lines[4].startswith("make test")

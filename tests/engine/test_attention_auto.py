@@ -199,7 +199,7 @@ def test_probe_inside_activation_checkpointing(fresh):
         m = create_model("maple", bb, ["cat", "dog", "bird"], depth=2, checkpoint_text=True, attention=attn)
         m.set_auto_attention(measured)
         F.cross_entropy(m(x), y).backward()
-        grads[attn] = [p.grad.clone() for _, p in m.trainable_parameters()]
+        grads[attn] = [p.grad.clone() for p in m.trainable_parameters()]
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads["auto"], grads["sdpa"]))
     assert any("|grad|" in k for k in table.record()["choices"])
 

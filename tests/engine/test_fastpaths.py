@@ -137,7 +137,7 @@ def test_shared_prefix_is_exact_for_logits_and_gradients(name, backbone, images)
         grads = {}
         if model.trainable_parameters():
             F.cross_entropy(model(images), torch.tensor([0, 4])).backward()
-            grads = {n: p.grad.clone() for n, p in model.trainable_parameters() if p.grad is not None}
+            grads = {n: p.grad.clone() for n, p in model.named_trainable_parameters() if p.grad is not None}
         out.append((logits, grads))
     torch.testing.assert_close(out[0][0], out[1][0], atol=ATOL, rtol=0)
     assert out[0][1].keys() == out[1][1].keys()
@@ -234,7 +234,7 @@ def test_activation_checkpointing_gives_the_same_gradients(name, backbone, image
         model = _model(name, backbone, checkpoint_text=ckpt, checkpoint_image=ckpt)
         model.train()
         F.cross_entropy(model(images), labels).backward()
-        grads.append({n: p.grad.clone() for n, p in model.trainable_parameters() if p.grad is not None})
+        grads.append({n: p.grad.clone() for n, p in model.named_trainable_parameters() if p.grad is not None})
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-5, rtol=1e-4)
@@ -244,7 +244,7 @@ def test_activation_checkpointing_gives_the_same_gradients(name, backbone, image
 def test_no_gradient_buffers_on_frozen_clip(name, backbone, images):
     model = _model(name, backbone)
     model.train()
-    params = [p for _, p in model.trainable_parameters()]
+    params = [p for p in model.trainable_parameters()]
     if not params:  # zero-shot: nothing learns, and no graph is built at all
         assert not model(images).requires_grad
         return

@@ -206,7 +206,7 @@ def test_gradients_reach_only_prompts(tiny, method):
     F.cross_entropy(model(images), labels).backward()
     assert all(p.grad is None for p in tiny.parameters())
     assert all(not p.requires_grad for p in tiny.parameters())
-    params = model.trainable_parameters()
+    params = model.named_trainable_parameters()
     assert params and all(
         n.startswith(("ctx", "meta_net", "proj", "compound", "text_deep", "image_")) for n, _ in params
     )

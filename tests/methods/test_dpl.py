@@ -90,11 +90,11 @@ def test_gradients_reach_only_dpl_parameters(tiny, images, method, kw):
     m = _model(tiny, method, **kw)
     F.cross_entropy(m(images), torch.tensor([0, 1, 2])).backward()
     assert all(p.grad is None for p in tiny.parameters())
-    names = [n for n, _ in m.trainable_parameters()]
+    names = [n for n, _ in m.named_trainable_parameters()]
     assert names and all(n.startswith(("visual.", "textual.")) for n in names)
     if kw.get("beta_learnable"):
         assert "visual.beta_logit" in names and "textual.beta_logit" in names
-    for n, p in m.trainable_parameters():
+    for n, p in m.named_trainable_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
 
 
@@ -152,7 +152,7 @@ def test_drop_pp_reaches_features_only_through_carry(tiny, images):
 
 def test_exact_mode_has_no_gate_and_equals_standard_prompting(tiny, images):
     m = _model(tiny, mode="exact")
-    names = [n for n, _ in m.trainable_parameters()]
+    names = [n for n, _ in m.named_trainable_parameters()]
     assert not any(".gates." in n for n in names)
     # exact decoupled attention == standard attention over [X; P] with the same prompts and ops
     plan = m.method.image_plan()

@@ -235,7 +235,7 @@ def test_gradients_reach_every_prompt_and_projection_and_nothing_else(tiny, tie_
     model = mpl(tiny, names=names, depth=4, tie_init=tie_init)
     model.train()
     F.cross_entropy(model(images), labels).backward()
-    named = dict(model.trainable_parameters())
+    named = dict(model.named_trainable_parameters())
     expected = {"ctx", "proj0.weight", "proj0.bias"} | {f"text_deep.{i}" for i in range(3)}
     expected |= {f"proj.{i}.{w}" for i in range(6) for w in ("weight", "bias")}
     assert set(named) == expected

@@ -119,7 +119,7 @@ def test_prograd_update_never_opposes_the_kl_gradient(tiny, images):
     x, _ = images
     torch.manual_seed(0)
     model = create_model("prograd", tiny, CLASSES, PHOTO, ctx_init="")
-    params = [p for _, p in model.trainable_parameters()]
+    params = [p for p in model.trainable_parameters()]
     projected = 0
     for seed in range(4):
         with torch.no_grad():

@@ -64,7 +64,7 @@ def train_steps(
     Mini-batches come from a seeded reshuffle each pass over the data; the final accuracy is measured
     in eval mode over all ``images``.
     """
-    params = [p for _, p in model.trainable_parameters()]
+    params = [p for p in model.trainable_parameters()]
     if not params:
         raise ValueError("model has no trainable parameters")
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)

@@ -55,7 +55,6 @@ def test_run_then_report(tmp_path: Path, capsys) -> None:
     assert float(row["HM"]) == pytest.approx(harmonic_mean(b, n), abs=1e-4)
     plots = sorted(p.name for p in (runs / "report" / "plots").iterdir())
     assert plots == [
-        "base2new_Average.png",
         "base2new_Demo_scikit-learn_digits.png",
         "confusion_base2new_coop_demo_s2_seed1_demo_base.png",  # one confusion matrix per evaluation
         "confusion_base2new_coop_demo_s2_seed1_demo_new.png",

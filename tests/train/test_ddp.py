@@ -149,7 +149,7 @@ def _text_worker(rank: int, world: int, port: int, out: str) -> None:
             model = create_model(method, backbone, CLASSES, **options)
             D.broadcast_module(model.method)
             model.train()
-            params = [p for _, p in model.trainable_parameters()]
+            params = [p for p in model.trainable_parameters()]
 
             # reference: the whole batch and all classes in this process, no collective involved
             ref_loss = F.cross_entropy(model(x), y)
@@ -169,7 +169,7 @@ def _text_worker(rank: int, world: int, port: int, out: str) -> None:
                 "ref_grads": [g.clone() for g in ref_grads],
                 "grads": [p.grad.clone() for p in params],
                 "rows": rows,
-                "names": [n for n, _ in model.trainable_parameters()],
+                "names": [n for n, _ in model.named_trainable_parameters()],
             }
         # a gradient present on one rank only is summed everywhere; none on any rank stays None
         a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))

@@ -99,7 +99,14 @@ def test_log_every_eval_every_epoch_and_callbacks(backbone, tmp_path) -> None:
 
 
 def test_resume_may_change_execution_settings_only(backbone, tmp_path) -> None:
-    assert set(EXECUTION_KEYS) == {"device", "eval_every_epoch", "log_every", "eval_batch_size", "shard_text", "attention"}
+    assert set(EXECUTION_KEYS) == {
+        "device",
+        "eval_every_epoch",
+        "log_every",
+        "eval_batch_size",
+        "shard_text",
+        "attention",
+    }
     fit(_model(backbone), _data(6), CFG, tmp_path, progress=False, stop_after_epoch=1)
     changed = _cfg(eval_batch_size=2, log_every=3, eval_every_epoch=True, shard_text=False)
     res = fit(_model(backbone), _data(6), changed, tmp_path, resume=True, progress=False)

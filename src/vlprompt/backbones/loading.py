@@ -441,6 +441,10 @@ def load_backbone(
             ".safetensors",
         }
         name = None if is_file else "ViT-B-16"
+    if name is not None and not Path(str(name)).exists():  # ViT-B/16, ViT-L/14@336px: OpenAI spellings
+        from vlprompt.backbones.names import canonical_model_name
+
+        name = canonical_model_name(name)
     if name is not None and pretrained is None and (os.sep in str(name) or Path(str(name)).suffix):
         name, pretrained = None, name  # a path passed as the name
     bundled = find_bundled(name, pretrained)  # weights shipped in the package (vlp-world)

@@ -150,7 +150,7 @@ def bench_train(
     _, batch = method_recipe(method)
     model = build_model(method, backbone, n_classes, variant, **extra)
     model.train()
-    params = [p for _, p in model.trainable_parameters()]
+    params = list(model.trainable_parameters())
     if not params:
         raise VlpromptError(
             f"method '{method}' has no trainable parameters; nothing to benchmark for training"
@@ -277,7 +277,7 @@ def profile_train_step(
     _, batch = method_recipe(method)
     model = build_model(method, backbone, n_classes, variant)
     model.train()
-    params = [p for _, p in model.trainable_parameters()]
+    params = list(model.trainable_parameters())
     images = torch.randn(batch, 3, *_image_size(backbone))
     labels = torch.randint(0, n_classes, (batch,))
     use_features = variant == "fast+features"

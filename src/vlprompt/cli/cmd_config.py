@@ -47,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("config", help="show the configuration keys (types, defaults, help)")
     sub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     s = sub.add_parser("show", help="print every key with its value, default and help")
-    s.add_argument("--method", help="also the method's options, with the values its preset resolves to")
+    s.add_argument(
+        "--method",
+        "--trainer",
+        dest="method",
+        help="also the method's options, with the values its preset resolves to",
+    )
     s.add_argument("--protocol", help="resolve the preset's overrides for this protocol")
     s.add_argument("--dataset", help="data set the values are resolved for (default demo)")
     add_config_args(s)

@@ -10,7 +10,7 @@ from vlprompt.errors import VlpromptError
 def _list(args: argparse.Namespace) -> int:
     from vlprompt.data import SPECS
 
-    print(f"{'name':16} {'title':26} {'classes':>7}  {'train / val / test':26} folder")
+    rows = []
     for s in SPECS.values():
         if s.counts is None:
             counts = "generated"
@@ -18,7 +18,11 @@ def _list(args: argparse.Namespace) -> int:
             counts = f"test only: {s.counts[2]:,}"
         else:
             counts = " / ".join(f"{n:,}" for n in s.counts)
-        print(f"{s.name:16} {s.title:26} {s.num_classes:>7}  {counts:26} {s.folder}/")
+        rows.append((s.name, s.title, f"{s.num_classes}", counts, f"{s.folder}/"))
+    head = ("name", "title", "classes", "train / val / test", "folder")
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]  # columns as wide as their longest entry
+    for r in [head, *rows]:
+        print(f"{r[0]:{w[0]}}  {r[1]:{w[1]}}  {r[2]:>{w[2]}}  {r[3]:{w[3]}}  {r[4]}")
     print("also: folder:PATH (one sub-folder per class) and csv:PATH (rows 'path,label')")
     return 0
 

@@ -54,7 +54,13 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and RunDir(out).manifest() is not None and not args.force:
         raise VlpromptError(f"{out} already holds a prompt; pass another --out or --force")
-    imp = import_checkpoint(args.checkpoint, args.method)
+    try:
+        imp = import_checkpoint(args.checkpoint, args.method)
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError) as e:  # junk that unpickled
+        raise VlpromptError(
+            f"{args.checkpoint} is not a prompt checkpoint (junk, damaged or another format: "
+            f"{type(e).__name__}); pass the model.pth.tar-N file the official trainer wrote"
+        ) from None
     overrides = _options(args.option or [])
     classnames, template, dataset = _classnames(args)
     tag = None if (args.weights or str(args.pretrained).lower() == "none") else args.pretrained

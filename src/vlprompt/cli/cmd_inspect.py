@@ -2,9 +2,10 @@
 
 For a trained run (``--run``) or a freshly initialised method (``--method``, on ``--model`` with
 optional ``--weights``), on image files or the first ``--n`` test images of a data set: per layer and
-tower the prompt count, the exact instance->prompt attention share lambda, the gate alpha (DPL), the
-carried-term ratio (DPL's A2 carry) and the prompt/instance norm ratio; plus each tower's feature
-cosine to frozen CLIP.  ``--json`` writes everything.
+tower every prompt token (inserted, replaced, removed, carried), the exact instance->prompt share
+lambda, the gate alpha (DPL), the carried-term ratio (DPL's A2 carry) and the prompt/instance norm
+ratio; plus each tower's feature cosine to frozen CLIP.  ``--json`` writes everything; a PNG of the
+per-layer counts and norms is written beside it (``--figure``).
 """
 
 from __future__ import annotations
@@ -76,18 +77,42 @@ def _run(args: argparse.Namespace) -> int:
     if report["reconstructed"]:
         print(f"{report['method']}: {report['note']}")
     print(f"{report['method']} on {report['images']} image(s), {report['classes']} class(es)")
-    cols = ("layer", "n_prompts", "share", "share_pooled", "alpha", "carried_ratio", "prompt_norm_ratio")
+    counts = ("prompts", "inserted", "replaced", "removed", "carried")
+    cols = ("share", "share_pooled", "alpha", "carried_ratio", "prompt_norm_ratio")
     for tower in ("image", "text"):
         t = report[tower]
         print(f"\n{tower} tower (feature cosine to frozen CLIP {t['cosine_to_frozen']:.4f})")
-        print("  ".join(f"{c:>13}" for c in cols))
+        print(
+            f"{'layer':>5}  "
+            + "  ".join(f"{c:>8}" for c in counts)
+            + "  "
+            + "  ".join(f"{c:>13}" for c in cols)
+        )
         for row in t["layers"]:
-            print("  ".join(f"{_fmt(row[c]):>13}" for c in cols))
+            print(
+                f"{row['layer']:>5}  "
+                + "  ".join(f"{row[c]:>8}" for c in counts)
+                + "  "
+                + "  ".join(f"{_fmt(row[c]):>13}" for c in cols)
+            )
     print(
-        "\nshare: exact instance->prompt share of standard attention (mean over instance rows; "
-        "share_pooled: CLS / end-of-text row); alpha: the gate used; carried_ratio: "
-        "|beta*carried| / |(1-beta)*fresh| of the prompts entering the block"
+        "\nprompts: every prompt token the block sees = carried (from earlier layers) + inserted "
+        "(appended here) + replaced (instance slots overwritten here); removed: dropped before the block. "
+        "share: exact instance->prompt share of standard attention (mean over instance rows; "
+        "share_pooled: CLS / end-of-text row) of the appended prompts; alpha: the gate used; "
+        "carried_ratio: |beta*carried| / |(1-beta)*fresh| of the prompts entering the block"
     )
+    if not args.no_figure:
+        from vlprompt.methods.inspection import prompt_figure
+
+        figure = (
+            Path(args.figure)
+            if args.figure
+            else (
+                Path(args.json).with_suffix(".png") if args.json else Path(f"inspect_{report['method']}.png")
+            )
+        )
+        print(f"wrote figure {prompt_figure(report, figure)} (per-layer prompt counts and norms)")
     if args.json:
         atomic_write_json(Path(args.json), report)
         print(f"wrote {args.json}")
@@ -114,5 +139,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh prompts for --method (default 0)")
     p.add_argument("--device", default=None, help="auto, cpu (default for --method), cuda or cuda:N")
     p.add_argument("--json", help="write the full figures to this JSON file")
+    p.add_argument(
+        "--figure",
+        help="PNG of the per-layer prompt counts and norms (default: beside --json, else "
+        "./inspect_<method>.png)",
+    )
+    p.add_argument("--no-figure", action="store_true", help="print the table only")
     p.add_argument("images", nargs="*", help="image files")
     p.set_defaults(func=_run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vlprompt.cli.common import (
+    JoinList,
     LazyChoices,
     add_backbone_args,
     add_config_args,
@@ -41,17 +42,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method",
         "--methods",
+        "--trainer",
         dest="method",
-        required=True,
-        help="method name(s), comma-separated (see `vlprompt methods`)",
+        action=JoinList,
+        nargs="+",
+        help="method name(s), comma- or space-separated (see `vlprompt methods`); the official trainer "
+        "names (CoOp, MaPLe ...) work too",
     )
+    p.set_defaults(method_required=True)
     add_data_args(p, many=True)
     p.add_argument("--source", help="cross-dataset/dg: data set trained on (default imagenet)")
     p.add_argument(
-        "--seeds", "--seed", dest="seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)"
+        "--seeds",
+        "--seed",
+        dest="seeds",
+        default="1,2,3",
+        action=JoinList,
+        nargs="+",
+        help="seeds, comma- or space-separated (default 1,2,3)",
     )
-    p.add_argument("--shots", help="comma-separated shots per class (default 16; fewshot: 1,2,4,8,16)")
-    p.add_argument("--out", default="runs", help="runs directory (default ./runs)")
+    p.add_argument(
+        "--shots",
+        action=JoinList,
+        nargs="+",
+        help="shots per class, comma- or space-separated (default 16; fewshot: 1,2,4,8,16)",
+    )
+    p.add_argument(
+        "--out", "--output-dir", dest="out", default="runs", help="runs directory (default ./runs)"
+    )
     add_backbone_args(p)
     add_config_args(p)
     p.add_argument("--epochs", type=int, help="override the number of training epochs")
@@ -179,6 +197,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = run_grid(specs, progress=not args.no_progress)
     print(summarize(results))
+    from vlprompt.protocols.report import grid_summary
+
+    table = grid_summary(s.out_dir for s in specs)
+    if table:
+        print("\n" + table + "\n")
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.out_dir}: {r.reason}")

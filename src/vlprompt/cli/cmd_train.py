@@ -77,8 +77,13 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a prompt method on a data set (writes a run directory)")
     p.add_argument(
-        "--method", "--methods", dest="method", required=True, help="method name (see `vlprompt methods`)"
+        "--method",
+        "--methods",
+        "--trainer",
+        dest="method",
+        help="method name (see `vlprompt methods`); the official trainer names (CoOp, MaPLe ...) work too",
     )
+    p.set_defaults(method_required=True)
     add_data_args(p)
     p.add_argument("--shots", type=int, default=16, help="images per class (0 = full split; default 16)")
     p.add_argument(
@@ -93,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--protocol", help="apply the preset's overrides for base2new, cross-dataset, dg or fewshot"
     )
-    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--out", "--output-dir", dest="out", required=True, help="run directory to write")
     add_backbone_args(p)
     add_config_args(p)
     p.add_argument("--epochs", type=int, help="override the number of epochs")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable, Iterator
 
+from vlprompt.errors import VlpromptError
+
 DEFAULT_MODEL = "ViT-B-16"
 
 #: environment variables vlprompt reads (listed in `vlprompt --help` and the README)
@@ -66,18 +68,80 @@ def model_name(args: argparse.Namespace) -> str | None:
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
+        "--config-file",
+        dest="config",
         metavar="FILE.yaml",
-        help="YAML with any of the sections train/options/data/"
-        "backbone, applied over the preset (`vlprompt config show` lists every key)",
+        help="YAML with any of the sections train/options/data/backbone, applied over the preset "
+        "(`vlprompt config show` lists every key); an official (Dassl) trainer YAML is mapped key by key",
     )
     p.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action=SetItems,
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override one key, e.g. --set train.lr=0.01 (repeatable; after --config)",
+        help="override keys, e.g. --set train.lr=0.01 options.depth=3 (repeatable; after --config)",
     )
+
+
+class JoinList(argparse.Action):
+    """``--seeds 1 2 3`` and ``--seeds 1,2,3`` alike: the values joined by commas."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        items = [v for value in values for v in str(value).split(",") if v.strip()]
+        setattr(namespace, self.dest, ",".join(items))
+
+
+class SetItems(argparse.Action):
+    """``--set a=1 b=2``; a ``KEY VALUE`` pair gets a one-line hint of the ``KEY=VALUE`` form."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        bare = [i for i, v in enumerate(values) if "=" not in v]
+        if bare:
+            i = bare[0]
+            value = values[i + 1] if i + 1 < len(values) else "VALUE"
+            namespace.set_error = (
+                f"--set takes KEY=VALUE, not '{values[i]}' alone; write --set {values[i]}={value}"
+            )
+            return  # reported by apply_dassl_habits as a one-line error (exit status 2)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *values])
+
+
+def apply_dassl_habits(args: argparse.Namespace) -> None:
+    """Official-repository habits: ``--trainer MaPLe`` and an official trainer YAML via ``--config``.
+
+    The method name is matched case-insensitively against the official trainers' names; a Dassl
+    trainer YAML becomes ``--set`` items in front of the user's own (which therefore win).
+    """
+    import logging
+
+    from vlprompt.train.dassl_config import read_dassl_file, trainer_to_method
+
+    if getattr(args, "set_error", None):
+        raise VlpromptError(args.set_error)
+
+    method = getattr(args, "method", None)
+    if method:
+        args.method = ",".join(trainer_to_method(m) for m in str(method).split(",") if m.strip())
+    cfg = getattr(args, "config", None)
+    if cfg and hasattr(args, "overrides"):
+        single = args.method if args.method and "," not in args.method else None
+        mapped = read_dassl_file(cfg, single)
+        if mapped is not None:
+            items = mapped.overrides
+            if getattr(args, "model", None) or getattr(args, "weights", None):  # the flag wins
+                items = [o for o in items if not o.startswith("backbone.name=")]
+            args.overrides = [*items, *(args.overrides or [])]
+            args.config = None
+            if not args.method and mapped.method:
+                args.method = mapped.method
+            log = logging.getLogger("vlprompt")
+            log.info("%s (Dassl) -> --set %s", cfg, " ".join(mapped.overrides))
+            for note in mapped.notes:
+                log.info("  %s", note)
+    if getattr(args, "method_required", False) and not args.method:
+        raise VlpromptError("the following arguments are required: --method (or --trainer)")
 
 
 def add_data_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
@@ -86,7 +150,9 @@ def add_data_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
             "--datasets",
             "--dataset",
             dest="datasets",
-            help="comma-separated data sets (see `vlprompt data list`)",
+            action=JoinList,
+            nargs="+",
+            help="data sets, comma- or space-separated (see `vlprompt data list`)",
         )
     else:
         p.add_argument(

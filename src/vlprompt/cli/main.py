@@ -24,18 +24,26 @@ COMMANDS = [
     "report",
     "predict",
     "export",
+    "push",
     "import",
     "config",
     "data",
     "world",
     "bench",
     "methods",
+    "models",
     "inspect",
 ]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not the usage block
+        if message.startswith("unrecognized arguments: "):  # Dassl's trailing KEY VALUE pairs
+            from vlprompt.train.dassl_config import dassl_pairs_hint
+
+            hint = dassl_pairs_hint(message.split(": ", 1)[1].split())
+            if hint:
+                message = hint
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -94,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if getattr(args, "model", None):  # ViT-B/16 (OpenAI, papers) -> ViT-B-16 (open_clip)
+        from vlprompt.backbones.names import canonical_model_name
+
+        args.model = canonical_model_name(args.model)
+    try:
+        from vlprompt.cli.common import apply_dassl_habits
+
+        apply_dassl_habits(args)
+    except VlpromptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 from vlprompt.data.splits import DatasetSplits, Datum, split_hash
@@ -72,6 +73,12 @@ def fewshot(splits: DatasetSplits, shots: int, seed: int, *, use_cache: bool = T
         )
     if not splits.train:
         raise VlpromptError(f"{splits.name} has no training split (test only); few-shot needs a training set")
+    most = max(Counter(d.label for d in splits.train).values())
+    if shots > most:  # refused, not capped: the run's folder and fingerprint would claim K shots
+        raise VlpromptError(
+            f"--shots {shots} is more than any class of {splits.name} has for training (at most {most} "
+            f"images); use --shots {most} or fewer, or --shots 0 for the full training split"
+        )
     sample_val = splits.extra.get("fewshot_val", True)
     set_seed(seed)
     digest = split_hash(splits)

@@ -115,12 +115,17 @@ class PromptModel(nn.Module):
         return len(self.classnames)
 
     # ------------------------------------------------------------------ parameters
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` of everything that learns: the method's prompts, nothing of CLIP."""
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything that learns (the method's prompts, nothing of CLIP), as torch and peft return it:
+        ``sum(p.numel() for p in model.trainable_parameters())``, ``SGD(model.trainable_parameters())``."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of everything that learns (names as in ``prompt.safetensors``)."""
         return [(n, p) for n, p in self.method.named_parameters() if p.requires_grad]
 
     def num_trainable(self) -> int:
-        return sum(p.numel() for _, p in self.trainable_parameters())
+        return sum(p.numel() for p in self.trainable_parameters())
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         """The learned state (parameters and persistent buffers of the method) -- what gets saved."""

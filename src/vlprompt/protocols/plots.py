@@ -72,8 +72,9 @@ def base2new_bars(
         labels = list(per_method)
         if not labels:
             continue
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.9 * len(labels)), 3.8))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.2 * len(labels)), 4.2))
         width = 0.8 / len(labels)
+        upright = len(labels) > 2  # narrow bars: labels turned upright so that neighbours never overlap
         shown_pub = False
         top = 0.0
         for i, label in enumerate(labels):
@@ -84,14 +85,18 @@ def base2new_bars(
             xs = [k + (i - (len(labels) - 1) / 2) * width for k in range(3)]
             bars = ax.bar(xs, vals, width, label=label, yerr=err if any(err) else None, capsize=2)
             top = max([top, *(v + e for v, e in zip(vals, err))])
-            for b, v, e in zip(bars, g["values"], err):
-                if v is not None:
+            marks = g["published"] or (None, None, None)
+            for b, v, e, m in zip(bars, g["values"], err, marks):
+                if v is not None:  # above the error bar and the published marker, never across them
                     ax.annotate(
                         f"{v:.1f}",
-                        (b.get_x() + b.get_width() / 2, b.get_height() + e),
+                        (b.get_x() + b.get_width() / 2, max(b.get_height() + e, m if m is not None else 0.0)),
+                        xytext=(0, 3),
+                        textcoords="offset points",
                         ha="center",
                         va="bottom",
-                        fontsize=6,
+                        fontsize=8,
+                        rotation=90 if upright else 0,
                     )
             pub = g["published"]
             if pub:
@@ -106,7 +111,8 @@ def base2new_bars(
         ax.set_xticks(range(3), ["Base", "New", "HM"])
         ax.set_ylabel("top-1 accuracy (%)")
         # published markers need the full scale; our numbers alone get room to be read
-        ax.set_ylim(0, 105 if shown_pub else min(105.0, max(10.0, 1.2 * top)))
+        head = 1.35 if upright else 1.2  # room above the tallest bar for its label
+        ax.set_ylim(0, 115 if shown_pub else min(115.0, max(10.0, head * top)))
         ax.set_title(
             f"base-to-new: {dataset}" + (f"\n{title_suffix.strip()}" if title_suffix else ""), fontsize=9
         )
@@ -167,7 +173,8 @@ def training_curves(
     curves: Mapping[str, Mapping[str, Sequence[tuple[float, float | None, float | None]]]],
     out_dir: str | Path,
 ) -> list[Path]:
-    """Training loss and accuracy against epochs, smoothed (the raw values faint behind).
+    """Training loss and accuracy against epochs, smoothed (the raw values faint behind) when a curve
+    has enough points for a moving average to differ from them, else the points themselves.
 
     ``curves[figure_title][run_label] = [(epoch, loss, acc)]``, ``epoch`` fractional (1.5 = half-way
     through the second epoch).  A curve of one point is drawn as a marker.
@@ -179,6 +186,8 @@ def training_curves(
     for title, runs in curves.items():
         fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.4))
         x_max = 0.0
+        kind = None  # what the points are: per step or per epoch
+        smoothed = False  # a smoothed line over a faint raw one was drawn (else the raw points only)
         for idx, (label, pts) in enumerate(runs.items()):
             color = f"C{idx % 10}"
             for ax, col in ((ax_l, 1), (ax_a, 2)):
@@ -190,16 +199,25 @@ def training_curves(
                 if len(xy) == 1:
                     ax.plot(xs, ys, marker="o", color=color, label=label)
                     continue
+                per_step = any(abs(x - round(x)) > 1e-9 for x in xs) or len(set(xs)) < len(xs)
+                kind = "per step" if per_step or kind == "per step" else "per epoch"
                 few = len(xy) < 30  # a short run still shows its points
-                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, marker="." if few else None)
-                ax.plot(xs, smooth(ys), color=color, linewidth=1.6, label=label, marker="o" if few else None)
+                if len(xy) // 10 > 1:  # enough points for the moving average to differ from them
+                    ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, marker="." if few else None)
+                    ax.plot(
+                        xs, smooth(ys), color=color, linewidth=1.6, label=label, marker="o" if few else None
+                    )
+                    smoothed = True
+                else:
+                    ax.plot(xs, ys, color=color, linewidth=1.2, label=label, marker="o")
         for ax, name in ((ax_l, "training loss"), (ax_a, "training accuracy (%)")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(name)
             ax.set_xlim(0, max(1.0, math.ceil(x_max)))
             ax.grid(alpha=0.3)
         _outside_legend(ax_a)
-        fig.suptitle(f"{title} (smoothed; faint: per step)", fontsize=9)
+        how = f" (smoothed; faint: {kind})" if smoothed else (f" ({kind})" if kind else "")
+        fig.suptitle(title + how, fontsize=9)
         paths.append(_save(plt, fig, out_dir / f"train_{_slug(title)}.png"))
     return paths
 

@@ -1,673 +1,95 @@
-"""Tables (Markdown + CSV) and plots in the papers' layout, built only from run-directory files.
+"""The report: report.md, one CSV per table and the PNG plots, built only from run-directory files.
 
-Inputs are ``config.yaml``, ``metrics.json``, ``log.jsonl`` (and ``manifest.json`` / ``env.json``
-to detect a random-init backbone) of every run under a runs directory; console logs are never
-parsed. Numbers are the papers' convention: accuracy of the last epoch, mean and (population)
-standard deviation over seeds; per data set HM = HM of the seed-averaged Base and New; the
-base-to-new "Average" row is HM(mean Base, mean New) over data sets, not the mean of per-data-set
-HMs; cross-dataset / DG averages are plain means over the targets.
-
-Published numbers (``--reference``) are compared like with like: beside an average over our data
-sets stands the published average over the *same* data sets (computed from the papers' per-data-set
-numbers, and labelled so), never the papers' 11-data-set average.  Runs trained with plain
-``vlprompt train`` (no protocol) and imported prompts are listed as single runs; failed runs appear
-with their one-line error (``failed.json``, written by the grid runner).
+Three steps, one module each: ``records`` reads the run directories (``config.yaml``,
+``metrics.json``, ``log.jsonl``, ``manifest.json`` / ``env.json``; console logs are never parsed),
+``tables`` turns records into the papers' tables (see its docstring for the averaging rules), and
+this module renders them (Markdown, CSV, plots through ``plots``).  Display names live in
+``display``.  The names below are re-exported so ``vlprompt.protocols.report`` stays the one import.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
 from vlprompt.protocols import reference as ref
-from vlprompt.run.backbone import recorded_random_backbone
-from vlprompt.run.layout import RunDir
+from vlprompt.protocols.display import (
+    DPL_NOTE,
+    dataset_order,
+    dataset_title,
+    method_label,
+    reconstruction_note,
+)
+from vlprompt.protocols.records import (
+    MOST_CONFUSED,
+    SINGLE,
+    RunRecord,
+    collect_runs,
+    load_run_record,
+    most_confused,
+    read_epoch_curve,
+    read_training_curve,
+)
+from vlprompt.protocols.tables import (
+    PUB,
+    Base2NewRow,
+    MeanStd,
+    Table,
+    _base2new_tables,
+    _confusion_table,
+    _fewshot_tables,
+    _num,
+    _run_name,
+    _runs_csv,
+    _single_table,
+    _suffix,
+    _transfer_tables,
+    base2new_summary,
+    fewshot_summary,
+    harmonic_mean,
+    mean_std,
+    published_base2new_average,
+)
 from vlprompt.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 RANDOM_BANNER = "untrained (random) backbone: numbers are a pipeline check, not CLIP results"
-PUB = "pub."  # column marker of published numbers; the report explains it once
-SINGLE = "single"  # protocol of runs made by plain `vlprompt train` (and imported prompts)
-MOST_CONFUSED = 5  # pairs per evaluation in the "most confused pairs" table
 
-
-# ---------------------------------------------------------------------------------------- numbers
-def harmonic_mean(base: float, new: float) -> float:
-    """HM = 2BN/(B+N) (0 when both are 0)."""
-    return 0.0 if base + new == 0 else 2.0 * base * new / (base + new)
-
-
-@dataclass(frozen=True)
-class MeanStd:
-    """Mean and population std (ddof=0, as the reference toolkit's result parser) over ``n`` seeds."""
-
-    mean: float
-    std: float
-    n: int
-
-    def __str__(self) -> str:
-        return f"{self.mean:.2f} ± {self.std:.2f}" if self.n > 1 else f"{self.mean:.2f}"
-
-
-def mean_std(values: Iterable[float]) -> MeanStd | None:
-    vals = [float(v) for v in values]
-    if not vals:
-        return None
-    m = sum(vals) / len(vals)
-    return MeanStd(m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals)), len(vals))
-
-
-def _entry(method: str) -> Any:
-    """The method's registry entry, or None for a method this installation does not know."""
-    from vlprompt.methods import get_method
-
-    try:
-        return get_method(method)
-    except VlpromptError:
-        return None
-
-
-def method_label(method: str) -> str:
-    """The registry's display name (a reconstruction carries its note in it); the name otherwise."""
-    entry = _entry(method)
-    return entry.label() if entry is not None else method
-
-
-def dataset_order(names: Iterable[str]) -> list[str]:
-    """Papers' table order for the benchmarks, then anything else alphabetically."""
-    from vlprompt.data import BENCHMARKS, DG_TARGETS
-
-    order = {n: i for i, n in enumerate([*BENCHMARKS, *DG_TARGETS])}
-    return sorted(set(names), key=lambda n: (order.get(n, len(order)), n))
-
-
-def dataset_title(name: str) -> str:
-    from vlprompt.data import SPECS
-
-    spec = SPECS.get(name)
-    return spec.title if spec else name
-
-
-# ---------------------------------------------------------------------------------------- runs
-@dataclass
-class RunRecord:
-    """What the report needs from one run directory."""
-
-    path: Path
-    method: str
-    protocol: str
-    dataset: str
-    shots: int | None
-    seed: int | None
-    backbone: str
-    random_backbone: bool
-    done: bool
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None  # the one-line reason of a failed run (failed.json)
-    imported: bool = False
-
-    def accuracy(self, dataset: str, subsample: str) -> float | None:
-        """Test accuracy for (dataset, subsample); the last recorded entry wins."""
-        hit = None
-        for e in self.evaluations:
-            if (
-                e.get("dataset") == dataset
-                and e.get("subsample", "all") == subsample
-                and e.get("split", "test") == "test"
-            ):
-                hit = e.get("accuracy")
-        return None if hit is None else float(hit)
-
-
-def load_run_record(run_dir: str | Path) -> RunRecord | None:
-    """Read one run directory through the run layer (None when it has no readable config)."""
-    from vlprompt.data.custom import public_name
-    from vlprompt.run import RunDir
-
-    run = RunDir(run_dir)
-    run_dir = run.path
-
-    def safe(read: Any, default: Any = None) -> Any:
-        try:
-            return read()
-        except VlpromptError:  # a damaged or crafted file: the run is listed without it
-            return default
-
-    manifest = safe(run.manifest)
-    cfg = safe(run.read_config) if run.has_config() else None
-    if not cfg:
-        cfg = _config_from_manifest(manifest)
-        if cfg is None:
-            return None
-    if not isinstance(cfg, dict) or "method" not in cfg:
-        return None
-    data = cfg.get("data") or {}
-    env = safe(run.env)
-    metrics = safe(run.metrics, {}) or {}
-    bb = cfg.get("backbone") or {}
-    weights = bb.get("weights") or bb.get("weights_file")
-    tag = bb.get("pretrained") or (Path(str(weights)).name if weights else None)
-    random = recorded_random_backbone(cfg, manifest, env)
-    imported = isinstance(manifest, dict) and bool(manifest.get("imported_from"))
-    try:
-        run.verify()  # an edited config / fingerprint / manifest / prompt is listed as such, never as data
-        problem = None
-    except VlpromptError as e:
-        problem = str(e)
-    return RunRecord(
-        path=run_dir,
-        method=str(cfg["method"]),
-        protocol=str(cfg.get("protocol") or SINGLE),
-        dataset=public_name(str(data.get("dataset"))),
-        shots=data.get("shots"),
-        seed=data.get("seed"),
-        backbone=f"{bb.get('name')} ({'random init' if random else tag})",
-        random_backbone=random,
-        done=problem is None and (run.is_complete() or (imported and bool(metrics))),
-        evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) and not problem else [],
-        error=problem or safe(run.failure),
-        imported=imported,
-    )
-
-
-def _config_from_manifest(manifest: Any) -> dict[str, Any] | None:
-    """The parts of a config an export or imported prompt's manifest records (it has no config.yaml)."""
-    if not isinstance(manifest, dict) or manifest.get("format") != "vlprompt-prompt":
-        return None
-    return {
-        "method": manifest.get("method"),
-        "protocol": manifest.get("protocol"),
-        "data": {
-            "dataset": manifest.get("dataset"),
-            "shots": manifest.get("shots"),
-            "seed": manifest.get("seed"),
-        },
-        "backbone": manifest.get("backbone") or {},
-    }
-
-
-def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
-    """Every run directory (a folder with config.yaml) below ``runs_dir``, sorted by path."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise VlpromptError(f"runs directory not found: {runs_dir}; pass the --out folder of `vlprompt run`")
-    from vlprompt.run import RunDir
-    from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS
-
-    dirs = {p.parent for p in runs_dir.rglob(CONFIG)}
-    dirs |= {p.parent for p in runs_dir.rglob(MANIFEST) if (p.parent / METRICS).is_file()}
-    dirs |= {p.parent for p in runs_dir.rglob(FAILED)}
-    records = []
-    for d in sorted(dirs):
-        if d.name == "report" or any(part == "report" for part in d.relative_to(runs_dir).parts[:-1]):
-            continue
-        rec = load_run_record(d)
-        if rec is not None:
-            records.append(rec)
-        elif (err := RunDir(d).failure()) is not None:  # refused before writing its config
-            records.append(RunRecord(d, "?", "?", "?", None, None, "?", False, False, [], err))
-    return records
-
-
-# ---------------------------------------------------------------------------------------- tables
-@dataclass
-class Table:
-    """A titled table; cells are str, float, MeanStd or None. ``name`` is the CSV file stem."""
-
-    name: str
-    title: str
-    columns: list[str]
-    rows: list[list[Any]]
-    notes: list[str] = field(default_factory=list)
-
-    def markdown(self) -> str:
-        def fmt(v: Any) -> str:
-            if v is None:
-                return "–"
-            if isinstance(v, float):
-                return f"{v:.2f}"
-            return str(v).replace("|", "\\|")
-
-        lines = [f"### {self.title}", ""]
-        lines.append("| " + " | ".join(fmt(c) for c in self.columns) + " |")
-        numeric = [
-            i > 0 and all(isinstance(r[i], (int, float, MeanStd)) or r[i] is None for r in self.rows)
-            for i in range(len(self.columns))
-        ]
-        lines.append("|" + "|".join("---:" if num else "---" for num in numeric) + "|")
-        lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in self.rows]
-        lines += [""] + [f"{n}" for n in self.notes] + ([""] if self.notes else [])
-        return "\n".join(lines)
-
-    def csv(self) -> str:
-        """CSV with every mean ± std column split into ``<col> mean``, ``<col> std`` and ``<col> n``."""
-        split = [any(isinstance(r[i], MeanStd) for r in self.rows) for i in range(len(self.columns))]
-        header = []
-        for c, s in zip(self.columns, split):
-            header += [f"{c} mean", f"{c} std", f"{c} n"] if s else [c]
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(header)
-        for row in self.rows:
-            out = []
-            for v, s in zip(row, split):
-                if s:
-                    if isinstance(v, MeanStd):
-                        out += [f"{v.mean:.4f}", f"{v.std:.4f}", v.n]
-                    else:
-                        out += [_csv_cell(v), "", ""]
-                else:
-                    out.append(_csv_cell(v))
-            w.writerow(out)
-        return buf.getvalue()
-
-
-def _csv_cell(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return v
-
-
-def _group_key(r: RunRecord) -> tuple[str, int | None]:
-    return (r.method, r.shots)
-
-
-def _suffix(shots: int | None, all_shots: set[Any]) -> str:
-    return f", {shots} shots" if len(all_shots) > 1 else ""
-
-
-@dataclass
-class Base2NewRow:
-    dataset: str
-    base: MeanStd | None
-    new: MeanStd | None
-
-    @property
-    def hm(self) -> float | None:
-        if self.base is None or self.new is None:
-            return None
-        return harmonic_mean(self.base.mean, self.new.mean)
-
-
-def base2new_summary(
-    runs: Sequence[RunRecord],
-) -> tuple[list[Base2NewRow], tuple[float, float, float] | None]:
-    """Per-data-set seed statistics of one method's base2new runs and the Average row (B, N, HM).
-
-    Average = (mean of the data sets' seed-averaged Base, same for New, HM of those two means),
-    over the data sets that have both Base and New.
-    """
-    by_ds: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"base": [], "new": []})
-    for r in runs:
-        for sub in ("base", "new"):
-            acc = r.accuracy(r.dataset, sub)
-            if acc is not None:
-                by_ds[r.dataset][sub].append(acc)
-    rows = [
-        Base2NewRow(d, mean_std(by_ds[d]["base"]), mean_std(by_ds[d]["new"])) for d in dataset_order(by_ds)
-    ]
-    full = [row for row in rows if row.base is not None and row.new is not None]
-    if not full:
-        return rows, None
-    mb = sum(row.base.mean for row in full) / len(full)
-    mn = sum(row.new.mean for row in full) / len(full)
-    return rows, (mb, mn, harmonic_mean(mb, mn))
-
-
-def published_base2new_average(
-    paper: str, datasets: Sequence[str]
-) -> tuple[tuple[float | None, float | None, float | None] | None, str]:
-    """The published (Base, New, HM) average over exactly ``datasets``, and how it was obtained.
-
-    The papers' own average when ``datasets`` are their 11; otherwise HM(mean Base, mean New) of the
-    papers' per-data-set Base/New (the same rule as ours), or -- where only per-data-set HMs are
-    stored -- the plain mean of those HMs (Base/New then unknown).  ``None`` when a data set has no
-    published number.
-    """
-    from vlprompt.data import BENCHMARKS
-
-    datasets = list(datasets)
-    if not datasets:
-        return None, "no data sets"
-    if set(datasets) == set(BENCHMARKS) and paper in ref.BASE2NEW_AVERAGE:
-        return ref.BASE2NEW_AVERAGE[paper], "the papers' 11-data-set average"
-    bn = ref.BASE2NEW_BN.get(paper, {})
-    if all(d in bn for d in datasets):
-        mb = sum(bn[d][0] for d in datasets) / len(datasets)
-        mn = sum(bn[d][1] for d in datasets) / len(datasets)
-        return (mb, mn, harmonic_mean(mb, mn)), "HM(mean Base, mean New) of the papers' per-data-set numbers"
-    hm = ref.BASE2NEW_HM.get(paper, {})
-    if all(d in hm for d in datasets):
-        return (
-            None,
-            None,
-            sum(hm[d] for d in datasets) / len(datasets),
-        ), "mean of the papers' per-data-set HM"
-    return None, "not published for all of these data sets"
-
-
-def _avg_label(n: int) -> str:
-    return f"Average ({n} data set{'s' if n != 1 else ''})"
-
-
-def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table], dict[str, Any]]:
-    tables: list[Table] = []
-    all_shots = {r.shots for r in runs}
-    groups: dict[tuple[str, Any], list[RunRecord]] = defaultdict(list)
-    for r in runs:
-        groups[_group_key(r)].append(r)
-    summaries = {}
-    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        rows, avg = base2new_summary(rs)
-        summaries[(method, shots)] = (rows, avg)
-        paper = ref.paper_name(method) if reference else None
-        cols = ["Data set", "Base", "New", "HM", "seeds"]
-        if paper:
-            cols += [f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})"]
-        body = []
-        for row in rows:
-            n = max(row.base.n if row.base else 0, row.new.n if row.new else 0)
-            line: list[Any] = [dataset_title(row.dataset), row.base, row.new, row.hm, n]
-            if paper:
-                bn = ref.BASE2NEW_BN.get(paper, {}).get(row.dataset)
-                line += [
-                    bn[0] if bn else None,
-                    bn[1] if bn else None,
-                    ref.BASE2NEW_HM.get(paper, {}).get(row.dataset),
-                ]
-            body.append(line)
-        notes = [
-            "Base / New: top-1 test accuracy (%) of the last epoch, mean ± std over seeds; HM = 2BN/(B+N) "
-            "of the seed means. Average: HM(mean Base, mean New) over the data sets with both."
-        ]
-        if avg is not None:
-            covered = [row.dataset for row in rows if row.base is not None and row.new is not None]
-            line = [_avg_label(len(covered)), avg[0], avg[1], avg[2], None]
-            if paper:
-                pub, how = published_base2new_average(paper, covered)
-                line += list(pub) if pub else [None, None, None]
-                notes.append(f"Average ({PUB}): over the same {len(covered)} data set(s) -- {how}.")
-            body.append(line)
-        tables.append(
-            Table(
-                f"base2new_{method}" + (f"_shots{shots}" if len(all_shots) > 1 else ""),
-                f"Base-to-new: {method_label(method)}{_suffix(shots, all_shots)}",
-                cols,
-                body,
-                notes,
-            )
-        )
-    # comparison across methods: rows data sets, a Base / New / HM column group per method
-    methods = sorted({m for m, _ in groups})
-    for shots in sorted(all_shots, key=lambda s: s or 0):
-        present = [m for m in methods if (m, shots) in summaries]
-        if not present:
-            continue
-        cols = ["Data set"]
-        for m in present:
-            cols += [f"{method_label(m)} Base", f"{method_label(m)} New", f"{method_label(m)} HM"]
-            if reference and ref.paper_name(m) in ref.BASE2NEW_HM:
-                cols.append(f"{ref.paper_name(m)} HM ({PUB})")
-        datasets = dataset_order({row.dataset for m in present for row in summaries[(m, shots)][0]})
-        body = []
-        for d in [*datasets, "__avg__"]:
-            line: list[Any] = ["Average" if d == "__avg__" else dataset_title(d)]
-            for m in present:
-                rows, avg = summaries[(m, shots)]
-                covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
-                if d == "__avg__":
-                    line += list(avg) if avg else [None, None, None]
-                else:
-                    row = next((x for x in rows if x.dataset == d), None)
-                    line += [
-                        row.base.mean if row and row.base else None,
-                        row.new.mean if row and row.new else None,
-                        row.hm if row else None,
-                    ]
-                if reference and ref.paper_name(m) in ref.BASE2NEW_HM:
-                    p = ref.paper_name(m)
-                    if d == "__avg__":
-                        pub, _ = published_base2new_average(p, covered)
-                        line.append(pub[2] if pub else None)
-                    else:
-                        line.append(ref.BASE2NEW_HM[p].get(d))
-            body.append(line)
-        notes = ["Average row: HM(mean Base, mean New) over each method's data sets."]
-        if reference:
-            notes.append(f"HM ({PUB}) in the Average row: over the same data sets as that method's runs.")
-        tables.append(
-            Table(
-                "base2new_comparison" + (f"_shots{shots}" if len(all_shots) > 1 else ""),
-                f"Base-to-new: comparison of methods (seed means){_suffix(shots, all_shots)}",
-                cols,
-                body,
-                notes,
-            )
-        )
-    return tables, summaries
-
-
-def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> list[Table]:
-    """Cross-dataset / DG: one row per method, accuracy per target, plain mean over targets."""
-    from vlprompt.data import CROSS_DATASET_TARGETS, DG_TARGETS
-
-    standard = CROSS_DATASET_TARGETS if protocol == "cross-dataset" else DG_TARGETS
-    all_shots = {r.shots for r in runs}
-    groups: dict[tuple[str, Any], list[RunRecord]] = defaultdict(list)
-    for r in runs:
-        groups[_group_key(r)].append(r)
-    sources = dataset_order({r.dataset for r in runs})
-    targets = dataset_order(
-        {e.get("dataset") for r in runs for e in r.evaluations if e.get("dataset") not in sources}
-    )
-    targets = [t for t in standard if t in targets] + [t for t in targets if t not in standard]
-    cols = (
-        ["Method"] + [f"{dataset_title(s)} (source)" for s in sources] + [dataset_title(t) for t in targets]
-    )
-    cols += ["Average (targets)"]
-    body = []
-    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-        line: list[Any] = [method_label(method) + _suffix(shots, all_shots)]
-        for s in sources:
-            line.append(mean_std(a for r in rs if r.dataset == s and (a := r.accuracy(s, "all")) is not None))
-        means = []
-        for t in targets:
-            ms = mean_std(a for r in rs if (a := r.accuracy(t, "all")) is not None)
-            line.append(ms)
-            if ms is not None:
-                means.append(ms.mean)
-        line.append(sum(means) / len(means) if means else None)
-        body.append(line)
-    notes = [
-        "Top-1 test accuracy (%) on each target's full test set, mean ± std over seeds; "
-        f"Average = plain mean over the {len(targets)} target(s) shown."
-    ]
-    missing = [t for t in standard if t not in targets]
-    if missing:
-        notes.append(
-            f"Not evaluated (missing from metrics.json): {', '.join(missing)}; the average is not "
-            "comparable to the papers' average over all targets."
-        )
-    if reference and not missing:  # like with like: the papers average over all standard targets
-        pub = ref.CROSS_DATASET_AVERAGE if protocol == "cross-dataset" else ref.DG_AVERAGE
-        for name, avg in pub.items():
-            body.append([f"{name} ({PUB})"] + [None] * (len(cols) - 2) + [avg])
-        notes.append(f"Rows marked ({PUB}) are the papers' averages over the same {len(standard)} targets.")
-    elif reference:
-        notes.append(
-            f"Published averages ({PUB}) cover all {len(standard)} targets and the papers do not give the "
-            "per-target numbers here, so none is shown beside this partial average."
-        )
-    title = "Cross-dataset transfer" if protocol == "cross-dataset" else "Domain generalisation"
-    return [Table(protocol.replace("-", "_"), title, cols, body, notes)] if body else []
-
-
-def fewshot_summary(runs: Sequence[RunRecord]) -> dict[str, dict[str, dict[int, MeanStd]]]:
-    """``[dataset][method][K] -> MeanStd`` of the all-class test accuracy over seeds."""
-    acc: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
-    for r in runs:
-        a = r.accuracy(r.dataset, "all")
-        if a is not None and r.shots is not None:
-            acc[r.dataset][r.method][int(r.shots)].append(a)
-    return {
-        d: {m: {k: mean_std(v) for k, v in sorted(per_k.items())} for m, per_k in sorted(acc[d].items())}
-        for d in dataset_order(acc)
-    }
-
-
-def _fewshot_tables(runs: list[RunRecord]) -> tuple[list[Table], dict[str, Any]]:
-    summary = fewshot_summary(runs)
-    tables = []
-    for d, per_method in summary.items():
-        ks = sorted({k for per_k in per_method.values() for k in per_k})
-        methods = list(per_method)
-        body = [[k] + [per_method[m].get(k) for m in methods] for k in ks]
-        tables.append(
-            Table(
-                f"fewshot_{d}",
-                f"Few-shot: {dataset_title(d)}",
-                ["Shots (K)"] + [method_label(m) for m in methods],
-                body,
-                ["Top-1 test accuracy (%) over all classes, mean ± std over seeds."],
-            )
-        )
-    return tables, summary
-
-
-# ---------------------------------------------------------------------------------------- logs
-def read_training_curve(run_dir: str | Path) -> list[tuple[float, float | None, float | None]]:
-    """(step, loss, acc) points from ``log.jsonl``: per-step records (per-epoch records if only those)."""
-    recs = [r for r in RunDir(run_dir).log_records() if isinstance(r, dict) and r.get("loss") is not None]
-    kind = next((k for k in ("kind", "type", "event", "level") if any(k in r for r in recs)), None)
-    if kind:
-        steps = [r for r in recs if r.get(kind) not in ("epoch", "eval", "evaluation")]
-        recs = steps or recs
-    pts = []
-    last = -math.inf
-    monotone = all(isinstance(r.get("step"), (int, float)) for r in recs)
-    for i, r in enumerate(recs):
-        x = r["step"] if monotone else i
-        if monotone and x < last:  # step counter restarts each epoch: fall back to record order
-            return [(j, _num(q.get("loss")), _num(q.get("acc"))) for j, q in enumerate(recs)]
-        last = x
-        pts.append((float(x), _num(r.get("loss")), _num(r.get("acc"))))
-    return pts
-
-
-def _num(v: Any) -> float | None:
-    try:
-        return None if v is None else float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def read_epoch_curve(run_dir: str | Path) -> list[tuple[float, float | None, float | None]]:
-    """``(epoch, loss, acc)`` per logged step, ``epoch`` fractional: step k of n in epoch e is e-1+k/n.
-
-    Runs logged per epoch only give one point per epoch (at e).  This is what the training-curve
-    plots use: an x axis in epochs reads the same for runs of different lengths and batch sizes.
-    """
-    steps: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    epochs: dict[int, dict[str, Any]] = {}
-    for rec in RunDir(run_dir).log_records():
-        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), (int, float)):
-            continue
-        e = int(rec["epoch"])
-        if rec.get("kind") == "epoch":
-            epochs[e] = rec
-        else:
-            steps[e].append(rec)
-    pts: list[tuple[float, float | None, float | None]] = []
-    for e in sorted(set(steps) | set(epochs)):
-        recs = steps.get(e)
-        if recs:
-            n = len(recs)
-            pts += [
-                (e - 1 + (k + 1) / n, _num(r.get("loss")), _num(r.get("acc"))) for k, r in enumerate(recs)
-            ]
-        else:
-            r = epochs[e]
-            pts.append((float(e), _num(r.get("loss")), _num(r.get("acc"))))
-    return pts
-
-
-def most_confused(entry: dict[str, Any], k: int = MOST_CONFUSED) -> list[tuple[str, str, int, float]]:
-    """The ``k`` largest off-diagonal cells of an evaluation's confusion counts.
-
-    ``(true class, predicted class, images, % of the true class's images)``; ties by class order.
-    """
-    conf = entry.get("confusion") or {}
-    classes = conf.get("classes") or []
-    counts = conf.get("counts") or []
-    support: dict[int, int] = defaultdict(int)
-    for i, _, n in counts:
-        support[int(i)] += int(n)
-    off = [(int(n), int(i), int(j)) for i, j, n in counts if int(i) != int(j) and int(n) > 0]
-    off.sort(key=lambda x: (-x[0], x[1], x[2]))
-    return [(classes[i], classes[j], n, 100.0 * n / max(support[i], 1)) for n, i, j in off[:k]]
-
-
-def _confusion_table(runs: Sequence[RunRecord]) -> Table | None:
-    body = []
-    for r in runs:
-        for e in r.evaluations:
-            for true, pred, n, pct in most_confused(e):
-                body.append(
-                    [_run_name(r), f"{dataset_title(str(e.get('dataset')))} ({e.get('subsample', 'all')})",
-                     true, pred, n, pct]
-                )  # fmt: skip
-    if not body:
-        return None
-    return Table(
-        "most_confused",
-        "Most confused pairs",
-        ["Run", "Evaluated on", "True class", "Predicted as", "images", "% of true class"],
-        body,
-        [f"Per evaluation, the {MOST_CONFUSED} largest off-diagonal cells of the confusion matrix."],
-    )
-
-
-def _run_name(r: RunRecord) -> str:
-    return f"{method_label(r.method)} · {r.dataset} · shots {r.shots} · seed {r.seed}"
-
-
-def _single_table(runs: Sequence[RunRecord]) -> Table:
-    body = []
-    for r in runs:
-        for e in r.evaluations:
-            body.append(
-                [
-                    f"`{r.path.name}`" + (" (imported)" if r.imported else ""),
-                    method_label(r.method),
-                    r.dataset,
-                    r.shots,
-                    r.seed,
-                    f"{dataset_title(str(e.get('dataset')))} ({e.get('subsample', 'all')})",
-                    _num(e.get("accuracy")),
-                    _num(e.get("macro_f1")),
-                    e.get("n"),
-                ]
-            )
-    return Table(
-        "single_runs",
-        "Single runs",
-        ["Run", "Method", "Trained on", "Shots", "Seed", "Evaluated on", "Accuracy", "Macro-F1", "images"],
-        body,
-        ["Runs made by `vlprompt train` (no protocol) or imported with `vlprompt import`: one seed each."],
-    )
+__all__ = [
+    "RANDOM_BANNER",
+    "DPL_NOTE",
+    "PUB",
+    "SINGLE",
+    "MOST_CONFUSED",
+    "Base2NewRow",
+    "MeanStd",
+    "ReportResult",
+    "RunRecord",
+    "Table",
+    "base2new_summary",
+    "build_report",
+    "collect_runs",
+    "dataset_order",
+    "dataset_title",
+    "fewshot_summary",
+    "grid_summary",
+    "harmonic_mean",
+    "load_run_record",
+    "mean_std",
+    "method_label",
+    "most_confused",
+    "published_base2new_average",
+    "read_epoch_curve",
+    "read_training_curve",
+    "reconstruction_note",
+    "render_text",
+]
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -729,8 +151,8 @@ def build_report(
         pub = Table(
             "published_base2new",
             f"Published base-to-new averages over the papers' 11 data sets ({PUB})",
-            ["Method", f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})"],
-            [[name, *v] for name, v in ref.BASE2NEW_AVERAGE.items()],
+            ["Method", f"Base ({PUB})", f"New ({PUB})", f"HM ({PUB})", f"Shots ({PUB})"],
+            [[name, *v, ref.PUBLISHED_SHOTS] for name, v in ref.BASE2NEW_AVERAGE.items()],
             ["For reference only: these average 11 data sets, so they compare with an 11-data-set run."],
         )
         sections.append(("Published reference numbers", [pub]))
@@ -765,8 +187,10 @@ def build_report(
             ),
             "",
         ]
-    for title, ts in sections:
-        lines += [f"## {title}", ""] + [t.markdown() for t in ts]
+    for title, ts in sections:  # a section holding one table of the same title: no second heading
+        lines += [f"## {title}", ""] + [
+            t.markdown(heading=not (len(ts) == 1 and t.title == title)) for t in ts
+        ]
     if other:
         lines += [f"Runs with protocols not tabulated: {', '.join(other)}", ""]
     if incomplete:
@@ -800,55 +224,6 @@ def build_report(
     return ReportResult(md, csvs, pngs, tables, len(complete), bool(random_runs))
 
 
-def reconstruction_note(method: str) -> str:
-    """The method's own note when it is a reconstruction (DPL), else ``""`` (also for an unknown method)."""
-    entry = _entry(method)
-    return entry.reconstruction_note if entry is not None else ""
-
-
-def _runs_csv(runs: list[RunRecord]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        [
-            "protocol",
-            "method",
-            "reconstructed",
-            "train_dataset",
-            "shots",
-            "seed",
-            "eval_dataset",
-            "subsample",
-            "accuracy",
-            "macro_f1",
-            "n",
-            "backbone",
-            "run_dir",
-        ]
-    )
-    for r in runs:
-        note = reconstruction_note(r.method)
-        for e in r.evaluations:
-            w.writerow(
-                [
-                    r.protocol,
-                    r.method,
-                    note,
-                    r.dataset,
-                    r.shots,
-                    r.seed,
-                    e.get("dataset"),
-                    e.get("subsample"),
-                    _csv_cell(_num(e.get("accuracy"))),
-                    _csv_cell(_num(e.get("macro_f1"))),
-                    e.get("n"),
-                    r.backbone,
-                    str(r.path),
-                ]
-            )
-    return buf.getvalue()
-
-
 def _plots(
     runs: list[RunRecord], b2n: dict[str, Any], fs: dict[str, Any], out_dir: Path, reference: bool = False
 ) -> list[Path]:
@@ -879,6 +254,8 @@ def _plots(
             covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
             pub = published_base2new_average(paper, covered)[0] if paper else None
             bars["Average"][label] = {"values": avg, "std": None, "published": pub}
+    if len([d for d in bars if d != "Average"]) < 2:
+        bars.pop("Average", None)  # the average of one data set is that data set's chart again
     paths += plots.base2new_bars(bars, out_dir, random)
     curves = {
         dataset_title(d): {
@@ -918,3 +295,74 @@ def _slug_name(r: RunRecord) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{r.protocol}_{r.method}_{r.dataset}_s{r.shots}_seed{r.seed}")
+
+
+# ---------------------------------------------------------------------------------------- console
+def render_text(table: Table) -> str:
+    """A table as aligned plain text (what a terminal shows at the end of `vlprompt run`)."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return str(v)
+
+    cells = [[fmt(c) for c in table.columns]] + [[fmt(v) for v in row] for row in table.rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(table.columns))]
+    numeric = [
+        i > 0 and all(isinstance(r[i], (int, float, MeanStd)) or r[i] is None for r in table.rows)
+        for i in range(len(table.columns))
+    ]
+    lines = [table.title]
+    for k, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def grid_summary(run_dirs: Iterable[str | Path]) -> str | None:
+    """The grid's table (seed means, HM; a zero-shot row when the grid has one) for the console.
+
+    ``run_dirs``: the grid's run directories; only complete runs among them are tabulated.
+    """
+    records = [r for d in run_dirs if (r := load_run_record(d)) is not None]
+    complete = [r for r in records if r.done and r.evaluations and not r.error]
+    if not complete:
+        return None
+    by_protocol: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in complete:
+        by_protocol[r.protocol].append(r)
+    tables: list[Table] = []
+    for proto, runs in by_protocol.items():
+        if proto == "base2new":
+            tables += [_base2new_console(runs)]
+        elif proto in ("cross-dataset", "dg"):
+            tables += _transfer_tables(runs, proto, False)
+        elif proto == "fewshot":
+            tables += _fewshot_tables(runs)[0]
+    return "\n\n".join(render_text(t) for t in tables) or None
+
+
+def _base2new_console(runs: list[RunRecord]) -> Table:
+    all_shots = {r.shots for r in runs}
+    groups: dict[tuple[str, Any], list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        groups[(r.method, r.shots)].append(r)
+    order = sorted(groups, key=lambda k: (k[0] != "zeroshot", k[0], k[1] or 0))
+    body: list[list[Any]] = []
+    for method, shots in order:
+        rows, avg = base2new_summary(groups[(method, shots)])
+        label = method_label(method) + _suffix(shots, all_shots)
+        for row in rows:
+            n = max(row.base.n if row.base else 0, row.new.n if row.new else 0)
+            body.append([label, dataset_title(row.dataset), row.base, row.new, row.hm, n])
+        if avg is not None and len(rows) > 1:
+            body.append([label, f"Average ({len(rows)} data sets)", *avg, None])
+    return Table(
+        "grid",
+        "Base-to-new (top-1 %, mean ± std over seeds; HM of the seed means)",
+        ["Method", "Data set", "Base", "New", "HM", "seeds"],
+        body,
+    )

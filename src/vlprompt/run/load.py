@@ -37,16 +37,29 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         raise VlpromptError(f"run not found: {path}; pass a run directory written by `vlprompt train`")
     man, prm = path / MANIFEST, path / PROMPT
     if not man.is_file() or not prm.is_file():
-        missing = PROMPT if not prm.is_file() else MANIFEST
-        raise VlpromptError(
-            f"{path} has no {missing} (run not finished or not a run directory); finish it with "
-            "`vlprompt train ... --resume` or pass a complete run"
-        )
+        raise VlpromptError(_not_a_prompt(path, PROMPT if not prm.is_file() else MANIFEST))
     manifest = read_json(man)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise VlpromptError(f"{man} is not a vlprompt prompt manifest; pass a run or an exported prompt")
     RunDir(path).verify()  # manifest.json, prompt bytes, fingerprint and config agree (one line if not)
     return manifest, prm
+
+
+def _not_a_prompt(path: Path, missing: str) -> str:
+    """The right advice for a folder without a prompt: a grid folder, an unfinished run, or neither."""
+    from vlprompt.run.layout import CONFIG
+
+    if (path / CONFIG).is_file():
+        return (
+            f"{path} has no {missing} (the run did not finish); finish it with `vlprompt train ... --resume` "
+            "(or `vlprompt run` again for a grid) or pass a complete run"
+        )
+    below = sorted(p.parent for p in path.rglob(PROMPT) if (p.parent / MANIFEST).is_file())
+    if below:
+        return (
+            f"{path} is a folder of {len(below)} run(s), not one run; pass one run directory, e.g. {below[0]}"
+        )
+    return f"{path} is not a run directory (no {missing}); pass a run written by `vlprompt train`"
 
 
 def load_run(
@@ -61,6 +74,10 @@ def load_run(
     """
     import torch
 
+    from vlprompt.run.hub import download, is_hub_ref
+
+    if is_hub_ref(path):  # hf-hub:org/name[@rev]: the Hub's copy, through its cache
+        path = download(str(path))
     from vlprompt.methods import create_model
     from vlprompt.train.checkpoint import load_safetensors
     from vlprompt.train.precision import resolve_device

@@ -243,6 +243,8 @@ def _train_run(
     banner = backbone is None
     if backbone is None:
         backbone = load_backbone_from(cfg.backbone, device=device, banner=False)
+    if decision == "fresh":
+        _check_model(cfg, backbone, splits)  # a refused request (depth 12 on 9 layers) writes nothing
     lock = RunLock(run.path) if main else None
     try:
         if lock is not None:
@@ -272,6 +274,25 @@ def _train_run(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
+    """Build the model once (RNG untouched) so that options the backbone cannot take are refused
+    before anything is written; a method without trainable parameters is refused here too."""
+    import torch
+
+    from vlprompt.methods import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(
+            cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
+        )
+    if model.num_trainable() == 0:
+        raise VlpromptError(
+            f"the method '{cfg.method}' has no trainable parameters; evaluate it with "
+            f"`vlprompt eval --method {cfg.method}`"
+        )
+    del model
 
 
 def _write_run_info(

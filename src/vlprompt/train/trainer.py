@@ -79,7 +79,7 @@ def _loader(
 def _resume_key(train: Any, seed: int, model: torch.nn.Module) -> str:
     """What must be equal for a checkpoint to continue this training."""
     t = {k: v for k, v in train.to_dict().items() if k not in EXECUTION_KEYS}
-    shapes = {n: list(p.shape) for n, p in model.trainable_parameters()}
+    shapes = {n: list(p.shape) for n, p in model.named_trainable_parameters()}
     return sha256_json({"train": t, "seed": seed, "params": shapes, "classes": list(model.classnames)})
 
 
@@ -179,8 +179,8 @@ def fit(
     ddp.broadcast_module(model.method)
     if train.shard_text:
         ddp.enable_text_sharding(model)
-    params = [p for _, p in model.trainable_parameters()]
-    not_fp32 = [n for n, p in model.trainable_parameters() if p.dtype != torch.float32]
+    params = [p for p in model.trainable_parameters()]
+    not_fp32 = [n for n, p in model.named_trainable_parameters() if p.dtype != torch.float32]
     if not_fp32:
         raise TypeError(f"learnable parameters must be fp32 master weights: {not_fp32[:3]}")
     optimizer = build_optimizer(params, train)
