@@ -18,8 +18,8 @@ the others store the whole ``CustomCLIP`` (frozen CLIP included), where the prom
 Each tensor is mapped by that role to vlprompt's parameter name; the method's options (context
 length, depth ...) are read from the shapes.  What no shape records -- the frozen words after the
 context (``ctx_init``), the class names -- comes from the official defaults or the caller.  The file
-is read with ``torch.load(weights_only=True)``: classes the checkpoint names (Dassl's schedulers) are
-replaced by inert placeholders, nothing of the file is executed.
+is read by :mod:`vlprompt.torchfile`: only tensors are resolved; classes the checkpoint names (Dassl's
+schedulers, optimizers, builtins, numpy scalars) become inert stubs; nothing of the file is executed.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from vlprompt import torchfile
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -57,44 +58,27 @@ class Imported:
 
 
 # ------------------------------------------------------------------------------------ reading
-class _Placeholder:
-    """Stands in for a class the checkpoint names (e.g. a Dassl scheduler); holds its state, runs nothing."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict (``state_dict``, ``epoch`` ...) of an official ``model.pth.tar-N`` file."""
+    """The checkpoint dict (``state_dict``, ``epoch`` ...) of an official ``model.pth.tar-N`` file.
+
+    Read with :mod:`vlprompt.torchfile`: tensors only; the scheduler, optimizer and anything else the
+    file names become inert stubs (nothing of the file is constructed or run).
+    """
     p = Path(path)
     if p.is_dir():
         p = _find_in_dir(p)
     if not p.is_file():
         raise VlpromptError(f"checkpoint not found: {p}; pass a model.pth.tar-N / model-best.pth.tar file")
-    extra: list[tuple[type, str]] = []
-    for _ in range(64):
-        try:
-            with torch.serialization.safe_globals(extra):
-                obj = torch.load(str(p), map_location="cpu", weights_only=True)
-            break
-        except Exception as e:  # noqa: BLE001 -- any unpickling refusal or a corrupt file
-            m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
-            if m is None:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise VlpromptError(
-                    f"cannot read {p} as a checkpoint ({type(e).__name__}: {first[:100]}); "
-                    "pass the model.pth.tar-N file the official trainer wrote"
-                ) from None
-            name = m.group(1)
-            extra.append((type(name.rsplit(".", 1)[-1], (_Placeholder,), {}), name))
-    else:  # pragma: no cover - a checkpoint naming more than 64 classes
-        raise VlpromptError(f"{p} names too many classes to read safely; re-save only its state_dict")
+    try:
+        tf = torchfile.read(p)
+    except torchfile.TorchFileError as e:
+        raise VlpromptError(
+            f"cannot read {p} as a checkpoint ({e.reason[:160]}); "
+            "pass the model.pth.tar-N file the official trainer wrote"
+        ) from None
+    obj = tf.obj
+    if tf.torchscript:
+        raise VlpromptError(f"{p} is a TorchScript archive, not a prompt checkpoint; pass model.pth.tar-N")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         return dict(obj)
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
