@@ -25,6 +25,7 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError, unknown_name
+from vlprompt.methods.official import OfficialLayout
 from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
 
 #: ``backprop(loss, retain_graph=False)``: the trainer's backward (loss scaling + DDP gradient reduction)
@@ -84,6 +85,8 @@ class PromptMethod(nn.Module):
     reconstruction_note: ClassVar[str] = ""
     # frozen-CLIP entries of ModelOutput the objective reads (subset of output.FROZEN_NEEDS)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: the official checkpoint's layout and its mapping to this method's parameters (``vlprompt import``)
+    official: ClassVar[OfficialLayout | None] = None
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone):
         super().__init__()

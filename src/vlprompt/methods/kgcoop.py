@@ -24,6 +24,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, init_ctx, official_template
+from vlprompt.methods.official import OfficialLayout, Signature, map_coop
 from vlprompt.methods.output import ModelOutput
 
 #: KgCoOp's CUSTOM_TEMPLATES where they differ from the data set's CoOp template (keyed by the latter)
@@ -43,6 +44,9 @@ class KgCoOpConfig(MethodConfig):
 @register_method
 class KgCoOp(PromptMethod):
     name = "kgcoop"
+    official = OfficialLayout(
+        "htyao89/KgCoOp", "prompt_learner", Signature(has=("ctx", "bias_vectors")), map_coop
+    )
     Config = KgCoOpConfig
     summary = "KgCoOp: CoOp + w * (1 - cos) to frozen CLIP's hand-crafted class embeddings"
     needs = frozenset({"frozen_text"})

@@ -1,0 +1,134 @@
+"""`vlprompt import` on checkpoints written by the official code itself (tests/fixtures/official).
+
+Each fixture was made by ``tests/fixtures/official/make_official_checkpoints.py``: the official
+repository's own trainer built its model, trained through the recipe's warm-up epoch and saved with
+its own ``save_model`` (Dassl's nested warm-up scheduler and optimizer state included); its logits on
+fixed images are stored beside.  Here each is imported and must give those logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlprompt
+from vlprompt import torchfile
+from vlprompt.cli.main import main
+from vlprompt.errors import VlpromptError
+from vlprompt.run import dassl_import
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "official"
+CASES = sorted(p.name for p in FIX.iterdir() if (p / "meta.json").is_file())
+PETS = "a photo of a {}, a type of pet."  # the OxfordPets template every fixture was trained with
+TOL = 1e-5  # official fp32 CPU vs ours: measured max |diff| <= 1.7e-6 (see docs/import.md)
+
+
+def _meta(case: str) -> dict:
+    return json.loads((FIX / case / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def micro():
+    open_clip.add_model_config(str(FIX / "official-micro.json"))
+    b = vlprompt.load_backbone("official-micro", init_seed=0)
+    # the fixtures were made on this random CLIP: a checkpoint's frozen text tower must be it
+    sd = torchfile.read(FIX / "ivlp" / _meta("ivlp")["checkpoint"]).obj["state_dict"]
+    same = torch.equal(sd["text_encoder.text_projection"], b.clip.state_dict()["text_projection"])
+    assert same, "open_clip's random init changed: re-make the fixtures (tests/fixtures/official/README.md)"
+    return b
+
+
+@pytest.fixture(scope="module")
+def images():
+    u8 = load_file(str(FIX / "images.safetensors"))["images"]
+    return (u8.float() / 255 - 0.45) / 0.27  # as make_official_checkpoints.images_from_bytes
+
+
+def test_every_method_family_has_a_fixture():
+    methods = {_meta(c)["method"] for c in CASES}
+    assert methods == {"coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "kgcoop", "prograd", "promptsrc"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_warmup_checkpoint_is_what_torch_refuses_and_we_read(case):
+    path = FIX / case / _meta(case)["checkpoint"]
+    with pytest.raises(Exception, match="Unsupported global"):  # the old reader's wall
+        torch.load(path, weights_only=True)
+    ck = torchfile.read(path)
+    sched = ck.obj["scheduler"]  # Dassl's ConstantWarmupScheduler.state_dict(): its successor inside
+    assert sched["successor"].stub_name == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert "torch.optim.sgd.SGD" in ck.stubs and ck.obj["epoch"] == 2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_official_checkpoint_gives_the_official_logits(case, micro, images):
+    meta = _meta(case)
+    path = FIX / case / meta["checkpoint"]
+    if meta["method"] == "prograd":  # CoOp's tensors and nothing that tells them apart: refused
+        with pytest.raises(
+            VlpromptError, match="fit coop and prograd alike.*--method coop or --method prograd"
+        ):
+            dassl_import.import_checkpoint(path)
+        imp = dassl_import.import_checkpoint(path, "prograd")
+    else:
+        imp = dassl_import.import_checkpoint(path)
+    assert imp.method == meta["method"] and imp.epoch == 2
+    model = dassl_import.build_model(imp, micro, meta["classnames"], template=PETS).eval()
+    want = load_file(str(FIX / case / "official_logits.safetensors"))["logits"]
+    with torch.no_grad():
+        got = model(images)
+    diff = (got - want).abs().max().item()
+    print(f"{case}: max |logit diff| {diff:.3g}")
+    assert diff < TOL
+
+
+def test_prograd_frozen_words_come_from_the_data_set_or_are_refused(micro, images):
+    meta = _meta("prograd")  # OxfordPets: "a type of pet, a photo of a" in 8 slots, "a" stays frozen
+    imp = dassl_import.import_checkpoint(FIX / "prograd" / meta["checkpoint"], "prograd")
+    assert imp.frozen_tokens == 1 and imp.ctx_tokens == 8
+    want = load_file(str(FIX / "prograd" / "official_logits.safetensors"))["logits"]
+    phrase = dassl_import.build_model(imp, micro, meta["classnames"], ctx_init="a type of pet, a photo of a")
+    with torch.no_grad():
+        assert (phrase.eval()(images) - want).abs().max() < TOL
+    with pytest.raises(VlpromptError, match="keeps 1 frozen word token.*keeps 0.*ctx_init=PHRASE"):
+        dassl_import.build_model(imp, micro, meta["classnames"])  # no data set: the words would be dropped
+
+
+def test_frozen_words_of_maple_ivlp_promptsrc_are_read_from_the_suffix():
+    for case in ("maple", "ivlp", "promptsrc"):
+        imp = dassl_import.import_checkpoint(FIX / case / _meta(case)["checkpoint"])
+        assert imp.ctx_tokens == 2 and imp.frozen_tokens == 2  # "a photo" learnt, "of a" frozen
+        assert imp.options["ctx_init"] == "a photo of a"
+
+
+def test_cli_import_records_the_detected_method(tmp_path, micro, images, capsys):
+    meta = _meta("promptsrc")
+    out = tmp_path / "imported"
+    args = ["import", str(FIX / "promptsrc"), "--out", str(out), "--model", "official-micro", "--pretrained",
+            "none", "--classes", ",".join(meta["classnames"])]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    assert "imported promptsrc" in capsys.readouterr().out
+    loaded = vlprompt.load_prompt(out, backbone=micro)
+    assert loaded.manifest["method"] == "promptsrc"
+    want = load_file(str(FIX / "promptsrc" / "official_logits.safetensors"))["logits"]
+    with torch.no_grad():
+        assert (loaded(images) - want).abs().max() < TOL
+
+
+def test_cli_import_refusals_are_one_line(tmp_path, micro, capsys):
+    meta = _meta("prograd")
+    base = ["import", str(FIX / "prograd"), "--out", str(tmp_path / "p"), "--model", "official-micro",
+            "--pretrained", "none", "--classes", ",".join(meta["classnames"])]  # fmt: skip
+    for extra, msg in (
+        ([], "--method coop or --method prograd"),
+        (["--method", "prograd", "--option", "n_ctx=abc"], "n_ctx='abc': prograd's n_ctx takes int"),
+        (["--method", "prograd"], "keeps 1 frozen word token"),
+    ):
+        assert main(base + extra) != 0
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
