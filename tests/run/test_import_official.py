@@ -132,3 +132,10 @@ def test_cli_import_refusals_are_one_line(tmp_path, micro, capsys):
         assert main(base + extra) != 0
         err = capsys.readouterr().err.strip()
         assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_damaged_tensor_rank_is_one_line(tmp_path):
+    sd = {"ctx": torch.randn(4), "token_prefix": torch.zeros(3, 1, 8)}  # a 1-D context
+    torch.save({"state_dict": sd, "epoch": 1, "val_result": None}, tmp_path / "model.pth.tar-1")
+    with pytest.raises(VlpromptError, match=r"'ctx' has shape \(4,\); a coop checkpoint holds a 2-D or 3-D"):
+        dassl_import.import_checkpoint(tmp_path / "model.pth.tar-1")

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+import vlprompt
 from vlprompt import torchfile
+from vlprompt.cli.main import main
 from vlprompt.errors import VlpromptError
 
 
@@ -133,6 +135,30 @@ def test_deflate_bomb_is_refused_before_allocating(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20 and "\n" not in str(e.value)
+
+
+def test_import_cli_refuses_a_bomb_in_one_line(tmp_path, capsys):
+    _bomb(tmp_path / "bomb.pth.tar-1", 512 * 2**20)
+    rc = main(["import", str(tmp_path / "bomb.pth.tar-1"), "--out", str(tmp_path / "o"), "--classes", "a,b"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "declares 512.0 MiB of tensors" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_torchscript_weights_never_run_the_archive(tmp_path, monkeypatch):
+    """``--weights`` with a TorchScript file: read as tensors, ``torch.jit.load`` is never called."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(_Block())
+    path = tmp_path / "evil.pt"
+    scripted.save(str(path))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load was called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    with pytest.raises(VlpromptError, match="not a ViT CLIP checkpoint"):
+        vlprompt.load_backbone(None, str(path))
 
 
 def test_damaged_files_are_one_line(tmp_path):
