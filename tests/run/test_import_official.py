@@ -9,6 +9,7 @@ fixed images are stored beside.  Here each is imported and must give those logit
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import open_clip
@@ -139,3 +140,34 @@ def test_a_damaged_tensor_rank_is_one_line(tmp_path):
     torch.save({"state_dict": sd, "epoch": 1, "val_result": None}, tmp_path / "model.pth.tar-1")
     with pytest.raises(VlpromptError, match=r"'ctx' has shape \(4,\); a coop checkpoint holds a 2-D or 3-D"):
         dassl_import.import_checkpoint(tmp_path / "model.pth.tar-1")
+
+
+def _as_torch1_zip(src: Path, dest: Path) -> None:
+    """The zip layout torch 1.6-1.13 wrote: entries under the file's own name, no byteorder or
+    serialization id (torch 2 writes ``archive/`` and both)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            rest = info.filename.split("/", 1)[1]
+            if rest in ("byteorder", ".data/serialization_id"):
+                continue
+            zout.writestr(f"{dest.name}/{rest}", zin.read(info))
+
+
+@pytest.mark.parametrize("case", ["coop", "maple"])
+@pytest.mark.parametrize("layout", ["torch1-zip", "legacy"])
+def test_older_torch_file_layouts_give_the_same_logits(tmp_path, case, layout, micro, images):
+    meta = _meta(case)
+    src = FIX / case / meta["checkpoint"]
+    dest = tmp_path / meta["checkpoint"]
+    dest.parent.mkdir(parents=True)
+    if layout == "legacy":  # torch < 1.6; our own fixture, so plain unpickling is safe here
+        obj = torch.load(src, weights_only=False)
+        torch.save(obj, dest, _use_new_zipfile_serialization=False)
+        assert not zipfile.is_zipfile(dest)
+    else:
+        _as_torch1_zip(src, dest)
+    imp = dassl_import.import_checkpoint(dest)
+    model = dassl_import.build_model(imp, micro, meta["classnames"], template=PETS).eval()
+    want = load_file(str(FIX / case / "official_logits.safetensors"))["logits"]
+    with torch.no_grad():
+        assert (model(images) - want).abs().max() < TOL
