@@ -70,14 +70,7 @@ def test_warmup_checkpoint_is_what_torch_refuses_and_we_read(case):
 def test_official_checkpoint_gives_the_official_logits(case, micro, images):
     meta = _meta(case)
     path = FIX / case / meta["checkpoint"]
-    if meta["method"] == "prograd":  # CoOp's tensors and nothing that tells them apart: refused
-        with pytest.raises(
-            VlpromptError, match="fit coop and prograd alike.*--method coop or --method prograd"
-        ):
-            dassl_import.import_checkpoint(path)
-        imp = dassl_import.import_checkpoint(path, "prograd")
-    else:
-        imp = dassl_import.import_checkpoint(path)
+    imp = dassl_import.import_checkpoint(path)  # ProGrad: CoOp tensors + frozen words CoOp never keeps
     assert imp.method == meta["method"] and imp.epoch == 2
     model = dassl_import.build_model(imp, micro, meta["classnames"], template=PETS).eval()
     want = load_file(str(FIX / case / "official_logits.safetensors"))["logits"]
@@ -88,9 +81,20 @@ def test_official_checkpoint_gives_the_official_logits(case, micro, images):
     assert diff < TOL
 
 
+def test_coop_and_prograd_alike_are_refused_with_the_candidates(tmp_path):
+    ck = torchfile.read(FIX / "prograd_n16" / _meta("prograd_n16")["checkpoint"]).obj
+    sd = {"ctx": ck["state_dict"]["ctx"], "token_suffix": torch.randn(3, 60, 64)}  # no frozen words
+    torch.save({"state_dict": sd, "epoch": 2}, tmp_path / "model.pth.tar-2")  # no val_result either
+    with pytest.raises(VlpromptError, match="fit coop and prograd alike.*--method coop or --method prograd"):
+        dassl_import.import_checkpoint(tmp_path / "model.pth.tar-2")
+    assert dassl_import.import_checkpoint(tmp_path / "model.pth.tar-2", "prograd").method == "prograd"
+    torch.save({"state_dict": sd, "epoch": 2, "val_result": None}, tmp_path / "model.pth.tar-2")
+    assert dassl_import.import_checkpoint(tmp_path / "model.pth.tar-2").method == "coop"  # original Dassl
+
+
 def test_prograd_frozen_words_come_from_the_data_set_or_are_refused(micro, images):
     meta = _meta("prograd")  # OxfordPets: "a type of pet, a photo of a" in 8 slots, "a" stays frozen
-    imp = dassl_import.import_checkpoint(FIX / "prograd" / meta["checkpoint"], "prograd")
+    imp = dassl_import.import_checkpoint(FIX / "prograd" / meta["checkpoint"])
     assert imp.frozen_tokens == 1 and imp.ctx_tokens == 8
     want = load_file(str(FIX / "prograd" / "official_logits.safetensors"))["logits"]
     phrase = dassl_import.build_model(imp, micro, meta["classnames"], ctx_init="a type of pet, a photo of a")
@@ -126,9 +130,9 @@ def test_cli_import_refusals_are_one_line(tmp_path, micro, capsys):
     base = ["import", str(FIX / "prograd"), "--out", str(tmp_path / "p"), "--model", "official-micro",
             "--pretrained", "none", "--classes", ",".join(meta["classnames"])]  # fmt: skip
     for extra, msg in (
-        ([], "--method coop or --method prograd"),
-        (["--method", "prograd", "--option", "n_ctx=abc"], "n_ctx='abc': prograd's n_ctx takes int"),
-        (["--method", "prograd"], "keeps 1 frozen word token"),
+        (["--option", "n_ctx=abc"], "n_ctx='abc': prograd's n_ctx takes int"),
+        (["--method", "prograd", "--option", "nope=1"], "prograd has no option 'nope'"),
+        ([], "keeps 1 frozen word token"),  # no --dataset: ProGrad's phrase unknown
     ):
         assert main(base + extra) != 0
         err = capsys.readouterr().err.strip()

@@ -33,7 +33,7 @@ class CoOp(PromptMethod):
     official = OfficialLayout(
         "KaiyangZhou/CoOp",
         "prompt_learner",
-        Signature(has=("ctx",), lacks=("meta_net.linear1.weight", "bias_vectors")),
+        Signature(has=("ctx",), lacks=("meta_net.linear1.weight", "bias_vectors"), frozen_words=False),
         map_coop,
     )
     Config = CoOpConfig

@@ -58,11 +58,13 @@ class Signature:
     has_prefix: tuple[str, ...] = ()
     lacks: tuple[str, ...] = ()
     lacks_prefix: tuple[str, ...] = ()
-    checkpoint_lacks: tuple[
-        str, ...
-    ] = ()  # e.g. "val_result", which the ProGrad/KgCoOp Dassl fork never writes
+    #: top-level checkpoint keys it never has ("val_result": the ProGrad/KgCoOp Dassl fork never writes it)
+    checkpoint_lacks: tuple[str, ...] = ()
+    frozen_words: bool | None = None  # False: never keeps frozen words after its context (CoOp)
 
-    def matches(self, keys: set[str], checkpoint_keys: set[str]) -> bool:
+    def matches(self, keys: set[str], checkpoint_keys: set[str], frozen: int | None = None) -> bool:
+        if self.frozen_words is False and frozen:
+            return False
         return (
             all(k in keys for k in self.has)
             and all(any(k.startswith(p) for k in keys) for p in self.has_prefix)

@@ -105,13 +105,15 @@ def _clean(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def detect_method(sd: Mapping[str, Any], checkpoint_keys: set[str] | frozenset[str] = frozenset()) -> str:
     """The official method a state dict comes from, by its tensor names (and the checkpoint's keys).
 
-    Two methods whose checkpoints hold the same tensors (CoOp and ProGrad) are told apart only by
-    what the file records (ProGrad's Dassl fork writes no ``val_result``); otherwise refused in one
-    line listing the candidates.
+    Two methods whose checkpoints hold the same tensors (CoOp and ProGrad) are told apart by what the
+    file records (ProGrad's Dassl fork writes no ``val_result``; frozen words after the context, which
+    only ProGrad's data-set phrases leave); otherwise refused in one line listing the candidates.
     """
     layouts = official_layouts()
-    keys = set(_clean(sd))
-    found = [m for m, lay in layouts.items() if lay.signature.matches(keys, set(checkpoint_keys))]
+    sd = _clean(sd)
+    suffix = next((v for k, v in sd.items() if k.endswith("token_suffix")), None)
+    frozen = frozen_token_count(suffix)  # frozen words after the context: CoOp never keeps any
+    found = [m for m, lay in layouts.items() if lay.signature.matches(set(sd), set(checkpoint_keys), frozen)]
     if len(found) == 1:
         return found[0]
     if not found:
