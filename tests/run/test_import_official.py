@@ -139,11 +139,46 @@ def test_cli_import_refusals_are_one_line(tmp_path, micro, capsys):
         assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
-def test_a_damaged_tensor_rank_is_one_line(tmp_path):
-    sd = {"ctx": torch.randn(4), "token_prefix": torch.zeros(3, 1, 8)}  # a 1-D context
-    torch.save({"state_dict": sd, "epoch": 1, "val_result": None}, tmp_path / "model.pth.tar-1")
-    with pytest.raises(VlpromptError, match=r"'ctx' has shape \(4,\); a coop checkpoint holds a 2-D or 3-D"):
-        dassl_import.import_checkpoint(tmp_path / "model.pth.tar-1")
+_PL = "prompt_learner."
+DAMAGED = {
+    "ctx 1-D": ({"ctx": torch.randn(4)}, r"'ctx' has shape \(4,\); a coop checkpoint holds a 2-D or 3-D"),
+    "ctx of bools": ({"ctx": torch.zeros(4, 8, dtype=torch.bool)}, "holds torch.bool values, not weights"),
+    "meta-net 1-D": (
+        {
+            "ctx": torch.randn(4, 8),
+            "meta_net.linear1.weight": torch.zeros(8),
+            "meta_net.linear2.weight": torch.zeros(8),
+        },
+        "'meta_net.linear1.weight' has shape \\(8,\\); a cocoop checkpoint holds a 2-D",
+    ),
+    "deep prompts with a gap": (
+        {
+            _PL + "ctx": torch.randn(2, 8),
+            "text_encoder.transformer.resblocks.2.VPT_shallow": torch.randn(2, 8),
+        },
+        "layers \\[2\\] are not consecutive",
+    ),
+    "MPL projection names": (
+        {
+            _PL + "ctx": torch.randn(1, 8),
+            _PL + "proj.weight": torch.randn(8, 8),
+            _PL + "proj.bias": torch.randn(8),
+        }
+        | {_PL + "txt2img_proj.x.0.weight": torch.randn(2)},
+        "not named txt2img_proj",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED)
+def test_damaged_checkpoints_are_one_line(tmp_path, name):
+    sd, msg = DAMAGED[name]
+    torch.save(
+        {"state_dict": {1: torch.zeros(1), **sd}, "epoch": 1, "val_result": None}, tmp_path / "m.pth.tar-1"
+    )
+    with pytest.raises(VlpromptError, match=msg) as e:
+        dassl_import.import_checkpoint(tmp_path / "m.pth.tar-1")
+    assert "\n" not in str(e.value)
 
 
 def _as_torch1_zip(src: Path, dest: Path) -> None:

@@ -36,6 +36,7 @@ from vlprompt.errors import VlpromptError
 PL = "prompt_learner."
 _TXT_DEEP = re.compile(r"^text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
 _IMG_DEEP = re.compile(r"^image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
+_TXT2IMG = re.compile(r"^prompt_learner\.txt2img_proj\.(\d+)\.\d+\.(weight|bias)$")
 
 
 @dataclass
@@ -97,6 +98,10 @@ def need(sd: Mapping[str, Any], key: str, method: str, dims: tuple[int, ...] = (
             f"checkpoint has no '{key}', which a {method} checkpoint must hold; pass --method"
         )
     t = sd[key]
+    if not t.is_floating_point():
+        raise VlpromptError(
+            f"checkpoint tensor '{key}' holds {t.dtype} values, not weights; the file is damaged"
+        )
     if dims and t.dim() not in dims:
         raise VlpromptError(
             f"checkpoint tensor '{key}' has shape {tuple(t.shape)}; a {method} checkpoint holds a "
@@ -184,7 +189,7 @@ def map_cocoop(sd: Mapping[str, Any], method: str) -> Mapped:
     _linear(sd, state, sources, "meta_net.linear1", "meta_net.0", method)
     _linear(sd, state, sources, "meta_net.linear2", "meta_net.2", method)
     e, hidden = state["meta_net.0.weight"].shape[1], state["meta_net.0.weight"].shape[0]
-    if e % hidden:
+    if hidden == 0 or e % hidden:
         raise VlpromptError(
             f"meta_net.linear1.weight {tuple(state['meta_net.0.weight'].shape)} is not embed->embed/k"
         )
@@ -280,7 +285,11 @@ def map_mpl(sd: Mapping[str, Any], method: str) -> Mapped:
     for j, t in deep.items():
         state[f"text_deep.{j}"] = _f32(t)
         sources[f"text_deep.{j}"] = f"{PL}compound_prompts_text.{j}"
-    adds = sorted({int(k.split(".")[2]) for k in sd if k.startswith(PL + "txt2img_proj.")})
+    adds = sorted({int(m.group(1)) for k in sd if (m := _TXT2IMG.match(k))})
+    if any(k.startswith(PL + "txt2img_proj.") and not _TXT2IMG.match(k) for k in sd):
+        raise VlpromptError(
+            "txt2img_proj tensors are not named txt2img_proj.<k>.<j>.*; the checkpoint is damaged"
+        )
     _consecutive(adds, 0, "txt2img projections")
     n_layers = len(deep)
     for k in adds:  # ours: proj[k * (depth-1) + (l-1)] is F_{k,l}; theirs: txt2img_proj[k][l-1]

@@ -98,8 +98,8 @@ def official_layouts() -> dict[str, Any]:
 
 
 def _clean(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
 def detect_method(sd: Mapping[str, Any], checkpoint_keys: set[str] | frozenset[str] = frozenset()) -> str:
@@ -136,7 +136,13 @@ def convert_state_dict(
     method = (method or detect_method(sd, checkpoint_keys)).lower()
     if method not in layouts:
         raise VlpromptError(f"no importer for method '{method}'; use one of {', '.join(layouts)}")
-    m = layouts[method].convert(sd, method)
+    try:
+        m = layouts[method].convert(sd, method)
+    except (ValueError, IndexError, TypeError, RuntimeError, ZeroDivisionError) as e:  # a damaged file
+        raise VlpromptError(
+            f"the checkpoint's tensors do not fit {method}'s official layout ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:100] if str(e) else '-'}); pass --method or the file the trainer wrote"
+        ) from None
     imp = Imported(method, m.state, m.options, m.sources, notes=list(m.notes))
     imp.ctx_tokens, imp.frozen_tokens = m.ctx_tokens, m.frozen_tokens
     return imp
