@@ -102,6 +102,8 @@ def test_prograd_frozen_words_come_from_the_data_set_or_are_refused(micro, image
         assert (phrase.eval()(images) - want).abs().max() < TOL
     with pytest.raises(VlpromptError, match="keeps 1 frozen word token.*keeps 0.*ctx_init=PHRASE"):
         dassl_import.build_model(imp, micro, meta["classnames"])  # no data set: the words would be dropped
+    with pytest.raises(VlpromptError, match="1 frozen word token.* differ .*same CLIP, other words"):
+        dassl_import.build_model(imp, micro, meta["classnames"], ctx_init="a type of dog, a photo of the")
 
 
 def test_frozen_words_of_maple_ivlp_promptsrc_are_read_from_the_suffix():

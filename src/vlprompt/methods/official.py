@@ -49,6 +49,7 @@ class Mapped:
     notes: list[str] = field(default_factory=list)
     ctx_tokens: int | None = None  # first-layer text context length (frozen words follow it)
     frozen_tokens: int | None = None  # frozen word tokens between the context and the class name
+    frame: tuple[torch.Tensor, torch.Tensor] | None = None  # the official token_prefix, token_suffix
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,13 @@ def _suffix(sd: Mapping[str, Any], prefix: str) -> int | None:
     return frozen_token_count(t) if isinstance(t, torch.Tensor) else None
 
 
+def _frame(sd: Mapping[str, Any], prefix: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    pre, suf = sd.get(prefix + "token_prefix"), sd.get(prefix + "token_suffix")
+    if isinstance(pre, torch.Tensor) and isinstance(suf, torch.Tensor) and pre.dim() == suf.dim() == 3:
+        return _f32(pre), _f32(suf)
+    return None
+
+
 def phrase_for(n_ctx: int, frozen: int | None, phrase: str = "a photo of a", words: int = 4) -> str | None:
     """The official MaPLe/IVLP/PromptSRC ``CTX_INIT``: ``phrase`` when n_ctx <= its tokens (the rest
     stays frozen), random ``X`` slots otherwise; chosen from the frozen-token count when recorded."""
@@ -169,7 +177,7 @@ def map_coop(sd: Mapping[str, Any], method: str) -> Mapped:
     if ctx.dim() == 3:
         opts["csc"] = True
     return Mapped({"ctx": _f32(ctx)}, opts, {"ctx": "ctx"}, ctx_tokens=int(ctx.shape[-2]),
-                  frozen_tokens=_suffix(sd, ""))  # fmt: skip
+                  frozen_tokens=_suffix(sd, ""), frame=_frame(sd, ""))  # fmt: skip
 
 
 def map_prompt_only(sd: Mapping[str, Any], method: str) -> Mapped:
@@ -194,7 +202,14 @@ def map_cocoop(sd: Mapping[str, Any], method: str) -> Mapped:
             f"meta_net.linear1.weight {tuple(state['meta_net.0.weight'].shape)} is not embed->embed/k"
         )
     opts = {"n_ctx": int(ctx.shape[0]), "meta_ratio": e // hidden, "ctx_init": ""}  # init only
-    return Mapped(state, opts, sources, ctx_tokens=int(ctx.shape[0]), frozen_tokens=_suffix(sd, ""))
+    return Mapped(
+        state,
+        opts,
+        sources,
+        ctx_tokens=int(ctx.shape[0]),
+        frozen_tokens=_suffix(sd, ""),
+        frame=_frame(sd, ""),
+    )
 
 
 def _image_prompts(sd, state, sources) -> tuple[int, int]:
@@ -239,7 +254,7 @@ def map_ivlp(sd: Mapping[str, Any], method: str) -> Mapped:
     opts["depth_image"] = depth
     if depth:
         opts["n_ctx_image"] = n
-    return Mapped(state, opts, sources, notes, ctx_tokens=n_ctx, frozen_tokens=frozen)
+    return Mapped(state, opts, sources, notes, ctx_tokens=n_ctx, frozen_tokens=frozen, frame=_frame(sd, PL))
 
 
 def map_vpt(sd: Mapping[str, Any], method: str) -> Mapped:
@@ -273,7 +288,7 @@ def map_maple(sd: Mapping[str, Any], method: str) -> Mapped:
     n_ctx, frozen, notes = int(ctx.shape[0]), _suffix(sd, PL), []
     opts: dict[str, Any] = {"n_ctx": n_ctx, "depth": 1 + len(deep)}
     _text_ctx_init(opts, notes, n_ctx, frozen)
-    return Mapped(state, opts, sources, notes, ctx_tokens=n_ctx, frozen_tokens=frozen)
+    return Mapped(state, opts, sources, notes, ctx_tokens=n_ctx, frozen_tokens=frozen, frame=_frame(sd, PL))
 
 
 def map_mpl(sd: Mapping[str, Any], method: str) -> Mapped:
@@ -300,4 +315,12 @@ def map_mpl(sd: Mapping[str, Any], method: str) -> Mapped:
         "MPL's remove count is a config value no tensor records; the official recipe's 1 is used -- "
         "pass --option remove=N if the checkpoint was trained with another"
     ]
-    return Mapped(state, opts, sources, notes, ctx_tokens=int(ctx.shape[0]), frozen_tokens=_suffix(sd, PL))
+    return Mapped(
+        state,
+        opts,
+        sources,
+        notes,
+        ctx_tokens=int(ctx.shape[0]),
+        frozen_tokens=_suffix(sd, PL),
+        frame=_frame(sd, PL),
+    )

@@ -44,6 +44,7 @@ class Imported:
     notes: list[str] = field(default_factory=list)
     ctx_tokens: int | None = None  # the first-layer text context's length
     frozen_tokens: int | None = None  # frozen word tokens the checkpoint keeps between context and class
+    frame: tuple[torch.Tensor, torch.Tensor] | None = None  # official token_prefix / token_suffix embeddings
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -105,20 +106,20 @@ def _clean(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def detect_method(sd: Mapping[str, Any], checkpoint_keys: set[str] | frozenset[str] = frozenset()) -> str:
     """The official method a state dict comes from, by its tensor names (and the checkpoint's keys).
 
-    Two methods whose checkpoints hold the same tensors (CoOp and ProGrad) are told apart by what the
-    file records (ProGrad's Dassl fork writes no ``val_result``; frozen words after the context, which
-    only ProGrad's data-set phrases leave); otherwise refused in one line listing the candidates.
+    Methods whose checkpoints hold the same tensors are told apart by what the file records (the
+    signature's top-level checkpoint keys; frozen words after the context, see
+    :class:`~vlprompt.methods.official.Signature`); otherwise refused in one line listing the candidates.
     """
     layouts = official_layouts()
     sd = _clean(sd)
     suffix = next((v for k, v in sd.items() if k.endswith("token_suffix")), None)
-    frozen = frozen_token_count(suffix)  # frozen words after the context: CoOp never keeps any
+    frozen = frozen_token_count(suffix)  # frozen words after the context (some learners never keep any)
     found = [m for m, lay in layouts.items() if lay.signature.matches(set(sd), set(checkpoint_keys), frozen)]
     if len(found) == 1:
         return found[0]
     if not found:
         raise VlpromptError(
-            "cannot tell which method this checkpoint is from (no ctx, VPT, proj or txt2img_proj tensors); "
+            "cannot tell which method this checkpoint is from (its tensors fit no official layout); "
             "pass --method (one of " + ", ".join(layouts) + ")"
         )
     raise VlpromptError(
@@ -144,7 +145,7 @@ def convert_state_dict(
             f"{str(e).splitlines()[0][:100] if str(e) else '-'}); pass --method or the file the trainer wrote"
         ) from None
     imp = Imported(method, m.state, m.options, m.sources, notes=list(m.notes))
-    imp.ctx_tokens, imp.frozen_tokens = m.ctx_tokens, m.frozen_tokens
+    imp.ctx_tokens, imp.frozen_tokens, imp.frame = m.ctx_tokens, m.frozen_tokens, m.frame
     return imp
 
 
@@ -199,30 +200,45 @@ def build_model(
             f"{imp.method} with options {opts} also needs {missing[:3]}, which the checkpoint lacks; "
             "pass the options it was trained with (--option KEY=VALUE) or --method"
         )
-    ours = _frozen_tokens(model, imp.ctx_tokens)
+    embeds = _text_embeds(model)
+    n = imp.ctx_tokens
+    ours = None if embeds is None or n is None else frozen_token_count(embeds[:, 1 + n :])
     if imp.frozen_tokens is not None and ours is not None and ours != imp.frozen_tokens:
         raise VlpromptError(
             f"the checkpoint keeps {imp.frozen_tokens} frozen word token(s) between context and class "
             f"name, {imp.method} with options {opts} keeps {ours}; pass the phrase it was trained with "
             "(--option ctx_init=PHRASE) or the --dataset whose template it used"
         )
+    if embeds is not None and n is not None and imp.frame is not None and imp.frozen_tokens:
+        _check_frozen_words(embeds, imp, opts)
     model.load_prompt_state_dict({k: v.to(backbone.device) for k, v in imp.state.items()})
     return model
 
 
-def _frozen_tokens(model: Any, ctx_tokens: int | None) -> int | None:
-    """Frozen word tokens our model puts between its context and the class name (as the checkpoint's
-    ``token_suffix`` records them); ``None`` where the method's text does not start with the context."""
-    if ctx_tokens is None:
-        return None
+def _text_embeds(model: Any) -> torch.Tensor | None:
+    """Our class prompts' input embeddings (C, L, d); ``None`` for an image-conditioned text side."""
     try:
         with torch.no_grad():
             embeds = model.method.text_inputs().embeds
-    except Exception:  # noqa: BLE001 -- e.g. an image-conditioned text side: nothing to compare
+    except Exception:  # noqa: BLE001 -- e.g. CoCoOp's text needs image features: nothing to compare
         return None
-    if embeds.dim() != 3:
-        return None
-    return frozen_token_count(embeds[:, 1 + ctx_tokens :])
+    return embeds.detach().float().cpu() if embeds.dim() == 3 else None
+
+
+def _check_frozen_words(embeds: torch.Tensor, imp: Imported, opts: Mapping[str, Any]) -> None:
+    """With the CLIP the checkpoint was trained on (its start-of-text embedding matches ours), the
+    frozen words themselves must match, not only their count (the official file may be fp16)."""
+    prefix, suffix = imp.frame  # type: ignore[misc]
+    n, k = int(imp.ctx_tokens or 0), int(imp.frozen_tokens or 0)
+    sos = prefix[0, 0]
+    if sos.shape != embeds[0, 0].shape or not torch.allclose(embeds[0, 0], sos, rtol=2e-3, atol=1e-5):
+        return  # another CLIP (e.g. random shapes-only weights): the words cannot be compared
+    if not torch.allclose(embeds[0, 1 + n : 1 + n + k], suffix[0, :k], rtol=2e-3, atol=1e-5):
+        raise VlpromptError(
+            f"the {k} frozen word token(s) after the checkpoint's context differ from those of {imp.method} "
+            f"with options {dict(opts)} (same CLIP, other words); pass the phrase it was trained with "
+            "(--option ctx_init=PHRASE) or the --dataset whose template it used"
+        )
 
 
 def check_options(config: type, options: Mapping[str, Any], method: str) -> None:
