@@ -324,7 +324,7 @@ def _read_zip(p: Path, pickle_name: str) -> TorchFile:
             if infos[entry].file_size < nbytes:
                 raise _Bad(f"storage {entry} holds {infos[entry].file_size} bytes, the pickle needs {nbytes}")
             with zf.open(infos[entry]) as f:
-                s.flat = _flat(f.read(nbytes), s)
+                s.flat = _flat(f, nbytes, s)
         return TorchFile(_materialise(obj), up.stub_names, list(infos), "zip")
 
 
@@ -332,12 +332,20 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _flat(data: bytes, s: _Storage) -> torch.Tensor:
-    if len(data) != s.numel * _itemsize(s.dtype):
-        raise _Bad("a storage is truncated")
-    if not data:
+def _flat(f: BinaryIO, nbytes: int, s: _Storage) -> torch.Tensor:
+    """``nbytes`` read straight into one buffer (no second copy) and viewed as the storage's dtype."""
+    if nbytes != s.numel * _itemsize(s.dtype):
+        raise _Bad("a storage's size does not match its element count")
+    if not nbytes:
         return torch.empty(0, dtype=s.dtype)
-    return torch.frombuffer(bytearray(data), dtype=s.dtype)
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise _Bad("a storage is truncated")
+        got += n
+    return torch.frombuffer(buf, dtype=s.dtype)
 
 
 def _read_legacy(p: Path) -> TorchFile:
@@ -387,7 +395,7 @@ def _read_legacy(p: Path) -> TorchFile:
             (n,) = struct.unpack("<q", f.read(8))
             if n != s.numel:
                 raise _Bad(f"storage {k} holds {n} elements, the pickle says {s.numel}")
-            s.flat = _flat(f.read(n * _itemsize(s.dtype)), s)
+            s.flat = _flat(f, n * _itemsize(s.dtype), s)
         for v in views.values():
             root, off = v.view_of  # type: ignore[attr-defined]
             if root.flat is None or off + v.numel > root.numel:
