@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -213,3 +214,27 @@ def test_older_torch_file_layouts_give_the_same_logits(tmp_path, case, layout, m
     want = load_file(str(FIX / case / "official_logits.safetensors"))["logits"]
     with torch.no_grad():
         assert (model(images) - want).abs().max() < TOL
+
+
+def test_cli_import_with_a_torchscript_clip_as_weights(tmp_path, micro, images, capsys, monkeypatch):
+    """The user's path: an OpenAI-style TorchScript CLIP as --weights (read tensors-only, never
+    ``torch.jit.load``ed), the official words checked against it, the official logits reproduced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(micro.clip).save(str(tmp_path / "clip.pt"))
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
+    meta = _meta("prograd")
+    out = tmp_path / "pets"
+    args = ["import", str(FIX / "prograd"), "--out", str(out), "--model", "official-micro", "--weights",
+            str(tmp_path / "clip.pt"), "--classes", ",".join(meta["classnames"]),
+            "--option", "ctx_init=a type of pet, a photo of a"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    loaded = vlprompt.load_prompt(out, backbone=micro)
+    assert loaded.manifest["method"] == "prograd"
+    assert loaded.manifest["imported_from"]["method"] == "detected from the tensor names"
+    want = load_file(str(FIX / "prograd" / "official_logits.safetensors"))["logits"]
+    with torch.no_grad():
+        assert (loaded(images) - want).abs().max() < TOL
+    bad = args[:-1] + ["ctx_init=a type of dog, a photo of the"]  # same token count, other words
+    assert main(bad + ["--force"]) != 0
+    assert "same CLIP, other words" in capsys.readouterr().err
