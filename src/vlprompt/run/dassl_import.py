@@ -84,7 +84,10 @@ def _find_in_dir(d: Path) -> Path:
         best = folder / "model-best.pth.tar"
         if best.is_file():
             return best
-        numbered = sorted(folder.glob("model.pth.tar-*"), key=lambda x: int(x.name.rsplit("-", 1)[-1] or 0))
+        numbered = sorted(
+            (x for x in folder.glob("model.pth.tar-*") if x.name.rsplit("-", 1)[-1].isdigit()),
+            key=lambda x: int(x.name.rsplit("-", 1)[-1]),
+        )
         if numbered:
             return numbered[-1]
     raise VlpromptError(f"no model.pth.tar-N or model-best.pth.tar in {d}; pass the checkpoint file")
