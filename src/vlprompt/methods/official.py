@@ -180,7 +180,7 @@ def map_coop(sd: Mapping[str, Any], method: str) -> Mapped:
                   frozen_tokens=_suffix(sd, ""), frame=_frame(sd, ""))  # fmt: skip
 
 
-def map_prompt_only(sd: Mapping[str, Any], method: str) -> Mapped:
+def map_prograd(sd: Mapping[str, Any], method: str) -> Mapped:
     """ProGrad: CoOp's tensors; its words (the data set's template) are the method's default."""
     m = map_coop(sd, method)
     del m.options["ctx_init"]  # 'template': ProGrad's per-data-set phrase, as its recipe (CTX_INIT True)

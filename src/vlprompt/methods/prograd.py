@@ -28,7 +28,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import Backprop, MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, official_template, words_ctx
-from vlprompt.methods.official import OfficialLayout, Signature, map_prompt_only
+from vlprompt.methods.official import OfficialLayout, Signature, map_prograd
 from vlprompt.methods.output import ModelOutput
 
 #: ProGrad's CUSTOM_TEMPLATES where they differ from the data set's CoOp template (keyed by the latter)
@@ -65,7 +65,7 @@ class ProGrad(PromptMethod):
         Signature(
             has=("ctx",), lacks=("meta_net.linear1.weight", "bias_vectors"), checkpoint_lacks=("val_result",)
         ),
-        map_prompt_only,
+        map_prograd,
     )
     Config = ProGradConfig
     summary = "ProGrad: CoOp with its CE gradient projected to agree with zero-shot CLIP's KL gradient"
