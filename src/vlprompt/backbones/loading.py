@@ -25,12 +25,12 @@ import json
 import logging
 import os
 import socket
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlprompt import torchfile
 from vlprompt.backbones.backbone import METADATA_KEY, Backbone
 from vlprompt.backbones.bundled import TAG as BUNDLED_TAG
 from vlprompt.backbones.bundled import build_bundled, find_bundled
@@ -136,14 +136,11 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             info["format"] = "safetensors"
             if METADATA_KEY in meta:
                 info["config"] = json.loads(meta[METADATA_KEY])
-        elif zipfile.is_zipfile(path) and any(
-            n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()
-        ):
-            jit = torch.jit.load(str(path), map_location="cpu")
-            sd = {k: v for k, v in jit.state_dict().items()}
+        elif (tf := torchfile.read(path)).torchscript:  # OpenAI's archives: tensors only, no code run
+            sd = torchfile.torchscript_state_dict(tf, path)
             info.update(format="openai-torchscript", openai=True)
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = tf.obj
             info["format"] = "torch"
             if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
                 if isinstance(obj.get(METADATA_KEY), str):
@@ -156,6 +153,11 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                     "pass an OpenAI CLIP .pt, an open_clip checkpoint or a .safetensors file"
                 )
             sd = dict(obj)
+    except torchfile.TorchFileError as e:
+        raise VlpromptError(
+            f"cannot read weights from {path} ({e.reason[:160]}); "
+            "the file is corrupt or not a CLIP checkpoint -- re-download or re-export it"
+        ) from None
     except VlpromptError:
         raise
     except Exception as e:  # corrupt / truncated / not a checkpoint at all

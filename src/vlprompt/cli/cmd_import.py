@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         "imported_from": {
             "file": Path(args.checkpoint).name,
             "format": "dassl",
+            "method": "given (--method)" if args.method else "detected from the tensor names",
             "epoch": imp.epoch,
             "notes": imp.notes,
         },
@@ -102,7 +103,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "import", help="turn an official CoOp/CoCoOp/IVLP/VPT/MaPLe/MPL checkpoint into a vlprompt prompt"
+        "import",
+        help="turn an official (Dassl-based) checkpoint of CoOp, CoCoOp, KgCoOp, ProGrad, IVLP, VPT, MaPLe, "
+        "PromptSRC or MPL into a vlprompt prompt (tensors only: nothing in the file is executed)",
     )
     p.add_argument("checkpoint", help="model.pth.tar-N / model-best.pth.tar (or the folder holding it)")
     p.add_argument("--out", required=True, help="prompt directory to write")

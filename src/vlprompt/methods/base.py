@@ -30,6 +30,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError, unknown_name
 from vlprompt.methods.common import ClassPrompts
+from vlprompt.methods.official import OfficialLayout
 from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput, TextInputs
 
 #: ``backprop(loss, retain_graph=False)``: the trainer's backward (loss scaling + DDP gradient reduction)
@@ -94,6 +95,8 @@ class PromptMethod(nn.Module):
     preset_file: ClassVar[str] = ""
     # frozen-CLIP entries of ModelOutput the objective reads (subset of output.FROZEN_NEEDS)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: the official checkpoint's layout and its mapping to this method's parameters (``vlprompt import``)
+    official: ClassVar[OfficialLayout | None] = None
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone):
         super().__init__()

@@ -17,6 +17,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, ctx_segments, init_ctx
+from vlprompt.methods.official import OfficialLayout, Signature, map_cocoop
 
 
 @dataclass
@@ -31,6 +32,9 @@ class CoCoOp(PromptMethod):
     name = "cocoop"
     display_name = "CoCoOp"
     bench_batch_size = 1
+    official = OfficialLayout(
+        "KaiyangZhou/CoOp", "prompt_learner", Signature(has=("ctx", "meta_net.linear2.weight")), map_cocoop
+    )
     Config = CoCoOpConfig
     image_conditioned_text = True
     summary = "CoCoOp: CoOp context + per-image bias from a meta-net (text prompts conditioned on the image)"

@@ -16,6 +16,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, ctx_segments, init_ctx
+from vlprompt.methods.official import OfficialLayout, Signature, map_coop
 
 
 @dataclass
@@ -31,6 +32,12 @@ class CoOp(PromptMethod):
     name = "coop"
     display_name = "CoOp"
     bench_batch_size = 32
+    official = OfficialLayout(
+        "KaiyangZhou/CoOp",
+        "prompt_learner",
+        Signature(has=("ctx",), lacks=("meta_net.linear1.weight", "bias_vectors"), frozen_words=False),
+        map_coop,
+    )
     Config = CoOpConfig
     summary = "CoOp: M learnable text context vectors (shared or class-specific), frozen image tower"
 

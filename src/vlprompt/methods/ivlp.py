@@ -20,6 +20,7 @@ from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_meth
 from vlprompt.methods.common import (
     IndependentDeepPrompts,
 )
+from vlprompt.methods.official import PL, OfficialLayout, Signature, map_ivlp
 
 
 @dataclass
@@ -36,6 +37,16 @@ class IVLP(IndependentDeepPrompts, PromptMethod):
     name = "ivlp"
     display_name = "IVLP"
     bench_batch_size = 4
+    official = OfficialLayout(
+        "muzairkhattak/multimodal-prompt-learning",
+        "VLPromptLearner",
+        Signature(
+            has=(PL + "ctx",),
+            lacks=(PL + "proj.weight",),
+            lacks_prefix=(PL + "txt2img_proj.", PL + "ZS_image_encoder."),
+        ),
+        map_ivlp,
+    )
     Config = IVLPConfig
     summary = "IVLP: independent deep prompts in the text and image towers"
 

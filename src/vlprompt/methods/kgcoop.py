@@ -24,6 +24,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_method
 from vlprompt.methods.common import ClassPrompts, HandCraftedContext, init_ctx
+from vlprompt.methods.official import OfficialLayout, Signature, map_coop
 from vlprompt.methods.output import ModelOutput
 
 #: KgCoOp's CUSTOM_TEMPLATES where they differ from the data set's CoOp template (keyed by the latter)
@@ -44,6 +45,9 @@ class KgCoOpConfig(MethodConfig):
 class KgCoOp(HandCraftedContext, PromptMethod):
     name = "kgcoop"
     display_name = "KgCoOp"
+    official = OfficialLayout(
+        "htyao89/KgCoOp", "prompt_learner", Signature(has=("ctx", "bias_vectors")), map_coop
+    )
     Config = KgCoOpConfig
     summary = "KgCoOp: CoOp + w * (1 - cos) to frozen CLIP's hand-crafted class embeddings"
     needs = frozenset({"frozen_text"})

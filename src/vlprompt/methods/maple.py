@@ -21,6 +21,7 @@ from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, linear_stack, normal_prompts, prefix_ctx, validate_depth
+from vlprompt.methods.official import PL, OfficialLayout, Signature, map_maple
 
 
 @dataclass
@@ -36,6 +37,12 @@ class MaPLe(PromptMethod):
     name = "maple"
     display_name = "MaPLe"
     bench_batch_size = 4
+    official = OfficialLayout(
+        "muzairkhattak/multimodal-prompt-learning",
+        "MultiModalPromptLearner",
+        Signature(has=(PL + "ctx", PL + "proj.weight"), lacks_prefix=(PL + "txt2img_proj.",)),
+        map_maple,
+    )
     Config = MaPLeConfig
     summary = "MaPLe: deep text prompts with per-layer text->image projections as the image prompts"
 

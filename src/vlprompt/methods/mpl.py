@@ -30,6 +30,7 @@ from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, init_ctx, linear_stack, normal_prompts
+from vlprompt.methods.official import PL, OfficialLayout, Signature, map_mpl
 
 
 @dataclass
@@ -92,6 +93,12 @@ class MPL(PromptMethod):
     name = "mpl"
     display_name = "MPL"
     bench_batch_size = 4
+    official = OfficialLayout(
+        "Zhenhan-Huang/Modular-Prompt-Learning",
+        "MultiModalPromptLearner",
+        Signature(has=(PL + "ctx",), has_prefix=(PL + "txt2img_proj.",)),
+        map_mpl,
+    )
     Config = MPLConfig
     summary = "Modular Prompt Learning: add / remove / carry text-projected image prompts per layer"
 

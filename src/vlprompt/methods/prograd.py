@@ -28,6 +28,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import Backprop, MethodConfig, PromptMethod, opt, register_method
 from vlprompt.methods.common import ClassPrompts, HandCraftedContext, words_ctx
+from vlprompt.methods.official import OfficialLayout, Signature, map_prograd
 from vlprompt.methods.output import ModelOutput
 
 #: ProGrad's CUSTOM_TEMPLATES where they differ from the data set's CoOp template (keyed by the latter)
@@ -59,6 +60,14 @@ class ProGradConfig(MethodConfig):
 class ProGrad(HandCraftedContext, PromptMethod):
     name = "prograd"
     display_name = "ProGrad"
+    official = OfficialLayout(
+        "BeierZhu/Prompt-align",
+        "prompt_learner",
+        Signature(
+            has=("ctx",), lacks=("meta_net.linear1.weight", "bias_vectors"), checkpoint_lacks=("val_result",)
+        ),
+        map_prograd,
+    )
     Config = ProGradConfig
     summary = "ProGrad: CoOp with its CE gradient projected to agree with zero-shot CLIP's KL gradient"
     needs = frozenset({"zero_shot_logits"})

@@ -38,6 +38,7 @@ from vlprompt.methods.common import (
     IMAGENET_TEMPLATES,
     IndependentDeepPrompts,
 )
+from vlprompt.methods.official import PL, OfficialLayout, Signature, map_ivlp
 from vlprompt.methods.output import ModelOutput
 
 _GPA_PREFIX = "gpa."
@@ -84,6 +85,12 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 class PromptSRC(IndependentDeepPrompts, PromptMethod):
     name = "promptsrc"
     display_name = "PromptSRC"
+    official = OfficialLayout(
+        "muzairkhattak/PromptSRC",
+        "VLPromptLearner",
+        Signature(has=(PL + "ctx",), has_prefix=(PL + "ZS_image_encoder.",)),
+        map_ivlp,
+    )
     Config = PromptSRCConfig
     summary = "PromptSRC: IVLP prompts + L1/KL self-regulation to frozen CLIP + Gaussian prompt aggregation"
     needs = frozenset({"zero_shot_logits"})

@@ -22,6 +22,7 @@ from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, normal_prompts, uniform_prompts, validate_depth
+from vlprompt.methods.official import PL, OfficialLayout, Signature, map_vpt
 
 
 @dataclass
@@ -37,6 +38,12 @@ class VPT(PromptMethod):
     name = "vpt"
     display_name = "VPT-deep"
     bench_batch_size = 4
+    official = OfficialLayout(
+        "muzairkhattak/multimodal-prompt-learning",
+        "prompt_learner",
+        Signature(has=("image_encoder.VPT",), lacks=(PL + "ctx",)),
+        map_vpt,
+    )
     Config = VPTConfig
     summary = "VPT-deep: learnable image tokens replaced at every prompted layer; fixed text prompt"
 

@@ -1,48 +1,36 @@
-"""Import prompt checkpoints of the official (Dassl-based) code: CoOp, CoCoOp, IVLP, VPT, MaPLe, MPL.
+"""Import prompt checkpoints of the official (Dassl-based) code of the methods that declare one.
 
-The official trainers save ``output/<name>/model.pth.tar-N`` (and ``model-best.pth.tar``) with
-``torch.save({"state_dict", "epoch", "optimizer", "scheduler", "val_result"})``; ``<name>`` is
-``prompt_learner`` (CoOp, CoCoOp, VPT), ``VLPromptLearner`` (IVLP, PromptSRC) or
-``MultiModalPromptLearner`` (MaPLe, MPL).  CoOp/CoCoOp store the prompt learner's own state dict;
-the others store the whole ``CustomCLIP`` (frozen CLIP included), where the prompts are:
+The official trainers save ``output/<learner>/model.pth.tar-N`` (and ``model-best.pth.tar``) with
+``torch.save({"state_dict", "epoch", "optimizer", "scheduler"[, "val_result"]})`` -- the optimizer
+state and, with the recipes' warm-up, Dassl's nested warm-up scheduler objects.  The file is read by
+:mod:`vlprompt.torchfile`: only tensors are resolved; everything else the file names (schedulers,
+optimizers, builtins, numpy scalars) becomes an inert stub; nothing of the file is constructed or run.
 
-* ``prompt_learner.ctx`` -- the first-layer text context (every method but VPT);
-* ``text_encoder.transformer.resblocks.<i>.VPT_shallow`` -- IVLP's deep text prompts (``i >= 1``);
-* ``image_encoder.VPT`` / ``image_encoder.transformer.resblocks.<i>.VPT_shallow`` -- IVLP's / VPT's
-  image prompts of layer 0 / layer ``i``;
-* ``prompt_learner.proj``, ``prompt_learner.compound_prompts_text.<j>``,
-  ``prompt_learner.compound_prompt_projections.<j>`` -- MaPLe's coupling function, deep text prompts
-  and their projections (layer ``j + 1``);
-* ``prompt_learner.txt2img_proj.<k>.<j>`` -- MPL's ``k``-th added projection of layer ``j + 1``.
-
-Each tensor is mapped by that role to vlprompt's parameter name; the method's options (context
-length, depth ...) are read from the shapes.  What no shape records -- the frozen words after the
-context (``ctx_init``), the class names -- comes from the official defaults or the caller.  The file
-is read with ``torch.load(weights_only=True)``: classes the checkpoint names (Dassl's schedulers) are
-replaced by inert placeholders, nothing of the file is executed.
+Which method a state dict comes from, and how its tensors map to vlprompt's parameters, is declared
+by each method (``official: ClassVar[OfficialLayout]``, see :mod:`vlprompt.methods.official`); this
+module names no method.  The options no shape records come from the method's official defaults or
+the caller; the frozen words between the context and the class name, which the checkpoint's
+``token_suffix`` records as a count, are compared with the model that is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlprompt import torchfile
 from vlprompt.errors import VlpromptError
+from vlprompt.methods.official import frozen_token_count
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
-
-OFFICIAL_METHODS = ("coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "kgcoop", "prograd", "promptsrc")
-_PL = "prompt_learner."
-_TXT_DEEP = re.compile(r"^text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
-_IMG_DEEP = re.compile(r"^image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
 
 
 @dataclass
@@ -55,47 +43,33 @@ class Imported:
     sources: dict[str, str]  # vlprompt name -> official name (for error messages)
     epoch: int | None = None
     notes: list[str] = field(default_factory=list)
+    ctx_tokens: int | None = None  # the first-layer text context's length
+    frozen_tokens: int | None = None  # frozen word tokens the checkpoint keeps between context and class
+    frame: tuple[torch.Tensor, torch.Tensor] | None = None  # official token_prefix / token_suffix embeddings
 
 
 # ------------------------------------------------------------------------------------ reading
-class _Placeholder:
-    """Stands in for a class the checkpoint names (e.g. a Dassl scheduler); holds its state, runs nothing."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict (``state_dict``, ``epoch`` ...) of an official ``model.pth.tar-N`` file."""
+    """The checkpoint dict (``state_dict``, ``epoch`` ...) of an official ``model.pth.tar-N`` file.
+
+    Read with :mod:`vlprompt.torchfile`: tensors only; the scheduler, optimizer and anything else the
+    file names become inert stubs (nothing of the file is constructed or run).
+    """
     p = Path(path)
     if p.is_dir():
         p = _find_in_dir(p)
     if not p.is_file():
         raise VlpromptError(f"checkpoint not found: {p}; pass a model.pth.tar-N / model-best.pth.tar file")
-    extra: list[tuple[type, str]] = []
-    for _ in range(64):
-        try:
-            with torch.serialization.safe_globals(extra):
-                obj = torch.load(str(p), map_location="cpu", weights_only=True)
-            break
-        except Exception as e:  # noqa: BLE001 -- any unpickling refusal or a corrupt file
-            m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
-            if m is None:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise VlpromptError(
-                    f"cannot read {p} as a checkpoint ({type(e).__name__}: {first[:100]}); "
-                    "pass the model.pth.tar-N file the official trainer wrote"
-                ) from None
-            name = m.group(1)
-            extra.append((type(name.rsplit(".", 1)[-1], (_Placeholder,), {}), name))
-    else:  # pragma: no cover - a checkpoint naming more than 64 classes
-        raise VlpromptError(f"{p} names too many classes to read safely; re-save only its state_dict")
+    try:
+        tf = torchfile.read(p)
+    except torchfile.TorchFileError as e:
+        raise VlpromptError(
+            f"cannot read {p} as a checkpoint ({e.reason[:160]}); "
+            "pass the model.pth.tar-N file the official trainer wrote"
+        ) from None
+    obj = tf.obj
+    if tf.torchscript:
+        raise VlpromptError(f"{p} is a TorchScript archive, not a prompt checkpoint; pass model.pth.tar-N")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         return dict(obj)
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -111,222 +85,78 @@ def _find_in_dir(d: Path) -> Path:
         best = folder / "model-best.pth.tar"
         if best.is_file():
             return best
-        numbered = sorted(folder.glob("model.pth.tar-*"), key=lambda x: int(x.name.rsplit("-", 1)[-1] or 0))
+        numbered = sorted(
+            (x for x in folder.glob("model.pth.tar-*") if x.name.rsplit("-", 1)[-1].isdigit()),
+            key=lambda x: int(x.name.rsplit("-", 1)[-1]),
+        )
         if numbered:
             return numbered[-1]
     raise VlpromptError(f"no model.pth.tar-N or model-best.pth.tar in {d}; pass the checkpoint file")
 
 
 # ------------------------------------------------------------------------------------ mapping
-def detect_method(sd: Mapping[str, Any]) -> str:
-    """The official method a state dict comes from, by its parameter names."""
-    keys = set(sd)
-    if any(k.startswith(_PL + "txt2img_proj.") for k in keys):
-        return "mpl"
-    if any(k.startswith(_PL + "compound_prompt_projections.") for k in keys) or _PL + "proj.weight" in keys:
-        return "maple"
-    if _PL + "ctx" in keys and any(_TXT_DEEP.match(k) or k == "image_encoder.VPT" for k in keys):
-        return "ivlp"
-    if "image_encoder.VPT" in keys:
-        return "vpt"
-    if _PL + "ctx" in keys:  # IVLP with text prompts only (vision depth 0, text depth 1)
-        return "ivlp"
-    if "ctx" in keys and any(k.startswith("meta_net.") for k in keys):
-        return "cocoop"
-    if "ctx" in keys:
-        return "coop"
+def official_layouts() -> dict[str, Any]:
+    """Every registered method's :class:`~vlprompt.methods.official.OfficialLayout`, by method name."""
+    from vlprompt.methods import get_method, list_methods
+
+    return {m: get_method(m).official for m in list_methods() if get_method(m).official is not None}
+
+
+def _clean(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def detect_method(sd: Mapping[str, Any], checkpoint_keys: set[str] | frozenset[str] = frozenset()) -> str:
+    """The official method a state dict comes from, by its tensor names (and the checkpoint's keys).
+
+    Methods whose checkpoints hold the same tensors are told apart by what the file records (the
+    signature's top-level checkpoint keys; frozen words after the context, see
+    :class:`~vlprompt.methods.official.Signature`); otherwise refused in one line listing the candidates.
+    """
+    layouts = official_layouts()
+    sd = _clean(sd)
+    suffix = next((v for k, v in sd.items() if k.endswith("token_suffix")), None)
+    frozen = frozen_token_count(suffix)  # frozen words after the context (some learners never keep any)
+    found = [m for m, lay in layouts.items() if lay.signature.matches(set(sd), set(checkpoint_keys), frozen)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise VlpromptError(
+            "cannot tell which method this checkpoint is from (its tensors fit no official layout); "
+            "pass --method (one of " + ", ".join(layouts) + ")"
+        )
     raise VlpromptError(
-        "cannot tell which method this checkpoint is from (no ctx, VPT, proj or txt2img_proj tensors); "
-        "pass --method (one of " + ", ".join(OFFICIAL_METHODS) + ")"
+        f"this checkpoint's tensors fit {' and '.join(found)} alike (the same learner; the file records "
+        f"nothing that tells them apart); pass --method {' or --method '.join(found)}"
     )
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32).contiguous()
-
-
-def _need(sd: Mapping[str, Any], key: str, method: str) -> torch.Tensor:
-    if key not in sd:
-        raise VlpromptError(
-            f"checkpoint has no '{key}', which a {method} checkpoint must hold; pass --method"
-        )
-    return sd[key]
-
-
-def _indexed(sd: Mapping[str, Any], pattern: re.Pattern[str]) -> dict[int, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        m = pattern.match(k)
-        if m:
-            out[int(m.group(1))] = v
-    return dict(sorted(out.items()))
-
-
-def _consecutive(idx: list[int], start: int, what: str) -> None:
-    if idx != list(range(start, start + len(idx))):
-        raise VlpromptError(
-            f"{what} of layers {idx} are not consecutive from layer {start}; the checkpoint is damaged"
-        )
-
-
-def _linear(sd, state, sources, official: str, ours: str, method: str) -> None:
-    for part in ("weight", "bias"):
-        state[f"{ours}.{part}"] = _f32(_need(sd, f"{official}.{part}", method))
-        sources[f"{ours}.{part}"] = f"{official}.{part}"
-
-
-def _map_coop(sd: Mapping[str, Any], method: str) -> Imported:
-    ctx = _need(sd, "ctx", method)
-    opts: dict[str, Any] = {"n_ctx": int(ctx.shape[-2]), "ctx_init": ""}
-    if ctx.dim() == 3:
-        opts["csc"] = True
-    return Imported(method, {"ctx": _f32(ctx)}, opts, {"ctx": "ctx"})
-
-
-def _map_cocoop(sd: Mapping[str, Any], method: str) -> Imported:
-    ctx = _need(sd, "ctx", method)
-    state, sources = {"ctx": _f32(ctx)}, {"ctx": "ctx"}
-    _linear(sd, state, sources, "meta_net.linear1", "meta_net.0", method)
-    _linear(sd, state, sources, "meta_net.linear2", "meta_net.2", method)
-    e, hidden = state["meta_net.0.weight"].shape[1], state["meta_net.0.weight"].shape[0]
-    if e % hidden:
-        raise VlpromptError(
-            f"meta_net.linear1.weight {tuple(state['meta_net.0.weight'].shape)} is not embed->embed/k"
-        )
-    opts = {"n_ctx": int(ctx.shape[0]), "meta_ratio": e // hidden, "ctx_init": ""}  # init only
-    return Imported(method, state, opts, sources)
-
-
-def _map_ivlp(sd: Mapping[str, Any], method: str) -> Imported:
-    ctx = _need(sd, _PL + "ctx", method)
-    state, sources = {"ctx": _f32(ctx)}, {"ctx": _PL + "ctx"}
-    text = _indexed(sd, _TXT_DEEP)
-    _consecutive(list(text), 1, "deep text prompts")
-    for j, (i, t) in enumerate(text.items()):
-        state[f"text_deep.{j}"] = _f32(t)
-        sources[f"text_deep.{j}"] = f"text_encoder.transformer.resblocks.{i}.VPT_shallow"
-    n_ctx = int(ctx.shape[0])
-    opts: dict[str, Any] = {
-        "n_ctx_text": n_ctx,
-        "depth_text": 1 + len(text),
-        "ctx_init": _official_init(n_ctx),
-    }
-    img = _image_prompts(sd, state, sources)
-    opts["depth_image"] = img[0]
-    if img[0]:
-        opts["n_ctx_image"] = img[1]
-    return Imported(method, state, opts, sources, notes=[_INIT_NOTE])
-
-
-_INIT_NOTE = (
-    "the frozen words after the context are the official default 'a photo of a' (no tensor records "
-    "them); pass --option ctx_init=... if the checkpoint was trained with another CTX_INIT"
-)
-
-
-def _official_init(n_ctx: int) -> str:
-    """The official MaPLe/IVLP learners use CTX_INIT 'a photo of a' when n_ctx <= 4, 'X X ..' otherwise."""
-    return "a photo of a" if n_ctx <= 4 else ""
-
-
-def _image_prompts(sd, state, sources) -> tuple[int, int]:
-    """IVLP/VPT image prompts (layer 0 + deep) stacked into ``image_prompts`` (depth, n, d)."""
-    if "image_encoder.VPT" not in sd:
-        return 0, 0
-    deep = _indexed(sd, _IMG_DEEP)
-    _consecutive(list(deep), 1, "deep image prompts")
-    layers = [sd["image_encoder.VPT"], *deep.values()]
-    shapes = {tuple(t.shape) for t in layers}
-    if len(shapes) != 1:
-        raise VlpromptError(
-            f"image prompts have different shapes per layer {sorted(shapes)}; vlprompt needs one "
-            "token count per layer (the official IVLP/VPT code uses one)"
-        )
-    state["image_prompts"] = torch.stack([_f32(t) for t in layers])
-    sources["image_prompts"] = "image_encoder.VPT + image_encoder.transformer.resblocks.<i>.VPT_shallow"
-    return len(layers), int(layers[0].shape[0])
-
-
-def _map_vpt(sd: Mapping[str, Any], method: str) -> Imported:
-    state: dict[str, torch.Tensor] = {}
-    sources: dict[str, str] = {}
-    depth, n = _image_prompts(sd, state, sources)
-    if not depth:
-        raise VlpromptError(
-            "checkpoint has no 'image_encoder.VPT', which a vpt checkpoint must hold; pass --method"
-        )
-    return Imported(method, state, {"n_ctx": n, "depth": depth, "init": "normal"}, sources)
-
-
-def _map_maple(sd: Mapping[str, Any], method: str) -> Imported:
-    ctx = _need(sd, _PL + "ctx", method)
-    state, sources = {"ctx": _f32(ctx)}, {"ctx": _PL + "ctx"}
-    _linear(sd, state, sources, _PL + "proj", "proj", method)
-    deep = _indexed(sd, re.compile(r"^prompt_learner\.compound_prompts_text\.(\d+)$"))
-    _consecutive(list(deep), 0, "compound text prompts")
-    for j, t in deep.items():
-        state[f"compound_prompts_text.{j}"] = _f32(t)
-        sources[f"compound_prompts_text.{j}"] = f"{_PL}compound_prompts_text.{j}"
-        _linear(
-            sd,
-            state,
-            sources,
-            f"{_PL}compound_prompt_projections.{j}",
-            f"compound_prompt_projections.{j}",
-            method,
-        )
-    n_ctx = int(ctx.shape[0])
-    opts = {"n_ctx": n_ctx, "depth": 1 + len(deep), "ctx_init": _official_init(n_ctx)}
-    return Imported(method, state, opts, sources, notes=[_INIT_NOTE])
-
-
-def _map_mpl(sd: Mapping[str, Any], method: str) -> Imported:
-    ctx = _need(sd, _PL + "ctx", method)
-    state, sources = {"ctx": _f32(ctx)}, {"ctx": _PL + "ctx"}
-    _linear(sd, state, sources, _PL + "proj", "proj0", method)
-    deep = _indexed(sd, re.compile(r"^prompt_learner\.compound_prompts_text\.(\d+)$"))
-    _consecutive(list(deep), 0, "compound text prompts")
-    for j, t in deep.items():
-        state[f"text_deep.{j}"] = _f32(t)
-        sources[f"text_deep.{j}"] = f"{_PL}compound_prompts_text.{j}"
-    adds = sorted({int(k.split(".")[2]) for k in sd if k.startswith(_PL + "txt2img_proj.")})
-    _consecutive(adds, 0, "txt2img projections")
-    n_layers = len(deep)
-    for k in adds:  # ours: proj[k * (depth-1) + (l-1)] is F_{k,l}; theirs: txt2img_proj[k][l-1]
-        for j in range(n_layers):
-            _linear(sd, state, sources, f"{_PL}txt2img_proj.{k}.{j}", f"proj.{k * n_layers + j}", method)
-    opts = {"n_ctx": int(ctx.shape[0]), "depth": 1 + n_layers, "add": len(adds), "ctx_init": "X"}
-    notes = ["MPL's remove count is a config value no tensor records; pass it with --option remove=N"]
-    return Imported(method, state, opts, sources, notes=notes)
-
-
-MAPPERS: dict[str, Callable[[Mapping[str, Any], str], Imported]] = {
-    "coop": _map_coop,
-    "kgcoop": _map_coop,  # the official KgCoOp / ProGrad prompt learners are CoOp's (ctx only)
-    "prograd": _map_coop,
-    "cocoop": _map_cocoop,
-    "ivlp": _map_ivlp,
-    "promptsrc": _map_ivlp,  # PromptSRC's learner is IVLP's (its extra terms are losses, not tensors)
-    "vpt": _map_vpt,
-    "maple": _map_maple,
-    "mpl": _map_mpl,
-}
-
-
-def convert_state_dict(sd: Mapping[str, Any], method: str | None = None) -> Imported:
+def convert_state_dict(
+    sd: Mapping[str, Any], method: str | None = None, checkpoint_keys: set[str] | frozenset[str] = frozenset()
+) -> Imported:
     """Map an official state dict to vlprompt's prompt state for ``method`` (detected when ``None``)."""
-    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    method = (method or detect_method(sd)).lower()
-    if method not in MAPPERS:
-        raise VlpromptError(f"no importer for method '{method}'; use one of {', '.join(MAPPERS)}")
-    return MAPPERS[method](sd, method)
+    sd = _clean(sd)
+    layouts = official_layouts()
+    method = (method or detect_method(sd, checkpoint_keys)).lower()
+    if method not in layouts:
+        raise VlpromptError(f"no importer for method '{method}'; use one of {', '.join(layouts)}")
+    try:
+        m = layouts[method].convert(sd, method)
+    except (ValueError, IndexError, TypeError, RuntimeError, ZeroDivisionError) as e:  # a damaged file
+        raise VlpromptError(
+            f"the checkpoint's tensors do not fit {method}'s official layout ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:100] if str(e) else '-'}); pass --method or the file the trainer wrote"
+        ) from None
+    imp = Imported(method, m.state, m.options, m.sources, notes=list(m.notes))
+    imp.ctx_tokens, imp.frozen_tokens, imp.frame = m.ctx_tokens, m.frozen_tokens, m.frame
+    return imp
 
 
 def import_checkpoint(path: str | os.PathLike, method: str | None = None) -> Imported:
     """Read an official checkpoint file and map it (see :func:`convert_state_dict`)."""
     ck = read_checkpoint(path)
-    imp = convert_state_dict(ck["state_dict"], method)
+    imp = convert_state_dict(ck["state_dict"], method, set(ck))
     epoch = ck.get("epoch")
     imp.epoch = int(epoch) if isinstance(epoch, int) else None
     return imp
@@ -343,9 +173,16 @@ def build_model(
     """
     from vlprompt.methods import create_model, get_method
 
-    get_method(imp.method)  # a one-line error when the method is not built (yet)
+    cls = get_method(imp.method)  # a one-line error when the method is not built (yet)
+    check_options(cls.Config, options, imp.method)
     opts = {**imp.options, **options}
-    model = create_model(imp.method, backbone, classnames, template=template, **opts)
+    try:
+        model = create_model(imp.method, backbone, classnames, template=template, **opts)
+    except (TypeError, ValueError) as e:  # an option value the method cannot use
+        raise VlpromptError(
+            f"{imp.method} cannot be built with options {opts} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else '-'}); pass the options it was trained with"
+        ) from None
     want = model.prompt_state_dict()
     dims = f"text width {backbone.text.width}, image width {backbone.image.width}"
     for name, t in imp.state.items():
@@ -367,8 +204,68 @@ def build_model(
             f"{imp.method} with options {opts} also needs {missing[:3]}, which the checkpoint lacks; "
             "pass the options it was trained with (--option KEY=VALUE) or --method"
         )
+    embeds = _text_embeds(model)
+    n = imp.ctx_tokens
+    ours = None if embeds is None or n is None else frozen_token_count(embeds[:, 1 + n :])
+    if imp.frozen_tokens is not None and ours is not None and ours != imp.frozen_tokens:
+        raise VlpromptError(
+            f"the checkpoint keeps {imp.frozen_tokens} frozen word token(s) between context and class "
+            f"name, {imp.method} with options {opts} keeps {ours}; pass the phrase it was trained with "
+            "(--option ctx_init=PHRASE) or the --dataset whose template it used"
+        )
+    if embeds is not None and n is not None and imp.frame is not None and imp.frozen_tokens:
+        _check_frozen_words(embeds, imp, opts)
     model.load_prompt_state_dict({k: v.to(backbone.device) for k, v in imp.state.items()})
     return model
+
+
+def _text_embeds(model: Any) -> torch.Tensor | None:
+    """Our class prompts' input embeddings (C, L, d); ``None`` for an image-conditioned text side."""
+    try:
+        with torch.no_grad():
+            embeds = model.method.text_inputs().embeds
+    except Exception:  # noqa: BLE001 -- e.g. CoCoOp's text needs image features: nothing to compare
+        return None
+    return embeds.detach().float().cpu() if embeds.dim() == 3 else None
+
+
+def _check_frozen_words(embeds: torch.Tensor, imp: Imported, opts: Mapping[str, Any]) -> None:
+    """With the CLIP the checkpoint was trained on (its start-of-text embedding matches ours), the
+    frozen words themselves must match, not only their count (the official file may be fp16)."""
+    prefix, suffix = imp.frame  # type: ignore[misc]
+    n, k = int(imp.ctx_tokens or 0), int(imp.frozen_tokens or 0)
+    sos = prefix[0, 0]
+    if sos.shape != embeds[0, 0].shape or not torch.allclose(embeds[0, 0], sos, rtol=2e-3, atol=1e-5):
+        return  # another CLIP (e.g. random shapes-only weights): the words cannot be compared
+    if not torch.allclose(embeds[0, 1 + n : 1 + n + k], suffix[0, :k], rtol=2e-3, atol=1e-5):
+        raise VlpromptError(
+            f"the {k} frozen word token(s) after the checkpoint's context differ from those of {imp.method} "
+            f"with options {dict(opts)} (same CLIP, other words); pass the phrase it was trained with "
+            "(--option ctx_init=PHRASE) or the --dataset whose template it used"
+        )
+
+
+def check_options(config: type, options: Mapping[str, Any], method: str) -> None:
+    """``--option`` keys and value types against the method's Config, each refused in one line."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for key, value in options.items():
+        if key not in fields:
+            raise VlpromptError(
+                f"--option {key}: {method} has no option '{key}'; its options are {', '.join(fields)}"
+            )
+        kinds = {t.strip() for t in str(fields[key].type).split("|")}
+        ok = (
+            ("bool" in kinds and isinstance(value, bool))
+            or ("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
+            or ("float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or ("str" in kinds and isinstance(value, str))
+            or not kinds & {"bool", "int", "float", "str"}
+        )
+        if not ok:
+            raise VlpromptError(
+                f"--option {key}={value!r}: {method}'s {key} takes {' or '.join(sorted(kinds))}; "
+                f"e.g. --option {key}={fields[key].default!r}"
+            )
 
 
 def write_prompt_dir(out: str | os.PathLike, model: Any, manifest: dict[str, Any]) -> Path:
