@@ -44,7 +44,7 @@ def test_export_hub_writes_the_folder_and_a_model_card(run_dir, tmp_path, capsys
     assert front["library_name"] == "vlprompt" and "coop" in front["tags"]
     acc = json.loads((run_dir / "metrics.json").read_text())["evaluations"][0]["accuracy"]
     assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == round(acc, 2)
-    assert "| method | CoOp (`coop`) |" in card and "vlp-tiny" in card and "Demo" in card
+    assert "(`coop`) |" in card and "vlp-tiny" in card and "Demo" in card  # display name: the registry's
     assert f"{acc:.2f}" in card
     assert "random-init backbone" in card  # vlp-tiny is random: the card says so
     assert "confusion" not in (folder / "metrics.json").read_text()

@@ -120,10 +120,8 @@ def _evaluations(metrics: Any) -> list[dict[str, Any]]:
 
 def labels(manifest: dict[str, Any], config: dict[str, Any] | None = None) -> list[str]:
     """The honesty labels a shared prompt carries: reconstructed, transductive, random backbone."""
-    from vlprompt.protocols.display import reconstruction_note
-
     out = []
-    note = reconstruction_note(str(manifest.get("method", "")))
+    note = _method_attr(str(manifest.get("method", "")), "reconstruction_note", "")
     if note:
         out.append(note if "reconstructed" in note else f"reconstructed: {note}")
     if _transductive(manifest) or _transductive(config or {}):
@@ -131,6 +129,23 @@ def labels(manifest: dict[str, Any], config: dict[str, Any] | None = None) -> li
     if (manifest.get("backbone") or {}).get("random_init"):
         out.append("random-init backbone: a pipeline check, not a CLIP result")
     return out
+
+
+def _method_attr(method: str, attr: str, default: Any) -> Any:
+    """An attribute of a registered method's class (``default`` for a method not installed here)."""
+    from vlprompt.methods import get_method
+
+    try:
+        return getattr(get_method(method), attr, default) or default
+    except VlpromptError:
+        return default
+
+
+def dataset_title(name: str) -> str:
+    from vlprompt.data import SPECS
+
+    spec = SPECS.get(name)
+    return spec.title if spec else name
 
 
 def _transductive(obj: Any) -> bool:
@@ -147,7 +162,8 @@ def model_card(
     """The Hub model card (YAML front matter + Markdown) of one prompt."""
     import yaml
 
-    from vlprompt.protocols.display import dataset_title, method_label
+    def method_label(name: str) -> str:  # the registry's display name where it has one
+        return _method_attr(name, "display_name", None) or name
 
     method = str(manifest.get("method"))
     bb = manifest.get("backbone") or {}
