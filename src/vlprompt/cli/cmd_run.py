@@ -73,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the same array as subprocesses here",
     )
     c.add_argument("--partition", help="SLURM partition")
+    c.add_argument("--account", help="SLURM account to charge (sbatch --account)")
+    c.add_argument("--qos", help="SLURM quality of service (sbatch --qos)")
     c.add_argument("--gpus-per-job", type=int, help="GPUs per run (default 1 on slurm, 0 locally)")
     c.add_argument("--cpus-per-job", type=int, default=8, help="CPUs per run (default 8)")
     c.add_argument("--mem-gb", type=float, help="memory per run in GB (default: the cluster's)")
@@ -145,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
         gpus = args.gpus_per_job if args.gpus_per_job is not None else (1 if executor == "slurm" else 0)
         res = JobResources(gpus=gpus, cpus=args.cpus_per_job, mem_gb=args.mem_gb, time_min=args.time_min,
-                           partition=args.partition, array_parallelism=args.array_parallelism)  # fmt: skip
+                           partition=args.partition, array_parallelism=args.array_parallelism,
+                           account=args.account, qos=args.qos)  # fmt: skip
         from pathlib import Path
 
         results = run_grid_submitit(specs, executor, folder=Path(args.out) / ".submitit", resources=res)
