@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run import cost as costs
 from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
@@ -96,12 +97,19 @@ def metrics_entry(
     }
 
 
-def record_metrics(run: RunDir, entry: dict[str, Any]) -> dict[str, Any]:
-    """Add an evaluation to the run's metrics.json (with the method's provenance note)."""
+def record_metrics(run: RunDir, entry: dict[str, Any], cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add an evaluation to the run's metrics.json (with the method's provenance note); ``cost``
+    (``{"train": ...}``, run/cost.py) is merged into its top-level ``"cost"``."""
     metrics = run.write_metrics(entry)
     prov = provenance(str(entry.get("method") or "zeroshot")) if entry.get("method") else {}
+    changed = False
     if prov and not metrics.get("reconstructed"):
         metrics.update(prov)
+        changed = True
+    if cost:
+        metrics["cost"] = {**(metrics.get("cost") or {}), **cost}
+        changed = True
+    if changed:
         run.write_json(METRICS, metrics)
     return metrics
 
@@ -320,6 +328,8 @@ def _train(
         cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
     )
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
+    meter, epochs_seen = costs.Meter(backbone.device).start(), costs.EpochCounter()  # run/cost.py
+    callbacks = (*callbacks, epochs_seen)
     result = fit(
         model,
         train_data(splits, backbone, cfg),
@@ -331,6 +341,7 @@ def _train(
         stop_after_epoch=stop_after_epoch,
         callbacks=callbacks,
     )
+    train_cost = costs.train_cost(meter.stop(), result, epochs_seen)
     if main:  # which attention implementation "auto" measured and used, per shape class
         from vlprompt.engine import attention_choices
 
@@ -382,7 +393,9 @@ def _train(
         shots=cfg.data.shots,
         method=cfg.method,
     )
-    metrics = record_metrics(run, entry)
+    own_eval_s = next((e["eval_s"] for e in reversed(epochs_seen.epochs) if e.get("eval_s")), None)
+    entry["cost"] = costs.eval_cost(None, int(entry.get("n") or 0), own_eval_s)
+    metrics = record_metrics(run, entry, cost={"train": train_cost})
     run.mark_done()
     ddp.barrier()  # the other ranks read metrics.json now
     return {
