@@ -42,8 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="build and validate every run's config and print todo / resume / complete / conflict / invalid",
+        help="build and validate every run's config, print todo / resume / complete / conflict / invalid and "
+        "project the time and peak memory of the runs to do from a short probe on this machine",
     )
+    p.add_argument("--no-projection", action="store_true", help="--dry-run without the cost probe")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--jobs",
@@ -109,18 +111,25 @@ def plan_from_args(args: argparse.Namespace) -> list:
     )
 
 
-def dry_run(specs: list) -> int:
+def dry_run(specs: list, projection: bool = False, device: str | None = None, jobs: int = 1) -> int:
     from vlprompt.protocols.runner import status
 
     counts: dict[str, int] = {}
+    todo = []
     for s in specs:
         state, reason = status(s)
+        if state in ("todo", "resume"):
+            todo.append(s)
         counts[state] = counts.get(state, 0) + 1
         evals = ", ".join(f"{e.dataset}/{e.subsample}" for e in s.evaluations)
         line = f"{state:9} {s.out_dir}  [{evals}]"
         print(line + (f"  -- {reason}" if reason else ""))
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"{len(specs)} runs planned: {summary}")
+    if projection and todo:  # protocols/projection.py: presets x a short probe measured here
+        from vlprompt.protocols.projection import project_specs
+
+        print(project_specs(todo, device=device or "auto", jobs=jobs))
     return 1 if counts.get("invalid") or counts.get("conflict") else 0
 
 
@@ -129,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
     specs = plan_from_args(args)
     if args.dry_run:
-        return dry_run(specs)
+        jobs = args.jobs or (len(args.devices.split(",")) if args.devices else 1)
+        return dry_run(specs, not args.no_projection, args.device, jobs)
     if args.force:
         for s in specs:
             s.force = True
