@@ -252,20 +252,26 @@ def _train_run(
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
-        return _train(
-            cfg,
-            run,
-            fp,
-            splits,
-            backbone,
-            create_model,
-            fit,
-            main=main,
-            resume=decision == "resume",
-            progress=progress,
-            stop_after_epoch=stop_after_epoch,
-            callbacks=callbacks,
-        )
+        try:
+            return _train(
+                cfg,
+                run,
+                fp,
+                splits,
+                backbone,
+                create_model,
+                fit,
+                main=main,
+                resume=decision == "resume",
+                progress=progress,
+                stop_after_epoch=stop_after_epoch,
+                callbacks=callbacks,
+            )
+        except Exception as exc:  # a dead peer: one line, not a gloo/NCCL traceback
+            lost = ddp.peer_lost(exc)
+            if lost is None:
+                raise
+            raise lost from None
     finally:
         if lock is not None:
             lock.release()
