@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,7 @@ class RunPlan:
     batch: int
     epochs: int
     eval_images: int
+    eval_batch: int = 100
     eval_splits: list[tuple[str, str, int]] = field(default_factory=list)  # (dataset, subsample, images)
     train_key: tuple = ()
 
@@ -96,6 +99,7 @@ def plan_runs(specs: Sequence[Any]) -> list[RunPlan]:
                 name=s.name, method=s.method, dataset=s.dataset, classes=classes, train_images=n_train,
                 batch=int(cfg.train.batch_size), epochs=int(cfg.train.epochs),
                 eval_images=sum(n for *_, n in evals), eval_splits=evals,
+                eval_batch=int(cfg.train.eval_batch_size),
                 train_key=(s.dataset, cfg.data.shots, cfg.data.seed, sub),
             )
         )  # fmt: skip
@@ -111,8 +115,15 @@ def probe(plans: Sequence[RunPlan], model: str, device: str = "auto", root: str 
     t0 = time.perf_counter()
     dev = resolve_device(device)
     backbone = load_backbone(model, device=dev)
+    eval_batch = max(1, min(32, min((p.eval_batch for p in plans), default=32)))
     bc = BenchConfig(
-        model=model, repeats=1, warmup=1, eval_images=4, eval_batch=4, profile=False, device=str(dev)
+        model=model,
+        repeats=1,
+        warmup=1,
+        eval_images=eval_batch,
+        eval_batch=eval_batch,
+        profile=False,
+        device=str(dev),
     )
     methods: dict[str, Any] = {}
     for m in dict.fromkeys(p.method for p in plans):
@@ -129,6 +140,7 @@ def probe(plans: Sequence[RunPlan], model: str, device: str = "auto", root: str 
     first = plans[0].dataset if plans else None
     dec = measure_decode(root, first, size=backbone.preprocess_cfg["size"])
     return {
+        "augment_s": measure_augment(backbone.preprocess_cfg),
         "device": device_info(dev),
         "model": model,
         "methods": methods,
@@ -136,6 +148,24 @@ def probe(plans: Sequence[RunPlan], model: str, device: str = "auto", root: str 
         "decode_source": dec["source"],
         "probe_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def measure_augment(preprocess_cfg: dict[str, Any], n: int = 8) -> float:
+    """Seconds per image of the training transform (random crop, flip, to tensor, normalise) on a
+    decoded 500x375 image: paid every epoch for every training image, besides the step itself."""
+    from PIL import Image
+
+    from vlprompt.data import build_transform
+
+    g = torch.Generator().manual_seed(0)
+    im = Image.fromarray((torch.rand(375, 500, 3, generator=g) * 255).to(torch.uint8).numpy())
+    tf = build_transform(True, **preprocess_cfg)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        tf(im)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[n // 2]
 
 
 def project(plans: Sequence[RunPlan], measured: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +177,7 @@ def project(plans: Sequence[RunPlan], measured: dict[str, Any]) -> dict[str, Any
     for p in plans:
         c = measured["methods"][p.method]
         train_s = p.steps * step_seconds(c, p.classes) * p.batch / max(1, c["batch"])
+        train_s += p.steps * p.batch * measured.get("augment_s", 0.0)
         eval_s = p.eval_images * c["eval_s_per_image"]
         dec = 0.0
         if p.train_key not in decoded:
@@ -222,14 +253,31 @@ class Estimate:
     text: str
 
 
-def estimate_one(cfg: Any, name: str = "run") -> Estimate:
-    """The projection of a single training run (``vlprompt train``)."""
+#: ``vlprompt train`` probes and prints its projection when training sees at least this many images
+LONG_RUN_IMAGES = 20_000
+
+
+def announce(cfg: Any, print_fn: Any = print) -> Estimate | None:
+    """Before a long preset (>= LONG_RUN_IMAGES images through training) print what it will cost here.
+    ``VLPROMPT_NO_PROJECTION=1`` skips the probe."""
+    import os
+
     from vlprompt.protocols.grid import Evaluation, RunSpec
 
+    if os.environ.get("VLPROMPT_NO_PROJECTION") == "1":
+        return None
     sub = cfg.data.subsample or "all"
     spec = RunSpec(cfg.protocol or "single", cfg.method, cfg.data.dataset, cfg.data.shots or 0,
                    cfg.data.seed, None, cfg, [Evaluation(cfg.data.dataset, sub)], cfg.data.root)  # fmt: skip
-    plans = plan_runs([spec])
-    measured = probe(plans, cfg.backbone.name, device=cfg.train.device, root=cfg.data.root)
-    proj = project(plans, measured)
-    return Estimate(proj["total"]["total_s"], render(proj, measured))
+    plan = plan_runs([spec])[0]
+    if plan.steps * plan.batch < LONG_RUN_IMAGES:
+        return None
+    print_fn(
+        f"{cfg.method}: {plan.epochs} epochs x {plan.train_images} images ({plan.steps} steps); "
+        "measuring a few steps here to project the time (VLPROMPT_NO_PROJECTION=1 skips this) ..."
+    )
+    measured = probe([plan], cfg.backbone.name, device=cfg.train.device, root=cfg.data.root)
+    proj = project([plan], measured)
+    est = Estimate(proj["total"]["total_s"], render(proj, measured))
+    print_fn(est.text)
+    return est
