@@ -93,6 +93,7 @@ def test_dry_run_submits_nothing(slurm, tmp_path):
     r = vlprompt(grid_argv(tmp_path / "runs", *SLURM_ARGS, "--dry-run", seeds="1,2"))
     assert r.returncode == 0, r.stderr
     assert "2 runs planned: 2 todo" in r.stdout
+    assert "projected cost on this machine" in r.stdout  # the probe ran here, nothing went to SLURM
     assert squeue() == []
     assert not (tmp_path / "runs" / ".submitit").exists()
     assert not list(slurm.glob("state/job.*"))  # the controller never saw a job

@@ -3,13 +3,13 @@ prints before a long preset.
 
 The grid's own runs (their presets' epochs and batch sizes, their real split sizes where the data
 are present, the registry's otherwise) are multiplied by a short probe measured here, now, with the
-``bench suite`` machinery: one training step per method at its official batch and at the grid's
-smallest and largest class counts (``a + b*C`` between them, scaled linearly to the run's batch), one
-evaluation pass (seconds per image) and one image decode. Decoding is counted once per training list
-and test split (the image cache). Not counted: process start, backbone load, model construction and
-the text-feature pass per run, data-loader overlap, and the machine's load changing -- the measured
-ratio of a real grid to its projection is in docs/scaling.md. On ``--executor slurm`` the projection
-is for *this* machine's device, not the cluster's.
+``bench suite`` machinery: one training step per method at the runs' own batch size and at the
+grid's smallest and largest class counts (``a + b*C`` between them), one evaluation pass (seconds
+per image), the training augmentation per image and one image decode. Decoding is counted once per
+training list and test split (the image cache). Not counted: process start, backbone load, model
+construction, data-loader overlap, and the machine's load changing -- the measured ratio of a real
+grid to its projection is in docs/scaling.md. On ``--executor slurm`` the projection is for *this*
+machine's device, not the cluster's.
 """
 
 from __future__ import annotations
@@ -126,13 +126,13 @@ def probe(plans: Sequence[RunPlan], model: str, device: str = "auto", root: str 
         device=str(dev),
     )
     methods: dict[str, Any] = {}
-    for m in dict.fromkeys(p.method for p in plans):
-        cs = sorted({p.classes for p in plans if p.method == m})
+    for m, b in dict.fromkeys((p.method, p.batch) for p in plans):
+        cs = sorted({p.classes for p in plans if p.method == m and p.batch == b})
         points = sorted({max(2, cs[0]), max(2, cs[-1])})
-        rows = {c: bench_train(backbone, m, c, "fast", bc, dev) for c in points}
+        rows = {c: bench_train(backbone, m, c, "fast", bc, dev, batch=b) for c in points}
         ev = bench_eval(backbone, m, points[0], "fast", bc, dev)
-        methods[m] = {
-            "batch": next(iter(rows.values()))["batch"],
+        methods[f"{m}@{b}"] = {
+            "batch": b,
             "step_s": {str(c): r["ms_per_step"] / 1000 for c, r in rows.items()},
             "eval_s_per_image": ev["ms"] / 1000 / ev["images"],
             "peak_mb": max([r["peak_mb"] for r in rows.values()] + [ev.get("peak_mb") or 0.0]),
@@ -175,8 +175,8 @@ def project(plans: Sequence[RunPlan], measured: dict[str, Any]) -> dict[str, Any
     per: dict[str, dict[str, float]] = {}
     decoded: set[tuple] = set()
     for p in plans:
-        c = measured["methods"][p.method]
-        train_s = p.steps * step_seconds(c, p.classes) * p.batch / max(1, c["batch"])
+        c = measured["methods"][f"{p.method}@{p.batch}"]
+        train_s = p.steps * step_seconds(c, p.classes)  # measured at the run's own batch
         train_s += p.steps * p.batch * measured.get("augment_s", 0.0)
         eval_s = p.eval_images * c["eval_s_per_image"]
         dec = 0.0
@@ -195,7 +195,7 @@ def project(plans: Sequence[RunPlan], measured: dict[str, Any]) -> dict[str, Any
         t["decode_s"] += dec
     for m, t in per.items():
         t["total_s"] = t["train_s"] + t["eval_s"] + t["decode_s"]
-        t["peak_mb"] = measured["methods"][m]["peak_mb"]
+        t["peak_mb"] = max(v["peak_mb"] for k, v in measured["methods"].items() if k.split("@")[0] == m)
     total = {
         k: sum(t[k] for t in per.values())
         for k in ("runs", "steps", "train_s", "eval_s", "decode_s", "total_s")
