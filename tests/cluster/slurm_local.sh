@@ -79,7 +79,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
-KillWait=2
+KillWait=0
 MinJobAge=30
 SchedulerParameters=sched_interval=1
 MessageTimeout=10

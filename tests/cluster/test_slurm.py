@@ -99,7 +99,16 @@ def test_dry_run_submits_nothing(slurm, tmp_path):
     assert not list(slurm.glob("state/job.*"))  # the controller never saw a job
 
 
-def test_job_array_gives_the_local_report_and_a_failure_stays_one_line(slurm, tmp_path):
+def local(argv: list[str], capsys) -> tuple[int, str]:
+    """The local runner in this process (no interpreter start): exit status and stdout."""
+    from vlprompt.cli.main import main
+
+    capsys.readouterr()
+    rc = main(argv)
+    return rc, capsys.readouterr().out
+
+
+def test_job_array_gives_the_local_report_and_a_failure_stays_one_line(slurm, tmp_path, capsys):
     """seed 2's run directory is a file: that run fails with its one-line error, seed 1 finishes."""
     sub, loc = tmp_path / "sub", tmp_path / "loc"
     for root in (sub, loc):
@@ -125,14 +134,14 @@ def test_job_array_gives_the_local_report_and_a_failure_stays_one_line(slurm, tm
     assert "train base2new/coop/demo/shots2_seed1" in next(task0.glob("*_log.err")).read_text()
     assert squeue() == []
 
-    r_loc = vlprompt(grid_argv(loc, "--jobs", "1", seeds="1,2"))  # the local runner, same grid
-    assert r_loc.returncode == 1
-    assert "2 runs: 1 done, 0 skipped (complete), 1 failed" in r_loc.stdout
+    rc, out = local(grid_argv(loc, "--jobs", "1", seeds="1,2"), capsys)  # the local runner, same grid
+    assert rc == 1
+    assert "2 runs: 1 done, 0 skipped (complete), 1 failed" in out
     assert report_files(sub) == report_files(loc)
 
-    again = vlprompt(grid_argv(sub, *SLURM_ARGS, seeds="1"))  # complete: nothing submitted
-    assert again.returncode == 0
-    assert "1 runs: 0 done, 1 skipped (complete), 0 failed" in again.stdout
+    rc, out = local(grid_argv(sub, *SLURM_ARGS, seeds="1"), capsys)  # complete: nothing submitted
+    assert rc == 0
+    assert "1 runs: 0 done, 1 skipped (complete), 0 failed" in out
     assert len([p for p in (sub / ".submitit").iterdir() if p.is_dir() and "_" in p.name]) == 2
 
 
@@ -142,8 +151,8 @@ def _prompt(run: Path) -> dict:
     return load_file(run / "prompt.safetensors")
 
 
-def test_scancel_mid_training_then_rerun_resumes_bitwise(slurm, tmp_path):
-    epochs = 10  # ~1 s per epoch here; scancel lands after epoch 1 and KillWait is 2 s
+def test_scancel_mid_training_then_rerun_resumes_bitwise(slurm, tmp_path, capsys):
+    epochs = 10  # ~1 s per epoch here; scancel lands after epoch 1 and kills at once (KillWait=0)
     sub, loc = tmp_path / "sub", tmp_path / "loc"
     run = sub / "base2new" / "coop" / "demo" / "shots16_seed1"
     env = {**os.environ, "VLPROMPT_SLURM_GRACE_S": "2"}
@@ -177,8 +186,8 @@ def test_scancel_mid_training_then_rerun_resumes_bitwise(slurm, tmp_path):
     logs = "".join(p.read_text() for p in (sub / ".submitit").glob("*/*_log.err"))
     assert f"resuming from epoch {done_epochs}/{epochs}" in logs or "resuming from epoch" in logs
 
-    ref = vlprompt(grid_argv(loc, "--jobs", "1", epochs=epochs, shots=16))  # uninterrupted, local
-    assert ref.returncode == 0, ref.stdout + ref.stderr
+    rc, out = local(grid_argv(loc, "--jobs", "1", epochs=epochs, shots=16), capsys)  # uninterrupted
+    assert rc == 0, out
     ref_run = loc / "base2new" / "coop" / "demo" / "shots16_seed1"
     a, b = _prompt(run), _prompt(ref_run)
     assert a.keys() == b.keys()

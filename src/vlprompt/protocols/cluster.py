@@ -144,12 +144,12 @@ def _slurm_verdict(job: Any) -> str:
         lines = job.paths.stderr.read_text(errors="replace").splitlines()
     except OSError:
         lines = []
-    for ln in reversed(lines):
-        m = re.search(r"\*\*\* (.*?) \*\*\*", ln)
-        if m:
-            return m.group(1).strip()
-        if "oom-kill" in ln or "Out Of Memory" in ln:
-            return "out of memory"
+    verdicts = [m.group(1).strip() for ln in lines if (m := re.search(r"\*\*\* (.*?) \*\*\*", ln))]
+    jobs = [v for v in verdicts if v.startswith("JOB ")]  # the job's line, not its steps' echoes
+    if jobs or verdicts:
+        return (jobs or verdicts)[-1]
+    if any("oom-kill" in ln or "Out Of Memory" in ln for ln in lines):
+        return "out of memory"
     return "cancelled, timed out or killed"
 
 

@@ -185,12 +185,17 @@ def train_run(
             stop_after_epoch=stop_after_epoch,
             callbacks=callbacks,
         )
-    except BaseException:
+    except BaseException as exc:
         for d in reversed(made):  # deepest first; only folders this call created and left empty
             if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
                 import shutil
 
                 shutil.rmtree(d, ignore_errors=True)
+        from vlprompt.train import distributed as ddp
+
+        lost = ddp.peer_lost(exc) if isinstance(exc, Exception) else None
+        if lost is not None:  # a dead DDP peer: one line, not a gloo/NCCL traceback
+            raise lost from None
         raise
 
 
@@ -252,26 +257,20 @@ def _train_run(
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
-        try:
-            return _train(
-                cfg,
-                run,
-                fp,
-                splits,
-                backbone,
-                create_model,
-                fit,
-                main=main,
-                resume=decision == "resume",
-                progress=progress,
-                stop_after_epoch=stop_after_epoch,
-                callbacks=callbacks,
-            )
-        except Exception as exc:  # a dead peer: one line, not a gloo/NCCL traceback
-            lost = ddp.peer_lost(exc)
-            if lost is None:
-                raise
-            raise lost from None
+        return _train(
+            cfg,
+            run,
+            fp,
+            splits,
+            backbone,
+            create_model,
+            fit,
+            main=main,
+            resume=decision == "resume",
+            progress=progress,
+            stop_after_epoch=stop_after_epoch,
+            callbacks=callbacks,
+        )
     finally:
         if lock is not None:
             lock.release()
