@@ -129,7 +129,11 @@ def dry_run(specs: list, projection: bool = False, device: str | None = None, jo
     if projection and todo:  # protocols/projection.py: presets x a short probe measured here
         from vlprompt.protocols.projection import project_specs
 
-        print(project_specs(todo, device=device or "auto", jobs=jobs))
+        try:
+            print(project_specs(todo, device=device or "auto", jobs=jobs))
+        except Exception as e:  # the plan above stands; say why there is no projection, in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"no cost projection: {type(e).__name__}: {first[:200]}")
     return 1 if counts.get("invalid") or counts.get("conflict") else 0
 
 

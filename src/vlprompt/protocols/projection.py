@@ -276,7 +276,11 @@ def announce(cfg: Any, print_fn: Any = print) -> Estimate | None:
         f"{cfg.method}: {plan.epochs} epochs x {plan.train_images} images ({plan.steps} steps); "
         "measuring a few steps here to project the time (VLPROMPT_NO_PROJECTION=1 skips this) ..."
     )
-    measured = probe([plan], cfg.backbone.name, device=cfg.train.device, root=cfg.data.root)
+    try:
+        measured = probe([plan], cfg.backbone.name, device=cfg.train.device, root=cfg.data.root)
+    except Exception as e:  # never stop a training because its forecast failed
+        print_fn(f"no cost projection: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+        return None
     proj = project([plan], measured)
     est = Estimate(proj["total"]["total_s"], render(proj, measured))
     print_fn(est.text)
