@@ -269,7 +269,10 @@ def announce(cfg: Any, print_fn: Any = print) -> Estimate | None:
     sub = cfg.data.subsample or "all"
     spec = RunSpec(cfg.protocol or "single", cfg.method, cfg.data.dataset, cfg.data.shots or 0,
                    cfg.data.seed, None, cfg, [Evaluation(cfg.data.dataset, sub)], cfg.data.root)  # fmt: skip
-    plan = plan_runs([spec])[0]
+    try:
+        plan = plan_runs([spec])[0]
+    except Exception:  # a data set that does not load: train_run reports it in its own words
+        return None
     if plan.steps * plan.batch < LONG_RUN_IMAGES:
         return None
     print_fn(
