@@ -254,7 +254,7 @@ class Estimate:
 
 
 #: ``vlprompt train`` probes and prints its projection when training sees at least this many images
-LONG_RUN_IMAGES = 20_000
+LONG_RUN_IMAGES = 50_000
 
 
 def announce(cfg: Any, print_fn: Any = print) -> Estimate | None:
