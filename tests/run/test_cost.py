@@ -143,3 +143,15 @@ def test_report_links_the_cost_page_and_dry_run_projects_the_real_counts(trained
     assert LINK.strip() in (report / "report.md").read_text()
     assert "| base2new | coop | 1 |" in (report / "cost.md").read_text()
     assert RunDir(tmp_path / "runs" / "base2new" / "coop" / "demo" / "shots4_seed1").is_complete()
+
+
+def test_train_announces_a_long_preset_only():
+    from vlprompt.protocols.projection import announce
+
+    lines: list[str] = []
+    short = resolve_config("coop", "demo", shots=16, seed=1, model="vlp-tiny", epochs=10)
+    assert announce(short, lines.append) is None and lines == []  # 1,600 images: no probe
+    long = resolve_config("coop", "demo", shots=16, seed=1, model="vlp-tiny", epochs=400)
+    est = announce(long, lines.append)
+    assert lines[0].startswith("coop: 400 epochs x 160 images (") and est is not None and est.seconds > 0
+    assert "projected cost on this machine" in lines[1] and est.text == lines[1]
