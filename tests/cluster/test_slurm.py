@@ -146,7 +146,7 @@ def test_job_array_gives_the_local_report_and_a_failure_stays_one_line(slurm, tm
 
 
 def _prompt(run: Path) -> dict:
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors.torch import load_file
 
     return load_file(run / "prompt.safetensors")
 
@@ -184,7 +184,10 @@ def test_scancel_mid_training_then_rerun_resumes_bitwise(slurm, tmp_path, capsys
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 runs: 1 done, 0 skipped (complete), 0 failed" in again.stdout
     logs = "".join(p.read_text() for p in (sub / ".submitit").glob("*/*_log.err"))
-    assert f"resuming from epoch {done_epochs}/{epochs}" in logs or "resuming from epoch" in logs
+    resumed = int(re.search(rf"resuming from epoch (\d+)/{epochs}", logs).group(1))
+    assert 1 <= resumed <= done_epochs  # from the last checkpoint the cancelled job wrote
+    cost = json.loads((run / "metrics.json").read_text())["cost"]["train"]
+    assert (cost["resumed_from_epoch"], cost["epochs"]) == (resumed, epochs)
 
     rc, out = local(grid_argv(loc, "--jobs", "1", epochs=epochs, shots=16), capsys)  # uninterrupted
     assert rc == 0, out
