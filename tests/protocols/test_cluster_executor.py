@@ -76,6 +76,9 @@ def test_resources_and_errors():
         "slurm_partition": "gpu",
     }
     assert "slurm_partition" not in C.JobResources(partition="gpu").parameters("local")
+    cpu = C.JobResources(gpus=0, account="lab", qos="low").parameters("slurm")
+    assert "gpus_per_node" not in cpu  # a CPU partition has no gres: ask for no GPU at all
+    assert (cpu["slurm_account"], cpu["slurm_qos"]) == ("lab", "low")
     from vlprompt.errors import VlpromptError
 
     with pytest.raises(VlpromptError, match="unknown executor 'pbs'"):

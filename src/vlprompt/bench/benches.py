@@ -144,10 +144,13 @@ def bench_train(
     variant: str,
     cfg: BenchConfig,
     device: torch.device,
+    batch: int | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Time one training step (forward, CE, backward into the prompts, SGD step) of ``method``."""
-    _, batch = method_recipe(method)
+    """Time one training step (forward, CE, backward into the prompts, SGD step) of ``method`` at its
+    official batch (or ``batch``: the run's own, for the projection of a grid)."""
+    _, official = method_recipe(method)
+    batch = int(batch or official)
     model = build_model(method, backbone, n_classes, variant, **extra)
     model.train()
     params = list(model.trainable_parameters())

@@ -77,8 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="build and validate every run's config and print todo / resume / complete / conflict / invalid",
+        help="build and validate every run's config, print todo / resume / complete / conflict / invalid and "
+        "project the time and peak memory of the runs to do from a short probe on this machine",
     )
+    p.add_argument("--no-projection", action="store_true", help="--dry-run without the cost probe")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--jobs",
@@ -108,6 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the same array as subprocesses here",
     )
     c.add_argument("--partition", help="SLURM partition")
+    c.add_argument("--account", help="SLURM account to charge (sbatch --account)")
+    c.add_argument("--qos", help="SLURM quality of service (sbatch --qos)")
     c.add_argument("--gpus-per-job", type=int, help="GPUs per run (default 1 on slurm, 0 locally)")
     c.add_argument("--cpus-per-job", type=int, default=8, help="CPUs per run (default 8)")
     c.add_argument("--mem-gb", type=float, help="memory per run in GB (default: the cluster's)")
@@ -142,18 +146,29 @@ def plan_from_args(args: argparse.Namespace) -> list:
     )
 
 
-def dry_run(specs: list) -> int:
+def dry_run(specs: list, projection: bool = False, device: str | None = None, jobs: int = 1) -> int:
     from vlprompt.protocols.runner import status
 
     counts: dict[str, int] = {}
+    todo = []
     for s in specs:
         state, reason = status(s)
+        if state in ("todo", "resume"):
+            todo.append(s)
         counts[state] = counts.get(state, 0) + 1
         evals = ", ".join(f"{e.dataset}/{e.subsample}" for e in s.evaluations)
         line = f"{state:9} {s.out_dir}  [{evals}]"
         print(line + (f"  -- {reason}" if reason else ""))
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"{len(specs)} runs planned: {summary}")
+    if projection and todo:  # bench/projection.py: presets x a short probe measured here
+        from vlprompt.bench.projection import project_specs
+
+        try:
+            print(project_specs(todo, device=device or "auto", jobs=jobs))
+        except Exception as e:  # the plan above stands; say why there is no projection, in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"no cost projection: {type(e).__name__}: {first[:200]}")
     return 1 if counts.get("invalid") or counts.get("conflict") else 0
 
 
@@ -162,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
 
     specs = plan_from_args(args)
     if args.dry_run:
-        return dry_run(specs)
+        jobs = args.jobs or (len(args.devices.split(",")) if args.devices else 1)
+        return dry_run(specs, not args.no_projection, args.device, jobs)
     if args.force:
         for s in specs:
             s.force = True
@@ -180,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
         gpus = args.gpus_per_job if args.gpus_per_job is not None else (1 if executor == "slurm" else 0)
         res = JobResources(gpus=gpus, cpus=args.cpus_per_job, mem_gb=args.mem_gb, time_min=args.time_min,
-                           partition=args.partition, array_parallelism=args.array_parallelism)  # fmt: skip
+                           partition=args.partition, array_parallelism=args.array_parallelism,
+                           account=args.account, qos=args.qos)  # fmt: skip
         from pathlib import Path
 
         results = run_grid_submitit(specs, executor, folder=Path(args.out) / ".submitit", resources=res)

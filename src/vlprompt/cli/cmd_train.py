@@ -46,6 +46,12 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.out} holds an interrupted run's checkpoint; "
             "pass --resume to continue it or --force to start over"
         )
+    import os
+
+    if os.environ.get("RANK", "0") == "0" and not run.is_complete():  # a long preset: its projected time
+        from vlprompt.bench.projection import announce
+
+        announce(cfg)
     from vlprompt.train.loggers import make_loggers
 
     # TensorBoard / W&B (optional)

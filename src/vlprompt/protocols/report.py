@@ -219,6 +219,10 @@ def build_report(
         pngs = _plots(complete, b2n_summaries, fs_summary, out_dir / "plots", reference)
         if pngs:
             lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in pngs] + [""]
+    from vlprompt.protocols.cost_report import LINK, write_cost_report  # machine-dependent: own page
+
+    write_cost_report(complete, out_dir, plots=plots)
+    lines += [LINK]
     md = out_dir / "report.md"
     atomic_write_text(md, "\n".join(lines).rstrip() + "\n")
     return ReportResult(md, csvs, pngs, tables, len(complete), bool(random_runs))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import backbone_for_manifest, check_weights
 from vlprompt.run.layout import CONFIG, MANIFEST, METRICS, PROMPT, RunDir, read_json
@@ -200,7 +201,9 @@ def evaluate_run(
         int(batch_size or train.eval_batch_size),
         int(num_workers if num_workers is not None else data.data.num_workers),
     )
+    meter = costs.Meter(dev).start()  # run/cost.py
     res = evaluate(model, loader, device=dev, precision=train.precision, confusion=True)
+    measured = meter.stop()
     entry = metrics_entry(
         res,
         dataset=splits.name,
@@ -210,6 +213,7 @@ def evaluate_run(
         shots=manifest.get("shots"),
         method=manifest["method"],
     )
+    entry["cost"] = costs.eval_cost(measured, int(entry.get("n") or 0))
     if run.path.is_dir():
         record_metrics(run, entry)
     return entry

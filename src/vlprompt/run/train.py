@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
 from vlprompt.run.env import environment
@@ -100,12 +101,19 @@ def metrics_entry(
     }
 
 
-def record_metrics(run: RunDir, entry: dict[str, Any]) -> dict[str, Any]:
-    """Add an evaluation to the run's metrics.json (with the method's provenance note)."""
+def record_metrics(run: RunDir, entry: dict[str, Any], cost: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add an evaluation to the run's metrics.json (with the method's provenance note); ``cost``
+    (``{"train": ...}``, run/cost.py) is merged into its top-level ``"cost"``."""
     metrics = run.write_metrics(entry)
     prov = provenance(str(entry.get("method") or "zeroshot")) if entry.get("method") else {}
+    changed = False
     if prov and any(k not in metrics for k in prov):
         metrics.update(prov)
+        changed = True
+    if cost:
+        metrics["cost"] = {**(metrics.get("cost") or {}), **cost}
+        changed = True
+    if changed:
         run.write_json(METRICS, metrics)
     return metrics
 
@@ -188,12 +196,17 @@ def train_run(
             stop_after_epoch=stop_after_epoch,
             callbacks=callbacks,
         )
-    except BaseException:
+    except BaseException as exc:
         for d in reversed(made):  # deepest first; only folders this call created and left empty
             if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
                 import shutil
 
                 shutil.rmtree(d, ignore_errors=True)
+        from vlprompt.train import distributed as ddp
+
+        lost = ddp.peer_lost(exc) if isinstance(exc, Exception) else None
+        if lost is not None:  # a dead DDP peer: one line, not a gloo/NCCL traceback
+            raise lost from None
         raise
 
 
@@ -366,6 +379,8 @@ def _train(
     model.options.attention = cfg.train.attention
     model.set_auto_attention(auto)
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
+    meter, epochs_seen = costs.Meter(backbone.device).start(), costs.EpochCounter()  # run/cost.py
+    callbacks = (*callbacks, epochs_seen)
     result = fit(
         model,
         train_data(splits, backbone, cfg),
@@ -377,6 +392,7 @@ def _train(
         stop_after_epoch=stop_after_epoch,
         callbacks=callbacks,
     )
+    train_cost = costs.train_cost(meter.stop(), result, epochs_seen)
     if main:  # which attention implementation "auto" used, per shape class
         _record_attention(run, chosen.record())
     if result["stopped"]:
@@ -426,7 +442,9 @@ def _train(
         shots=cfg.data.shots,
         method=cfg.method,
     )
-    metrics = record_metrics(run, entry)
+    own_eval_s = next((e["eval_s"] for e in reversed(epochs_seen.epochs) if e.get("eval_s")), None)
+    entry["cost"] = costs.eval_cost(None, int(entry.get("n") or 0), own_eval_s)
+    metrics = record_metrics(run, entry, cost={"train": train_cost})
     run.mark_done()
     ddp.barrier()  # the other ranks read metrics.json now
     return {

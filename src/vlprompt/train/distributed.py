@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,29 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
             logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
     log.info("distributed: %d processes, backend %s", world, backend)
     return env()
+
+
+def peer_lost(exc: BaseException) -> VlpromptError | None:
+    """The one-line error for a collective that failed because another process (or node) died or
+    stopped answering within ``VLPROMPT_DIST_TIMEOUT``; ``None`` for any other exception."""
+    if not is_distributed():
+        return None
+    dist_errors = tuple(
+        getattr(dist, n) for n in ("DistError", "DistBackendError", "DistNetworkError") if hasattr(dist, n)
+    )
+    text = " ".join(str(exc).split())
+    markers = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+               "Broken pipe", "NCCL communicator was aborted", "Socket Timeout")  # fmt: skip
+    if not isinstance(exc, dist_errors) and not any(m in text for m in markers):
+        return None
+    e = env()
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[.../pair.cc:545]" source location
+    return VlpromptError(
+        f"distributed training stopped on rank {e.rank}/{e.world_size}: another process or node failed or "
+        f"did not answer within {_env_int('VLPROMPT_DIST_TIMEOUT', DEFAULT_TIMEOUT_S)} s "
+        f"({type(exc).__name__}: {first[:160]}); the last checkpoint is kept, rerun with --resume"
+    )
 
 
 def _wants_cuda(device: str | torch.device | None) -> bool:

@@ -322,10 +322,13 @@ def fit(
             "lr": lr,
             "images_per_s": tot_n / max(dt_epoch, 1e-9),
             "time": elapsed,
+            "images": tot_n,  # images seen this epoch (all ranks): run/cost.py
         }
         last = epoch + 1 == epochs
         if main and eval_loader is not None and (last or train.eval_every_epoch):
+            t_eval = time.perf_counter()
             res = evaluate(model, eval_loader, device=device, precision=prec.name, confusion=last)
+            summary["eval_s"] = time.perf_counter() - t_eval  # run/cost.py
             summary["eval"] = {k: res[k] for k in ("accuracy", "macro_f1", "n")}
             if last:
                 summary["eval_full"] = res
