@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,29 @@ def list_architectures() -> list[str]:
 
     _register_configs()
     return list(open_clip.list_models())
+
+
+_OPENAI = re.compile(r"^(ViT-[A-Za-z]+)/(\d+)(?:@(\d+)px)?$", re.I)
+
+
+def canonical_model_name(name: str | None) -> str | None:
+    """open_clip's spelling of ``name``: ``ViT-B/16`` -> ``ViT-B-16``, ``ViT-L/14@336px`` ->
+    ``ViT-L-14-336``, ``vit-b-16`` -> ``ViT-B-16``; anything unknown is returned unchanged."""
+    if name is None:
+        return None
+    text = str(name).strip()
+    m = _OPENAI.match(text)
+    if m:
+        text = f"{m.group(1)}-{m.group(2)}" + (f"-{m.group(3)}" if m.group(3) else "")
+    known = _known_names()
+    if text in known:
+        return text
+    folded = {n.lower(): n for n in known}
+    return folded.get(text.lower(), text if m else str(name))
+
+
+def _known_names() -> list[str]:
+    return list_architectures()
 
 
 def _is_offline() -> bool:
@@ -444,8 +468,6 @@ def load_backbone(
         }
         name = None if is_file else "ViT-B-16"
     if name is not None and not Path(str(name)).exists():  # ViT-B/16, ViT-L/14@336px: OpenAI spellings
-        from vlprompt.backbones.names import canonical_model_name
-
         name = canonical_model_name(name)
     if name is not None and pretrained is None and (os.sep in str(name) or Path(str(name)).suffix):
         name, pretrained = None, name  # a path passed as the name

@@ -14,34 +14,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from vlprompt.backbones.loading import canonical_model_name, list_architectures
+
 #: what a catalogue row needs before it loads
 NEEDS_NOTHING = "nothing"  # bundled weights, or a tag already in the local cache
 NEEDS_DOWNLOAD = "download"  # an open_clip tag not cached yet (a network, once)
 NEEDS_FILE = "file"  # an architecture with no published tag: pass --weights FILE (or use random init)
-
-_OPENAI = re.compile(r"^(ViT-[A-Za-z]+)/(\d+)(?:@(\d+)px)?$", re.I)
-
-
-def canonical_model_name(name: str | None) -> str | None:
-    """open_clip's spelling of ``name``: ``ViT-B/16`` -> ``ViT-B-16``, ``ViT-L/14@336px`` ->
-    ``ViT-L-14-336``, ``vit-b-16`` -> ``ViT-B-16``; anything unknown is returned unchanged."""
-    if name is None:
-        return None
-    text = str(name).strip()
-    m = _OPENAI.match(text)
-    if m:
-        text = f"{m.group(1)}-{m.group(2)}" + (f"-{m.group(3)}" if m.group(3) else "")
-    known = _known_names()
-    if text in known:
-        return text
-    folded = {n.lower(): n for n in known}
-    return folded.get(text.lower(), text if m else str(name))
-
-
-def _known_names() -> list[str]:
-    from vlprompt.backbones.loading import list_architectures
-
-    return list_architectures()
 
 
 @dataclass(frozen=True)
@@ -81,7 +59,7 @@ def list_models(filter: str | None = None, *, check_cache: bool = True) -> list[
         want = (canonical_model_name(filter) or filter).lower()
     bundled = set(bundled_names())
     rows: list[ModelEntry] = []
-    for arch in sorted(_known_names(), key=str.lower):
+    for arch in sorted(list_architectures(), key=str.lower):
         if want and want not in arch.lower():
             continue
         alias = _openai_spelling(arch)

@@ -75,7 +75,7 @@ def load_run(
     """
     import torch
 
-    from vlprompt.run.hub import download, is_hub_ref
+    from vlprompt.run.hub_ref import download, is_hub_ref
 
     if is_hub_ref(path):  # hf-hub:org/name[@rev]: the Hub's copy, through its cache
         path = download(str(path))
