@@ -56,6 +56,10 @@ def _run(args: argparse.Namespace) -> int:
         raise VlpromptError(f"{out} already holds a prompt; pass another --out or --force")
     try:
         imp = import_checkpoint(args.checkpoint, args.method)
+    except VlpromptError as e:
+        if "fit no official layout" not in str(e):
+            raise
+        raise VlpromptError(f"{args.checkpoint} is not a prompt checkpoint of a known method: {e}") from None
     except (KeyError, AttributeError, TypeError, ValueError, IndexError) as e:  # junk that unpickled
         raise VlpromptError(
             f"{args.checkpoint} is not a prompt checkpoint (junk, damaged or another format: "
