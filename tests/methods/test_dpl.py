@@ -192,9 +192,9 @@ def test_parameter_counts(tiny, capsys):
 
 def test_invalid_options_are_clear_errors(tiny):
     cases = [
-        ({"mode": "soft"}, r"mode 'soft'.*gated, exact"),
-        ({"gate": "token"}, r"gate 'token'.*layer, head"),
-        ({"alpha_init": 0}, r"alpha_init=0 .*between 0 and 1"),
+        ({"mode": "soft"}, r"options.mode='soft' is invalid; choose one of: gated, exact"),
+        ({"gate": "token"}, r"options.gate='token' is invalid; choose one of: layer, head"),
+        ({"alpha_init": 0}, r"alpha_init=0(\.0)? .*between 0 and 1"),
         ({"depth_image": 9}, r"depth 9 .*image tower"),
         ({"beta": 1.5}, r"beta=1.5 .*\[0, 1\]"),
     ]

@@ -169,7 +169,9 @@ def test_uniform_init_changes_only_the_initial_values(tiny, images):
     n.load_prompt_state_dict(u.prompt_state_dict())
     with torch.no_grad():
         assert torch.equal(n(images), u(images))  # same values -> same model: init is all it changes
-    with pytest.raises(VlpromptError, match="unknown DPL init 'xavier'"):
+    with pytest.raises(
+        VlpromptError, match="options.init='xavier' is invalid; choose one of: normal, uniform"
+    ):
         _model(tiny, init="xavier")
 
 

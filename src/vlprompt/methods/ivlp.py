@@ -35,6 +35,7 @@ class IVLPConfig(MethodConfig):
 class IVLP(IndependentDeepPrompts, PromptMethod):
     name = "ivlp"
     display_name = "IVLP"
+    official_parameters = 30_720
     bench_batch_size = 4
     Config = IVLPConfig
     summary = "IVLP: independent deep prompts in the text and image towers"
