@@ -31,12 +31,6 @@ TINY_OPTS = {
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def vitb16():
     torch.manual_seed(0)
     return load_backbone("ViT-B-16")

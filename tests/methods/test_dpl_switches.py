@@ -27,13 +27,6 @@ PRESETS = Path(__file__).resolve().parents[2] / "src" / "vlprompt" / "methods" /
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from vlprompt.backbones import load_backbone
-
-    return load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 

@@ -19,12 +19,6 @@ NAMES = ["dog", "cat", "car"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return vlprompt.load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)
     return vlprompt.load_backbone("vlp-small")
