@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,23 @@ def shared_data() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+def _tinymethod():
+    """``tests/train/tinymethod.py`` as the module ``tinymethod`` (one copy, whoever imports it first)."""
+    if "tinymethod" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "tinymethod", REPO / "tests" / "train" / "tinymethod.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tinymethod"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["tinymethod"]
+
+
+@pytest.fixture(scope="module")
+def tinyctx():
+    """The test-only method ``tinyctx`` (CoOp-like, text tower only), registered for one test module."""
+    module = _tinymethod()
+    with module.registered():
+        yield module.TinyCtx

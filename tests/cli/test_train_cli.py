@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-import tinymethod  # noqa: E402
 
 from vlprompt.cli.main import main  # noqa: E402
 
@@ -50,14 +46,11 @@ TRAIN = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tinyctx():
-    with tinymethod.registered():
-        yield
+pytestmark = pytest.mark.usefixtures("tinyctx")  # the test-only method, for every test here
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, tinyctx) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
     return out

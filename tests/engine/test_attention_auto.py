@@ -172,9 +172,11 @@ def test_model_default_is_auto_and_recorded(fresh):
     bb = load_backbone("vlp-tiny")
     images = torch.randn(2, 3, 224, 224)
     auto = create_model("maple", bb, ["cat", "dog", "golden retriever"], depth=2)
+    sdpa = create_model(
+        "maple", bb, ["cat", "dog", "golden retriever"], depth=2, model=ModelOptions(attention="sdpa")
+    )
     measured, table = R.measured_attention(bb.device)
     auto.set_auto_attention(measured)
-    sdpa = create_model("maple", bb, ["cat", "dog", "golden retriever"], depth=2, attention="sdpa")
     sdpa.load_prompt_state_dict(auto.prompt_state_dict())
     with torch.no_grad():
         assert torch.allclose(auto(images), sdpa(images), atol=1e-4)
@@ -188,7 +190,7 @@ def test_probe_inside_activation_checkpointing(fresh):
     import torch.nn.functional as F
 
     from vlprompt.backbones import load_backbone
-    from vlprompt.methods import create_model
+    from vlprompt.methods import ModelOptions, create_model
 
     bb = load_backbone("vlp-tiny")
     x, y = torch.randn(2, 3, 224, 224), torch.tensor([0, 1])
@@ -196,7 +198,13 @@ def test_probe_inside_activation_checkpointing(fresh):
     measured, table = R.measured_attention(bb.device)
     for attn in ("auto", "sdpa"):
         torch.manual_seed(0)
-        m = create_model("maple", bb, ["cat", "dog", "bird"], depth=2, checkpoint_text=True, attention=attn)
+        m = create_model(
+            "maple",
+            bb,
+            ["cat", "dog", "bird"],
+            depth=2,
+            model=ModelOptions(checkpoint_text=True, attention=attn),
+        )
         m.set_auto_attention(measured)
         F.cross_entropy(m(x), y).backward()
         grads[attn] = [p.grad.clone() for p in m.trainable_parameters()]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from vlprompt.backbones import load_backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan, encode_text, plain_attention
-from vlprompt.methods import create_model, get_method, list_methods
+from vlprompt.methods import ModelOptions, create_model, get_method, list_methods
+from vlprompt.train.config import RunConfig
 from vlprompt.train.features import FeatureCache, backbone_fingerprint, frozen_image_features, image_features
 
 CLASSES = ["golden retriever", "tabby cat", "red fox", "hammerhead shark", "pizza"]
@@ -44,9 +45,10 @@ def _options(name: str, backbone) -> dict:
     }
 
 
-def _model(name: str, backbone, **opts):
+def _model(name: str, backbone, **execution):
     torch.manual_seed(3)
-    return create_model(name, backbone, CLASSES, **_options(name, backbone), **opts)
+    model = ModelOptions(**execution)  # the run configuration's `model` section
+    return create_model(name, backbone, CLASSES, **_options(name, backbone), model=model)
 
 
 def _logits(model, images) -> torch.Tensor:
@@ -345,7 +347,10 @@ def test_evaluator_and_trainer_run_on_cached_features(backbone, tmp_path):
     from vlprompt.train import fit
 
     before = model.method.ctx.detach().clone()
-    cfg = {"train": {"epochs": 1, "batch_size": 2, "lr": 0.01, "device": "cpu", "warmup_epochs": 0}}
+    cfg = RunConfig.from_dict(
+        {"train": {"epochs": 1, "batch_size": 2, "lr": 0.01, "device": "cpu", "warmup_epochs": 0}},
+        partial=True,
+    )
     fit(model, feats, cfg, out_dir=None, progress=False)
     assert not torch.equal(model.method.ctx.detach(), before)
     assert all(p.grad is None for p in backbone.parameters())
@@ -366,17 +371,20 @@ def test_fit_uses_the_feature_cache_for_frozen_image_methods(backbone):
     for mode in ("train", "off"):
         torch.manual_seed(3)
         model = create_model("coop", backbone, splits.classnames, n_ctx=4)
-        cfg = {
-            "train": {
-                "epochs": 1,
-                "batch_size": 2,
-                "lr": 0.01,
-                "device": "cpu",
-                "warmup_epochs": 0,
-                "image_features_cache": mode,
+        cfg = RunConfig.from_dict(
+            {
+                "train": {
+                    "epochs": 1,
+                    "batch_size": 2,
+                    "lr": 0.01,
+                    "device": "cpu",
+                    "warmup_epochs": 0,
+                    "image_features_cache": mode,
+                },
+                "data": {"dataset": "demo", "seed": 1},
             },
-            "data": {"dataset": "demo", "seed": 1},
-        }
+            partial=True,
+        )
         res = fit(model, items, cfg, out_dir=None, progress=False, eval_data=splits.test[:4])
         runs.append((model.method.ctx.detach().clone(), res["eval"]))
     assert not torch.equal(runs[0][0], runs[1][0])  # "off" trains on augmented views, "train" on fixed ones
@@ -388,6 +396,6 @@ def test_fit_uses_the_feature_cache_for_frozen_image_methods(backbone):
         fit(
             create_model("coop", backbone, splits.classnames, n_ctx=4),
             items,
-            {"train": {"epochs": 1, "device": "cpu", "image_features_cache": "yes"}},
+            RunConfig.from_dict({"train": {"epochs": 1, "device": "cpu", "image_features_cache": "yes"}}),
             progress=False,
         )

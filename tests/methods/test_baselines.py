@@ -31,12 +31,6 @@ TINY_OPTS = {
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def vitb16():
     torch.manual_seed(0)
     return load_backbone("ViT-B-16")
@@ -289,7 +283,7 @@ def test_preset_recipes_match_spec():
         ("ivlp", {"depth_image": 9}, "for the image tower"),
         ("ivlp", {"n_ctx_text": 5}, "at least 5 tokens"),
         ("vpt", {"depth": 0}, "depth 0"),
-        ("vpt", {"init": "xavier"}, "unknown init 'xavier'"),
+        ("vpt", {"init": "xavier"}, "options.init='xavier' is invalid; choose one of: normal, uniform"),
         ("vpt", {"text": "a photo"}, "no '\\{\\}' placeholder"),
         ("maple", {"depth": 7}, "outside \\[1, 4\\]"),
         ("maple", {"n_ctx": 0}, "n_ctx=0"),

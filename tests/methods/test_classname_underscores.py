@@ -9,13 +9,6 @@ from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from vlprompt.backbones import load_backbone
-
-    return load_backbone("vlp-tiny")
-
-
 @pytest.mark.parametrize("method", ["zeroshot", "coop", "dpl"])
 def test_underscores_give_the_same_logits_as_spaces(tiny, method):
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

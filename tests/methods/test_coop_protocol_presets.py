@@ -37,9 +37,9 @@ REFERENCE = {
 def test_resolved_coop_recipe_equals_reference_script(protocol, dataset, shots):
     options, epochs = REFERENCE[(protocol, dataset, shots)]
     cfg = resolve_config("coop", dataset, shots=shots, protocol=protocol)
-    assert cfg["options"] == options
-    assert cfg["train"]["epochs"] == epochs
-    assert {k: cfg["train"][k] for k in COMMON} == COMMON
+    assert cfg.options.to_dict() == options
+    assert cfg.train.epochs == epochs
+    assert {k: getattr(cfg.train, k) for k in COMMON} == COMMON
 
 
 def test_preset_names_its_sources():

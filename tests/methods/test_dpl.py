@@ -23,13 +23,6 @@ PRESETS = Path(__file__).resolve().parents[2] / "src" / "vlprompt" / "methods" /
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from vlprompt.backbones import load_backbone
-
-    return load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
@@ -192,9 +185,9 @@ def test_parameter_counts(tiny, capsys):
 
 def test_invalid_options_are_clear_errors(tiny):
     cases = [
-        ({"mode": "soft"}, r"mode 'soft'.*gated, exact"),
-        ({"gate": "token"}, r"gate 'token'.*layer, head"),
-        ({"alpha_init": 0}, r"alpha_init=0 .*between 0 and 1"),
+        ({"mode": "soft"}, r"options.mode='soft' is invalid; choose one of: gated, exact"),
+        ({"gate": "token"}, r"options.gate='token' is invalid; choose one of: layer, head"),
+        ({"alpha_init": 0}, r"alpha_init=0(\.0)? .*between 0 and 1"),
         ({"depth_image": 9}, r"depth 9 .*image tower"),
         ({"beta": 1.5}, r"beta=1.5 .*\[0, 1\]"),
     ]

@@ -27,13 +27,6 @@ PRESETS = Path(__file__).resolve().parents[2] / "src" / "vlprompt" / "methods" /
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from vlprompt.backbones import load_backbone
-
-    return load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
@@ -169,7 +162,9 @@ def test_uniform_init_changes_only_the_initial_values(tiny, images):
     n.load_prompt_state_dict(u.prompt_state_dict())
     with torch.no_grad():
         assert torch.equal(n(images), u(images))  # same values -> same model: init is all it changes
-    with pytest.raises(VlpromptError, match="unknown DPL init 'xavier'"):
+    with pytest.raises(
+        VlpromptError, match="options.init='xavier' is invalid; choose one of: normal, uniform"
+    ):
         _model(tiny, init="xavier")
 
 

@@ -19,12 +19,6 @@ NAMES = ["dog", "cat", "car"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return vlprompt.load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)
     return vlprompt.load_backbone("vlp-small")
@@ -290,8 +284,8 @@ def test_text_is_fixed_by_default_and_data_set_template_on_request(tiny):
         (dict(n_ctx=3, add=0, remove=2, depth=3), "exceeds the 1 image prompt tokens present before layer 2"),
         (dict(depth=5), r"depth=5 is outside \[1, 4\]"),
         (dict(depth=0), r"depth=0 is outside \[1, 4\]"),
-        (dict(add=-1, depth=2), "add=-1 is invalid; use add >= 0"),
-        (dict(n_ctx=0, depth=2), "n_ctx=0 is invalid; use n_ctx >= 1"),
+        (dict(add=-1, depth=2), "options.add=-1 is invalid; it must be an integer >= 0"),
+        (dict(n_ctx=0, depth=2), "options.n_ctx=0 is invalid; it must be an integer >= 1"),
         (dict(remove=-2, depth=2), "remove=-2 is invalid"),
         (dict(remove="some", depth=2), "remove='some' is not a number"),
         (dict(ctx_init="a photo", n_ctx=3, depth=2), "is 2 tokens but n_ctx=3"),

@@ -12,13 +12,6 @@ from vlprompt.methods import create_model
 DOC = Path(__file__).resolve().parents[2] / "docs" / "mpl.md"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from vlprompt.backbones import load_backbone
-
-    return load_backbone("vlp-tiny")
-
-
 def test_issue_setting_is_refused_with_the_reason(tiny):
     # the official code accepts N_CTX=1, N_ADD_OP=2, N_RM_OP=2 and slices one image patch away at layer 1
     with pytest.raises(VlpromptError) as e:

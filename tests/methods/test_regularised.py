@@ -17,14 +17,10 @@ from vlprompt.methods.common import IMAGENET_TEMPLATES
 from vlprompt.methods.prograd import project_gradients
 from vlprompt.methods.promptsrc import gpa_weights
 from vlprompt.train import fit
+from vlprompt.train.config import RunConfig
 
 CLASSES = ["cat", "dog", "car"]
 PHOTO = "a photo of a {}."
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("vlp-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +193,7 @@ def data():
 
 
 def test_promptsrc_resume_mid_run_equals_uninterrupted(tiny, data, tmp_path):
-    cfg = {"train": TRAIN, "data": {"seed": 1}}
+    cfg = RunConfig.from_dict({"train": TRAIN, "data": {"seed": 1}}, partial=True)
     straight = _src(tiny)
     ref = fit(straight, data, cfg, tmp_path / "a", progress=False)
     first = fit(_src(tiny), data, cfg, tmp_path / "b", progress=False, stop_after_epoch=2)
@@ -217,7 +213,7 @@ def test_promptsrc_resume_mid_run_equals_uninterrupted(tiny, data, tmp_path):
 
 
 def test_promptsrc_aggregate_replaces_the_last_prompt(tiny, data, tmp_path):
-    cfg = {"train": TRAIN, "data": {"seed": 1}}
+    cfg = RunConfig.from_dict({"train": TRAIN, "data": {"seed": 1}}, partial=True)
     seen: list[dict] = []
     model = _src(tiny, gpa_mean=1.0, gpa_std=0.05)  # all weight on epoch 1
     fit(

@@ -26,8 +26,8 @@ def test_base2new_plan(tmp_path: Path) -> None:
     s = specs[0]
     assert (s.method, s.dataset, s.shots, s.seed) == ("coop", "caltech101", 16, 1)
     assert s.evaluations == [Evaluation("caltech101", "base"), Evaluation("caltech101", "new")]
-    assert s.cfg["data"]["subsample"] == "base" and s.cfg["protocol"] == "base2new"
-    assert s.cfg["data"]["dataset"] == "caltech101" and s.cfg["data"]["seed"] == 1
+    assert s.cfg.data.subsample == "base" and s.cfg.protocol == "base2new"
+    assert s.cfg.data.dataset == "caltech101" and s.cfg.data.seed == 1
     assert s.cfg.backbone.to_dict() == {"name": "ViT-B-16", "pretrained": None, "weights": None}
 
 
@@ -36,8 +36,8 @@ def test_fewshot_plan_default_shots(tmp_path: Path) -> None:
     assert len(specs) == len(FEWSHOT_K) * 2
     assert sorted({s.shots for s in specs}) == list(FEWSHOT_K)
     assert all(s.evaluations == [Evaluation("demo", "all")] for s in specs)
-    assert all(s.cfg["data"]["subsample"] == "all" for s in specs)
-    assert all(s.cfg["train"]["epochs"] == 3 and s.cfg["train"]["lr"] == 0.01 for s in specs)
+    assert all(s.cfg.data.subsample == "all" for s in specs)
+    assert all(s.cfg.train.epochs == 3 and s.cfg.train.lr == 0.01 for s in specs)
     assert {s.out_dir.name for s in specs} == {f"shots{k}_seed{s}" for k in FEWSHOT_K for s in (1, 2)}
 
 
@@ -47,8 +47,8 @@ def test_transfer_plans(tmp_path: Path, protocol: str, targets: tuple[str, ...])
     assert len(specs) == 3  # one ImageNet run per seed; the targets are evaluations, not runs
     for s in specs:
         assert s.out_dir == tmp_path / protocol / "coop" / "imagenet" / f"shots16_seed{s.seed}"
-        assert s.cfg["data"]["dataset"] == "imagenet" and s.cfg["data"]["subsample"] == "all"
-        assert s.cfg["protocol"] == protocol and s.root == "/data"
+        assert s.cfg.data.dataset == "imagenet" and s.cfg.data.subsample == "all"
+        assert s.cfg.protocol == protocol and s.root == "/data"
         assert [e.dataset for e in s.evaluations] == ["imagenet", *targets]
         assert all(e.subsample == "all" for e in s.evaluations)
     assert len(targets) == (10 if protocol == "cross-dataset" else 4)
@@ -86,13 +86,13 @@ def _fake_runs_module(calls: list, fail_seed: int | None = None) -> types.Module
     """Stand-in for protocols/runs.py that writes the run-dir files the runner checks."""
 
     def train_run(cfg, out_dir, resume=True, progress=True, backbone=None, **kw):
-        calls.append(("train", cfg["data"]["seed"]))
-        if cfg["data"]["seed"] == fail_seed:
+        calls.append(("train", cfg.data.seed))
+        if cfg.data.seed == fail_seed:
             raise RuntimeError("CUDA out of memory\nsecond line")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        ds, sub = cfg["data"]["dataset"], cfg["data"]["subsample"]
-        entry = {"dataset": ds, "subsample": sub, "split": "test", "accuracy": 10.0 * cfg["data"]["seed"]}
+        ds, sub = cfg.data.dataset, cfg.data.subsample
+        entry = {"dataset": ds, "subsample": sub, "split": "test", "accuracy": 10.0 * cfg.data.seed}
         (out / "metrics.json").write_text(json.dumps({"evaluations": [entry]}))
         (out / "done").write_text("")
         return {}

@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from vlprompt.errors import VlpromptError
 from vlprompt.train import distributed as D
+from vlprompt.train.config import RunConfig
 
 
 def free_port() -> int:
@@ -211,19 +212,22 @@ def test_sharded_text_matches_single_process_loss_and_gradients(tmp_path):
 
 # ------------------------------------------------------------------ trainer: 2 processes == 1 process
 TRAIN_CLASSES = ["cat", "dog", "car"]
-TRAIN_CFG = {
-    # global batch 5 over 2 ranks: per-rank batches of 3 + 2 (uneven, exact through loss weighting);
-    # 10 images -> 2 steps per epoch; lr high enough that the prompts move measurably
-    "train": {
-        "batch_size": 5,
-        "epochs": 3,
-        "lr": 0.05,
-        "warmup_epochs": 1,
-        "device": "cpu",
-        "precision": "fp32",
+TRAIN_CFG = RunConfig.from_dict(
+    {
+        # global batch 5 over 2 ranks: per-rank batches of 3 + 2 (uneven, exact through loss weighting);
+        # 10 images -> 2 steps per epoch; lr high enough that the prompts move measurably
+        "train": {
+            "batch_size": 5,
+            "epochs": 3,
+            "lr": 0.05,
+            "warmup_epochs": 1,
+            "device": "cpu",
+            "precision": "fp32",
+        },
+        "data": {"seed": 3},
     },
-    "data": {"seed": 3},
-}
+    partial=True,
+)
 
 
 class RecordingData(torch.utils.data.Dataset):
@@ -255,7 +259,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
 
     _dist_env(rank, world, port)
     try:
-        cfg = {**TRAIN_CFG, "train": {**TRAIN_CFG["train"], "shard_text": True}}
+        cfg = TRAIN_CFG.but(train={"shard_text": True})
         run_dir = os.path.join(out, "ddp")
         # "killed" after epoch 1, then resumed under DDP to the end
         data = RecordingData()

@@ -32,31 +32,24 @@ from toy import make_toy_task  # noqa: E402
 from vlprompt.backbones import load_backbone  # noqa: E402
 from vlprompt.methods import create_model  # noqa: E402
 from vlprompt.train import fit  # noqa: E402
+from vlprompt.train.config import RunConfig
 
 N_CLASSES = 4
-CFG = {
-    "train": {
-        "lr": 0.05,
-        "batch_size": 8,
-        "eval_batch_size": 32,
-        "epochs": 6,
-        "warmup_epochs": 0,
-        "device": "cpu",
-        "precision": "fp32",
+CFG = RunConfig.from_dict(
+    {
+        "train": {
+            "lr": 0.05,
+            "batch_size": 8,
+            "eval_batch_size": 32,
+            "epochs": 6,
+            "warmup_epochs": 0,
+            "device": "cpu",
+            "precision": "fp32",
+        },
+        "data": {"seed": 1},
     },
-    "data": {"seed": 1},
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _tinyctx():
-    with tinymethod.registered():
-        yield
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("vlp-tiny")
+    partial=True,
+)
 
 
 def _toy_data(backbone) -> list[tuple[torch.Tensor, int]]:
@@ -85,7 +78,7 @@ def test_fit_halves_the_loss_and_solves_the_toy_task(backbone, precision) -> Non
     model = _model(backbone)
     before, _ = _full_loss(model, data)
     assert before > 1.0  # untrained prompt: far from solved (log 4 = 1.39 is uniform)
-    cfg = {**CFG, "train": {**CFG["train"], "precision": precision}}
+    cfg = RunConfig.from_dict(CFG.but(train={"precision": precision}), partial=True)
     res = fit(model, data, cfg, None, eval_data=data, progress=False)
     after, acc = _full_loss(model, data)
     assert res["precision"] == precision

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import tinymethod
 import torch
 
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
 from vlprompt.train import fit
+from vlprompt.train.config import RunConfig
 from vlprompt.train.loggers import TensorBoardLogger, epoch_scalars, make_loggers, parse_loggers
 
-CFG = {"train": {"lr": 0.05, "batch_size": 2, "eval_batch_size": 4, "epochs": 2}, "data": {"seed": 1}}
+CFG = RunConfig.from_dict(
+    {"train": {"lr": 0.05, "batch_size": 2, "eval_batch_size": 4, "epochs": 2}, "data": {"seed": 1}},
+    partial=True,
+)
 
 
 class _Writer:
@@ -29,12 +32,6 @@ class _Writer:
 
     def close(self):
         self.closed = True
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _tinyctx():
-    with tinymethod.registered():
-        yield
 
 
 def _train(tmp_path, callbacks):

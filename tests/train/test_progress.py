@@ -8,7 +8,6 @@ import re
 import sys
 
 import pytest
-import tinymethod
 import torch
 
 from vlprompt.backbones import load_backbone
@@ -17,20 +16,18 @@ from vlprompt.protocols.gridview import GridView, format_eta
 from vlprompt.protocols.runner import RunResult
 from vlprompt.train import evaluate, fit
 from vlprompt.train import progress as progress_mod
+from vlprompt.train.config import RunConfig
 
 CLASSES = ["cat", "dog", "car"]
-CFG = {"train": {"lr": 0.05, "batch_size": 2, "eval_batch_size": 4, "epochs": 3}, "data": {"seed": 1}}
+CFG = RunConfig.from_dict(
+    {"train": {"lr": 0.05, "batch_size": 2, "eval_batch_size": 4, "epochs": 3}, "data": {"seed": 1}},
+    partial=True,
+)
 
 
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _tinyctx():
-    with tinymethod.registered():
-        yield
 
 
 @pytest.fixture(scope="module")

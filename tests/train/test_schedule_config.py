@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlprompt.errors import VlpromptError
-from vlprompt.train.config import DEFAULT_TRAIN, apply_overrides, load_preset, resolve_config
+from vlprompt.train.config import DEFAULT_TRAIN, TrainConfig, apply_overrides, load_preset, resolve_config
 from vlprompt.train.schedule import EpochSchedule, lr_sequence
 
 
@@ -94,12 +94,12 @@ def test_coop_200_epochs_head_and_tail() -> None:
 def test_schedule_state_roundtrip() -> None:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.0035)
-    s = EpochSchedule(opt, {**DEFAULT_TRAIN, "lr": 0.0035, "epochs": 5})
+    s = EpochSchedule(opt, TrainConfig(lr=0.0035, epochs=5))
     s.step()
     s.step()
     state = s.state_dict()
     opt2 = torch.optim.SGD([p], lr=0.0035)
-    s2 = EpochSchedule(opt2, {**DEFAULT_TRAIN, "lr": 0.0035, "epochs": 5})
+    s2 = EpochSchedule(opt2, TrainConfig(lr=0.0035, epochs=5))
     s2.load_state_dict(state)
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.0035 * (1 + math.cos(math.pi / 5)) / 2, rel=1e-12)
     assert s2.step() == s.step()
@@ -146,14 +146,53 @@ def test_resolve_config_order() -> None:
         "num_workers": 0,
         "max_image_pixels": 178_956_970,
     }
-    assert cfg.train.device == "cpu" and cfg["train"]["device"] == "cpu"  # typed, and dict-style reads
+    assert cfg.train.device == "cpu"
     assert cfg.backbone.to_dict() == {"name": "vlp-tiny", "pretrained": None, "weights": None}
     # epochs_by_shots applies, explicit flags win over it
     cfg = resolve_config("zeroshot", "demo", shots=2, overrides=["train.epochs_by_shots={2: 9}"])
-    assert cfg["train"]["epochs"] == 9
+    assert cfg.train.epochs == 9
     cfg = resolve_config("zeroshot", "demo", shots=2, overrides=["train.epochs_by_shots={2: 9}"], epochs=3)
-    assert cfg["train"]["epochs"] == 3
+    assert cfg.train.epochs == 3
     with pytest.raises(VlpromptError, match="train.lr"):
         resolve_config("zeroshot", "demo", overrides=["train.lr=-1"])
     with pytest.raises(VlpromptError, match="precision"):
         resolve_config("zeroshot", "demo", overrides=["train.precision=fp8"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.momentum=1", "train.momentum=1 is invalid; it must be a number >= 0 and < 1"),
+        ("train.momentum=-0.1", "train.momentum=-0.1 is invalid; it must be a number >= 0 and < 1"),
+        (
+            "train.weight_decay=-0.5",
+            "train.weight_decay=-0.5 is invalid; it must be a number >= 0 and <= 1",
+        ),
+        ("train.lr=0", "train.lr=0 is invalid; it must be a number > 0 and <= 10"),
+        ("train.lr=100", "train.lr=100 is invalid; it must be a number > 0 and <= 10"),
+        ("train.warmup_lr=-1", "train.warmup_lr=-1 is invalid; it must be a number >= 0 and <= 10"),
+        ("options.n_ctx=0", "options.n_ctx=0 is invalid; it must be an integer >= 1"),
+    ],
+)
+def test_optimiser_and_method_ranges_are_one_line_errors(override, message):
+    with pytest.raises(VlpromptError) as e:
+        resolve_config("coop", "demo", overrides=[override])
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("vpt", {"init": "xavier"}, "options.init='xavier' is invalid; choose one of: normal, uniform"),
+        ("prograd", {"temperature": 0}, "options.temperature=0 is invalid; it must be a number > 0"),
+        ("kgcoop", {"weight": -1}, "options.weight=-1 is invalid; it must be a number >= 0"),
+        ("promptsrc", {"gpa_std": 0.0}, "options.gpa_std=0.0 is invalid; it must be a number > 0"),
+        ("dpl", {"mode": "soft"}, "options.mode='soft' is invalid; choose one of: gated, exact"),
+    ],
+)
+def test_method_options_are_checked_by_their_descriptor(method, options, message):
+    from vlprompt.methods import build_config, get_method
+
+    with pytest.raises(VlpromptError) as e:
+        build_config(get_method(method), options)  # the same check for the CLI, the API and create_model
+    assert str(e.value) == message

@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import pytest
-import tinymethod
 import torch
 from safetensors.torch import load_file
 from sklearn.metrics import f1_score
 
-from vlprompt.backbones import load_backbone
 from vlprompt.methods import create_model
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import evaluate, fit
+from vlprompt.train.config import RunConfig
 
 CLASSES = ["cat", "dog", "car"]
-CFG = {
-    "train": {"lr": 0.05, "batch_size": 3, "eval_batch_size": 4, "epochs": 4, "warmup_epochs": 1},
-    "data": {"seed": 3},
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _tinyctx():
-    with tinymethod.registered():
-        yield
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("vlp-tiny")
+CFG = RunConfig.from_dict(
+    {
+        "train": {"lr": 0.05, "batch_size": 3, "eval_batch_size": 4, "epochs": 4, "warmup_epochs": 1},
+        "data": {"seed": 3},
+    },
+    partial=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +85,15 @@ def test_resume_equals_uninterrupted(backbone, data, straight, tmp_path) -> None
 def test_resume_rejects_other_settings(backbone, data, tmp_path) -> None:
     from vlprompt.errors import VlpromptError
 
-    cfg = {**CFG, "train": {**CFG["train"], "epochs": 2}}
+    cfg = RunConfig.from_dict(CFG.but(train={"epochs": 2}), partial=True)
     fit(_model(backbone), data, cfg, tmp_path, progress=False, stop_after_epoch=1)
-    other = {**cfg, "train": {**cfg["train"], "lr": 0.01}}
+    other = cfg.but(train={"lr": 0.01})
     with pytest.raises(VlpromptError, match="different settings"):
         fit(_model(backbone), data, other, tmp_path, resume=True, progress=False)
 
 
 def test_failed_write_keeps_old_checkpoint(backbone, data, tmp_path, monkeypatch) -> None:
-    cfg = {**CFG, "train": {**CFG["train"], "epochs": 2}}
+    cfg = RunConfig.from_dict(CFG.but(train={"epochs": 2}), partial=True)
     fit(_model(backbone), data, cfg, tmp_path, progress=False, stop_after_epoch=1)
     before = (tmp_path / "checkpoint" / "state.json").read_bytes()
 

@@ -7,43 +7,35 @@ import json
 
 import numpy as np
 import pytest
-import tinymethod
 import torch
 
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
 from vlprompt.train import fit
+from vlprompt.train.config import RunConfig
 from vlprompt.train.trainer import EXECUTION_KEYS
 
 CLASSES = ["cat", "dog", "car"]
-CFG = {
-    "train": {
-        "lr": 0.05,
-        "batch_size": 3,
-        "eval_batch_size": 4,
-        "epochs": 2,
-        "warmup_epochs": 1,
-        "device": "cpu",
-        "precision": "fp32",
+CFG = RunConfig.from_dict(
+    {
+        "train": {
+            "lr": 0.05,
+            "batch_size": 3,
+            "eval_batch_size": 4,
+            "epochs": 2,
+            "warmup_epochs": 1,
+            "device": "cpu",
+            "precision": "fp32",
+        },
+        "data": {"seed": 3},
     },
-    "data": {"seed": 3},
-}
+    partial=True,
+)
 
 
-def _cfg(**train) -> dict:
-    return {**CFG, "train": {**CFG["train"], **train}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _tinyctx():
-    with tinymethod.registered():
-        yield
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("vlp-tiny")
+def _cfg(**train) -> RunConfig:
+    return CFG.but(train=train)
 
 
 def _data(n: int) -> list[tuple[torch.Tensor, int]]:
@@ -111,7 +103,7 @@ def test_resume_may_change_execution_settings_only(backbone, tmp_path) -> None:
     changed = _cfg(eval_batch_size=2, log_every=3, eval_every_epoch=True, shard_text=False)
     res = fit(_model(backbone), _data(6), changed, tmp_path, resume=True, progress=False)
     assert res["epochs_done"] == 2 and [h["epoch"] for h in res["history"]] == [1, 2]
-    for other in (_cfg(batch_size=2), _cfg(momentum=0.5), {**CFG, "data": {"seed": 4}}):
+    for other in (_cfg(batch_size=2), _cfg(momentum=0.5), CFG.but(data={"seed": 4})):
         with pytest.raises(VlpromptError, match="different settings; resume with the same config"):
             fit(_model(backbone), _data(6), other, tmp_path, resume=True, progress=False)
     for model in (  # other prompt shapes, other classes
@@ -188,9 +180,9 @@ def test_feature_cache_on_items_equals_training_on_test_transform_tensors(tmp_pa
         Image.fromarray(np.stack([5 * x + 40 * i, 8 * y, 255 - 5 * x], -1).astype(np.uint8)).save(path)
         items.append(Datum(str(path), i % 3, CLASSES[i % 3], path.name))
     tensors = list(ImageDataset(items, build_transform(False, **bb.preprocess_cfg)))
-    cfg = {**_cfg(batch_size=1, epochs=1, warmup_epochs=0), "data": {"seed": 3, "dataset": f"items{n_items}"}}
+    cfg = _cfg(batch_size=1, epochs=1, warmup_epochs=0).but(data={"seed": 3, "dataset": f"items{n_items}"})
     a, b = _model(bb), _model(bb)
-    fit(a, items, {**cfg, "train": {**cfg["train"], "image_features_cache": "train"}}, None, progress=False)
+    fit(a, items, cfg.but(train={"image_features_cache": "train"}), None, progress=False)
     fit(b, tensors, cfg, None, progress=False)
     torch.testing.assert_close(a.prompt_state_dict()["ctx"], b.prompt_state_dict()["ctx"], rtol=0, atol=1e-5)
     assert not torch.equal(a.prompt_state_dict()["ctx"], _model(bb).prompt_state_dict()["ctx"])
@@ -199,7 +191,7 @@ def test_feature_cache_on_items_equals_training_on_test_transform_tensors(tmp_pa
 def test_data_seed_decides_the_batch_order(backbone, tmp_path) -> None:
     def step_losses(seed: int) -> list[float]:
         out = tmp_path / f"seed{seed}"
-        fit(_model(backbone), _data(6), {**CFG, "data": {"seed": seed}}, out, progress=False)
+        fit(_model(backbone), _data(6), CFG.but(data={"seed": seed}), out, progress=False)
         lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
         return [x["loss"] for x in lines if x["kind"] == "step"]
 

@@ -12,6 +12,7 @@ import torch
 from vlprompt.backbones import load_backbone
 from vlprompt.data import build_loader, build_transform, fewshot, get_dataset, subsample
 from vlprompt.methods.model import create_model
+from vlprompt.train.config import RunConfig
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.trainer import fit
 
@@ -39,10 +40,19 @@ def _train(method: str, world, epochs: int, lr: float, **options) -> tuple[float
     zs = create_model("zeroshot", backbone, splits.classnames, template=splits.template)
     model = create_model(method, backbone, splits.classnames, template=splits.template, **options)
     before = _accuracy(model, test)
-    cfg = {
-        "train": {"lr": lr, "batch_size": 16, "eval_batch_size": 256, "epochs": epochs, "warmup_epochs": 0},
-        "data": {"seed": 1},
-    }
+    cfg = RunConfig.from_dict(
+        {
+            "train": {
+                "lr": lr,
+                "batch_size": 16,
+                "eval_batch_size": 256,
+                "epochs": epochs,
+                "warmup_epochs": 0,
+            },
+            "data": {"seed": 1},
+        },
+        partial=True,
+    )
     fit(model, splits.train, cfg, progress=False)
     return _accuracy(zs, test), before, _accuracy(model, test)
 

@@ -111,6 +111,7 @@ def check_train(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
     from vlprompt.backbones import load_backbone
     from vlprompt.bench.models import build_model
     from vlprompt.train import fit
+    from vlprompt.train.config import RunConfig
 
     bb = load_backbone(model, device=device)
     size = bb.preprocess_cfg["size"]
@@ -123,17 +124,20 @@ def check_train(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
             m = build_model(method, bb, 4, "fast")
             before = {k: v.detach().clone() for k, v in m.prompt_state_dict().items()}
             clip_before = sum(float(t.float().sum()) for t in bb.clip.parameters())
-            cfg = {
-                "method": method,
-                "train": {
-                    "batch_size": 4,
-                    "epochs": 1,
-                    "lr": 0.01,
-                    "precision": p,
-                    "device": str(device),
-                    "eval_batch_size": 4,
+            cfg = RunConfig.from_dict(
+                {
+                    "method": method,
+                    "train": {
+                        "batch_size": 4,
+                        "epochs": 1,
+                        "lr": 0.01,
+                        "precision": p,
+                        "device": str(device),
+                        "eval_batch_size": 4,
+                    },
                 },
-            }
+                partial=True,
+            )
             res = fit(m, data, cfg, progress=False)
             after = m.prompt_state_dict()
             moved = any(not torch.equal(before[k], after[k].detach()) for k in before)

@@ -70,7 +70,7 @@ def reset_measured() -> None:
 
 def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extra: Any):
     """A PromptModel of ``method`` with its official options and the variant's execution options."""
-    from vlprompt.methods.model import create_model
+    from vlprompt.methods.model import ModelOptions, create_model
 
     opts, _ = method_recipe(method)
     max_depth = min(backbone.text.layers, backbone.image.layers)
@@ -78,9 +78,8 @@ def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extr
         if "depth" in k and isinstance(v, int) and not isinstance(v, bool) and v > max_depth:
             log.debug("%s: %s=%d clamped to the backbone's %d layers", method, k, v, max_depth)
             opts[k] = max_depth
-    opts.update(VARIANT_OPTIONS[variant])
-    opts.update(extra)
-    model = create_model(method, backbone, class_names(n_classes), **opts)
+    execution = ModelOptions(**{**VARIANT_OPTIONS[variant], **extra})
+    model = create_model(method, backbone, class_names(n_classes), model=execution, **opts)
     model.set_auto_attention(measured(backbone.device)[0])
     return model
 

@@ -93,12 +93,12 @@ def plan_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     rows = []
     for s in specs:
         dspec = get_spec(s.dataset)
-        train, data = s.cfg["train"], s.cfg["data"]
-        sub = data.get("subsample", "all")
+        train, data = s.cfg.train, s.cfg.data
+        sub = data.subsample
         c_train = _n_classes(dspec, sub)
         counts = dspec.counts or (0, 0, 0)
         n_train = int(s.shots) * c_train if s.shots else int(counts[0] * c_train / max(1, dspec.num_classes))
-        batch = int(train["batch_size"])
+        batch = int(train.batch_size)
         steps_per_epoch = n_train // batch if n_train >= batch else 1  # drop_last, as the trainer
         evals = []
         for e in s.evaluations:
@@ -122,9 +122,9 @@ def plan_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
                 "classes": c_train,
                 "train_images": n_train,
                 "batch": batch,
-                "epochs": int(train["epochs"]),
-                "steps": int(train["epochs"]) * steps_per_epoch,
-                "eval_batch": int(train["eval_batch_size"]),
+                "epochs": int(train.epochs),
+                "steps": int(train.epochs) * steps_per_epoch,
+                "eval_batch": int(train.eval_batch_size),
                 "evaluations": evals,
             }
         )

@@ -145,10 +145,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     trained = specs[0]
-    train = trained.cfg["train"]
+    train = trained.cfg.train
     print(
-        f"method: {args.method} (preset recipe: {train.get('epochs')} epochs, "
-        f"batch {train.get('batch_size')}, lr {train.get('lr')}) beside zero-shot"
+        f"method: {args.method} (preset recipe: {train.epochs} epochs, "
+        f"batch {train.batch_size}, lr {train.lr}) beside zero-shot"
     )
     zero_shot = _zero_shot(spec.name, model, args)
     results = run_grid(specs, progress=not args.no_progress)

@@ -21,25 +21,15 @@ def print_table(rows: list[dict]) -> None:
 def _run(args: argparse.Namespace) -> int:
     from vlprompt.run import RunDir, train_run
     from vlprompt.train.checkpoint import has_checkpoint
-    from vlprompt.train.config import resolve_config
+    from vlprompt.train.config import RunRequest, resolve
 
-    cfg = resolve_config(
-        args.method,
-        args.dataset,
-        root=args.root,
-        shots=args.shots,
-        seed=args.seed,
-        subsample=args.subsample,
-        protocol=args.protocol,
-        model=model_name(args),
-        pretrained=args.pretrained,
-        weights=args.weights,
-        overrides=data_overrides(args),
-        epochs=args.epochs,
-        device=args.device,
-        num_workers=args.num_workers,
-        config_file=args.config,
-    )
+    request = RunRequest(
+        args.method, args.dataset, root=args.root, shots=args.shots, seed=args.seed,
+        subsample=args.subsample, protocol=args.protocol, model=model_name(args),
+        pretrained=args.pretrained, weights=args.weights, overrides=tuple(data_overrides(args)),
+        epochs=args.epochs, device=args.device, num_workers=args.num_workers, config_file=args.config,
+    )  # fmt: skip
+    cfg = resolve(request)
     run = RunDir(args.out)
     if has_checkpoint(run.checkpoint_dir) and not run.is_complete() and not (args.resume or args.force):
         raise VlpromptError(

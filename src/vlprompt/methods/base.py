@@ -32,6 +32,7 @@ from vlprompt.errors import VlpromptError, unknown_name
 from vlprompt.methods.common import ClassPrompts
 from vlprompt.methods.official import OfficialLayout
 from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput, TextInputs
+from vlprompt.options import Options, option
 
 #: ``backprop(loss, retain_graph=False)``: the trainer's backward (loss scaling + DDP gradient reduction)
 Backprop = Callable[..., None]
@@ -39,16 +40,9 @@ Backprop = Callable[..., None]
 _REGISTRY: dict[str, type[PromptMethod]] = {}
 
 
-def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A method option: its default (the official recipe) and a one-line help string.
-
-    ``vlprompt config show --method M`` prints the help; use it for every field of a method's Config.
-    Mutable defaults (lists, dicts) are wrapped in a ``default_factory``.
-    """
-    if isinstance(default, (list, dict, set)):
-        value = default
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+#: a method option: the same descriptor as every configuration key (type, default, range or choices,
+#: help); ``vlprompt config show --method M`` prints the help.  Use it for every field of a Config.
+opt = option
 
 
 def option_help(cls: type[MethodConfig]) -> dict[str, str]:
@@ -57,11 +51,14 @@ def option_help(cls: type[MethodConfig]) -> dict[str, str]:
 
 
 @dataclass
-class MethodConfig:
-    """Base of every method's options; subclasses add fields with the official defaults."""
+class MethodConfig(Options):
+    """Base of every method's options; subclasses add fields with the official defaults.
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    Values are checked when the config is built (types, ranges, choices: see ``vlprompt.options``);
+    a method checks in ``__init__`` only what depends on the backbone or on several options at once.
+    """
+
+    section: ClassVar[str] = "options"
 
 
 class PromptMethod(nn.Module):
@@ -81,6 +78,9 @@ class PromptMethod(nn.Module):
     display_name: ClassVar[str] = ""
     # the name the methods' papers print in their tables (protocols.reference); default display_name
     paper_name: ClassVar[str] = ""
+    # trainable parameters of the official code at ViT-B/16 with the default options (None: no
+    # official code to count, e.g. a reconstruction); the method battery checks ours against it
+    official_parameters: ClassVar[int | None] = None
     # a one-line provenance note when the method is our reading rather than published code (DPL): the
     # run layer writes ``reconstructed: true`` + this note into every artefact of such a method
     reconstruction_note: ClassVar[str] = ""
@@ -251,7 +251,7 @@ def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
         raise ValueError(
             f"{cls.__name__}.needs has unknown entries {sorted(bad_needs)}; use {sorted(FROZEN_NEEDS)}"
         )
-    reserved = {"method", "backbone", "classnames", "template"} & {
+    reserved = {"method", "backbone", "classnames", "template", "model"} & {
         f.name for f in dataclasses.fields(cls.Config)
     }
     if reserved:  # these are create_model()'s own arguments; an option of that name could never be passed

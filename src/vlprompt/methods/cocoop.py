@@ -22,15 +22,16 @@ from vlprompt.methods.official import OfficialLayout, Signature, map_cocoop
 
 @dataclass
 class CoCoOpConfig(MethodConfig):
-    n_ctx: int = opt(4, "learnable context vectors")
+    n_ctx: int = opt(4, "learnable context vectors", minimum=1)
     ctx_init: str = opt("a photo of a", 'phrase of exactly n_ctx tokens, or "" for N(0, 0.02^2)')
-    meta_ratio: int = opt(16, "meta-net hidden width = embed_dim // meta_ratio")
+    meta_ratio: int = opt(16, "meta-net hidden width = embed_dim // meta_ratio", minimum=1)
 
 
 @register_method
 class CoCoOp(PromptMethod):
     name = "cocoop"
     display_name = "CoCoOp"
+    official_parameters = 35_360
     bench_batch_size = 1
     official = OfficialLayout(
         "KaiyangZhou/CoOp", "prompt_learner", Signature(has=("ctx", "meta_net.linear2.weight")), map_cocoop
@@ -41,10 +42,8 @@ class CoCoOp(PromptMethod):
 
     def __init__(self, cfg: CoCoOpConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        if cfg.n_ctx < 1:
-            raise VlpromptError(f"n_ctx={cfg.n_ctx} must be at least 1")
         e, d = backbone.embed_dim, backbone.text.width
-        if cfg.meta_ratio < 1 or e // cfg.meta_ratio < 1:
+        if e // cfg.meta_ratio < 1:
             raise VlpromptError(f"meta_ratio={cfg.meta_ratio} must be between 1 and the embedding width {e}")
         self.ctx = nn.Parameter(init_ctx(backbone, cfg.n_ctx, cfg.ctx_init, d).cpu())
         hidden = e // cfg.meta_ratio

@@ -21,7 +21,7 @@ from vlprompt.methods.official import OfficialLayout, Signature, map_coop
 
 @dataclass
 class CoOpConfig(MethodConfig):
-    n_ctx: int = opt(16, "number of learnable context vectors M")
+    n_ctx: int = opt(16, "number of learnable context vectors M", minimum=1)
     ctx_init: str = opt("", '"" = N(0, 0.02^2); else a phrase of exactly n_ctx tokens, e.g. "a photo of a"')
     csc: bool = opt(False, "class-specific context (C, M, d) instead of one shared (M, d)")
     class_token_position: str = opt("end", "end | middle | front")
@@ -31,6 +31,7 @@ class CoOpConfig(MethodConfig):
 class CoOp(PromptMethod):
     name = "coop"
     display_name = "CoOp"
+    official_parameters = 8_192
     bench_batch_size = 32
     official = OfficialLayout(
         "KaiyangZhou/CoOp",
@@ -43,8 +44,6 @@ class CoOp(PromptMethod):
 
     def __init__(self, cfg: CoOpConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        if cfg.n_ctx < 1:
-            raise VlpromptError(f"n_ctx={cfg.n_ctx} must be at least 1")
         ctx_segments(cfg.n_ctx, cfg.class_token_position)  # validates the position name early
         self.width = backbone.text.width
         init = init_ctx(backbone, cfg.n_ctx, cfg.ctx_init, self.width).cpu()

@@ -56,9 +56,15 @@ class _DecoupledOptions(MethodConfig):
     """Options shared by dpl, dpl-visual and dpl-text.  All defaults are ours (reconstruction)."""
 
     mode: str = opt(
-        "gated", "A1 (ours): 'gated' = learnable gate alpha on I->P; 'exact' = standard attention"
+        "gated",
+        "A1 (ours): 'gated' = learnable gate alpha on I->P; 'exact' = standard attention",
+        choices=MODES,
     )
-    gate: str = opt("layer", "A1 gate granularity (ours): one alpha per prompted layer, or per head ('head')")
+    gate: str = opt(
+        "layer",
+        "A1 gate granularity (ours): one alpha per prompted layer, or per head ('head')",
+        choices=GATES,
+    )
     alpha_init: float | str = opt(
         0.05,
         "initial alpha = sigmoid(a) (ours: small, near zero-shot CLIP); 'auto' = each layer's mean exact "
@@ -79,9 +85,12 @@ class _DecoupledOptions(MethodConfig):
         "our reading: after the last prompted layer 'keep' the prompts (carried on, read through a gate of "
         "their own at every later layer, as VPT-deep/MaPLe/ProVP keep theirs) or 'remove' them all "
         "(later blocks = frozen CLIP)",
+        choices=AFTER_DEPTH,
     )
-    init: str = opt("normal", "our reading: 'normal' N(0, init_std^2) or 'uniform' U(-v, v) as ProVP/VPT")
-    init_std: float = opt(0.02, "std of the 'normal' prompt init (ours)")
+    init: str = opt(
+        "normal", "our reading: 'normal' N(0, init_std^2) or 'uniform' U(-v, v) as ProVP/VPT", choices=INITS
+    )
+    init_std: float = opt(0.02, "std of the 'normal' prompt init (ours)", above=0)
     text: str = opt("", "text instance stream; '' = the data set's hand-crafted template")
 
 
@@ -93,6 +102,7 @@ class DPLVisualConfig(_DecoupledOptions):
         "before_ln_pre",
         "our reading: layer-0 image prompts enter 'before_ln_pre' (normalised with the patches, as "
         "MaPLe/MPL) or 'after_ln_pre' (as ProVP's code)",
+        choices=INSERTS,
     )
 
 
@@ -107,18 +117,8 @@ class DPLConfig(DPLVisualConfig, DPLTextConfig):
     pass
 
 
-def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise VlpromptError(f"unknown DPL {what} '{value}'; use one of {', '.join(allowed)}")
-
-
 def _check(cfg: _DecoupledOptions) -> None:
-    _choice(cfg.mode, MODES, "mode")
-    _choice(cfg.gate, GATES, "gate")
-    _choice(cfg.after_depth, AFTER_DEPTH, "after_depth")
-    _choice(cfg.init, INITS, "init")
-    if isinstance(cfg, DPLVisualConfig):
-        _choice(cfg.image_insert, INSERTS, "image_insert")
+    """What the options' descriptors cannot say: checks across options."""
     if cfg.alpha_init == AUTO:
         if cfg.mode != "gated":
             raise VlpromptError("alpha_init='auto' needs mode='gated'; mode 'exact' has no gate")
@@ -132,8 +132,6 @@ def _check(cfg: _DecoupledOptions) -> None:
         raise VlpromptError(
             f"beta={cfg.beta} is outside {'(0, 1)' if cfg.beta_learnable else '[0, 1]'}; e.g. 0.01"
         )
-    if cfg.init_std <= 0:
-        raise VlpromptError(f"init_std={cfg.init_std} must be positive; e.g. 0.02")
 
 
 def uniform_bound(patch: int, width: int) -> float:

@@ -36,6 +36,7 @@ class IVLPConfig(MethodConfig):
 class IVLP(IndependentDeepPrompts, PromptMethod):
     name = "ivlp"
     display_name = "IVLP"
+    official_parameters = 30_720
     bench_batch_size = 4
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",

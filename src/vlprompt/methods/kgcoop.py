@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprompt.backbones import Backbone
-from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_method
 from vlprompt.methods.common import ClassPrompts, HandCraftedContext, init_ctx
 from vlprompt.methods.official import OfficialLayout, Signature, map_coop
@@ -33,9 +32,9 @@ KGCOOP_TEMPLATES = {"{} texture.": "a photo of a {}, a type of texture."}
 
 @dataclass
 class KgCoOpConfig(MethodConfig):
-    n_ctx: int = opt(4, "number of learnable context vectors (official base-to-new: 4)")
+    n_ctx: int = opt(4, "number of learnable context vectors (official base-to-new: 4)", minimum=1)
     ctx_init: str = opt("a photo of a", "words initialising the context (n_ctx tokens); '' = N(0, 0.02^2)")
-    weight: float = opt(8.0, "w: weight of 1 - mean cosine(learned, hand-crafted text features)")
+    weight: float = opt(8.0, "w: weight of 1 - mean cosine(learned, hand-crafted text features)", minimum=0)
     frozen_template: str = opt(
         "", "hand-crafted prompt of the frozen text features; '' = KgCoOp's template for the data set"
     )
@@ -45,6 +44,7 @@ class KgCoOpConfig(MethodConfig):
 class KgCoOp(HandCraftedContext, PromptMethod):
     name = "kgcoop"
     display_name = "KgCoOp"
+    official_parameters = 2_048
     official = OfficialLayout(
         "htyao89/KgCoOp", "prompt_learner", Signature(has=("ctx", "bias_vectors")), map_coop
     )
@@ -55,10 +55,6 @@ class KgCoOp(HandCraftedContext, PromptMethod):
 
     def __init__(self, cfg: KgCoOpConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        if cfg.n_ctx < 1:
-            raise VlpromptError(f"n_ctx={cfg.n_ctx} must be at least 1")
-        if cfg.weight < 0:
-            raise VlpromptError(f"weight={cfg.weight} must be >= 0")
         self.ctx = nn.Parameter(init_ctx(backbone, cfg.n_ctx, cfg.ctx_init, backbone.text.width).cpu())
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:

@@ -18,7 +18,6 @@ from torch import nn
 
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
-from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, linear_stack, normal_prompts, prefix_ctx, validate_depth
 from vlprompt.methods.official import PL, OfficialLayout, Signature, map_maple
@@ -28,7 +27,7 @@ from vlprompt.methods.official import PL, OfficialLayout, Signature, map_maple
 class MaPLeConfig(MethodConfig):
     n_ctx: int = opt(2, "learnable slots: the first n_ctx tokens of ctx_init")
     ctx_init: str = opt("a photo of a", 'prompt prefix; "" = n_ctx random slots before the class')
-    depth: int = opt(9, "prompt depth J on both towers (1 = shallow only)")
+    depth: int = opt(9, "prompt depth J on both towers (1 = shallow only)", minimum=1)
     tie_init: bool = opt(True, "per-layer projections start as copies of one Linear (official code)")
 
 
@@ -36,6 +35,7 @@ class MaPLeConfig(MethodConfig):
 class MaPLe(PromptMethod):
     name = "maple"
     display_name = "MaPLe"
+    official_parameters = 3_555_072
     bench_batch_size = 4
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",
@@ -48,8 +48,6 @@ class MaPLe(PromptMethod):
 
     def __init__(self, cfg: MaPLeConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        if cfg.depth < 1:
-            raise VlpromptError(f"prompt depth {cfg.depth} must be at least 1")
         validate_depth(cfg.depth, backbone.text.layers, "text")
         validate_depth(cfg.depth, backbone.image.layers, "image")
         d_txt, d_img = backbone.text.width, backbone.image.width

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,25 +31,40 @@ from vlprompt.engine import (
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import PromptMethod, TextInputs, build_config, get_method
 from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
+from vlprompt.options import Options, option
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 @dataclass
-class ModelOptions:
-    """Execution options (not part of any method's recipe); all exact unless noted."""
+class ModelOptions(Options):
+    """The ``model`` section: execution options (not part of any method's recipe, never in the
+    fingerprint); all exact unless noted."""
 
-    truncate_text: bool = True  # drop tokens after the longest EOT (exact under the causal mask)
-    cache_text: bool = True  # reuse text features at evaluation while prompts are unchanged
-    text_chunk: int = 2048  # max text sequences per text-tower call (image-conditioned methods)
-    checkpoint_text: bool = False  # activation checkpointing in the text tower (memory for 1000 classes)
-    checkpoint_image: bool = False
-    attention: str = "auto"  # where a plan names no mode: "auto" (table per shape class) | "sdpa" | "plain"
-    share_prefix: bool = True  # run the tokens all class prompts share ([SOS] + shared context) once
+    section: ClassVar[str] = "model"
 
-    @classmethod
-    def keys(cls) -> set[str]:
-        return set(cls.__dataclass_fields__)
+    truncate_text: bool = option(
+        True, "drop text tokens after the longest end-of-text (exact under the causal mask)", execution=True
+    )
+    cache_text: bool = option(
+        True, "reuse the text features at evaluation while the prompts are unchanged", execution=True
+    )
+    text_chunk: int = option(
+        2048, "most text sequences per text-tower call (image-conditioned methods)", minimum=1, execution=True
+    )
+    checkpoint_text: bool = option(
+        False, "activation checkpointing in the text tower (memory for 1000 classes)", execution=True
+    )
+    checkpoint_image: bool = option(False, "activation checkpointing in the image tower", execution=True)
+    attention: str = option(
+        "auto",
+        "attention where a plan names none: auto (measured per shape) | sdpa | plain",
+        choices=ATTENTION_MODES,
+        execution=True,
+    )
+    share_prefix: bool = option(
+        True, "run the tokens all class prompts share ([SOS] + shared context) once", execution=True
+    )
 
 
 class TextStrategy(Protocol):
@@ -75,10 +90,6 @@ class PromptModel(nn.Module):
         self.backbone = backbone
         self.method = method
         self.options = options or ModelOptions()
-        if self.options.attention not in ATTENTION_MODES:
-            raise VlpromptError(
-                f"unknown attention '{self.options.attention}'; use one of {', '.join(ATTENTION_MODES)}"
-            )
         #: what ``attention="auto"`` runs per shape class; the run layer hands in a measured table
         #: (:func:`vlprompt.run.attention.measured_attention`); without one, SDPA everywhere
         self.auto_attention = AutoAttention()
@@ -412,15 +423,15 @@ def create_model(
     backbone: Backbone,
     classnames: list[str],
     template: str | None = None,
+    *,
+    model: ModelOptions | None = None,
     **options: Any,
 ) -> PromptModel:
     """Build ``method`` on ``backbone`` for ``classnames``.
 
-    ``options`` are the method's config fields (see ``vlprompt methods``) plus execution options
-    of :class:`ModelOptions`; unknown keys raise an error naming the valid ones.
+    ``options`` are the method's config fields (see ``vlprompt methods``; unknown keys raise an error
+    naming the valid ones); ``model`` the execution options (the run configuration's ``model`` section).
     """
     cls = get_method(method)
-    model_opts = {k: options.pop(k) for k in list(options) if k in ModelOptions.keys()}
-    cfg = build_config(cls, options)
-    m = cls(cfg, backbone)
-    return PromptModel(m, backbone, classnames, template or DEFAULT_TEMPLATE, ModelOptions(**model_opts))
+    m = cls(build_config(cls, options), backbone)
+    return PromptModel(m, backbone, classnames, template or DEFAULT_TEMPLATE, model or ModelOptions())

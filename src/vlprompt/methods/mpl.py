@@ -35,8 +35,10 @@ from vlprompt.methods.official import PL, OfficialLayout, Signature, map_mpl
 
 @dataclass
 class MPLConfig(MethodConfig):
-    n_ctx: int = opt(1, "learnable text context tokens (also the tokens each projection produces)")
-    add: int = opt(2, "projections per layer: p = add * n_ctx image prompts appended at layers 1..depth-1")
+    n_ctx: int = opt(1, "learnable text context tokens (also the tokens each projection produces)", minimum=1)
+    add: int = opt(
+        2, "projections per layer: p = add * n_ctx image prompts appended at layers 1..depth-1", minimum=0
+    )
     remove: int | str = opt(
         1,
         "prompt tokens removed from the tail before appending; 'all' (or -1) = every one; never more than "
@@ -105,10 +107,6 @@ class MPL(PromptMethod):
     def __init__(self, cfg: MPLConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
         n_ctx, add, depth = cfg.n_ctx, cfg.add, cfg.depth
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-            raise VlpromptError(f"MPL n_ctx={n_ctx!r} is invalid; use n_ctx >= 1")
-        if isinstance(add, bool) or not isinstance(add, int) or add < 0:
-            raise VlpromptError(f"MPL add={add!r} is invalid; use add >= 0")
         max_depth = min(backbone.text.layers, backbone.image.layers)
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= max_depth:
             raise VlpromptError(

@@ -43,14 +43,14 @@ PROGRAD_TEMPLATES = {
 
 @dataclass
 class ProGradConfig(MethodConfig):
-    n_ctx: int = opt(16, "number of learnable context vectors")
+    n_ctx: int = opt(16, "number of learnable context vectors", minimum=1)
     ctx_init: str = opt(
         "template",
         "'template': the hand-crafted prompt's words before the class name (official CTX_INIT=True); "
         "a phrase; or '' for N(0, 0.02^2)",
     )
     lam: float = opt(1.0, "lambda: how much of the conflicting component is removed (official LOSS.LAMBDA)")
-    temperature: float = opt(1.0, "T of the distillation to zero-shot CLIP (official LOSS.T)")
+    temperature: float = opt(1.0, "T of the distillation to zero-shot CLIP (official LOSS.T)", above=0)
     frozen_template: str = opt(
         "", "hand-crafted prompt of zero-shot CLIP; '' = ProGrad's template for the data set"
     )
@@ -60,6 +60,7 @@ class ProGradConfig(MethodConfig):
 class ProGrad(HandCraftedContext, PromptMethod):
     name = "prograd"
     display_name = "ProGrad"
+    official_parameters = 8_192
     official = OfficialLayout(
         "BeierZhu/Prompt-align",
         "prompt_learner",
@@ -75,10 +76,6 @@ class ProGrad(HandCraftedContext, PromptMethod):
 
     def __init__(self, cfg: ProGradConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        if cfg.n_ctx < 1:
-            raise VlpromptError(f"n_ctx={cfg.n_ctx} must be at least 1")
-        if cfg.temperature <= 0:
-            raise VlpromptError(f"temperature={cfg.temperature} must be > 0")
         # the context depends on the data set's template when ctx_init='template': built on the
         # first prepare_text (PromptModel calls it at construction, before any optimizer exists)
         self.ctx: nn.Parameter | None = None

@@ -57,10 +57,12 @@ class PromptSRCConfig(MethodConfig):
     image_loss_weight: float = opt(10.0, "weight of L1(prompted image features, frozen image features)")
     kl_weight: float = opt(1.0, "weight of KL(zero-shot || prompted) over the logits (official: 1)")
     gpa_mean: float = opt(15.0, "mean (in epochs, 1-based) of the Gaussian prompt aggregation weights")
-    gpa_std: float = opt(1.0, "std (in epochs) of the Gaussian prompt aggregation weights")
+    gpa_std: float = opt(1.0, "std (in epochs) of the Gaussian prompt aggregation weights", above=0)
     gpa: bool = opt(True, "aggregate the prompts over epochs (false: keep the last epoch's)")
     frozen_templates_set: str = opt(
-        "imagenet", "frozen text reference: 'imagenet' (60-template ensemble, official) or 'dataset'"
+        "imagenet",
+        "frozen text reference: 'imagenet' (60-template ensemble, official) or 'dataset'",
+        choices=("imagenet", "dataset"),
     )
 
 
@@ -85,6 +87,7 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 class PromptSRC(IndependentDeepPrompts, PromptMethod):
     name = "promptsrc"
     display_name = "PromptSRC"
+    official_parameters = 46_080
     official = OfficialLayout(
         "muzairkhattak/PromptSRC",
         "VLPromptLearner",
@@ -97,10 +100,6 @@ class PromptSRC(IndependentDeepPrompts, PromptMethod):
 
     def __init__(self, cfg: PromptSRCConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        if cfg.frozen_templates_set not in ("imagenet", "dataset"):
-            raise VlpromptError(
-                f"frozen_templates_set='{cfg.frozen_templates_set}'; use 'imagenet' or 'dataset'"
-            )
         gpa_weights(1, cfg.gpa_mean, cfg.gpa_std)  # validates std early
         # official: the words initialise the context only when n_ctx_text <= 4, else N(0, 0.02^2)
         self.init_independent_prompts(

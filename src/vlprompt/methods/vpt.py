@@ -27,9 +27,13 @@ from vlprompt.methods.official import PL, OfficialLayout, Signature, map_vpt
 
 @dataclass
 class VPTConfig(MethodConfig):
-    n_ctx: int = opt(8, "image prompt tokens per layer")
+    n_ctx: int = opt(8, "image prompt tokens per layer", minimum=1)
     depth: int = opt(12, "image layers with their own prompts (1 = VPT-shallow)")
-    init: str = opt("normal", "normal (N(0, 0.02^2), MaPLe-repo VPT baseline) | uniform (VPT paper)")
+    init: str = opt(
+        "normal",
+        "normal (N(0, 0.02^2), MaPLe-repo VPT baseline) | uniform (VPT paper)",
+        choices=("normal", "uniform"),
+    )
     text: str = opt("a photo of a {}.", 'fixed text prompt; "" = the data set\'s template')
 
 
@@ -37,6 +41,7 @@ class VPTConfig(MethodConfig):
 class VPT(PromptMethod):
     name = "vpt"
     display_name = "VPT-deep"
+    official_parameters = 73_728
     bench_batch_size = 4
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",
@@ -49,8 +54,6 @@ class VPT(PromptMethod):
 
     def __init__(self, cfg: VPTConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        if cfg.n_ctx < 1:
-            raise VlpromptError(f"n_ctx={cfg.n_ctx} must be at least 1")
         validate_depth(cfg.depth, backbone.image.layers, "image")
         if cfg.text and "{}" not in cfg.text:
             raise VlpromptError(f"text '{cfg.text}' has no '{{}}' placeholder for the class name")
@@ -59,10 +62,8 @@ class VPT(PromptMethod):
             patch = backbone.clip.visual.conv1.kernel_size[0]
             layers = [uniform_prompts(cfg.n_ctx, width, patch).data for _ in range(cfg.depth)]
             self.image_prompts = nn.Parameter(torch.stack(layers))
-        elif cfg.init == "normal":
+        else:  # "normal" (the option's choices are checked when the config is built)
             self.image_prompts = normal_prompts(cfg.depth, cfg.n_ctx, width)
-        else:
-            raise VlpromptError(f"unknown init '{cfg.init}' for vpt; use uniform or normal")
 
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
         self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.text or template)])

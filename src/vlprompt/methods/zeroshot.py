@@ -20,6 +20,7 @@ class ZeroShotConfig(MethodConfig):
 class ZeroShot(PromptMethod):
     name = "zeroshot"
     display_name = "CLIP (zero-shot)"
+    official_parameters = 0
     paper_name = "CLIP"
     Config = ZeroShotConfig
     summary = "zero-shot CLIP with the data set's hand-crafted template (no learning)"

@@ -143,42 +143,12 @@ def preset_protocol(method: str, protocol: str) -> str:
     return "dg" if "dg" in preset_protocols(method) else "cross-dataset"
 
 
-def resolve_run_config(
-    method: str,
-    protocol: str,
-    dataset: str,
-    *,
-    shots: int,
-    seed: int,
-    root: str | None,
-    model: str,
-    pretrained: str | None,
-    weights: str | None,
-    overrides: Sequence[str],
-    epochs: int | None,
-    num_workers: int,
-    device: str | None,
-    config_file: str | None = None,
-) -> Any:
-    """One run's fully resolved RunConfig via train.config.resolve_config (preset, file, flags, --set)."""
-    from vlprompt.train.config import resolve_config
+def resolve_run_config(request: Any, protocol: str) -> Any:
+    """One run's fully resolved RunConfig: ``request`` (a ``RunRequest``) under ``protocol``'s recipe."""
+    from vlprompt.train.config import resolve
 
-    cfg = resolve_config(
-        method,
-        dataset,
-        root=root,
-        shots=shots,
-        seed=seed,
-        subsample=TRAIN_SUBSAMPLE[protocol],
-        protocol=preset_protocol(method, protocol),
-        model=model,
-        pretrained=pretrained,
-        weights=weights,
-        overrides=overrides,
-        epochs=epochs,
-        device=device,
-        num_workers=num_workers,
-        config_file=config_file,
+    cfg = resolve(
+        request.but(subsample=TRAIN_SUBSAMPLE[protocol], protocol=preset_protocol(request.method, protocol))
     )
     cfg.protocol = protocol
     return cfg
@@ -237,28 +207,20 @@ def plan_grid(
             raise VlpromptError(f"--source applies to cross-dataset and dg only, not {protocol}")
         train_sets, targets = datasets, []
 
+    from vlprompt.train.config import RunRequest
+
+    request = RunRequest(  # the template of every run's request (method, data set, shots, seed per run)
+        method=methods[0], root=root, model=model, pretrained=pretrained, weights=weights,
+        overrides=tuple(overrides), epochs=epochs, num_workers=num_workers, device=device,
+        config_file=config_file,
+    )  # fmt: skip
     runs_dir = Path(runs_dir)
     specs: list[RunSpec] = []
     for method in methods:
         for dataset in train_sets:
             for k in shots:
                 for seed in seeds:
-                    cfg = resolve(
-                        method,
-                        protocol,
-                        dataset,
-                        shots=k,
-                        seed=seed,
-                        root=root,
-                        model=model,
-                        pretrained=pretrained,
-                        weights=weights,
-                        overrides=list(overrides),
-                        epochs=epochs,
-                        num_workers=num_workers,
-                        device=device,
-                        **({"config_file": config_file} if config_file else {}),
-                    )
+                    cfg = resolve(request.but(method=method, dataset=dataset, shots=k, seed=seed), protocol)
                     if protocol == "base2new":
                         evals = [Evaluation(dataset, "base"), Evaluation(dataset, "new")]
                     elif protocol == "fewshot":

@@ -21,7 +21,7 @@ from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
 from vlprompt.run.lock import RunLock
-from vlprompt.train.config import RunConfig, as_run_config, dump_yaml
+from vlprompt.train.config import RunConfig, dump_yaml
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bo
 
 
 def train_run(
-    cfg: RunConfig | dict[str, Any],
+    cfg: RunConfig,
     out_dir: str | os.PathLike,
     resume: bool = True,
     progress: bool = True,
@@ -179,7 +179,10 @@ def train_run(
     same fingerprint continues from its checkpoint.  Returns ``{"run_dir", "status":
     "trained"|"complete"|"stopped", "evaluation", "evaluations", "fingerprint"}``.
     """
-    cfg = as_run_config(cfg)
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(
+            "train_run takes a RunConfig: build it with resolve_config(...) or RunConfig.from_dict(...)"
+        )
     run = RunDir(out_dir)
     if run.path.exists() and not run.path.is_dir():
         raise VlpromptError(f"--out {run} is a file; pass a directory")
@@ -368,7 +371,12 @@ def _train(
 
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
-        cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
+        cfg.method,
+        backbone,
+        list(splits.classnames),
+        template=splits.template,
+        model=cfg.model,
+        **_options_dict(cfg),
     )
     # attention="auto": the choices this run recorded (on resume), else the machine's measured table;
     # each new choice is written to env.json at once, so a resume after a kill reuses it

@@ -3,8 +3,10 @@
 from vlprompt.train.config import (
     DEFAULT_TRAIN,
     PROTOCOLS,
+    RunRequest,
     apply_overrides,
     load_preset,
+    resolve,
     resolve_config,
     validate_config,
 )
@@ -18,6 +20,7 @@ __all__ = [
     "PROTOCOLS",
     "EpochSchedule",
     "Precision",
+    "RunRequest",
     "apply_overrides",
     "build_optimizer",
     "epoch_lr",
@@ -25,6 +28,7 @@ __all__ = [
     "fit",
     "load_preset",
     "lr_sequence",
+    "resolve",
     "resolve_config",
     "resolve_device",
     "resolve_precision",

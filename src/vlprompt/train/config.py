@@ -8,37 +8,41 @@
       train: TrainConfig          optimiser, schedule, epochs, precision (+ execution-only keys)
       data: DataConfig            data set, root, shots, seed, subsample, loader settings
       backbone: BackboneConfig    open_clip name, pretrained tag or local weights file
+      model: ModelOptions         execution options of the model (text caching, attention ...)
       protocol: str | None        base2new | cross-dataset | dg | fewshot | None (a single run)
 
-Every key has a type, a default and a help string (``vlprompt config show [--method M]`` prints
-them).  Resolution order: the defaults below < the method's preset file < the preset's
+Every key -- of the sections and of every method's options -- is declared with the one descriptor
+``vlprompt.options.option`` (type, default, range or choices, help; ``vlprompt config show [--method
+M]`` prints them) and checked once, when its section is built.  A command's wishes travel as one
+:class:`RunRequest`; :func:`resolve` turns it into the RunConfig.
+
+Resolution order: the defaults below < the method's preset file < the preset's
 ``protocols[<protocol>]`` section < ``--config FILE.yaml`` < ``--set key=value`` <
 ``epochs_by_shots`` / ``epochs_by_dataset`` (unless ``train.epochs`` was set explicitly) < explicit
 flags (``--epochs``, ``--device``).  Values are checked when parsed (types, ranges, finite floats)
 with one-line errors naming the key.  ``to_dict()`` is what a run writes as ``config.yaml``.
 
-The dataclasses also answer ``cfg["train"]["lr"]``-style reads (and writes) so scripts written
-against the former dict config keep working; library code uses attributes.
+The tree is read by attribute (``cfg.train.lr``); ``RunConfig.but(train={...})`` derives a changed
+copy (checked again).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import yaml
 
 from vlprompt.errors import VlpromptError, unknown_name
+from vlprompt.methods.model import ModelOptions
+from vlprompt.options import Options, option, plain
 
 PROTOCOLS: tuple[str, ...] = ("base2new", "cross-dataset", "dg", "fewshot")
-SECTIONS: tuple[str, ...] = ("method", "options", "train", "data", "backbone", "protocol")
+SECTIONS: tuple[str, ...] = ("method", "options", "train", "data", "backbone", "model", "protocol")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 SCHEDULERS: tuple[str, ...] = ("cosine", "constant")
@@ -47,135 +51,47 @@ FEATURE_CACHE_MODES: tuple[str, ...] = ("off", "eval", "train")
 SUBSAMPLES: tuple[str, ...] = ("all", "base", "new")
 
 
-def key(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple[str, ...] | None = None,
-    minimum: float | None = None,
-    strict: bool = False,
-    execution: bool = False,
-) -> Any:
-    """A config key: default, help, optional choices / lower bound; ``execution`` keys never change a
-    result (device, logging, batch size of evaluation), so they are left out of the run's fingerprint."""
-    meta = {"help": help, "choices": choices, "minimum": minimum, "strict": strict, "execution": execution}
-    if isinstance(default, (dict, list)):
-        value = default
-        return field(default_factory=lambda: copy.deepcopy(value), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-class _Section:
-    """Dict-style access for scripts written against the former dict config (``cfg["lr"]``)."""
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self.keys():
-            raise KeyError(name)
-        value = getattr(self, name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, _Section):
-            return _OptionsView(value)
-        return value
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        if name not in self.keys():
-            raise KeyError(name)
-        setattr(self, name, value)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.keys()
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self.keys() else default
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, self[k]) for k in self.keys()]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: _plain(getattr(self, k)) for k in self.keys()}
-
-
-class _OptionsView:
-    """``cfg["options"]["n_ctx"]`` over a method's Config dataclass."""
-
-    def __init__(self, obj: Any):
-        self._obj = obj
-
-    def __getitem__(self, name: str) -> Any:
-        return getattr(self._obj, name)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        setattr(self._obj, name, value)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self._obj, name, default)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self._obj)]
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, getattr(self._obj, k)) for k in self.keys()]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.keys()
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __eq__(self, other: object) -> bool:
-        return dict(self.items()) == (dict(other.items()) if hasattr(other, "items") else other)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, _Section):
-        return v.to_dict()
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
+_plain = plain
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Options):
     """How the prompts are trained (Dassl/CoOp defaults; the method's preset sets its recipe)."""
 
-    optimizer: str = key("sgd", "optimiser", choices=OPTIMIZERS)
-    lr: float = key(0.002, "learning rate after warm-up", minimum=0, strict=True)
-    momentum: float = key(0.9, "SGD momentum", minimum=0)
-    weight_decay: float = key(0.0005, "weight decay", minimum=0)
-    batch_size: int = key(32, "training images per optimisation step (global batch under DDP)", minimum=1)
-    epochs: int = key(5, "training epochs", minimum=1)
-    epochs_by_shots: dict[int, int] | None = key(
+    section = "train"
+
+    optimizer: str = option("sgd", "optimiser", choices=OPTIMIZERS)
+    lr: float = option(0.002, "learning rate after warm-up", above=0, maximum=10)
+    momentum: float = option(0.9, "SGD momentum", minimum=0, below=1)
+    weight_decay: float = option(0.0005, "weight decay", minimum=0, maximum=1)
+    batch_size: int = option(32, "training images per optimisation step (global batch under DDP)", minimum=1)
+    epochs: int = option(5, "training epochs", minimum=1)
+    epochs_by_shots: dict[int, int] | None = option(
         None, "epochs per shots K, e.g. {1: 50, 16: 200} (CoOp); applies unless train.epochs is set"
     )
-    epochs_by_dataset: dict[str, int] | None = key(
+    epochs_by_dataset: dict[str, int] | None = option(
         None, "epochs per data set, e.g. {imagenet: 50}; applies unless train.epochs is set"
     )
-    warmup_epochs: int = key(1, "epochs at the warm-up learning rate", minimum=0)
-    warmup_lr: float = key(1.0e-5, "learning rate during warm-up", minimum=0)
-    warmup_type: str = key("constant", "warm-up shape", choices=WARMUP_TYPES)
-    scheduler: str = key("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS)
-    precision: str = key(
+    warmup_epochs: int = option(1, "epochs at the warm-up learning rate", minimum=0)
+    warmup_lr: float = option(1.0e-5, "learning rate during warm-up", minimum=0, maximum=10)
+    warmup_type: str = option("constant", "warm-up shape", choices=WARMUP_TYPES)
+    scheduler: str = option("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS)
+    precision: str = option(
         "auto", "autocast precision (auto: fp32 on CPU, bf16/fp16 on CUDA)", choices=PRECISIONS
     )
-    image_features_cache: str = key(
+    image_features_cache: str = option(
         "off",
         "frozen image features: off | eval (exact: cache at evaluation) | train (also training, "
         "augmentation OFF -- changes the result)",
         choices=FEATURE_CACHE_MODES,
     )
     # execution only: never change what is computed
-    eval_batch_size: int = key(100, "evaluation batch size", minimum=1, execution=True)
-    device: str = key("auto", "auto, cpu, cuda or cuda:N", execution=True)
-    eval_every_epoch: bool = key(False, "also evaluate after every epoch (slower)", execution=True)
-    log_every: int = key(1, "write a step record to log.jsonl every N steps", minimum=1, execution=True)
-    shard_text: bool = key(False, "DDP: split the class prompts' text encoding over ranks", execution=True)
-    attention: str = key(
+    eval_batch_size: int = option(100, "evaluation batch size", minimum=1, execution=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", execution=True)
+    eval_every_epoch: bool = option(False, "also evaluate after every epoch (slower)", execution=True)
+    log_every: int = option(1, "write a step record to log.jsonl every N steps", minimum=1, execution=True)
+    shard_text: bool = option(False, "DDP: split the class prompts' text encoding over ranks", execution=True)
+    attention: str = option(
         "auto",
         "attention implementation (exact alike, rounding differs): auto (measured once per machine and "
         "shape, recorded in env.json, reused on resume) | sdpa | plain (fixed: same on every machine)",
@@ -185,27 +101,29 @@ class TrainConfig(_Section):
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Options):
     """Which data a run trains on."""
 
-    dataset: str | None = key(None, "data set name (`vlprompt data list`), folder:PATH or csv:PATH")
-    root: str | None = key(
+    section = "data"
+
+    dataset: str | None = option(None, "data set name (`vlprompt data list`), folder:PATH or csv:PATH")
+    root: str | None = option(
         None, "folder holding the data set folders (CoOp's $DATA; env VLPROMPT_DATA)", execution=True
     )
-    shots: int = key(16, "training images per class (0 = the full training split)", minimum=0)
-    seed: int = key(1, "seed of the few-shot picks and of training", minimum=0)
-    subsample: str = key("all", "classes trained on: all | base | new", choices=SUBSAMPLES)
-    skip_bad: bool = key(False, "drop unreadable images (logged with a count) instead of failing")
-    listing: str = key(
+    shots: int = option(16, "training images per class (0 = the full training split)", minimum=0)
+    seed: int = option(1, "seed of the few-shot picks and of training", minimum=0)
+    subsample: str = option("all", "classes trained on: all | base | new", choices=SUBSAMPLES)
+    skip_bad: bool = option(False, "drop unreadable images (logged with a count) instead of failing")
+    listing: str = option(
         "sorted",
         "order of ImageNet's class folders: sorted (default) | os (unsorted os.listdir, as the reference "
         "toolkit; filesystem-dependent)",
         choices=("sorted", "os"),
     )
-    num_workers: int = key(
+    num_workers: int = option(
         0, "data-loader worker processes (0 = load in the main process)", minimum=0, execution=True
     )
-    max_image_pixels: int = key(
+    max_image_pixels: int = option(
         178_956_970,
         "largest image (width x height) that is decoded; larger files are refused as decompression "
         "bombs (skipped with skip_bad); 0 = no limit",
@@ -214,25 +132,30 @@ class DataConfig(_Section):
 
 
 @dataclass
-class BackboneConfig(_Section):
+class BackboneConfig(Options):
     """The frozen CLIP: an open_clip architecture with a pretrained tag, a local file, or random init."""
 
-    name: str | None = key("ViT-B-16", "open_clip architecture (inferred from --weights when omitted)")
-    pretrained: str | None = key(None, "open_clip pretrained tag, e.g. openai (needs the cache or a network)")
-    weights: str | None = key(
+    section = "backbone"
+
+    name: str | None = option("ViT-B-16", "open_clip architecture (inferred from --weights when omitted)")
+    pretrained: str | None = option(
+        None, "open_clip pretrained tag, e.g. openai (needs the cache or a network)"
+    )
+    weights: str | None = option(
         None, "local weights file: OpenAI .pt, open_clip .pt/.bin, .safetensors", execution=True
     )
 
 
-SECTION_TYPES: dict[str, type[_Section]] = {
+SECTION_TYPES: dict[str, type[Options]] = {
     "train": TrainConfig,
     "data": DataConfig,
     "backbone": BackboneConfig,
+    "model": ModelOptions,
 }
 
 
 @dataclass
-class RunConfig(_Section):
+class RunConfig(Options):
     """A fully resolved run; the object that flows from the CLI through protocols to the trainer."""
 
     method: str = "zeroshot"
@@ -240,6 +163,7 @@ class RunConfig(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelOptions = field(default_factory=ModelOptions)
     protocol: str | None = None
 
     _sections: ClassVar[tuple[str, ...]] = SECTIONS
@@ -251,6 +175,7 @@ class RunConfig(_Section):
             "train": self.train.to_dict(),
             "data": self.data.to_dict(),
             "backbone": self.backbone.to_dict(),
+            "model": self.model.to_dict(),
             "protocol": self.protocol,
         }
 
@@ -258,8 +183,11 @@ class RunConfig(_Section):
         return copy.deepcopy(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], where: str = "config") -> RunConfig:
-        """A validated RunConfig from a (possibly partial) dict; unknown keys and bad values are errors."""
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "config", *, partial: bool = False) -> RunConfig:
+        """A validated RunConfig from a dict (a YAML file); unknown keys and bad values are errors.
+
+        ``partial``: sections may leave out what a run needs (a data set, a backbone) -- e.g. the
+        configuration of ``fit()`` on in-memory data; every value given is still checked."""
         if isinstance(raw, RunConfig):
             return raw.copy()
         if not isinstance(raw, Mapping):
@@ -281,183 +209,47 @@ class RunConfig(_Section):
                 raise VlpromptError(f"{where}: section '{name}' must be a mapping of keys, got {section!r}")
             setattr(cfg, name, build_section(typ, section, name))
         cfg.options = build_options(method, raw.get("options") or {})
-        validate_config(cfg)
-        return cfg
+        return cfg if partial else validate_config(cfg)
+
+    def but(self, **sections: Mapping[str, Any]) -> RunConfig:
+        """A copy with some keys of some sections changed, e.g. ``cfg.but(train={"epochs": 2})``."""
+        out = self.copy()
+        for name, values in sections.items():
+            if name not in ("options", *SECTION_TYPES):
+                raise unknown_name("section", name, ("options", *SECTION_TYPES))
+            current = getattr(out, name)
+            setattr(out, name, type(current).build({**current.to_dict(), **values}, name))
+        return out
 
 
 # ----------------------------------------------------------------------------------------- values
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " (or null)"
-    if origin is dict:
-        k, v = typing.get_args(tp)
-        return f"a mapping {{{_type_name(k)}: {_type_name(v)}}}"
-    if origin in (list, tuple):
-        return "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def coerce(value: Any, tp: Any, name: str) -> Any:
-    """``value`` checked (and, where lossless, converted) against the annotation ``tp``."""
-
-    def bad() -> VlpromptError:
-        return VlpromptError(f"{name}={value!r} is invalid; it must be {_type_name(tp)}")
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, name)
-            except VlpromptError:
-                continue
-        raise bad()
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        if not isinstance(value, Mapping):
-            raise bad()
-        return {coerce(k, kt, f"{name} key"): coerce(v, vt, f"{name}[{k}]") for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        (et,) = typing.get_args(tp)[:1] or (Any,)
-        return [coerce(v, et, name) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, str):
-            try:
-                value_f = float(value.strip())
-            except ValueError:
-                raise bad() from None
-        elif isinstance(value, (int, float)):
-            value_f = float(value)
-        else:
-            raise bad()
-        if not math.isfinite(value_f):
-            raise VlpromptError(f"{name}={value!r} is invalid; it must be a finite number")
-        return value_f
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise bad()
-    return value
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def build_section(typ: type[_Section], values: Mapping[str, Any], section: str) -> Any:
-    """A section dataclass from ``values`` (defaults for missing keys), each value type-checked."""
-    fields = {f.name: f for f in dataclasses.fields(typ)}
-    bad = [k for k in values if k not in fields]
-    if bad:
-        raise unknown_name(f"{section} key", str(bad[0]), fields)
-    hints = _hints(typ)
-    out = {}
-    for k, raw in values.items():
-        f = fields[k]
-        name = f"{section}.{k}"
-        v = coerce(raw, hints[k], name)
-        meta = f.metadata
-        if meta.get("choices") and v not in meta["choices"]:
-            raise VlpromptError(f"{name}={raw!r} is invalid; choose one of: {', '.join(meta['choices'])}")
-        lo = meta.get("minimum")
-        if lo is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
-            if (v <= lo) if meta.get("strict") else (v < lo):
-                rel = ">" if meta.get("strict") else ">="
-                kind = "an integer" if hints[k] is int else "a number"
-                raise VlpromptError(f"{name}={raw!r} is invalid; it must be {kind} {rel} {lo:g}")
-        out[k] = v
-    return typ(**out)
+def build_section(typ: type[Options], values: Mapping[str, Any], section: str) -> Any:
+    """A section dataclass from ``values`` (defaults for missing keys), each value checked once."""
+    return typ.build(values, section)
 
 
 def build_options(method: str, options: Mapping[str, Any]) -> Any:
-    """The method's Config dataclass from ``options``: unknown keys and bad types are one-line errors."""
-    from vlprompt.methods import get_method
+    """The method's Config dataclass from ``options``: unknown keys and bad values are one-line errors."""
+    from vlprompt.methods import build_config, get_method
 
     cls = get_method(method)
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
         options = _plain(options)
-    if isinstance(options, _OptionsView):
-        options = dict(options.items())
     if not isinstance(options, Mapping):
         raise VlpromptError(f"options must be a mapping of method '{method}' option names to values")
-    from vlprompt.methods import build_config
-
-    hints = _hints(cls.Config)
-    values = {k: coerce(v, hints[k], f"options.{k}") if k in hints else v for k, v in options.items()}
     try:
-        return build_config(cls, values)  # unknown names: one line listing the valid ones
+        return build_config(cls, dict(options))  # unknown names: one line listing the valid ones
     except (TypeError, ValueError) as e:
         raise VlpromptError(f"options for method '{method}' are invalid ({e})") from None
 
 
 def describe_keys(method: str | None = None) -> list[dict[str, Any]]:
-    """Every config key: ``{key, type, default, help}`` (with the method's options when given)."""
-    rows = []
-    for section, typ in SECTION_TYPES.items():
-        hints = _hints(typ)
-        for f in dataclasses.fields(typ):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            help_ = f.metadata.get("help", "")
-            if f.metadata.get("choices"):
-                help_ += f" [{' | '.join(f.metadata['choices'])}]"
-            rows.append(
-                {
-                    "key": f"{section}.{f.name}",
-                    "type": _type_name(hints[f.name]),
-                    "default": default,
-                    "help": help_,
-                    "execution": bool(f.metadata.get("execution")),
-                }
-            )
+    """Every config key: ``{key, type, default, help, execution}`` (with the method's options when given)."""
+    rows = [row for typ in SECTION_TYPES.values() for row in typ.describe()]
     if method is not None:
         from vlprompt.methods import get_method
 
-        cls = get_method(method)
-        hints = _hints(cls.Config)
-        for f in dataclasses.fields(cls.Config):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append(
-                {
-                    "key": f"options.{f.name}",
-                    "type": _type_name(hints.get(f.name, Any)),
-                    "default": default,
-                    "help": f.metadata.get("help", ""),
-                    "execution": False,
-                }
-            )
+        rows += get_method(method).Config.describe("options")
     return rows
 
 
@@ -609,31 +401,53 @@ def _norm_ds(name: str) -> str:
     return str(name).lower().replace("-", "").replace("_", "")
 
 
-def resolve_config(
-    method: str,
-    dataset: str | None,
-    *,
-    root: str | None = None,
-    shots: int | None = 16,
-    seed: int = 1,
-    subsample: str | None = None,
-    protocol: str | None = None,
-    model: str | None = "ViT-B-16",
-    pretrained: str | None = None,
-    weights: str | None = None,
-    overrides: Iterable[str] = (),
-    epochs: int | None = None,
-    device: str | None = None,
-    num_workers: int = 0,
-    config_file: str | Path | None = None,
-) -> RunConfig:
-    """The fully resolved, validated :class:`RunConfig` (see the module docstring for the order).
+@dataclass(frozen=True)
+class RunRequest:
+    """What a command asks for, before presets, files and ``--set`` are applied (see :func:`resolve`).
 
     ``subsample`` defaults to ``base`` under the base2new protocol and ``all`` otherwise;
     ``shots=None``/``0`` trains on the full training split.  ``config_file`` is a YAML file with any
-    of the sections (``train:``, ``options:``, ``data:``, ``backbone:``), applied before ``--set``.
+    of the sections (``train:``, ``options:``, ``data:``, ``backbone:``), applied before ``overrides``
+    (``--set KEY=VALUE``); ``epochs`` and ``device`` are the explicit flags, applied last.
     """
-    overrides = list(overrides)
+
+    method: str
+    dataset: str | None = None
+    root: str | None = None
+    shots: int | None = 16
+    seed: int = 1
+    subsample: str | None = None
+    protocol: str | None = None
+    model: str | None = "ViT-B-16"
+    pretrained: str | None = None
+    weights: str | None = None
+    overrides: tuple[str, ...] = ()
+    epochs: int | None = None
+    device: str | None = None
+    num_workers: int = 0
+    config_file: str | Path | None = None
+
+    def but(self, **changes: Any) -> RunRequest:
+        """A copy with ``changes`` (a protocol grid derives one request per run from one template)."""
+        if "overrides" in changes:
+            changes["overrides"] = tuple(changes["overrides"])
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_config(method: str, dataset: str | None = None, **request: Any) -> RunConfig:
+    """:func:`resolve` of ``RunRequest(method, dataset, **request)`` (for scripts and tests)."""
+    if "overrides" in request:
+        request["overrides"] = tuple(request["overrides"])
+    return resolve(RunRequest(method, dataset, **request))
+
+
+def resolve(request: RunRequest) -> RunConfig:
+    """The fully resolved, validated :class:`RunConfig` of ``request`` (see the module docstring)."""
+    r = request
+    method, dataset, protocol, config_file = r.method, r.dataset, r.protocol, r.config_file
+    root, shots, seed, subsample, num_workers = r.root, r.shots, r.seed, r.subsample, r.num_workers
+    model, pretrained, weights, epochs, device = r.model, r.pretrained, r.weights, r.epochs, r.device
+    overrides = list(r.overrides)
     preset = load_preset(method, protocol)
     if subsample is None:
         subsample = "base" if protocol == "base2new" else "all"
@@ -717,34 +531,6 @@ def validate_config(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
     if cfg.train.warmup_epochs > cfg.train.epochs and cfg.train.warmup_type != "none":
         pass  # allowed by the reference schedule (the whole run is warm-up); kept as is
     return cfg
-
-
-def as_run_config(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
-    """``cfg`` as a validated RunConfig (a dict from an older script or a YAML file is converted)."""
-    return cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
-
-
-def train_settings(cfg: Any) -> TrainConfig:
-    """The TrainConfig of a RunConfig, a full dict config, or a bare ``train`` dict (defaults filled in)."""
-    if isinstance(cfg, RunConfig):
-        return cfg.train
-    if isinstance(cfg, TrainConfig):
-        return cfg
-    section = cfg.get("train") if isinstance(cfg, Mapping) and isinstance(cfg.get("train"), Mapping) else cfg
-    if isinstance(section, TrainConfig):
-        return section
-    return build_section(TrainConfig, dict(section or {}), "train")
-
-
-def data_settings(cfg: Any) -> DataConfig:
-    """The DataConfig of a RunConfig or a dict config (defaults when absent)."""
-    if isinstance(cfg, RunConfig):
-        return cfg.data
-    section = cfg.get("data") if isinstance(cfg, Mapping) else None
-    if isinstance(section, DataConfig):
-        return section
-    section = {k: v for k, v in dict(section or {}).items()}
-    return build_section(DataConfig, section, "data")
 
 
 def dump_yaml(cfg: RunConfig | Mapping[str, Any]) -> str:

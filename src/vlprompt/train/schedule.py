@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlprompt.errors import VlpromptError
+from vlprompt.train.config import TrainConfig
 
 
 def epoch_lr(
@@ -48,10 +49,8 @@ def epoch_lr(
 class EpochSchedule:
     """Sets the optimiser's lr at the start of every epoch; its state is just the epoch (checkpointable)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, train: Any):
-        from vlprompt.train.config import train_settings
-
-        t = train_settings(train)
+    def __init__(self, optimizer: torch.optim.Optimizer, train: TrainConfig):
+        t = train
         self.optimizer = optimizer
         self.kw = {
             "lr": t.lr,
@@ -97,11 +96,9 @@ def lr_sequence(train: Mapping[str, Any]) -> list[float]:
     return [epoch_lr(e, **kw) for e in range(int(train["epochs"]))]
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum 0.9, weight decay 5e-4 in the recipes); Adam/AdamW for experiments."""
-    from vlprompt.train.config import train_settings
-
-    t = train_settings(train)
+    t = train
     params = list(params)
     if not params:
         raise VlpromptError(

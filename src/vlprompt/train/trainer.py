@@ -15,16 +15,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vlprompt.errors import VlpromptError
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
-from vlprompt.train.config import data_settings, train_settings
+from vlprompt.train.config import RunConfig
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.files import TrainerFiles, trainer_files
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
@@ -134,17 +137,91 @@ def _guard_finite(
     raise VlpromptError(f"training diverged at epoch {epoch}, step {step}: {what}; {cause}")
 
 
+@dataclass
+class _Progress:
+    """Where training stands: what a checkpoint saves and a resumed run restores besides the modules."""
+
+    epoch: int = 0
+    step: int = 0
+    elapsed: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Parts:
+    """The stateful pieces of one training: restored together on resume, saved together per epoch."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: EpochSchedule
+    scaler: Any
+    loader: DataLoader
+    key: str
+
+    def state(self, progress: _Progress) -> dict[str, Any]:
+        """The checkpoint of the end of epoch ``progress.epoch`` (tensors and JSON-able values)."""
+        return {
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "config_hash": self.key,
+            "prompt": self.model.prompt_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {**self.schedule.state_dict(), "epoch": progress.epoch},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": ckpt.rng_state(),
+            "loader_generator": self.loader.generator.get_state(),
+            "elapsed": progress.elapsed,
+            "history": progress.history,
+            "hooks": self.model.method.hook_state_dict(),  # tensors and JSON-able values only
+        }
+
+    def restore(self, state: dict[str, Any], where: Path, device: torch.device, epochs: int) -> _Progress:
+        """Load a checkpoint written by :meth:`state` (refused when its settings differ or it is
+        damaged: one line naming the file, never a traceback)."""
+        if state.get("config_hash") != self.key:
+            raise VlpromptError(
+                f"checkpoint in {where} was written with different settings; "
+                "resume with the same config or start over without --resume"
+            )
+        try:
+            self.model.load_prompt_state_dict({k: v.to(device) for k, v in state["prompt"].items()})
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.model.method.load_hook_state_dict(state.get("hooks") or {})
+            ckpt.set_rng_state(state["rng"])
+            self.loader.generator.set_state(state["loader_generator"])
+            done = _Progress(
+                int(state["epoch"]),
+                int(state["step"]),
+                float(state.get("elapsed", 0.0)),
+                list(state.get("history", [])),
+            )
+            if not 0 <= done.epoch <= epochs or done.step < 0:
+                raise ValueError(f"epoch {done.epoch} of {epochs}, step {done.step}")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            what = (
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0][:80]}"
+                if str(e).strip()
+                else type(e).__name__
+            )
+            raise VlpromptError(
+                f"resume checkpoint {where / ckpt.STATE} is damaged ({what}); delete "
+                f"{where} or pass --force to start the run over"
+            ) from None
+        return done
+
+
 def fit(
     model: torch.nn.Module,
     train_data: Any,
-    cfg: Mapping[str, Any],
+    cfg: RunConfig,
     out_dir: str | os.PathLike | TrainerFiles | None = None,
     resume: bool = False,
     *,
     eval_data: Any = None,
-    seed: int | None = None,
     progress: bool = True,
-    num_workers: int | None = None,
     stop_after_epoch: int | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> dict[str, Any]:
@@ -154,7 +231,8 @@ def fit(
     Args:
         train_data: a Dataset of ``(image tensor, label)``, a DataLoader, or Datum items (the
             backbone's train transform is applied).
-        cfg: a full run config (``train`` / ``data`` sections) or just its ``train`` section.
+        cfg: the run's configuration: its ``train`` section and ``data.seed`` / ``data.num_workers``
+            (``RunConfig.from_dict({...}, partial=True)`` builds one for in-memory data).
         resume: continue from ``out_dir/checkpoint`` when one exists (same config required).
         eval_data: evaluated after the last epoch (and after each one with ``train.eval_every_epoch``).
         stop_after_epoch: end after this many epochs as if killed (tests; the checkpoint stays).
@@ -162,11 +240,7 @@ def fit(
 
     Returns ``{"epochs_done", "stopped", "history": [per-epoch summaries], "eval": metrics|None, ...}``.
     """
-    train = train_settings(cfg)
-    data_cfg = data_settings(cfg)
-    seed = int(seed if seed is not None else data_cfg.seed)
-    num_workers = int(num_workers if num_workers is not None else data_cfg.num_workers)
-    epochs = train.epochs
+    train, seed, epochs = cfg.train, cfg.data.seed, cfg.train.epochs
     # DDP under torchrun (no-op otherwise): rank 0 writes and evaluates, the others wait at barriers
     main = ddp.init_from_env(train.device).is_main
     progress = progress and main
@@ -174,156 +248,30 @@ def fit(
     prec = resolve_precision(train.precision, device)
     out = trainer_files(out_dir)
 
-    model.to(device)
-    _check_frozen(model)
-    ddp.broadcast_module(model.method)
-    if train.shard_text:
-        ddp.enable_text_sharding(model)
-    params = [p for p in model.trainable_parameters()]
-    not_fp32 = [n for n, p in model.named_trainable_parameters() if p.dtype != torch.float32]
-    if not_fp32:
-        raise TypeError(f"learnable parameters must be fp32 master weights: {not_fp32[:3]}")
+    params = _prepare_model(model, device, shard_text=train.shard_text)
     optimizer = build_optimizer(params, train)
     schedule = EpochSchedule(optimizer, train)
     scaler = make_scaler(prec)
-
     set_seed(seed)
-    # image_features_cache: "off" | "eval" (exact) | "train" (also training, augmentation OFF: opt-in)
-    feat_mode = train.image_features_cache
-    dataset_name = data_cfg.dataset
-    ds = _as_dataset(train_data, model, train=True, features=feat_mode == "train", dataset=dataset_name)
-    bs = train.batch_size
-    if not isinstance(ds, DataLoader) and len(ds) == 0:  # before the sampler fails on it with a traceback
-        raise VlpromptError("the training split is empty; check the data set, shots and subsample")
-    drop_last = not isinstance(ds, DataLoader) and len(ds) >= bs  # as the reference loader
-    loader = ddp.shard_loader(_loader(ds, bs, True, seed, num_workers, drop_last))  # bs = global batch
-    if len(loader) == 0:
-        raise VlpromptError("the training split is empty; check the data set, shots and subsample")
-    eval_loader = None
-    if eval_data is not None:
-        eds = _as_dataset(eval_data, model, train=False, features=feat_mode != "off", dataset=dataset_name)
-        eval_loader = _loader(eds, train.eval_batch_size, False, seed, num_workers, False)
+    loader, eval_loader = _loaders(model, train_data, eval_data, cfg)
+    parts = _Parts(model, optimizer, schedule, scaler, loader, _resume_key(train, seed, model))
 
-    key = _resume_key(train, seed, model)
-    start_epoch, step, elapsed, history = 0, 0, 0.0, []
     state = ckpt.load_checkpoint(out.checkpoint_dir) if (resume and out is not None) else None
+    done = _Progress() if state is None else parts.restore(state, out.checkpoint_dir, device, epochs)
     if state is not None:
-        if state.get("config_hash") != key:
-            raise VlpromptError(
-                f"checkpoint in {out.checkpoint_dir} was written with different settings; "
-                "resume with the same config or start over without --resume"
-            )
-        try:
-            model.load_prompt_state_dict({k: v.to(device) for k, v in state["prompt"].items()})
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            model.method.load_hook_state_dict(state.get("hooks") or {})
-            ckpt.set_rng_state(state["rng"])
-            loader.generator.set_state(state["loader_generator"])
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            elapsed, history = float(state.get("elapsed", 0.0)), list(state.get("history", []))
-            if not 0 <= start_epoch <= epochs or step < 0:
-                raise ValueError(f"epoch {start_epoch} of {epochs}, step {step}")
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            what = (
-                f"{type(e).__name__}: {str(e).strip().splitlines()[0][:80]}"
-                if str(e).strip()
-                else type(e).__name__
-            )
-            raise VlpromptError(
-                f"resume checkpoint {out.checkpoint_dir / ckpt.STATE} is damaged ({what}); delete "
-                f"{out.checkpoint_dir} or pass --force to start the run over"
-            ) from None
-        log.info("resuming from epoch %d/%d (%s)", start_epoch, epochs, out.checkpoint_dir)
-    runlog = RunLog(out if main else None, keep_epochs=start_epoch)
-
-    log_every = train.log_every
-    checked_grads = False
+        log.info("resuming from epoch %d/%d (%s)", done.epoch, epochs, out.checkpoint_dir)
+    runlog = RunLog(out if main else None, keep_epochs=done.epoch)
+    steps = len(loader)
+    bar = progress_bar(epochs * steps, "train", progress, initial=done.epoch * steps, redirect_logs=True)
     stopped = False
-    bar = progress_bar(
-        epochs * len(loader), "train", progress, initial=start_epoch * len(loader), redirect_logs=True
-    )
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(done.epoch, epochs):
         lr = schedule.set_epoch(epoch)
-        model.train()
         t_epoch = time.perf_counter()
-        tot_loss, tot_correct, tot_n = 0.0, 0, 0
-        for images, labels in loader:
-            t0 = time.perf_counter()
-            images = images.to(device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(device)
-            method = model.method
-            with prec.autocast():
-                output = model.run(images, need=method.needs)
-            loss, terms = method.objective(output, labels)  # the method's loss and its logged terms
-            logits = output.logits
-            n = labels.shape[0]
-            correct = int((logits.detach().argmax(-1) == labels).sum())
-            batch = ddp.batch_totals(loss, n, correct)  # all ranks' totals (this rank's when single)
-            optimizer.zero_grad(set_to_none=True)
-
-            backprop = functools.partial(_backprop, n=n, totals=batch, scaler=scaler, params=params)
-            try:
-                method.backward(loss, terms, params, backprop)  # default: backprop(loss)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-            except RuntimeError as e:  # e.g. an lr that does not fit the parameters' dtype
-                if "overflow" not in str(e):
-                    raise
-                raise VlpromptError(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the update overflowed "
-                    f"({str(e).splitlines()[0]}); lower train.lr (now {lr:g})"
-                ) from None
-            if not checked_grads:
-                _check_frozen(model)
-                checked_grads = True
-            _guard_finite(batch.loss, params, epoch + 1, step + 1, lr, prec.name)
-            tot_loss += batch.loss_sum
-            tot_correct += int(batch.correct)
-            tot_n += batch.n
-            step += 1
-            dt = time.perf_counter() - t0
-            if step % log_every == 0:
-                runlog.write(
-                    {
-                        "kind": "step",
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "loss": batch.loss,
-                        **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},  # this rank's batch
-                        "acc": batch.acc,
-                        "lr": lr,
-                        "images_per_s": batch.n / max(dt, 1e-9),
-                        "time": elapsed + time.perf_counter() - t_epoch,
-                    }
-                )
-            bar.update(1)
-            bar.set_postfix(
-                epoch=f"{epoch + 1}/{epochs}",
-                loss=f"{tot_loss / tot_n:.4f}",
-                acc=f"{100.0 * tot_correct / tot_n:.1f}",
-                lr=f"{lr:.3g}",
-                img_s=f"{tot_n / max(time.perf_counter() - t_epoch, 1e-9):.1f}",
-            )
+        totals = _train_epoch(parts, params, prec, device, epoch, lr, done, runlog, bar, cfg)
         model.method.on_epoch_end(epoch + 1, epochs)  # e.g. prompt aggregation, before eval + checkpoint
         dt_epoch = time.perf_counter() - t_epoch
-        elapsed += dt_epoch
-        summary: dict[str, Any] = {
-            "kind": "epoch",
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": tot_loss / max(tot_n, 1),
-            "acc": 100.0 * tot_correct / max(tot_n, 1),
-            "lr": lr,
-            "images_per_s": tot_n / max(dt_epoch, 1e-9),
-            "time": elapsed,
-            "images": tot_n,  # images seen this epoch (all ranks): run/cost.py
-        }
+        done.elapsed += dt_epoch
+        summary = _epoch_summary(epoch, done, totals, lr, dt_epoch)
         last = epoch + 1 == epochs
         if main and eval_loader is not None and (last or train.eval_every_epoch):
             t_eval = time.perf_counter()
@@ -333,34 +281,11 @@ def fit(
             if last:
                 summary["eval_full"] = res
         runlog.write({k: v for k, v in summary.items() if not k.startswith("eval")})
-        history.append(summary)
-        log.info(
-            "epoch %d/%d  loss %.4f  acc %.2f  lr %.3g%s",
-            epoch + 1,
-            epochs,
-            summary["loss"],
-            summary["acc"],
-            lr,
-            f"  test acc {summary['eval']['accuracy']:.2f}" if "eval" in summary else "",
-        )
+        done.history.append(summary)
+        done.epoch = epoch + 1
+        _log_epoch(summary, epochs)
         if out is not None and main:
-            ckpt.save_checkpoint(
-                out.checkpoint_dir,
-                {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "config_hash": key,
-                    "prompt": model.prompt_state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": {**schedule.state_dict(), "epoch": epoch + 1},
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": ckpt.rng_state(),
-                    "loader_generator": loader.generator.get_state(),
-                    "elapsed": elapsed,
-                    "history": history,
-                    "hooks": model.method.hook_state_dict(),  # tensors and JSON-able values only
-                },
-            )
+            ckpt.save_checkpoint(out.checkpoint_dir, parts.state(done))
         ddp.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
         for cb in callbacks:
             cb(summary)
@@ -369,15 +294,159 @@ def fit(
             break
     bar.close()
 
-    final = history[-1] if history else {}
+    final = done.history[-1] if done.history else {}
     return {
         "epochs_done": int(final.get("epoch", 0)),
         "epochs": epochs,
         "stopped": stopped,
-        "history": history,
+        "history": done.history,
         "eval": None if stopped else final.get("eval_full"),
         "trainable_parameters": sum(p.numel() for p in params),
         "device": str(device),
         "precision": prec.name,
-        "steps": step,
+        "steps": done.step,
     }
+
+
+def _prepare_model(model: torch.nn.Module, device: torch.device, *, shard_text: bool) -> list[nn.Parameter]:
+    """Move the model, check CLIP is frozen, share rank 0's prompts; the fp32 learnable parameters."""
+    model.to(device)
+    _check_frozen(model)
+    ddp.broadcast_module(model.method)
+    if shard_text:
+        ddp.enable_text_sharding(model)
+    not_fp32 = [n for n, p in model.named_trainable_parameters() if p.dtype != torch.float32]
+    if not_fp32:
+        raise TypeError(f"learnable parameters must be fp32 master weights: {not_fp32[:3]}")
+    return list(model.trainable_parameters())
+
+
+def _loaders(model: torch.nn.Module, train_data: Any, eval_data: Any, cfg: RunConfig) -> tuple[Any, Any]:
+    """The (DDP-sharded) training loader and the evaluation loader (None without ``eval_data``)."""
+    train, seed, workers = cfg.train, cfg.data.seed, cfg.data.num_workers
+    # image_features_cache: "off" | "eval" (exact) | "train" (also training, augmentation OFF: opt-in)
+    feat_mode, name = train.image_features_cache, cfg.data.dataset
+    ds = _as_dataset(train_data, model, train=True, features=feat_mode == "train", dataset=name)
+    bs = train.batch_size
+    if not isinstance(ds, DataLoader) and len(ds) == 0:  # before the sampler fails on it with a traceback
+        raise VlpromptError("the training split is empty; check the data set, shots and subsample")
+    drop_last = not isinstance(ds, DataLoader) and len(ds) >= bs  # as the reference loader
+    loader = ddp.shard_loader(_loader(ds, bs, True, seed, workers, drop_last))  # bs = global batch
+    if len(loader) == 0:
+        raise VlpromptError("the training split is empty; check the data set, shots and subsample")
+    if eval_data is None:
+        return loader, None
+    eds = _as_dataset(eval_data, model, train=False, features=feat_mode != "off", dataset=name)
+    return loader, _loader(eds, train.eval_batch_size, False, seed, workers, False)
+
+
+@dataclass
+class _Totals:
+    loss: float = 0.0
+    correct: int = 0
+    n: int = 0
+
+
+def _train_epoch(
+    parts: _Parts,
+    params: list[nn.Parameter],
+    prec: Any,
+    device: torch.device,
+    epoch: int,
+    lr: float,
+    done: _Progress,
+    runlog: RunLog,
+    bar: Any,
+    cfg: RunConfig,
+) -> _Totals:
+    """One epoch of steps: the method's objective and backward, the optimiser step, the step log."""
+    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
+    model.train()
+    t_epoch = time.perf_counter()
+    tot = _Totals()
+    checked_grads = False  # CLIP's weights got no gradient: checked after the epoch's first step
+    for images, labels in parts.loader:
+        t0 = time.perf_counter()
+        images = images.to(device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(device)
+        method = model.method
+        with prec.autocast():
+            output = model.run(images, need=method.needs)
+        loss, terms = method.objective(output, labels)  # the method's loss and its logged terms
+        n = labels.shape[0]
+        correct = int((output.logits.detach().argmax(-1) == labels).sum())
+        batch = ddp.batch_totals(loss, n, correct)  # all ranks' totals (this rank's when single)
+        optimizer.zero_grad(set_to_none=True)
+        backprop = functools.partial(_backprop, n=n, totals=batch, scaler=scaler, params=params)
+        try:
+            method.backward(loss, terms, params, backprop)  # default: backprop(loss)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        except RuntimeError as e:  # e.g. an lr that does not fit the parameters' dtype
+            if "overflow" not in str(e):
+                raise
+            raise VlpromptError(
+                f"training diverged at epoch {epoch + 1}, step {done.step + 1}: the update overflowed "
+                f"({str(e).splitlines()[0]}); lower train.lr (now {lr:g})"
+            ) from None
+        if not checked_grads:
+            _check_frozen(model)
+            checked_grads = True
+        _guard_finite(batch.loss, params, epoch + 1, done.step + 1, lr, prec.name)
+        tot.loss += batch.loss_sum
+        tot.correct += int(batch.correct)
+        tot.n += batch.n
+        done.step += 1
+        dt = time.perf_counter() - t0
+        if done.step % cfg.train.log_every == 0:
+            runlog.write(
+                {
+                    "kind": "step",
+                    "epoch": epoch + 1,
+                    "step": done.step,
+                    "loss": batch.loss,
+                    **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},  # this rank's batch
+                    "acc": batch.acc,
+                    "lr": lr,
+                    "images_per_s": batch.n / max(dt, 1e-9),
+                    "time": done.elapsed + time.perf_counter() - t_epoch,
+                }
+            )
+        bar.update(1)
+        bar.set_postfix(
+            epoch=f"{epoch + 1}/{cfg.train.epochs}",
+            loss=f"{tot.loss / tot.n:.4f}",
+            acc=f"{100.0 * tot.correct / tot.n:.1f}",
+            lr=f"{lr:.3g}",
+            img_s=f"{tot.n / max(time.perf_counter() - t_epoch, 1e-9):.1f}",
+        )
+    return tot
+
+
+def _epoch_summary(epoch: int, done: _Progress, tot: _Totals, lr: float, dt_epoch: float) -> dict[str, Any]:
+    return {
+        "kind": "epoch",
+        "epoch": epoch + 1,
+        "step": done.step,
+        "loss": tot.loss / max(tot.n, 1),
+        "acc": 100.0 * tot.correct / max(tot.n, 1),
+        "lr": lr,
+        "images_per_s": tot.n / max(dt_epoch, 1e-9),
+        "time": done.elapsed,
+        "images": tot.n,  # images seen this epoch (all ranks): run/cost.py
+    }
+
+
+def _log_epoch(summary: dict[str, Any], epochs: int) -> None:
+    log.info(
+        "epoch %d/%d  loss %.4f  acc %.2f  lr %.3g%s",
+        summary["epoch"],
+        epochs,
+        summary["loss"],
+        summary["acc"],
+        summary["lr"],
+        f"  test acc {summary['eval']['accuracy']:.2f}" if "eval" in summary else "",
+    )

@@ -1,0 +1,132 @@
+"""A new method is one file (+ one preset): a throwaway method written into a temporary folder, outside
+the package, registered when its module is imported, goes through every command without touching
+any other file: train -> report -> predict -> export -> predict from the export -> config show ->
+bench.  (The package's own methods add one line to the registration list in methods/__init__.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import textwrap
+
+import pytest
+import yaml
+from PIL import Image
+
+from vlprompt.cli.main import main
+from vlprompt.methods import get_method, list_methods, unregister_method
+
+METHOD_FILE = textwrap.dedent(
+    '''
+    """Throwaway: CoOp-like shared context, for the one-file-method test."""
+
+    from dataclasses import dataclass
+
+    import torch
+    from torch import nn
+
+    from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
+    from vlprompt.methods.common import ClassPrompts, ctx_segments
+
+
+    @dataclass
+    class ThrowawayConfig(MethodConfig):
+        n_ctx: int = opt(2, "learnable context vectors", minimum=1)
+
+
+    @register_method
+    class Throwaway(PromptMethod):
+        name = "throwaway"
+        display_name = "Throw-Away"
+        Config = ThrowawayConfig
+        summary = "test-only: a method defined in one file outside the package"
+        transductive_note = "throwaway is labelled transductive to check the label reaches every artefact"
+
+        def __init__(self, cfg, backbone):
+            super().__init__(cfg, backbone)
+            self.ctx = nn.Parameter(torch.randn(cfg.n_ctx, backbone.text.width) * 0.02)
+
+        def prepare_text(self, backbone, classnames, template):
+            self.prompts = ClassPrompts(backbone, classnames, ctx_segments(self.cfg.n_ctx, "end"))
+
+        def text_inputs(self, image_features=None):
+            return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot)
+    '''
+)
+PRESET = "method: throwaway\noptions: {n_ctx: 3}\ntrain: {batch_size: 4, lr: 0.01, epochs: 1}\n"
+
+
+@pytest.fixture
+def throwaway(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plugin")
+    (folder / "throwaway_method.py").write_text(METHOD_FILE)
+    (folder / "presets").mkdir()
+    (folder / "presets" / "throwaway.yaml").write_text(PRESET)
+    spec = importlib.util.spec_from_file_location("throwaway_method", folder / "throwaway_method.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["throwaway_method"] = module
+    try:
+        spec.loader.exec_module(module)  # importing the file registers the method
+        yield get_method("throwaway")
+    finally:
+        unregister_method("throwaway")
+        sys.modules.pop("throwaway_method", None)
+
+
+def test_a_method_from_one_file_goes_through_every_command(throwaway, tmp_path, capsys):
+    assert "throwaway" in list_methods()
+    run = tmp_path / "runs" / "single" / "r"
+    args = ["--dataset", "demo", "--shots", "2", "--model", "vlp-tiny", "--no-progress"]
+    assert main(["train", "--method", "throwaway", *args, "--out", str(run)]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["options"] == {"n_ctx": 3}  # the preset beside the file was found through the registry
+    assert config["train"]["epochs"] == 1 and config["train"]["batch_size"] == 4
+    for name in ("metrics.json", "manifest.json"):  # the entry's transductive note reaches the artefacts
+        record = json.loads((run / name).read_text())
+        assert record["transductive"] is True and "transductive" in record["transductive_note"]
+
+    report = tmp_path / "report"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(report), "--no-plots"]) == 0
+    assert "Throw-Away" in (report / "report.md").read_text()  # the entry's display name
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), "--format", "json", "--topk", "2", str(image)]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--run", str(export), "--format", "json", "--topk", "2", str(image)]) == 0
+    assert json.loads(capsys.readouterr().out) == from_run  # the exported prompt predicts the same
+
+    assert main(["config", "show", "--method", "throwaway"]) == 0
+    shown = capsys.readouterr().out
+    assert "options.n_ctx" in shown and "learnable context vectors" in shown
+
+    bench = tmp_path / "bench"
+    quick = [
+        "--quick",
+        "--classes",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-reference",
+        "--threads",
+        "1",
+    ]
+    names = ["--methods", "throwaway", "--eval-methods", "throwaway", "--memory-methods", "throwaway"]
+    assert main(["bench", *quick, *names, "--out", str(bench)]) == 0
+    results = json.loads(next(bench.glob("*.json")).read_text())
+    assert {r["method"] for r in results["train"]} == {"throwaway"}
+
+
+def test_the_registration_is_undone(throwaway):
+    assert throwaway.preset()["options"] == {"n_ctx": 3}
+    unregister_method("throwaway")
+    assert "throwaway" not in list_methods()
