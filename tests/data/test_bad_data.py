@@ -84,12 +84,14 @@ def test_truncated_and_corrupt_images(tmp_path, caplog):
     assert "2 unreadable images" in report.format()
 
 
-def test_k_larger_than_available_warns_and_uses_all(tmp_path, caplog):
+def test_k_larger_than_every_class_is_refused(tmp_path):
+    # refused, not capped: the run's folder and fingerprint would claim 16 shots it never used
     splits = get_dataset("eurosat", fake_eurosat(tmp_path, per_class=3))
-    with caplog.at_level(logging.WARNING):
-        fs = fewshot(splits, 16, seed=1)
-    assert len(fs.train) == 30 and len(fs.val) == 30  # all 3 per class, val K = min(16, 4)
-    assert "fewer than 16 images" in caplog.text
+    with pytest.raises(VlpromptError) as e:
+        fewshot(splits, 16, seed=1)
+    assert "--shots 16 is more than any class of eurosat has" in _one_line(e) and "--shots 3" in _one_line(e)
+    fs = fewshot(splits, 3, seed=1)
+    assert len(fs.train) == 30 and len(fs.val) == 30  # all 3 per class, val K = min(3, 4)
     for bad in (0, -1, 2.0, True):
         with pytest.raises(VlpromptError, match=f"shots must be a positive integer, got {bad!r}"):
             fewshot(splits, bad, seed=1)
