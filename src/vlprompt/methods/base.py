@@ -16,7 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -175,6 +175,28 @@ class PromptMethod(nn.Module):
                 f"checkpoint carries training-hook state {sorted(state)[:3]} that method '{self.name}' does "
                 "not define; resume with the method that wrote it"
             )
+
+    # --- feature-level head and construction from the training set ---------------------------------
+    def output_head(
+        self, logits: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits after a head on the features (cache model, adapter); default: unchanged.
+
+        ``logits`` = ``logit_scale * image_features @ text_features.T``; the features are normalised.
+        Applied by :meth:`PromptModel.run` and ``forward`` alike, never to the frozen zero-shot logits."""
+        return logits
+
+    def build(self, model: Any, loader: Iterable[Any]) -> None:
+        """Fill the method's state from the training set before any optimisation (Tip-Adapter's cache).
+
+        The trainer calls it once, under ``no_grad``, with the training set **in order** under the
+        training transform (each pass over ``loader`` draws new augmentations); a method whose
+        parameters are all built here and none trained by SGD has no trainable parameters after it,
+        and the trainer then runs no epochs (a training-free method)."""
+
+    @property
+    def builds_from_data(self) -> bool:
+        return type(self).build is not PromptMethod.build
 
     # --- registry entry, read by the run layer, protocols, reports and the bench -------------------
     @classmethod

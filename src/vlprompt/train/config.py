@@ -140,6 +140,11 @@ def _plain(v: Any) -> Any:
     return v
 
 
+#: train keys added after runs were fingerprinted, with their defaults: they enter a run's identity and
+#: resume key only when set away from the default (so earlier runs keep their fingerprints and resume)
+ADDED_LATER = {"eps": 1.0e-8}
+
+
 @dataclass
 class TrainConfig(_Section):
     """How the prompts are trained (Dassl/CoOp defaults; the method's preset sets its recipe)."""
@@ -148,6 +153,7 @@ class TrainConfig(_Section):
     lr: float = key(0.002, "learning rate after warm-up", minimum=0, strict=True)
     momentum: float = key(0.9, "SGD momentum", minimum=0)
     weight_decay: float = key(0.0005, "weight decay", minimum=0)
+    eps: float = key(1.0e-8, "Adam/AdamW epsilon (Tip-Adapter-F: 1e-4)", minimum=0, strict=True)
     batch_size: int = key(32, "training images per optimisation step (global batch under DDP)", minimum=1)
     epochs: int = key(5, "training epochs", minimum=1)
     epochs_by_shots: dict[int, int] | None = key(

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlprompt.errors import VlpromptError
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
-from vlprompt.train.config import data_settings, train_settings
+from vlprompt.train.config import ADDED_LATER, data_settings, train_settings
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
 from vlprompt.train.progress import RunLog, progress_bar
@@ -79,6 +79,7 @@ def _loader(
 def _resume_key(train: Any, seed: int, model: torch.nn.Module) -> str:
     """What must be equal for a checkpoint to continue this training."""
     t = {k: v for k, v in train.to_dict().items() if k not in EXECUTION_KEYS}
+    t = {k: v for k, v in t.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
     shapes = {n: list(p.shape) for n, p in model.trainable_parameters()}
     return sha256_json({"train": t, "seed": seed, "params": shapes, "classes": list(model.classnames)})
 
@@ -114,6 +115,27 @@ def _guard_finite(
     if precision in ("fp16", "bf16"):
         cause += " or use --set train.precision=fp32"
     raise VlpromptError(f"training diverged at epoch {epoch}, step {step}: {what}; {cause}")
+
+
+def _training_free_result(
+    model: torch.nn.Module, eval_loader: Any, device: torch.device, precision: str, main: bool
+) -> dict[str, Any]:
+    """What :func:`fit` returns for a method built from the training set with nothing left to train."""
+    res = None
+    if main and eval_loader is not None:
+        res = evaluate(model, eval_loader, device=device, precision=precision, confusion=True)
+    ddp.barrier()
+    return {
+        "epochs_done": 0,
+        "epochs": 0,
+        "stopped": False,
+        "history": [],
+        "eval": res,
+        "trainable_parameters": 0,
+        "device": str(device),
+        "precision": precision,
+        "steps": 0,
+    }
 
 
 def fit(
@@ -157,16 +179,8 @@ def fit(
 
     model.to(device)
     _check_frozen(model)
-    ddp.broadcast_module(model.method)
     if train.shard_text:
         ddp.enable_text_sharding(model)
-    params = [p for _, p in model.trainable_parameters()]
-    not_fp32 = [n for n, p in model.trainable_parameters() if p.dtype != torch.float32]
-    if not_fp32:
-        raise TypeError(f"learnable parameters must be fp32 master weights: {not_fp32[:3]}")
-    optimizer = build_optimizer(params, train)
-    schedule = EpochSchedule(optimizer, train)
-    scaler = make_scaler(prec)
 
     set_seed(seed)
     # image_features_cache: "off" | "eval" (exact) | "train" (also training, augmentation OFF: opt-in)
@@ -184,6 +198,23 @@ def fit(
     if eval_data is not None:
         eds = _as_dataset(eval_data, model, train=False, features=feat_mode != "off", dataset=dataset_name)
         eval_loader = _loader(eds, train.eval_batch_size, False, seed, num_workers, False)
+
+    if model.method.builds_from_data:  # e.g. a cache model: from the training set, in order, no SGD
+        in_order = ds if isinstance(ds, DataLoader) else _loader(ds, bs, False, seed, num_workers, False)
+        model.eval()
+        with torch.no_grad(), prec.autocast():
+            model.method.build(model, in_order)
+        model.method.to(device)
+    ddp.broadcast_module(model.method)
+    params = [p for _, p in model.trainable_parameters()]
+    not_fp32 = [n for n, p in model.trainable_parameters() if p.dtype != torch.float32]
+    if not_fp32:
+        raise TypeError(f"learnable parameters must be fp32 master weights: {not_fp32[:3]}")
+    if not params and model.method.builds_from_data:  # training-free: built, evaluated, no epochs
+        return _training_free_result(model, eval_loader, device, prec.name, main)
+    optimizer = build_optimizer(params, train)
+    schedule = EpochSchedule(optimizer, train)
+    scaler = make_scaler(prec)
 
     key = _resume_key(train, seed, model)
     start_epoch, step, elapsed, history = 0, 0, 0.0, []
