@@ -100,6 +100,9 @@ class PromptMethod(nn.Module):
     # the preset file, relative to the folder of the module defining the method; default
     # ``presets/<name>.yaml`` (a method without one trains with the generic recipe)
     preset_file: ClassVar[str] = ""
+    # a one-line note when the trainable count depends on the training set (a cache built from it):
+    # ``vlprompt methods --count`` prints it beside the count of the unbuilt method
+    trainable_note: ClassVar[str] = ""
     # frozen-CLIP entries of ModelOutput the objective reads (subset of output.FROZEN_NEEDS)
     needs: ClassVar[frozenset[str]] = frozenset()
 

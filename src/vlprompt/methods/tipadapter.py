@@ -12,7 +12,8 @@ with ``W`` frozen CLIP's normalised text features of the data set's template (th
 the literal 100 for ``logit_scale``: pretrained CLIP's value).  Tip-Adapter has no trainable parameter;
 Tip-Adapter-F makes the keys a parameter (the official ``adapter.weight``, initialised to ``K``) trained by
 cross-entropy on the logits above.  The values stay fixed one-hot labels of the training classes, so
-both methods classify only the classes they were built on (the few-shot protocol).
+both methods classify only the classes they were built on (the few-shot protocol).  Before the build
+the cache is empty and adds nothing: the model is zero-shot CLIP.
 """
 
 from __future__ import annotations
@@ -59,12 +60,8 @@ class _Cache(PromptMethod):
             raise VlpromptError(f"augment_epoch={cfg.augment_epoch} must be at least 1")
         if cfg.beta < 0:
             raise VlpromptError(f"beta={cfg.beta} must be >= 0")
-        e = backbone.embed_dim
-        keys = torch.zeros(0, e)
-        if self.keys_trainable:
-            self.cache_keys = nn.Parameter(keys)
-        else:
-            self.register_buffer("cache_keys", keys)
+        # empty until built; Tip-F's keys become a parameter then (nothing to train before)
+        self.register_buffer("cache_keys", torch.zeros(0, backbone.embed_dim))
         self.register_buffer("cache_values", torch.zeros(0, 0))
 
     # --- text side: frozen CLIP's classifier ------------------------------------------------------
@@ -126,11 +123,8 @@ class _Cache(PromptMethod):
     def output_head(
         self, logits: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
     ) -> torch.Tensor:
-        if self.cache_keys.shape[0] == 0:
-            raise VlpromptError(
-                f"method '{self.name}' has no cache yet: it is built from the training set; train it "
-                "(`vlprompt train --method ...`) or load a saved run"
-            )
+        if self.cache_keys.shape[0] == 0:  # not built yet: an empty cache adds nothing (zero-shot CLIP)
+            return logits
         if self.cache_values.shape[1] != logits.shape[-1]:
             raise VlpromptError(
                 f"method '{self.name}' was built on {self.cache_values.shape[1]} classes and cannot classify "
@@ -145,6 +139,7 @@ class TipAdapter(_Cache):
     name = "tip-adapter"
     display_name = "Tip-Adapter"
     summary = "Tip-Adapter: zero-shot CLIP + a cache of few-shot image features and labels (training-free)"
+    trainable_note = "training-free: a cache of shots x classes image features is built, none trained"
 
 
 @register_method
@@ -152,4 +147,5 @@ class TipAdapterF(_Cache):
     name = "tip-adapter-f"
     display_name = "Tip-Adapter-F"
     summary = "Tip-Adapter-F: Tip-Adapter whose cache keys are fine-tuned by cross-entropy"
+    trainable_note = "once built: shots x classes x embed dim (ViT-B/16, 16 shots: 8,192 per class)"
     keys_trainable = True
