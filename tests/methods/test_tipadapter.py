@@ -241,3 +241,27 @@ def test_cache_beats_zero_shot_on_the_world():
         acc[method] = evaluate(model, test)["accuracy"]
     assert acc["tip-adapter"] >= acc["zeroshot"] + 3.0, acc
     assert acc["tip-adapter-f"] >= acc["zeroshot"] + 3.0, acc
+
+
+def test_text_encoded_once_per_class_set_in_training(tiny, toy, monkeypatch):
+    x, y, names = toy
+    model, _ = _built(tiny, toy, method="tip-adapter-f")
+    calls = []
+    run_text = type(model).run_text
+    monkeypatch.setattr(
+        type(model), "run_text", lambda self, *a: (self is model and calls.append(1)) or run_text(self, *a)
+    )
+    model.train()
+    first = model.run(x).logits
+    model.method.objective(model.run(x), y)[0].backward()
+    with torch.no_grad():
+        model.method.cache_keys.sub_(0.1 * model.method.cache_keys.grad)  # an update: text stays cached
+    assert len(model.run(x).text_features) == 4 and len(calls) == 1
+    uncached = create_model("tip-adapter-f", tiny, names, PHOTO, augment_epoch=3, cache_text=False)
+    uncached.load_prompt_state_dict(model.prompt_state_dict())
+    uncached.method.cache_keys.data.copy_(model.method.cache_keys.data)
+    assert torch.allclose(uncached.run(x).logits, model.run(x).logits, atol=1e-6)
+    assert not torch.allclose(first, model.run(x).logits)  # the keys moved, the text did not
+    model.set_classnames(["a", "b", "c", "d"])
+    model.run(x)
+    assert len(calls) == 2  # a new class set is encoded again

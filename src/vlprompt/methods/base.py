@@ -83,6 +83,9 @@ class PromptMethod(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     image_conditioned_text: ClassVar[bool] = False  # text side depends on the image (CoCoOp)
+    # text side depends on no parameter (fixed class prompts: Tip-Adapter): its features are computed
+    # once per class set, in training too (exact)
+    static_text: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # the name tables, plots and reports show (default: ``name``); a reconstruction says so in it
     display_name: ClassVar[str] = ""

@@ -186,12 +186,13 @@ class PromptModel(nn.Module):
             inputs = self.method.text_inputs(image_features)
             b = image_features.shape[0]
             return self.run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
-        cacheable = self.options.cache_text and not torch.is_grad_enabled()
+        static = self.method.static_text
+        cacheable = self.options.cache_text and (static or not torch.is_grad_enabled())
         key = None
         if cacheable:
             key = (
                 tuple(self.classnames),
-                tuple(p._version for p in self.method.parameters()),
+                () if static else tuple(p._version for p in self.method.parameters()),
                 self.backbone.device,
             )
             if self._text_cache is not None and self._text_cache[0] == key:

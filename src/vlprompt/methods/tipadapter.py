@@ -53,6 +53,7 @@ class _Cache(PromptMethod):
 
     Config = TipAdapterConfig
     keys_trainable = False
+    static_text = True  # zero-shot CLIP's classifier: encoded once per class set, in training too
 
     def __init__(self, cfg: TipAdapterConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
