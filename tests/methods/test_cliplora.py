@@ -213,3 +213,10 @@ def test_learns_on_the_world():
     fit(m, splits.train, {"train": train, "data": {"seed": 1}}, progress=False)
     acc_zs, acc = evaluate(zs, test)["accuracy"], evaluate(m, test)["accuracy"]
     assert acc >= acc_zs + 3.0, (acc_zs, acc)
+
+
+def test_official_count_vit_b16():
+    """The official CLIP-LoRA on ViT-B/16 (r 2, q/k/v, all 12 blocks of both towers) trains 184,320."""
+    torch.manual_seed(0)
+    m = create_model("clip-lora", load_backbone("ViT-B-16"), CLASSES)
+    assert m.num_trainable() == 12 * 3 * 2 * 2 * (512 + 768) == 184_320
