@@ -68,15 +68,17 @@ def test_builds_and_runs_forward(name, tiny, images):
     with torch.no_grad():
         logits = model(x)
     assert logits.shape == (len(x), len(CLASSES)) and bool(torch.isfinite(logits).all())
-    assert all(p.dtype == torch.float32 for _, p in model.trainable_parameters())  # fp32 master weights
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())  # fp32 master weights
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_loss_falls_on_a_toy_task(name, tiny, images):
     model = _build(name, tiny)
-    params = [p for _, p in model.trainable_parameters()]
+    params = list(model.trainable_parameters())
     if not params:
+        if model.method.builds_from_data:  # nothing trainable until built from a training set
+            pytest.skip(f"{name} is built from the training set: its own tests build and train it")
         assert get_method(name).official_parameters == 0  # zero-shot: nothing to learn
         return
     x, y = images

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
         line = f"{name:<12} {cls.summary}"
         if backbone is not None:
             n = create_model(name, backbone, ["a", "b"]).num_trainable()
-            line += f"  [{n:,} trainable parameters on {args.model}]"
+            note = f"; {cls.trainable_note}" if cls.trainable_note else ""
+            line += f"  [{n:,} trainable parameters on {args.model}{note}]"
         print(line)
     return 0

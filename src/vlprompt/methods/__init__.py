@@ -34,6 +34,8 @@ from vlprompt.methods import dpl  # noqa: E402, F401  (dpl, dpl-visual, dpl-text
 from vlprompt.methods import kgcoop  # noqa: E402, F401
 from vlprompt.methods import prograd  # noqa: E402, F401
 from vlprompt.methods import promptsrc  # noqa: E402, F401
+from vlprompt.methods import tipadapter  # noqa: E402, F401  (tip-adapter, tip-adapter-f)
+from vlprompt.methods import cliplora  # noqa: E402, F401
 # isort: on
 
 __all__ = [

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,6 +73,9 @@ class PromptMethod(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     image_conditioned_text: ClassVar[bool] = False  # text side depends on the image (CoCoOp)
+    # text side depends on no parameter (fixed class prompts: Tip-Adapter): its features are computed
+    # once per class set, in training too (exact)
+    static_text: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # the name tables, plots and reports show (default: ``name``); a reconstruction says so in it
     display_name: ClassVar[str] = ""
@@ -93,6 +96,9 @@ class PromptMethod(nn.Module):
     # the preset file, relative to the folder of the module defining the method; default
     # ``presets/<name>.yaml`` (a method without one trains with the generic recipe)
     preset_file: ClassVar[str] = ""
+    # a one-line note when the trainable count depends on the training set (a cache built from it):
+    # ``vlprompt methods --count`` prints it beside the count of the unbuilt method
+    trainable_note: ClassVar[str] = ""
     # frozen-CLIP entries of ModelOutput the objective reads (subset of output.FROZEN_NEEDS)
     needs: ClassVar[frozenset[str]] = frozenset()
     #: the official checkpoint's layout and its mapping to this method's parameters (``vlprompt import``)
@@ -168,6 +174,28 @@ class PromptMethod(nn.Module):
                 f"checkpoint carries training-hook state {sorted(state)[:3]} that method '{self.name}' does "
                 "not define; resume with the method that wrote it"
             )
+
+    # --- feature-level head and construction from the training set ---------------------------------
+    def output_head(
+        self, logits: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits after a head on the features (cache model, adapter); default: unchanged.
+
+        ``logits`` = ``logit_scale * image_features @ text_features.T``; the features are normalised.
+        Applied by :meth:`PromptModel.run` and ``forward`` alike, never to the frozen zero-shot logits."""
+        return logits
+
+    def build(self, model: Any, loader: Iterable[Any]) -> None:
+        """Fill the method's state from the training set before any optimisation (Tip-Adapter's cache).
+
+        The trainer calls it once, under ``no_grad``, with the training set **in order** under the
+        training transform (each pass over ``loader`` draws new augmentations); a method whose
+        parameters are all built here and none trained by SGD has no trainable parameters after it,
+        and the trainer then runs no epochs (a training-free method)."""
+
+    @property
+    def builds_from_data(self) -> bool:
+        return type(self).build is not PromptMethod.build
 
     # --- registry entry, read by the run layer, protocols, reports and the bench -------------------
     @classmethod

@@ -165,8 +165,10 @@ class PromptModel(nn.Module):
         """The attention mode where a plan names none: ``options.attention``, ``auto`` through the table."""
         return attention_mode(self.options.attention, self.auto_attention)
 
-    def encode_image(self, images: torch.Tensor, plan: TowerPlan | None = None) -> torch.Tensor:
-        """Normalised image features (B, e) under the method's image plan."""
+    def encode_image(
+        self, images: torch.Tensor, plan: TowerPlan | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """Normalised image features (B, e) under the method's image plan (``normalize=False``: raw)."""
         plan = self.method.image_plan() if plan is None else plan
         feats = encode_image(
             self.backbone.clip.visual,
@@ -175,7 +177,7 @@ class PromptModel(nn.Module):
             checkpoint=self.options.checkpoint_image,
             default_attention=self.default_attention(),
         )
-        return F.normalize(feats.float(), dim=-1)
+        return F.normalize(feats.float(), dim=-1) if normalize else feats.float()
 
     def run_text(self, embeds: torch.Tensor, eot: torch.Tensor, plan: TowerPlan | None) -> torch.Tensor:
         """Normalised text features of ``embeds`` (N, L, d) under ``plan``, in chunks of ``text_chunk``."""
@@ -220,12 +222,13 @@ class PromptModel(nn.Module):
             inputs = self.method.text_inputs(image_features)
             b = image_features.shape[0]
             return self.run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
-        cacheable = self.options.cache_text and not torch.is_grad_enabled()
+        static = self.method.static_text
+        cacheable = self.options.cache_text and (static or not torch.is_grad_enabled())
         key = None
         if cacheable:
             key = (
                 tuple(self.classnames),
-                tuple(p._version for p in self.method.parameters()),
+                () if static else tuple(p._version for p in self.method.parameters()),
                 self.backbone.device,
             )
             if self._text_cache is not None and self._text_cache[0] == key:
@@ -272,7 +275,7 @@ class PromptModel(nn.Module):
     def logits_from_features(self, img: torch.Tensor) -> torch.Tensor:
         """Logits from normalised image features (lets callers cache frozen image features)."""
         txt = self.encode_text(img if self.method.image_conditioned_text else None)
-        return self._logits(img, txt)
+        return self.method.output_head(self._logits(img, txt), img, txt)
 
     def _logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         scale = self.backbone.logit_scale.float()
@@ -310,7 +313,8 @@ class PromptModel(nn.Module):
             raise VlpromptError(f"unknown model output(s) {sorted(bad)}; choose from {sorted(FROZEN_NEEDS)}")
         img = self._image_features(images)
         txt = self.encode_text(img if self.method.image_conditioned_text else None)
-        out = ModelOutput(self._logits(img, txt), img, txt, logit_scale=self.backbone.logit_scale.float())
+        logits = self.method.output_head(self._logits(img, txt), img, txt)
+        out = ModelOutput(logits, img, txt, logit_scale=self.backbone.logit_scale.float())
         if need & {"frozen_image", "zero_shot_logits"}:
             out.frozen_image_features = (
                 img.detach() if not self.method.prompts_image else self.frozen_image_features(images)

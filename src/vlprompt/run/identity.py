@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
-from vlprompt.train.config import DataConfig, RunConfig, TrainConfig
+from vlprompt.train.config import ADDED_LATER, DataConfig, RunConfig, TrainConfig
 from vlprompt.utils import cache_dir, read_json, sha256_file, sha256_json
 
 IDENTITY_VERSION = 1
@@ -73,6 +73,8 @@ def train_identity(t: TrainConfig) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(t):
         if f.metadata.get("execution") or f.name in _FOLDED:
+            continue
+        if f.name in ADDED_LATER and getattr(t, f.name) == ADDED_LATER[f.name]:
             continue
         out[f.name] = getattr(t, f.name)
     out["image_features_cache"] = "train" if t.image_features_cache == "train" else "exact"

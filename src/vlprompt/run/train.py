@@ -303,7 +303,7 @@ def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
         model = create_model(
             cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
         )
-    if model.num_trainable() == 0:
+    if model.num_trainable() == 0 and not model.method.builds_from_data:
         raise VlpromptError(
             f"the method '{cfg.method}' has no trainable parameters; evaluate it with "
             f"`vlprompt eval --method {cfg.method}`"

@@ -54,6 +54,11 @@ SUBSAMPLES: tuple[str, ...] = ("all", "base", "new")
 _plain = plain
 
 
+#: train keys added after runs were fingerprinted, with their defaults: they enter a run's identity and
+#: resume key only when set away from the default (so earlier runs keep their fingerprints and resume)
+ADDED_LATER = {"eps": 1.0e-8}
+
+
 @dataclass
 class TrainConfig(Options):
     """How the prompts are trained (Dassl/CoOp defaults; the method's preset sets its recipe)."""
@@ -64,6 +69,7 @@ class TrainConfig(Options):
     lr: float = option(0.002, "learning rate after warm-up", above=0, maximum=10)
     momentum: float = option(0.9, "SGD momentum", minimum=0, below=1)
     weight_decay: float = option(0.0005, "weight decay", minimum=0, maximum=1)
+    eps: float = option(1.0e-8, "Adam/AdamW epsilon (Tip-Adapter-F: 1e-4)", above=0, maximum=1)
     batch_size: int = option(32, "training images per optimisation step (global batch under DDP)", minimum=1)
     epochs: int = option(5, "training epochs", minimum=1)
     epochs_by_shots: dict[int, int] | None = option(

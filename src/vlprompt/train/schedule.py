@@ -108,7 +108,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) ->
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=wd)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, eps=t.eps)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, eps=t.eps)
     raise VlpromptError(f"unknown optimizer '{name}'; use sgd, adam or adamw")

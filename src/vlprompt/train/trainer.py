@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlprompt.errors import VlpromptError
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
-from vlprompt.train.config import RunConfig
+from vlprompt.train.config import ADDED_LATER, RunConfig
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.files import TrainerFiles, trainer_files
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
@@ -82,6 +82,7 @@ def _loader(
 def _resume_key(train: Any, seed: int, model: torch.nn.Module) -> str:
     """What must be equal for a checkpoint to continue this training."""
     t = {k: v for k, v in train.to_dict().items() if k not in EXECUTION_KEYS}
+    t = {k: v for k, v in t.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
     shapes = {n: list(p.shape) for n, p in model.named_trainable_parameters()}
     return sha256_json({"train": t, "seed": seed, "params": shapes, "classes": list(model.classnames)})
 
@@ -213,6 +214,27 @@ class _Parts:
         return done
 
 
+def _training_free_result(
+    model: torch.nn.Module, eval_loader: Any, device: torch.device, precision: str, main: bool
+) -> dict[str, Any]:
+    """What :func:`fit` returns for a method built from the training set with nothing left to train."""
+    res = None
+    if main and eval_loader is not None:
+        res = evaluate(model, eval_loader, device=device, precision=precision, confusion=True)
+    ddp.barrier()
+    return {
+        "epochs_done": 0,
+        "epochs": 0,
+        "stopped": False,
+        "history": [],
+        "eval": res,
+        "trainable_parameters": 0,
+        "device": str(device),
+        "precision": precision,
+        "steps": 0,
+    }
+
+
 def fit(
     model: torch.nn.Module,
     train_data: Any,
@@ -248,12 +270,17 @@ def fit(
     prec = resolve_precision(train.precision, device)
     out = trainer_files(out_dir)
 
+    model.to(device)
+    set_seed(seed)
+    loader, eval_loader, ds = _loaders(model, train_data, eval_data, cfg)
+    if model.method.builds_from_data:  # e.g. a cache model: from the training set, in order, no SGD
+        _build_from_data(model, ds, cfg, device, prec)
     params = _prepare_model(model, device, shard_text=train.shard_text)
+    if not params and model.method.builds_from_data:  # training-free: built, evaluated, no epochs
+        return _training_free_result(model, eval_loader, device, prec.name, main)
     optimizer = build_optimizer(params, train)
     schedule = EpochSchedule(optimizer, train)
     scaler = make_scaler(prec)
-    set_seed(seed)
-    loader, eval_loader = _loaders(model, train_data, eval_data, cfg)
     parts = _Parts(model, optimizer, schedule, scaler, loader, _resume_key(train, seed, model))
 
     state = ckpt.load_checkpoint(out.checkpoint_dir) if (resume and out is not None) else None
@@ -321,8 +348,9 @@ def _prepare_model(model: torch.nn.Module, device: torch.device, *, shard_text: 
     return list(model.trainable_parameters())
 
 
-def _loaders(model: torch.nn.Module, train_data: Any, eval_data: Any, cfg: RunConfig) -> tuple[Any, Any]:
-    """The (DDP-sharded) training loader and the evaluation loader (None without ``eval_data``)."""
+def _loaders(model: torch.nn.Module, train_data: Any, eval_data: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """The (DDP-sharded) training loader, the evaluation loader (None without ``eval_data``) and the
+    training data set they read."""
     train, seed, workers = cfg.train, cfg.data.seed, cfg.data.num_workers
     # image_features_cache: "off" | "eval" (exact) | "train" (also training, augmentation OFF: opt-in)
     feat_mode, name = train.image_features_cache, cfg.data.dataset
@@ -335,9 +363,25 @@ def _loaders(model: torch.nn.Module, train_data: Any, eval_data: Any, cfg: RunCo
     if len(loader) == 0:
         raise VlpromptError("the training split is empty; check the data set, shots and subsample")
     if eval_data is None:
-        return loader, None
+        return loader, None, ds
     eds = _as_dataset(eval_data, model, train=False, features=feat_mode != "off", dataset=name)
-    return loader, _loader(eds, train.eval_batch_size, False, seed, workers, False)
+    return loader, _loader(eds, train.eval_batch_size, False, seed, workers, False), ds
+
+
+def _build_from_data(
+    model: torch.nn.Module, ds: Any, cfg: RunConfig, device: torch.device, prec: Any
+) -> None:
+    """Let a method built from the training set (``builds_from_data``) build itself: the set in order,
+    under the train transform, without gradients."""
+    in_order = (
+        ds
+        if isinstance(ds, DataLoader)
+        else _loader(ds, cfg.train.batch_size, False, cfg.data.seed, cfg.data.num_workers, False)
+    )
+    model.eval()
+    with torch.no_grad(), prec.autocast():
+        model.method.build(model, in_order)
+    model.method.to(device)
 
 
 @dataclass
