@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable
 
@@ -87,8 +88,6 @@ def image_problem(path: str, decode: bool = True) -> str | None:
 
 
 def _bomb(e: Exception) -> str:
-    import re
-
     m = re.search(r"\((\d+) pixels\)", str(e))
     return f"{int(m.group(1)):,} pixels" if m else "over the pixel limit"
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -172,9 +174,6 @@ def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
 
 
 def _load_all() -> None:
-    import importlib
-    import pkgutil
-
     import vlprompt.methods as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):

@@ -17,8 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from vlprompt.data import (
+    CROSS_DATASET_SOURCE,
+    CROSS_DATASET_TARGETS,
+    DG_SOURCE,
+    DG_TARGETS,
+    FEWSHOT_K,
+    canonical_name,
+)
 from vlprompt.errors import VlpromptError
 from vlprompt.run.layout import RunDir
+from vlprompt.train.config import PRESET_DIR, resolve_config
 
 PROTOCOLS: tuple[str, ...] = ("base2new", "cross-dataset", "dg", "fewshot")
 
@@ -95,7 +106,6 @@ def canonical_dataset(name: str) -> str:
     """Registry spelling of a data set name; ``folder:``/``csv:`` data sets pass through unchanged."""
     if name.startswith(("folder:", "csv:")):
         return name
-    from vlprompt.data import canonical_name
 
     return canonical_name(name)
 
@@ -128,9 +138,6 @@ def preset_protocol(method: str, protocol: str) -> str:
     """
     if protocol != "dg":
         return protocol
-    import yaml
-
-    from vlprompt.train.config import PRESET_DIR
 
     path = PRESET_DIR / f"{method}.yaml"
     try:
@@ -158,7 +165,6 @@ def resolve_run_config(
     config_file: str | None = None,
 ) -> Any:
     """One run's fully resolved RunConfig via train.config.resolve_config (preset, file, flags, --set)."""
-    from vlprompt.train.config import resolve_config
 
     cfg = resolve_config(
         method,
@@ -208,7 +214,6 @@ def plan_grid(
     ``shots`` defaults to 16 (1, 2, 4, 8, 16 for fewshot). Nothing is read or written except the
     method presets (``resolve``).
     """
-    from vlprompt.data import CROSS_DATASET_SOURCE, CROSS_DATASET_TARGETS, DG_SOURCE, DG_TARGETS, FEWSHOT_K
 
     if protocol not in PROTOCOLS:
         raise VlpromptError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")

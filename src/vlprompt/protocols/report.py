@@ -20,16 +20,21 @@ import csv
 import io
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlprompt.data import BENCHMARKS, CROSS_DATASET_TARGETS, DG_TARGETS, SPECS
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import get_method
+from vlprompt.protocols import plots
 from vlprompt.protocols import reference as ref
 from vlprompt.run.backbone import recorded_random_backbone
-from vlprompt.run.layout import RunDir
+from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS, RunDir
+from vlprompt.train.evaluate import dense_confusion
 from vlprompt.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -89,15 +94,12 @@ def method_label(method: str) -> str:
 
 def dataset_order(names: Iterable[str]) -> list[str]:
     """Papers' table order for the benchmarks, then anything else alphabetically."""
-    from vlprompt.data import BENCHMARKS, DG_TARGETS
 
     order = {n: i for i, n in enumerate([*BENCHMARKS, *DG_TARGETS])}
     return sorted(set(names), key=lambda n: (order.get(n, len(order)), n))
 
 
 def dataset_title(name: str) -> str:
-    from vlprompt.data import SPECS
-
     spec = SPECS.get(name)
     return spec.title if spec else name
 
@@ -135,8 +137,6 @@ class RunRecord:
 
 def load_run_record(run_dir: str | Path) -> RunRecord | None:
     """Read one run directory through the run layer (None when it has no readable config)."""
-    from vlprompt.run import RunDir
-
     run = RunDir(run_dir)
     run_dir = run.path
 
@@ -199,8 +199,6 @@ def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise VlpromptError(f"runs directory not found: {runs_dir}; pass the --out folder of `vlprompt run`")
-    from vlprompt.run import RunDir
-    from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS
 
     dirs = {p.parent for p in runs_dir.rglob(CONFIG)}
     dirs |= {p.parent for p in runs_dir.rglob(MANIFEST) if (p.parent / METRICS).is_file()}
@@ -334,7 +332,6 @@ def published_base2new_average(
     stored -- the plain mean of those HMs (Base/New then unknown).  ``None`` when a data set has no
     published number.
     """
-    from vlprompt.data import BENCHMARKS
 
     datasets = list(datasets)
     if not datasets:
@@ -459,7 +456,6 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
 
 def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> list[Table]:
     """Cross-dataset / DG: one row per method, accuracy per target, plain mean over targets."""
-    from vlprompt.data import CROSS_DATASET_TARGETS, DG_TARGETS
 
     standard = CROSS_DATASET_TARGETS if protocol == "cross-dataset" else DG_TARGETS
     all_shots = {r.shots for r in runs}
@@ -804,8 +800,6 @@ def build_report(
 def reconstruction_note(method: str) -> str:
     """The method's own note when it is a reconstruction (DPL), else ``""``."""
     try:
-        from vlprompt.methods import get_method
-
         return get_method(method).reconstruction_note
     except Exception:  # a method not registered in this installation
         return "reconstructed from the paper's abstract" if method.lower().startswith("dpl") else ""
@@ -857,8 +851,6 @@ def _runs_csv(runs: list[RunRecord]) -> str:
 def _plots(
     runs: list[RunRecord], b2n: dict[str, Any], fs: dict[str, Any], out_dir: Path, reference: bool = False
 ) -> list[Path]:
-    from vlprompt.protocols import plots
-
     paths: list[Path] = []
     random = " (random backbone: pipeline check)" if any(r.random_backbone for r in runs) else ""
     all_shots = {s for _, s in b2n}
@@ -900,7 +892,6 @@ def _plots(
                 pts
             )
     paths += plots.training_curves(train, out_dir)
-    from vlprompt.train.evaluate import dense_confusion
 
     for r in runs:
         for e in r.evaluations:
@@ -920,6 +911,4 @@ def _plots(
 
 
 def _slug_name(r: RunRecord) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{r.protocol}_{r.method}_{r.dataset}_s{r.shots}_seed{r.seed}")

@@ -8,19 +8,33 @@ line naming the differing keys (``force`` replaces the run).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from vlprompt.data import build_loader, build_transform, fewshot, split_hash
+from vlprompt.data import subsample as subsample_fn
+from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import create_model, get_method
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
-from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
+from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, MANIFEST, METRICS, PROMPT, SPLIT, RunDir
 from vlprompt.run.lock import RunLock
+from vlprompt.train import distributed as ddp
+from vlprompt.train.checkpoint import has_checkpoint, save_safetensors
 from vlprompt.train.config import RunConfig, as_run_config, dump_yaml
+from vlprompt.train.precision import resolve_device, resolve_precision
+from vlprompt.train.trainer import fit
+from vlprompt.utils import set_seed
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
@@ -31,16 +45,12 @@ FORMAT_VERSION = 1
 
 def provenance(method: str) -> dict[str, Any]:
     """``{"reconstructed": True, "note": ...}`` for a method that is our reconstruction (DPL), else {}."""
-    from vlprompt.methods import get_method
 
     note = getattr(get_method(method), "reconstruction_note", "")
     return {"reconstructed": True, "note": note} if note else {}
 
 
 def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = True) -> Any:
-    from vlprompt.data import fewshot
-    from vlprompt.data import subsample as subsample_fn
-
     splits = load_splits(cfg.data)
     if fewshot_ and cfg.data.shots:
         splits = fewshot(splits, cfg.data.shots, cfg.data.seed)
@@ -49,8 +59,6 @@ def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = 
 
 def eval_loader(splits: Any, backbone: Any, batch_size: int, num_workers: int) -> Any:
     """The deterministic test-split loader of a run (the backbone's test transform)."""
-    from vlprompt.data import build_loader, build_transform
-    from vlprompt.data.image_cache import cached_eval_loader
 
     cached = cached_eval_loader(  # decode once per data set/split/transform, shared by every run
         splits.test, backbone.preprocess_cfg, batch_size, dataset=splits.name,
@@ -67,8 +75,6 @@ def train_data(splits: Any, backbone: Any, cfg: RunConfig) -> Any:
     pixels); the items as they are for full training splits or the frozen-feature training mode."""
     if not splits.shots or cfg.train.image_features_cache == "train":
         return splits.train
-    from vlprompt.data import build_transform
-    from vlprompt.data.image_cache import cached_train_dataset
 
     tf = build_transform(True, **backbone.preprocess_cfg)  # the trainer's own training transform
     split = f"train/shots{splits.shots}-seed{splits.seed}/{splits.subsample}"
@@ -109,16 +115,12 @@ def record_metrics(run: RunDir, entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str, Any]:
-    from vlprompt.data import split_hash
-    from vlprompt.train.precision import resolve_precision
-
     prec = resolve_precision(cfg.train.precision, device).name
     return fingerprint_record(identity(cfg, split_hash=split_hash(splits_full), precision=prec))
 
 
 def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
     """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
-    from vlprompt.train.checkpoint import has_checkpoint
 
     if force:
         return "fresh"
@@ -182,8 +184,6 @@ def train_run(
     except BaseException:
         for d in reversed(made):  # deepest first; only folders this call created and left empty
             if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
-                import shutil
-
                 shutil.rmtree(d, ignore_errors=True)
         raise
 
@@ -209,11 +209,6 @@ def _train_run(
     stop_after_epoch: int | None,
     callbacks: Any,
 ) -> dict[str, Any]:
-    from vlprompt.methods import create_model
-    from vlprompt.train import distributed as ddp
-    from vlprompt.train.precision import resolve_device
-    from vlprompt.train.trainer import fit
-
     env = ddp.init_from_env(cfg.train.device)
     main = env.is_main
     device = ddp.rank_device(resolve_device(cfg.train.device))
@@ -270,13 +265,10 @@ def _write_run_info(
 ) -> None:
     """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained (a
     resumed run keeps the attention implementations it recorded)."""
-    from vlprompt.data import split_hash
 
     prov = provenance(cfg.method)
     text = dump_yaml(cfg)
     if prov:
-        import yaml
-
         text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
     run.write_config(text)
     run.write_json(FINGERPRINT, fp)
@@ -319,9 +311,6 @@ def _train(
     stop_after_epoch: int | None,
     callbacks: Any,
 ) -> dict[str, Any]:
-    from vlprompt.train import distributed as ddp
-    from vlprompt.utils import set_seed
-
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
         cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
@@ -412,8 +401,6 @@ def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
 
 
 def _options_dict(cfg: RunConfig) -> dict[str, Any]:
-    import dataclasses
-
     return (
         dataclasses.asdict(cfg.options) if dataclasses.is_dataclass(cfg.options) else dict(cfg.options or {})
     )
@@ -421,10 +408,6 @@ def _options_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:
     """prompt.safetensors (manifest embedded, provenance as plain keys) + manifest.json."""
-    import json
-
-    from vlprompt.run.layout import MANIFEST, PROMPT
-    from vlprompt.train.checkpoint import save_safetensors
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     meta = {"vlprompt_manifest": json.dumps(manifest)}

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from vlprompt.errors import VlpromptError, unknown_name
+from vlprompt.methods import build_config, get_method
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "methods" / "presets"
 PROTOCOLS: tuple[str, ...] = ("base2new", "cross-dataset", "dg", "fewshot")
@@ -405,7 +406,6 @@ def build_section(typ: type[_Section], values: Mapping[str, Any], section: str) 
 
 def build_options(method: str, options: Mapping[str, Any]) -> Any:
     """The method's Config dataclass from ``options``: unknown keys and bad types are one-line errors."""
-    from vlprompt.methods import get_method
 
     cls = get_method(method)
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
@@ -414,7 +414,6 @@ def build_options(method: str, options: Mapping[str, Any]) -> Any:
         options = dict(options.items())
     if not isinstance(options, Mapping):
         raise VlpromptError(f"options must be a mapping of method '{method}' option names to values")
-    from vlprompt.methods import build_config
 
     hints = _hints(cls.Config)
     values = {k: coerce(v, hints[k], f"options.{k}") if k in hints else v for k, v in options.items()}
@@ -444,8 +443,6 @@ def describe_keys(method: str | None = None) -> list[dict[str, Any]]:
                 }
             )
     if method is not None:
-        from vlprompt.methods import get_method
-
         cls = get_method(method)
         hints = _hints(cls.Config)
         for f in dataclasses.fields(cls.Config):
@@ -506,7 +503,6 @@ def load_preset(method: str, protocol: str | None = None) -> dict[str, Any]:
     Reads ``methods/presets/<method>.yaml``; a method without a preset file gets the generic
     train defaults and its Config defaults (empty ``options``).
     """
-    from vlprompt.methods import get_method
 
     get_method(method)  # unknown method -> one-line error with close names
     if protocol is not None and protocol not in PROTOCOLS:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlprompt.errors import VlpromptError
+from vlprompt.train.config import train_settings
 
 
 def epoch_lr(
@@ -49,8 +50,6 @@ class EpochSchedule:
     """Sets the optimiser's lr at the start of every epoch; its state is just the epoch (checkpointable)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, train: Any):
-        from vlprompt.train.config import train_settings
-
         t = train_settings(train)
         self.optimizer = optimizer
         self.kw = {
@@ -99,7 +98,6 @@ def lr_sequence(train: Mapping[str, Any]) -> list[float]:
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], train: Any) -> torch.optim.Optimizer:
     """SGD (momentum 0.9, weight decay 5e-4 in the recipes); Adam/AdamW for experiments."""
-    from vlprompt.train.config import train_settings
 
     t = train_settings(train)
     params = list(params)
