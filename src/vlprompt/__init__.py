@@ -31,7 +31,6 @@ The names are imported on first use, not with ``import vlprompt``: the package r
 from __future__ import annotations
 
 import importlib
-import os
 from typing import TYPE_CHECKING, Any
 
 from vlprompt.errors import VlpromptError
@@ -42,7 +41,7 @@ if TYPE_CHECKING:  # the same names as _API, for IDEs and type checkers
     from vlprompt.data import get_dataset, list_datasets
     from vlprompt.methods import PromptModel, create_model, list_methods
     from vlprompt.methods.model import Prediction
-    from vlprompt.run import evaluate_run, train_run
+    from vlprompt.run import evaluate_run, load_prompt, train_run
     from vlprompt.train import evaluate, fit
     from vlprompt.train.config import resolve_config
 
@@ -59,6 +58,7 @@ _API = {
     "get_dataset": "vlprompt.data",
     "train_run": "vlprompt.run",
     "evaluate_run": "vlprompt.run",
+    "load_prompt": "vlprompt.run",
     "resolve_config": "vlprompt.train.config",
     "fit": "vlprompt.train",
     "evaluate": "vlprompt.train",
@@ -83,29 +83,6 @@ __all__ = [
     "resolve_config",
     "train_run",
 ]
-
-
-def load_prompt(
-    path_or_run: str | os.PathLike,
-    backbone: Any = None,
-    device: Any = None,
-    *,
-    weights: str | None = None,
-) -> PromptModel:
-    """The PromptModel of a run directory, an export, a ``prompt.safetensors``, an imported prompt,
-    or ``"hf-hub:org/name"`` (a prompt on the Hugging Face Hub, fetched through its cache).
-
-    ``backbone``: a loaded :class:`Backbone` (or an open_clip name / weights file) to use instead of
-    the one the manifest records; ``weights``: your copy of the weights file the prompt was trained
-    with (its sha256 is checked against the manifest's).
-    """
-    from vlprompt.run import load_run
-
-    if isinstance(backbone, (str, os.PathLike)):
-        from vlprompt.backbones import load_backbone
-
-        backbone = load_backbone(str(backbone), device=device)
-    return load_run(path_or_run, backbone=backbone, device=device, weights=weights)
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,9 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks; atomic renames still keep files whole
     fcntl = None  # type: ignore[assignment]
 
+import numpy as np
+import torch
+
 from vlprompt.errors import VlpromptError
 
 TMP_SUFFIX = ".tmp"
@@ -161,8 +164,6 @@ def sha256_json(obj: Any) -> str:
 
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch exactly as the reference toolkit's ``set_random_seed``."""
-    import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed)

@@ -21,7 +21,7 @@ def test_every_public_name_resolves_to_what_the_typed_imports_name():
                 assert isinstance(imp, ast.ImportFrom)
                 typed.update({a.name: imp.module for a in imp.names})
     assert typed == vlprompt._API  # one table: the typed imports and the names loaded on first use
-    assert set(vlprompt.__all__) == {*typed, "load_prompt", "VlpromptError", "__version__"}
+    assert set(vlprompt.__all__) == {*typed, "VlpromptError", "__version__"}
     for name in vlprompt.__all__:
         assert getattr(vlprompt, name) is not None
     from vlprompt.methods import create_model

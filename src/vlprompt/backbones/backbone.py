@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import save_file
 from torch import nn
 
 from vlprompt.errors import VlpromptError
+from vlprompt.utils import atomic_write
 
 #: safetensors metadata key holding a CLIP file's architecture (open_clip model config as JSON)
 METADATA_KEY = "vlprompt_clip_config"
@@ -108,8 +111,6 @@ class Backbone(nn.Module):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from open_clip.tokenizer import SimpleTokenizer
-
             self._tokenizer = SimpleTokenizer(context_length=self.context_length)
         return self._tokenizer
 
@@ -158,9 +159,6 @@ class Backbone(nn.Module):
 
     def save_safetensors(self, path: str) -> None:
         """Write the CLIP weights as ``.safetensors`` with the architecture in the metadata."""
-        from safetensors.torch import save_file
-
-        from vlprompt.utils import atomic_write
 
         sd = {k: v.contiguous() for k, v in self.clip.state_dict().items() if k != "attn_mask"}
         meta = {METADATA_KEY: json.dumps(self.meta.get("config") or {})}

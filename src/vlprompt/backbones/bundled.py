@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from open_clip.model import CLIP
+from safetensors.torch import load_file
 
 from vlprompt.errors import VlpromptError
+from vlprompt.utils import sha256_file
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TAG = "bundled"
@@ -64,14 +67,11 @@ def find_bundled(name: str | None, pretrained: Any) -> Bundled | None:
 
 @lru_cache(maxsize=4)
 def _verified(path: str, sha256: str) -> bool:
-    from vlprompt.utils import sha256_file
-
     return sha256_file(path) == sha256
 
 
 def read_bundled_state_dict(b: Bundled) -> dict[str, torch.Tensor]:
     """The full fp32 state dict: the compact token table is expanded into zeros (unused tokens)."""
-    from safetensors.torch import load_file
 
     if not _verified(str(b.file), b.record.get("sha256", "")):
         raise VlpromptError(
@@ -89,7 +89,6 @@ def read_bundled_state_dict(b: Bundled) -> dict[str, torch.Tensor]:
 
 def build_bundled(b: Bundled) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The open_clip CLIP with the bundled weights, plus the backbone meta (says: pretrained, by whom)."""
-    from open_clip.model import CLIP
 
     cfg = dict(b.record["config"])
     model = CLIP(**{k: v for k, v in cfg.items() if k != "quick_gelu"}, quick_gelu=False)

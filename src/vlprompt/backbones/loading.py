@@ -29,7 +29,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from open_clip.model import CLIP
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from vlprompt import torchfile
 from vlprompt.backbones.backbone import METADATA_KEY, Backbone
@@ -48,8 +52,6 @@ def _register_configs() -> None:
     """Make vlprompt's small test/demo architectures known to open_clip (``vlp-tiny``, ``vlp-small``)."""
     global _REGISTERED
     if not _REGISTERED:
-        import open_clip
-
         open_clip.add_model_config(str(_CONFIG_DIR))
         _REGISTERED = True
 
@@ -76,7 +78,6 @@ def quiet_open_clip():
 
 def list_architectures() -> list[str]:
     """open_clip model names usable as backbones (plus vlprompt's small test architectures)."""
-    import open_clip
 
     _register_configs()
     return list(open_clip.list_models())
@@ -151,9 +152,6 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             sd = load_file(str(path))
@@ -198,8 +196,6 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     for k in [k for k in sd if k in OPENAI_ARCHIVE_KEYS or k.endswith("attn_mask")]:
         sd.pop(k)  # archive metadata and the (recomputed) causal-mask buffer are not weights
     if "text.token_embedding.weight" in sd:  # open_clip CustomTextCLIP layout -> standard CLIP layout
-        from open_clip.model import convert_to_custom_text_state_dict  # noqa: F401  (import check)
-
         sd = {(k[len("text.") :] if k.startswith("text.") else k): v for k, v in sd.items()}
     if "visual.proj" not in sd or "token_embedding.weight" not in sd:
         raise VlpromptError(
@@ -302,7 +298,6 @@ def _sd_key_dims(sd: dict[str, Any]) -> tuple | None:
 
 def config_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of the state dict open_clip's CLIP has under ``cfg`` (built on the meta device)."""
-    from open_clip.model import CLIP
 
     with torch.device("meta"):
         model = CLIP(**{k: v for k, v in cfg.items() if k not in ("quick_gelu", "custom_text")})
@@ -312,7 +307,6 @@ def config_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 @functools.cache
 def shipped_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """:func:`config_shapes` of a registered open_clip config, computed once per process."""
-    import open_clip
 
     return config_shapes(open_clip.get_model_config(name))
 
@@ -328,7 +322,6 @@ def match_architecture(sd: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     Configs that differ only in what no shape shows (``-quickgelu``, a tokenizer) tie; the plainest name
     wins and the others are named in a debug line.  ``None`` when no config fits.
     """
-    import open_clip
 
     _register_configs()
     dims = _sd_key_dims(sd)
@@ -355,15 +348,11 @@ def match_architecture(sd: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 
 
 def _build_from_config(cfg: dict[str, Any], quick_gelu: bool) -> torch.nn.Module:
-    from open_clip.model import CLIP
-
     cfg = {k: v for k, v in cfg.items() if k != "quick_gelu"}
     return CLIP(**cfg, quick_gelu=quick_gelu)
 
 
 def _model_config(name: str) -> dict[str, Any]:
-    import open_clip
-
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise unknown_name("model", name, list_architectures())
@@ -411,7 +400,6 @@ def _load_local(path: Path, name: str | None, quick_gelu: bool | None) -> tuple[
 
 def _first_mismatch(message: str) -> str:
     """The first size mismatch of a ``load_state_dict`` error, whole: key, file shape, model shape."""
-    import re
 
     m = re.search(
         r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
@@ -456,7 +444,6 @@ def load_backbone(
         init_seed: seed of the random init (``pretrained=None``), drawn without touching the global
             RNG, so a prompt trained on a random backbone is evaluated on the same random backbone.
     """
-    import open_clip
 
     _register_configs()
     if name is DEFAULT_ARCHITECTURE_SENTINEL:  # not given: inferred from a weights file, else ViT-B-16
@@ -544,7 +531,6 @@ def meta_backbone(name: str):
     Used to validate method settings against a model (prompt depth vs layers, widths) before any
     weights are read; nothing can be computed with it.
     """
-    import open_clip
 
     _register_configs()
     if open_clip.get_model_config(name) is None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from vlprompt.bench.config import BenchConfig
 from vlprompt.bench.flops import (
@@ -28,6 +29,7 @@ from vlprompt.bench.models import (
     shared_prefix,
     step_flops,
 )
+from vlprompt.engine import attention_mode, encode_text
 from vlprompt.errors import VlpromptError
 from vlprompt.train.features import frozen_image_features
 
@@ -89,7 +91,6 @@ def bench_text_tower(
     backbone: Any, cfg: BenchConfig, device: torch.device, peak: float
 ) -> list[dict[str, Any]]:
     """Text-tower forward (no prompts) for ``cfg.text_prompts`` sequences at each context length."""
-    from vlprompt.engine import attention_mode, encode_text
 
     rows = []
     ctx_len = backbone.context_length
@@ -275,7 +276,6 @@ def profile_train_step(
     backbone: Any, method: str, n_classes: int, variant: str, top: int = 8
 ) -> list[dict[str, Any]]:
     """Where the time of one training step goes: the top operators by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
 
     _, batch = method_recipe(method)
     model = build_model(method, backbone, n_classes, variant)

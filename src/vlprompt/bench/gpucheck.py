@@ -34,6 +34,19 @@ from typing import Any
 
 import torch
 
+from vlprompt.backbones import load_backbone
+from vlprompt.bench.harness import BenchConfig, run_bench
+from vlprompt.bench.measure import device_info
+from vlprompt.bench.models import build_model
+from vlprompt.bench.results import write_results
+from vlprompt.bench.suite import SuiteConfig, run_suite, write_suite
+from vlprompt.errors import VlpromptError
+from vlprompt.methods import list_methods
+from vlprompt.run import RunDir
+from vlprompt.train import fit
+from vlprompt.train.precision import resolve_precision
+from vlprompt.utils import atomic_write_json, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 FP32_TOL = 1e-3  # max |delta logit| CUDA fp32 vs CPU fp32 (logit_scale 100: 1e-5 in cosine)
@@ -58,9 +71,6 @@ def _record(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- sections
 def check_logits(model: str, device: torch.device, methods: list[str], dry: bool) -> dict[str, Any]:
     """CUDA vs CPU logits per method and precision."""
-    from vlprompt.backbones import load_backbone
-    from vlprompt.bench.models import build_model
-    from vlprompt.train.precision import resolve_precision
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -110,7 +120,6 @@ def check_train(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
     """A few fit() steps under bf16 and fp16 + GradScaler; losses finite, prompts moved, CLIP frozen."""
     from vlprompt.backbones import load_backbone
     from vlprompt.bench.models import build_model
-    from vlprompt.train import fit
     from vlprompt.train.config import RunConfig
 
     bb = load_backbone(model, device=device)
@@ -200,7 +209,6 @@ def check_ddp(model: str, device: torch.device, work: Path) -> dict[str, Any]:
         "VLPROMPT_DIST_FORCE": "1",
     }
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
-    from vlprompt.run import RunDir
 
     full_log = p.stdout + p.stderr
     log_text = full_log[-4000:]
@@ -216,7 +224,6 @@ def check_ddp(model: str, device: torch.device, work: Path) -> dict[str, Any]:
 
 def check_bench(model: str, device: torch.device, dry: bool, work: Path) -> dict[str, Any]:
     """Bench at official batch sizes (+ evaluation at batch 100, memory at 1000 classes), compile on/off."""
-    from vlprompt.bench.harness import BenchConfig, run_bench
     from vlprompt.methods import bench_methods
 
     if dry:
@@ -283,8 +290,6 @@ def check_bench(model: str, device: torch.device, dry: bool, work: Path) -> dict
 
 
 def check_suite(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
-    from vlprompt.bench.suite import SuiteConfig, run_suite
-
     if dry:
         cfg = SuiteConfig.quick_config(
             device=str(device), datasets=["caltech101", "eurosat"], seeds=[1], methods=["coop", "mpl"]
@@ -305,17 +310,10 @@ def check_suite(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- driver
 def run_check(dry: bool, out_dir: Path | None = None, model: str | None = None) -> dict[str, Any]:
-    from vlprompt.bench.measure import device_info
-    from vlprompt.bench.results import write_results
-    from vlprompt.bench.suite import write_suite
-    from vlprompt.methods import list_methods
-
     if dry:
         device, model = torch.device("cpu"), model or "vlp-tiny"
     else:
         if not torch.cuda.is_available():
-            from vlprompt.errors import VlpromptError
-
             raise VlpromptError("no CUDA device visible; run benchmarks/gpu/check.sh --dry for the CPU check")
         device, model = torch.device("cuda"), model or "ViT-B-16"
     info = device_info(device)
@@ -362,7 +360,6 @@ def run_check(dry: bool, out_dir: Path | None = None, model: str | None = None) 
         suite_res = suite.pop("results")
         if not dry:
             write_suite(suite_res, out)
-    from vlprompt.utils import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / ("gpu-check-dry.json" if dry else "gpu-check.json"), res)
     atomic_write_text(out / ("gpu-check-dry.md" if dry else "gpu-check.md"), render(res))

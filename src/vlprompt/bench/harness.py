@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from vlprompt.backbones import load_backbone
 from vlprompt.bench.benches import (
     _train_variants,
     bench_eval,
@@ -63,14 +64,13 @@ from vlprompt.bench.results import (
     write_results,
 )
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import list_methods
 from vlprompt.train.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
 
 def _available(methods: list[str]) -> tuple[list[str], list[str]]:
-    from vlprompt.methods import list_methods
-
     known = set(list_methods())
     return [m for m in methods if m in known], [m for m in methods if m not in known]
 
@@ -87,8 +87,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    from vlprompt.backbones import load_backbone
-
     reset_measured()  # each bench reads the machine's table afresh
     if cfg.repeats < 1 or cfg.warmup < 0:
         raise VlpromptError(f"repeats={cfg.repeats}, warmup={cfg.warmup}: need repeats >= 1 and warmup >= 0")

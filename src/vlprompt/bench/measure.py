@@ -3,6 +3,8 @@ matmul peak."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import platform
@@ -75,8 +77,6 @@ def reset_peak_rss() -> bool:
 
 def _release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``) so the next peak starts clean."""
-    import ctypes
-    import gc
 
     gc.collect()
     try:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 from vlprompt.bench.config import VARIANT_OPTIONS
 from vlprompt.bench.flops import (
@@ -16,8 +17,10 @@ from vlprompt.bench.flops import (
     text_tower_flops,
     text_tower_flops_shared_prefix,
 )
-from vlprompt.engine import AutoAttention
+from vlprompt.engine import AutoAttention, shared_prefix_length
+from vlprompt.methods.model import create_model
 from vlprompt.run.attention import MeasuredTable, measured_attention
+from vlprompt.train.config import load_preset
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,6 @@ def class_names(n: int) -> list[str]:
 
     Real names matter: their token lengths set where the text tower can be truncated.
     """
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     names: list[str] = []
     seen: set[str] = set()
@@ -43,7 +45,6 @@ def class_names(n: int) -> list[str]:
 def method_recipe(method: str) -> tuple[dict[str, Any], int]:
     """(official options, official batch size): the preset's, else the registry entry's bench batch size."""
     from vlprompt.methods import get_method
-    from vlprompt.train.config import load_preset
 
     cls = get_method(method)
     preset = load_preset(method)
@@ -70,7 +71,7 @@ def reset_measured() -> None:
 
 def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extra: Any):
     """A PromptModel of ``method`` with its official options and the variant's execution options."""
-    from vlprompt.methods.model import ModelOptions, create_model
+    from vlprompt.methods.model import ModelOptions
 
     opts, _ = method_recipe(method)
     max_depth = min(backbone.text.layers, backbone.image.layers)
@@ -102,7 +103,6 @@ def _text_length(model: Any, inputs: Any) -> int:
 
 def shared_prefix(model: Any, inputs: Any) -> int:
     """Leading text tokens computed once for all class prompts under the model's options (0 = none)."""
-    from vlprompt.engine import shared_prefix_length
 
     opts = model.options
     if not opts.share_prefix or opts.checkpoint_text or opts.attention not in ("sdpa", "auto"):

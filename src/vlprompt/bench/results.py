@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.bench.config import TARGETS
+from vlprompt.methods import get_method
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def label_reconstructed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mark rows of a method reconstructed from its paper (DPL) with ``reconstructed`` + the note."""
-    from vlprompt.methods import get_method
 
     for r in rows:
         note = get_method(r["method"]).reconstruction_note if r.get("method") else ""

@@ -30,8 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from vlprompt.backbones import load_backbone
+from vlprompt.bench.benches import bench_eval, bench_train
+from vlprompt.bench.config import BenchConfig
+from vlprompt.bench.measure import _loadavg, device_info
+from vlprompt.bench.results import label_reconstructed
+from vlprompt.data import BENCHMARKS, build_transform, get_dataset, get_spec
 from vlprompt.methods import bench_methods
+from vlprompt.protocols.grid import plan_grid
+from vlprompt.train.precision import resolve_device
+from vlprompt.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +83,9 @@ def _n_classes(spec: Any, subsample: str) -> int:
 
 def plan_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     """One row per planned run: training classes, images, steps and evaluation images (registry sizes)."""
-    from vlprompt.data import get_spec
-    from vlprompt.protocols.grid import plan_grid
 
     datasets = cfg.datasets
     if datasets is None and cfg.protocol in ("base2new", "fewshot"):
-        from vlprompt.data import BENCHMARKS
-
         datasets = list(BENCHMARKS)  # the papers' 11 data sets
     specs = plan_grid(
         cfg.protocol,
@@ -136,15 +142,10 @@ def measure_decode(
     root: str | None, dataset: str | None = None, size: int = 224, n: int = 8
 ) -> dict[str, Any]:
     """Seconds per image to decode + resize + centre-crop (a real image when available)."""
-    from PIL import Image
-
-    from vlprompt.data import build_transform
 
     source, paths = "synthetic 500x375 JPEG (quality 90)", []
     if root and dataset:
         try:
-            from vlprompt.data import get_dataset
-
             paths = [d.impath for d in get_dataset(dataset, root).test[:n]]
             source = f"{len(paths)} test images of {dataset}"
         except Exception as e:  # no data here: fall back to a synthetic image, and say so
@@ -169,8 +170,6 @@ def measure_decode(
 
 def measure_costs(cfg: SuiteConfig, backbone: Any, device: torch.device) -> dict[str, Any]:
     """Per method: training step seconds at ``cfg.classes`` and evaluation seconds per image."""
-    from vlprompt.bench.benches import bench_eval, bench_train
-    from vlprompt.bench.config import BenchConfig
 
     bc = BenchConfig(
         model=cfg.model,
@@ -253,10 +252,6 @@ def project(plan: Sequence[dict[str, Any]], costs: dict[str, Any], decode_s: flo
 
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     """Plan, measure and project; the result dict :func:`render_markdown` and :func:`write_suite` take."""
-    from vlprompt.backbones import load_backbone
-    from vlprompt.bench.measure import _loadavg, device_info
-    from vlprompt.bench.results import label_reconstructed
-    from vlprompt.train.precision import resolve_device
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -365,8 +360,6 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 
 def write_suite(res: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    from vlprompt.utils import atomic_write_json, atomic_write_text
-
     out = Path(out_dir)
     stem = "suite-quick" if res["config"].get("quick") else f"suite-{res['config']['protocol']}"
     atomic_write_json(out / f"{stem}.json", res)

@@ -44,7 +44,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
         raise VlpromptError("the demo data set needs scikit-learn; run `pip install scikit-learn`")
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # optional: only without the packaged csv
 
         digits = load_digits()
         return digits.images, digits.target

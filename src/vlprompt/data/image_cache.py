@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlprompt.data.images import load_rgb
@@ -322,8 +323,6 @@ class CachedDecodedDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        from PIL import Image
-
         return self.transform(Image.fromarray(self.pixels.row(i), "RGB")), self.labels[i]
 
 
@@ -435,7 +434,6 @@ def cached_train_dataset(
         return np.asarray(load_rgb(d.impath), dtype=np.uint8)
 
     def estimate() -> int:  # header reads only: the decoded size of every image
-        from PIL import Image
 
         total = 0
         for d in items:

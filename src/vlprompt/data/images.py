@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable
 
@@ -116,7 +117,6 @@ def image_problem(path: str, decode: bool = True) -> str | None:
 
 
 def _bomb(e: Exception) -> str:
-    import re
 
     if "MB budget" in str(e):
         return str(e).split(" (")[0]

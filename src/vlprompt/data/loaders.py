@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vlprompt.data.image_cache import CachedImageDataset, cached_eval_entry
 from vlprompt.data.images import load_rgb
 from vlprompt.data.splits import Datum
-from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD
+from vlprompt.data.transforms import CLIP_MEAN, CLIP_STD, build_transform
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,6 @@ def cached_eval_dataset(
     part is cached as uint8 and ToTensor/Normalize run on load. ``key`` names the use (e.g.
     ``"caltech101/test/new"``). With the cache disabled this is the plain decoding dataset.
     """
-    from vlprompt.data.image_cache import CachedImageDataset, cached_eval_entry
-    from vlprompt.data.transforms import build_transform
 
     entry = cached_eval_entry(items, key, "", size, interpolation)
     if entry is None:

@@ -17,7 +17,7 @@ the positional embedding, before ``ln_pre``, as MaPLe/MPL do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,7 +76,6 @@ def slice_plan(plan: TowerPlan | None, start: int, end: int, n: int) -> TowerPla
     Lets a caller run the text tower on a block of class prompts (chunking, class-sharded DDP)."""
     if plan is None:
         return None
-    from dataclasses import replace
 
     def cut(t):
         return t[start:end] if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == n else t

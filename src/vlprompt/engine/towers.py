@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from vlprompt.engine.attention import Attention, AttnContext, AutoAttention, standard_attention
+from vlprompt.engine.attention import (
+    Attention,
+    AttnContext,
+    AutoAttention,
+    merge_heads,
+    qkv_heads,
+    standard_attention,
+)
 from vlprompt.engine.plan import ALL, LayerOps, TowerPlan
 
 
@@ -185,7 +192,6 @@ def _encode_text_prefix(
     clip: nn.Module, x: torch.Tensor, eot: torch.Tensor, plan: TowerPlan | None, p: int
 ) -> torch.Tensor:
     """Text tower with the shared first ``p`` positions run once (see :func:`encode_text`)."""
-    from vlprompt.engine.attention import merge_heads, qkv_heads
 
     n, length, _ = x.shape
     xp, xs = x[:1, :p], x[:, p:]

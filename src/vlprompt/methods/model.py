@@ -16,9 +16,12 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from vlprompt.backbones import Backbone
+from vlprompt.data import build_transform
+from vlprompt.data.images import load_rgb
 from vlprompt.engine import (
     ATTENTION_MODES,
     AutoAttention,
@@ -356,10 +359,6 @@ class PromptModel(nn.Module):
 
     def preprocess(self, images: Any) -> torch.Tensor:
         """Paths or PIL images -> a ``(B, 3, H, W)`` batch under the backbone's test transform."""
-        from PIL import Image
-
-        from vlprompt.data import build_transform
-        from vlprompt.data.images import load_rgb
 
         items = images if isinstance(images, (list, tuple)) else [images]
         if not items:

@@ -16,6 +16,7 @@ submitit on the cluster -- never by vlprompt from a run directory).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,6 @@ def _submitit():
 
 def job_failure_reason(exc: BaseException) -> str:
     """The one line that says why a job failed: the job's own exception line, not submitit's log paths."""
-    import re
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     pat = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt|Exit)\b.*")

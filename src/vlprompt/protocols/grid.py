@@ -17,6 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlprompt.data import (
+    CROSS_DATASET_SOURCE,
+    CROSS_DATASET_TARGETS,
+    DG_SOURCE,
+    DG_TARGETS,
+    FEWSHOT_K,
+    canonical_name,
+)
 from vlprompt.errors import VlpromptError
 from vlprompt.run.layout import RunDir
 
@@ -105,7 +113,6 @@ def canonical_dataset(name: str) -> str:
     """Registry spelling of a data set name; ``folder:``/``csv:`` data sets pass through unchanged."""
     if name.startswith(("folder:", "csv:")):
         return name
-    from vlprompt.data import canonical_name
 
     return canonical_name(name)
 
@@ -181,7 +188,6 @@ def plan_grid(
     ``shots`` defaults to 16 (1, 2, 4, 8, 16 for fewshot). Nothing is read or written except the
     method presets (``resolve``).
     """
-    from vlprompt.data import CROSS_DATASET_SOURCE, CROSS_DATASET_TARGETS, DG_SOURCE, DG_TARGETS, FEWSHOT_K
 
     if protocol not in PROTOCOLS:
         raise VlpromptError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from vlprompt.train.progress import progress_bar
+
 
 def format_eta(seconds: float | None) -> str:
     if seconds is None:
@@ -26,8 +28,6 @@ class GridView:
     """Counts of a grid's runs and their ETA, shown as one progress bar (see module docstring)."""
 
     def __init__(self, total: int, enabled: bool = True, skipped: int = 0, redirect_logs: bool = True):
-        from vlprompt.train.progress import progress_bar
-
         self.total = total
         self.skipped = skipped
         self.done = 0

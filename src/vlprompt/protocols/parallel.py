@@ -24,7 +24,9 @@ device slot (threads split over all jobs, each CUDA job limited to 1/K of its GP
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import multiprocessing as mp
 import os
 import queue
 import signal
@@ -36,8 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from vlprompt.errors import VlpromptError
 from vlprompt.protocols.grid import RunSpec
+from vlprompt.protocols.gridview import GridView
+from vlprompt.protocols.report import build_report
 from vlprompt.protocols.runner import RunResult, execute
 
 log = logging.getLogger(__name__)
@@ -96,8 +103,6 @@ def per_device_slots(
         base: list[str | None] = list(dict.fromkeys(devices))
     else:
         if gpus is None:
-            import torch
-
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         base = [str(i) for i in range(gpus)] if gpus else [None]
     return [d for d in base for _ in range(int(per_device))]
@@ -118,8 +123,6 @@ def _die_with_parent(parent: int) -> None:
     """Make this worker exit when ``parent`` dies (SIGKILL from the kernel on Linux, a watcher elsewhere)."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
@@ -195,7 +198,6 @@ def _worker_main(
     """Worker loop: execute specs until a ``None`` task arrives (a top-level function: spawn pickles it)."""
     if parent is not None:
         _die_with_parent(parent)
-    import torch
 
     torch.set_num_threads(threads)
     if mem_fraction < 1.0 and torch.cuda.is_available():
@@ -255,7 +257,6 @@ def run_grid_parallel(
     view and logging. Complete runs are skipped up front. ``execute_fn`` (a top-level function, as
     workers import it by name) replaces :func:`~vlprompt.protocols.runner.execute` in tests.
     """
-    from vlprompt.protocols.gridview import GridView
 
     specs = list(specs)
     if jobs_per_device is not None:
@@ -303,7 +304,6 @@ def _redirect_logging(bar: Any) -> Iterator[None]:
     if getattr(bar, "disable", True):
         yield
         return
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
         yield
@@ -317,8 +317,6 @@ def _run_workers(
     execute_fn: Callable[..., RunResult],
     on_start: Callable[[int], None] = lambda i: None,
 ) -> None:
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     threads = threads_per_job(len(slots))
@@ -416,7 +414,6 @@ def _run_workers(
 
 def report_grid(runs_dir: str | Path, reference: bool = False) -> Path | None:
     """The aggregated report of ``runs_dir`` (report.md, CSVs, plots); ``None`` if no run is complete."""
-    from vlprompt.protocols.report import build_report
 
     try:
         res = build_report(runs_dir, reference=reference)

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 PUBLISHED_LEGEND = "published (ViT-B/16, pretrained CLIP)"
 
 
@@ -231,7 +233,6 @@ def confusion_matrix(
 ) -> Path:
     """Row-normalised confusion matrix (true class down, predicted across); names up to ``max_labels``."""
     plt = _plt()
-    import numpy as np
 
     m = np.asarray(counts, dtype=float)
     rows = m.sum(1, keepdims=True)

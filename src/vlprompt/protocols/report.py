@@ -10,6 +10,7 @@ this module renders them (Markdown, CSV, plots through ``plots``).  Display name
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
+from vlprompt.protocols import plots
 from vlprompt.protocols import reference as ref
 from vlprompt.protocols.display import (
     DPL_NOTE,
@@ -55,6 +57,7 @@ from vlprompt.protocols.tables import (
     mean_std,
     published_base2new_average,
 )
+from vlprompt.train.evaluate import dense_confusion
 from vlprompt.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -231,8 +234,6 @@ def build_report(
 def _plots(
     runs: list[RunRecord], b2n: dict[str, Any], fs: dict[str, Any], out_dir: Path, reference: bool = False
 ) -> list[Path]:
-    from vlprompt.protocols import plots
-
     paths: list[Path] = []
     random = " (random backbone: pipeline check)" if any(r.random_backbone for r in runs) else ""
     all_shots = {s for _, s in b2n}
@@ -276,7 +277,6 @@ def _plots(
                 pts
             )
     paths += plots.training_curves(train, out_dir)
-    from vlprompt.train.evaluate import dense_confusion
 
     for r in runs:
         for e in r.evaluations:
@@ -296,8 +296,6 @@ def _plots(
 
 
 def _slug_name(r: RunRecord) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{r.protocol}_{r.method}_{r.dataset}_s{r.shots}_seed{r.seed}")
 
 

@@ -8,6 +8,7 @@ directory and a one-line reason and does not stop the others.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -16,8 +17,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from vlprompt.backbones import meta_backbone
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import create_model
 from vlprompt.protocols.grid import RunSpec
+from vlprompt.protocols.gridview import GridView
+from vlprompt.run import (
+    RunDir,
+    check_request,
+    evaluate_run,
+    load_backbone_from,
+    request_fingerprint,
+    train_run,
+)
+from vlprompt.train.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +59,6 @@ class RunResult:
 
 def _shared_backbone(cfg: Any) -> Any:
     """The run's backbone, loaded once per process and shared by every run that names it."""
-    from vlprompt.run import load_backbone_from
-    from vlprompt.train.precision import resolve_device
 
     bb = cfg.backbone
     device = resolve_device(cfg.train.device)
@@ -64,7 +77,6 @@ def status(spec: RunSpec) -> tuple[str, str]:
     ``complete`` and ``trained`` (done, evaluations missing) mean the finished run has the spec's
     fingerprint; ``conflict`` names the differing keys; ``invalid`` is a request that cannot run.
     """
-    from vlprompt.run import RunDir, check_request, request_fingerprint
 
     try:
         fp = request_fingerprint(spec.cfg)
@@ -81,12 +93,6 @@ def status(spec: RunSpec) -> tuple[str, str]:
 def validate_model_settings(cfg: Any) -> None:
     """Build the method on the architecture's shapes (no weights: the meta device) so impossible
     settings -- a prompt depth beyond the model's layers, say -- are found before anything runs."""
-    import dataclasses
-
-    import torch
-
-    from vlprompt.backbones import meta_backbone
-    from vlprompt.methods import create_model
 
     name = cfg.backbone.name
     if not name or cfg.backbone.weights:
@@ -123,7 +129,6 @@ def _one_line(exc: BaseException) -> str:
 
 def record_failure(run_dir: str | os.PathLike, reason: str) -> None:
     """The one-line error the report shows, kept in the run directory (never creates the folder)."""
-    from vlprompt.run import RunDir
 
     try:
         RunDir(run_dir).record_failure(reason)
@@ -142,8 +147,6 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
     start = time.perf_counter()
     trained, evaluated = False, 0
     try:
-        from vlprompt.run import RunDir, check_request, evaluate_run, request_fingerprint, train_run
-
         run = RunDir(spec.out_dir)
         force = False
         if run.is_complete():
@@ -203,7 +206,6 @@ def run_grid(
     execute_fn: Callable[..., RunResult] = execute,
 ) -> list[RunResult]:
     """Execute specs sequentially, logging each outcome; returns every result (failures included)."""
-    from vlprompt.protocols.gridview import GridView
 
     specs = list(specs)
     results = []

@@ -8,7 +8,7 @@ from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_
 from vlprompt.run.env import environment
 from vlprompt.run.identity import differences, request_fingerprint
 from vlprompt.run.layout import RunDir, find_runs
-from vlprompt.run.load import evaluate_run, export_run, load_run, read_manifest
+from vlprompt.run.load import evaluate_run, export_run, load_prompt, load_run, read_manifest
 from vlprompt.run.lock import RunLock
 from vlprompt.run.train import (
     build_splits,
@@ -33,6 +33,7 @@ __all__ = [
     "find_runs",
     "is_untrained",
     "load_backbone_from",
+    "load_prompt",
     "load_run",
     "metrics_entry",
     "provenance",

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.run.identity import weights_sha256
 from vlprompt.train.config import BackboneConfig
@@ -56,7 +57,6 @@ def load_backbone_from(
     section: BackboneConfig | dict[str, Any], device: Any = None, *, banner: bool = True
 ) -> Any:
     """The frozen backbone a config section names (one-line errors for missing files)."""
-    from vlprompt.backbones import load_backbone
 
     if isinstance(section, dict):
         section = BackboneConfig(**{k: section.get(k) for k in ("name", "pretrained", "weights")})

@@ -27,7 +27,10 @@ import torch
 
 from vlprompt import torchfile
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import create_model, get_method
 from vlprompt.methods.official import frozen_token_count
+from vlprompt.run.layout import RunDir
+from vlprompt.run.train import FORMAT, FORMAT_VERSION, provenance, save_prompt
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
@@ -171,7 +174,6 @@ def build_model(
     Shapes are checked tensor by tensor first, so a checkpoint for another backbone (or with options
     that differ from ours) is refused naming the official tensor and both shapes.
     """
-    from vlprompt.methods import create_model, get_method
 
     cls = get_method(imp.method)  # a one-line error when the method is not built (yet)
     check_options(cls.Config, options, imp.method)
@@ -273,8 +275,6 @@ def write_prompt_dir(out: str | os.PathLike, model: Any, manifest: dict[str, Any
 
     A thin wrapper so the writer can move with the run layer without touching the importer.
     """
-    from vlprompt.run.layout import RunDir
-    from vlprompt.run.train import FORMAT, FORMAT_VERSION, provenance, save_prompt
 
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)

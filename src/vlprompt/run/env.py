@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+import open_clip
+import torch
 
 from vlprompt.version import __version__
 
@@ -44,8 +48,6 @@ def git_revision() -> str | None:
 
 def environment(device: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Versions, git revision, device (and ``extra``, e.g. the attention implementation chosen)."""
-    import open_clip
-    import torch
 
     env: dict[str, Any] = {
         "python": platform.python_version(),
@@ -61,8 +63,6 @@ def environment(device: str | None = None, extra: dict[str, Any] | None = None) 
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if os.environ.get(RECORD_HOSTNAME_ENV, "") in ("1", "true", "yes"):
-        import socket
-
         env["hostname"] = socket.gethostname()
     env.update(extra or {})
     return env

@@ -16,9 +16,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vlprompt.data import get_dataset, set_max_image_pixels, split_hash
 from vlprompt.errors import VlpromptError
 from vlprompt.train.config import ADDED_LATER, DataConfig, RunConfig, TrainConfig
-from vlprompt.utils import cache_dir, read_json, sha256_file, sha256_json
+from vlprompt.train.precision import resolve_device, resolve_precision
+from vlprompt.utils import atomic_write_json, cache_dir, read_json, sha256_file, sha256_json
 
 IDENTITY_VERSION = 1
 #: train keys that are folded into others (epochs tables resolve into train.epochs)
@@ -48,8 +50,6 @@ def weights_sha256(path: str | os.PathLike) -> str:
         digest = sha256_file(p)
         memo[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         try:
-            from vlprompt.utils import atomic_write_json
-
             atomic_write_json(memo_file, memo)
         except OSError:
             pass  # a read-only cache only costs a re-hash next time
@@ -198,7 +198,6 @@ _SPLITS: dict[tuple[Any, ...], Any] = {}
 
 def load_splits(data: DataConfig) -> Any:
     """The full (pre-few-shot) DatasetSplits of ``data``, memoised per process."""
-    from vlprompt.data import get_dataset, set_max_image_pixels
 
     set_max_image_pixels(data.max_image_pixels)
     k = (data.dataset, data.root, data.skip_bad, data.max_image_pixels, data.listing)
@@ -211,8 +210,6 @@ def load_splits(data: DataConfig) -> Any:
 
 def request_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The fingerprint record a request would write (loads the data set's split, not its images)."""
-    from vlprompt.data import split_hash
-    from vlprompt.train.precision import resolve_device, resolve_precision
 
     splits = load_splits(cfg.data)
     prec = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from vlprompt import utils
 from vlprompt.errors import VlpromptError
 from vlprompt.train import files as trainer_files
+from vlprompt.train.config import read_yaml
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
 CONFIG = "config.yaml"
@@ -156,7 +158,6 @@ class RunDir:
     # ---------------------------------------------------------------- readers
     def read_config(self) -> dict[str, Any]:
         """config.yaml as a dict (safe YAML: a crafted file cannot build Python objects)."""
-        from vlprompt.train.config import read_yaml
 
         if not self.has_config():
             return {}
@@ -271,7 +272,6 @@ class RunDir:
 
     def clear_results(self) -> None:
         """Remove a previous run's results and resume state (a retrain starts clean)."""
-        import shutil
 
         for name in RESULT_FILES:
             (self.path / name).unlink(missing_ok=True)

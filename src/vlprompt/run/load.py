@@ -10,13 +10,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import backbone_for_manifest, check_weights
 from vlprompt.run.layout import CONFIG, MANIFEST, METRICS, PROMPT, RunDir, read_json
 from vlprompt.run.train import FORMAT, build_splits, eval_loader, metrics_entry, record_metrics
+from vlprompt.train.checkpoint import load_safetensors
 from vlprompt.train.config import RunConfig, dump_yaml, read_yaml
+from vlprompt.train.evaluate import evaluate
+from vlprompt.train.precision import resolve_device
+from vlprompt.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +32,6 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     """``(manifest, prompt file)`` of a run/export directory or a single prompt ``.safetensors``."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        from vlprompt.train.checkpoint import load_safetensors
-
         _, meta = load_safetensors(path)
         if "vlprompt_manifest" not in meta:
             raise VlpromptError(f"{path} carries no vlprompt manifest; pass the run directory instead")
@@ -134,6 +139,25 @@ def load_run(
     return model
 
 
+def load_prompt(
+    path_or_run: str | os.PathLike,
+    backbone: Any = None,
+    device: Any = None,
+    *,
+    weights: str | None = None,
+) -> Any:
+    """The PromptModel of a run directory, an export, a ``prompt.safetensors`` or an imported prompt
+    (``vlprompt.load_prompt``: the one way to load a prompt).
+
+    ``backbone``: a loaded :class:`Backbone` (or an open_clip name / weights file) to use instead of
+    the one the manifest records; ``weights``: your copy of the weights file the prompt was trained
+    with (its sha256 is checked against the manifest's).
+    """
+    if isinstance(backbone, (str, os.PathLike)):
+        backbone = load_backbone(str(backbone), device=device)
+    return load_run(path_or_run, backbone=backbone, device=device, weights=weights)
+
+
 def run_config_of(run: RunDir) -> dict[str, Any]:
     """The run's config.yaml as a dict ({} when absent), provenance removed."""
     raw = run.read_config()
@@ -160,8 +184,6 @@ def evaluate_run(
     defaults to ``new`` for a run trained on base classes and ``all`` otherwise.  Class names and the
     template come from the evaluated data set.  Returns the metrics entry.
     """
-    from vlprompt.train.evaluate import evaluate
-    from vlprompt.train.precision import resolve_device
 
     run = RunDir(run_dir)
     manifest, _ = read_manifest(run.path)
@@ -227,7 +249,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
     new or empty folder or an earlier export; a run is replaced only with ``force`` (it then stops being
     a run: its results, fingerprint and checkpoint go), any other folder is refused.
     """
-    from vlprompt.utils import atomic_write
 
     manifest, prompt_path = read_manifest(run_dir)
     out = Path(out_dir)
@@ -263,7 +284,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
                 raw["data"]["dataset"] = public_name(raw["data"]["dataset"])
         if isinstance(raw.get("backbone"), dict) and raw["backbone"].get("weights"):
             raw["backbone"]["weights"] = Path(str(raw["backbone"]["weights"])).name
-        import yaml
 
         text = dump_yaml(raw) + (yaml.safe_dump({"provenance": prov}, sort_keys=False) if prov else "")
         exp.write_config(text)

@@ -8,20 +8,34 @@ line naming the differing keys (``force`` replaces the run).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from vlprompt.data import build_loader, build_transform, fewshot, split_hash
+from vlprompt.data import subsample as subsample_fn
+from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import create_model
 from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
-from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
+from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, MANIFEST, METRICS, PROMPT, SPLIT, RunDir
 from vlprompt.run.lock import RunLock
+from vlprompt.train import distributed as ddp
+from vlprompt.train.checkpoint import has_checkpoint
 from vlprompt.train.config import RunConfig, dump_yaml
+from vlprompt.train.precision import resolve_device, resolve_precision
+from vlprompt.train.trainer import fit
+from vlprompt.utils import set_seed
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
@@ -39,9 +53,6 @@ def provenance(method: str) -> dict[str, Any]:
 
 
 def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = True) -> Any:
-    from vlprompt.data import fewshot
-    from vlprompt.data import subsample as subsample_fn
-
     splits = load_splits(cfg.data)
     if fewshot_ and cfg.data.shots:
         splits = fewshot(splits, cfg.data.shots, cfg.data.seed)
@@ -50,8 +61,6 @@ def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = 
 
 def eval_loader(splits: Any, backbone: Any, batch_size: int, num_workers: int) -> Any:
     """The deterministic test-split loader of a run (the backbone's test transform)."""
-    from vlprompt.data import build_loader, build_transform
-    from vlprompt.data.image_cache import cached_eval_loader
 
     cached = cached_eval_loader(  # decode once per data set/split/transform, shared by every run
         splits.test, backbone.preprocess_cfg, batch_size, dataset=splits.name,
@@ -68,8 +77,6 @@ def train_data(splits: Any, backbone: Any, cfg: RunConfig) -> Any:
     pixels); the items as they are for full training splits or the frozen-feature training mode."""
     if not splits.shots or cfg.train.image_features_cache == "train":
         return splits.train
-    from vlprompt.data import build_transform
-    from vlprompt.data.image_cache import cached_train_dataset
 
     tf = build_transform(True, **backbone.preprocess_cfg)  # the trainer's own training transform
     split = f"train/shots{splits.shots}-seed{splits.seed}/{splits.subsample}"
@@ -119,9 +126,6 @@ def record_metrics(run: RunDir, entry: dict[str, Any], cost: dict[str, Any] | No
 
 
 def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str, Any]:
-    from vlprompt.data import split_hash
-    from vlprompt.train.precision import resolve_precision
-
     prec = resolve_precision(cfg.train.precision, device).name
     return fingerprint_record(
         identity(
@@ -132,7 +136,6 @@ def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str,
 
 def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
     """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
-    from vlprompt.train.checkpoint import has_checkpoint
 
     if force:
         return "fresh"
@@ -202,8 +205,6 @@ def train_run(
     except BaseException as exc:
         for d in reversed(made):  # deepest first; only folders this call created and left empty
             if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
-                import shutil
-
                 shutil.rmtree(d, ignore_errors=True)
         from vlprompt.train import distributed as ddp
 
@@ -234,11 +235,6 @@ def _train_run(
     stop_after_epoch: int | None,
     callbacks: Any,
 ) -> dict[str, Any]:
-    from vlprompt.methods import create_model
-    from vlprompt.train import distributed as ddp
-    from vlprompt.train.precision import resolve_device
-    from vlprompt.train.trainer import fit
-
     env = ddp.init_from_env(cfg.train.device)
     main = env.is_main
     device = ddp.rank_device(resolve_device(cfg.train.device))
@@ -322,8 +318,6 @@ def _write_run_info(
     prov = provenance(cfg.method)
     text = dump_yaml(cfg)
     if prov:
-        import yaml
-
         text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
     run.write_json(FINGERPRINT, fp)  # first: it is what marks the folder as a run (RunDir.is_run)
     run.write_config(text)
@@ -366,9 +360,6 @@ def _train(
     stop_after_epoch: int | None,
     callbacks: Any,
 ) -> dict[str, Any]:
-    from vlprompt.train import distributed as ddp
-    from vlprompt.utils import set_seed
-
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
         cfg.method,
@@ -469,8 +460,6 @@ def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
 
 
 def _options_dict(cfg: RunConfig) -> dict[str, Any]:
-    import dataclasses
-
     return (
         dataclasses.asdict(cfg.options) if dataclasses.is_dataclass(cfg.options) else dict(cfg.options or {})
     )
@@ -478,11 +467,10 @@ def _options_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:
     """prompt.safetensors (manifest embedded, provenance as plain keys) + manifest.json."""
-    import json
 
     import torch
 
-    from vlprompt.run.layout import MANIFEST, PROMPT, PROMPT_SHA256
+    from vlprompt.run.layout import PROMPT_SHA256
     from vlprompt.train.checkpoint import save_safetensors
     from vlprompt.utils import sha256_file
 

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from vlprompt.errors import VlpromptError
 from vlprompt.utils import atomic_write, atomic_write_json, read_json, sha256_file, sha256_json
@@ -124,13 +127,12 @@ def save_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
     """Atomic safetensors write (contiguous CPU copies; shared storage is not allowed in the format)."""
-    from safetensors.torch import save_file
 
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
     def write(tmp: str) -> None:
         try:
-            save_file(data, tmp, metadata=metadata)
+            safetensors.torch.save_file(data, tmp, metadata=metadata)  # looked up at call time
         except OSError:
             raise
         except Exception as e:  # safetensors reports a full disk / failed write as its own error type
@@ -140,9 +142,6 @@ def save_safetensors(
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

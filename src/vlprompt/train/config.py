@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import yaml
 
 from vlprompt.errors import VlpromptError, unknown_name
+from vlprompt.methods import get_method
 from vlprompt.methods.model import ModelOptions
 from vlprompt.options import Options, option, plain
 
@@ -303,7 +304,6 @@ def load_preset(method: str, protocol: str | None = None) -> dict[str, Any]:
     The preset is the method's registry entry (``PromptMethod.preset()``: read and checked once); a
     method without a preset file gets the generic train defaults and its Config defaults.
     """
-    from vlprompt.methods import get_method
 
     cls = get_method(method)  # unknown method -> one-line error with close names
     if protocol is not None and protocol not in PROTOCOLS:

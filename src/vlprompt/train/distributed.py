@@ -41,7 +41,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from vlprompt.engine import slice_plan
 from vlprompt.errors import VlpromptError
+from vlprompt.methods.model import PromptModel
 
 log = logging.getLogger(__name__)
 
@@ -405,8 +407,6 @@ class ShardedText:
     """
 
     def encode(self, model: Any, inputs: Any) -> torch.Tensor:
-        from vlprompt.engine import slice_plan
-
         if not (model.training and torch.is_grad_enabled() and is_distributed()):
             return model.run_text(inputs.embeds, inputs.eot, inputs.plan)
         e = env()
@@ -425,7 +425,6 @@ def enable_text_sharding(model: nn.Module) -> bool:
     Methods whose text depends on the image (CoCoOp-style) are left alone: their text work already
     splits with the image batch. Returns whether sharding was installed.
     """
-    from vlprompt.methods.model import PromptModel
 
     if not isinstance(model, PromptModel):
         raise TypeError(f"text sharding needs a PromptModel, got {type(model).__name__}")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from vlprompt.train.precision import resolve_device, resolve_precision
+from vlprompt.train.progress import progress_bar
 
 
 def scores_from_confusion(conf: torch.Tensor, classnames: list[str]) -> dict[str, Any]:
@@ -57,7 +58,6 @@ def evaluate(
     those class names.  ``progress``: a bar over the images (only on a terminal, see
     :func:`vlprompt.train.progress.progress_enabled`).
     """
-    from vlprompt.train.progress import progress_bar
 
     dev = resolve_device(device) if device is not None else model.backbone.device
     prec = resolve_precision(precision, dev)

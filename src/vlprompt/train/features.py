@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.backbones import Backbone
+from vlprompt.data import build_loader
 from vlprompt.engine import Attention, attention_mode, encode_image
 from vlprompt.utils import atomic_write, cache_dir, sha256_json
 
@@ -167,7 +168,6 @@ def image_features(
     ``transform`` must be deterministic (the test transform, or augmentation off): the cache cannot
     know about random crops.  With ``cache`` the image tower runs only on a miss.
     """
-    from vlprompt.data import build_loader
 
     labels = torch.tensor([int(d.label) for d in items], dtype=torch.long)
 

@@ -17,6 +17,9 @@ import os
 import sys
 from typing import Any
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from vlprompt.train.files import TrainerFiles, trainer_files
 from vlprompt.utils import atomic_write_text, read_jsonl
 
@@ -79,9 +82,6 @@ def progress_enabled(requested: bool = True) -> bool:
 
 
 def _bar_class():
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     class LoggingBar(tqdm):
         """A tqdm bar that, while open, prints log lines above itself instead of through it."""
 

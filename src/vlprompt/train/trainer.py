@@ -24,11 +24,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from vlprompt.data import ImageDataset, build_loader, build_transform
 from vlprompt.errors import VlpromptError
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
 from vlprompt.train.config import ADDED_LATER, RunConfig
 from vlprompt.train.evaluate import evaluate
+from vlprompt.train.features import FeatureCache, feature_dataset
 from vlprompt.train.files import TrainerFiles, trainer_files
 from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
 from vlprompt.train.progress import RunLog, progress_bar
@@ -53,16 +55,11 @@ def _as_dataset(
         return data
     is_items = isinstance(data, Sequence) and data and hasattr(data[0], "impath")
     if features and is_items and not model.method.prompts_image:
-        from vlprompt.data import build_transform
-        from vlprompt.train.features import FeatureCache, feature_dataset
-
         tf = build_transform(False, **model.backbone.preprocess_cfg)
         split = "train-noaug" if train else "eval"
         cache = FeatureCache.default()
         return feature_dataset(model.backbone, list(data), tf, dataset=str(dataset), split=split, cache=cache)
     if isinstance(data, Sequence) and data and hasattr(data[0], "impath"):
-        from vlprompt.data import ImageDataset, build_transform
-
         return ImageDataset(list(data), build_transform(train, **model.backbone.preprocess_cfg))
     if isinstance(data, Sequence):
         return list(data)  # a list of (tensor, label) pairs is a valid map-style dataset
@@ -74,7 +71,6 @@ def _loader(
 ) -> DataLoader:
     if isinstance(data, DataLoader):
         return data
-    from vlprompt.data import build_loader
 
     return build_loader(data, None, batch_size, shuffle, num_workers, seed=seed, drop_last=drop_last)
 
