@@ -42,6 +42,10 @@ _LAZY = {
     "VlpromptError": "vlprompt.errors",
 }
 
+#: entry points ("module:function") of packages that add generated data sets to ``vlprompt.data``'s
+#: registry without ``data`` importing them (called on the first look-up; see data/registry.py)
+DATASET_ENTRY_POINTS: list[str] = ["vlprompt.world.sets:register_world_sets"]
+
 __all__ = sorted([*_LAZY, "load_prompt", "__version__"])
 
 

@@ -1,7 +1,7 @@
 """Backbone weights that ship inside the package, loaded by name (``load_backbone("vlp-world")``).
 
 ``vlp-world`` is a small CLIP that vlprompt pretrained itself on its generated world
-(:mod:`vlprompt.backbones.pretrain`, docs/world.md).  It is *not* CLIP: it knows coloured, textured
+(:mod:`vlprompt.world.pretrain`, docs/world.md).  It is *not* CLIP: it knows coloured, textured
 shapes and nothing else, but it is pretrained, so prompt learning on the ``world-*`` data sets moves
 accuracies that mean something.  Its pretrained tag is ``bundled``; ``weights/<name>.json`` records the
 recipe, the command that reproduces the file and the file's sha256, which is checked on every load.
@@ -9,6 +9,7 @@ recipe, the command that reproduces the file and the file's sha256, which is che
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +22,18 @@ from vlprompt.errors import VlpromptError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TAG = "bundled"
+#: the compact checkpoint format: fp16 weights, and of the token table only the rows ``token_ids``
+COMPACT_IDS = "token_ids"
+COMPACT_ROWS = "token_rows"
+EMBED_KEY = "token_embedding.weight"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -60,16 +73,12 @@ def find_bundled(name: str | None, pretrained: Any) -> Bundled | None:
 
 @lru_cache(maxsize=4)
 def _verified(path: str, sha256: str) -> bool:
-    from vlprompt.backbones.pretrain import sha256_file
-
     return sha256_file(path) == sha256
 
 
 def read_bundled_state_dict(b: Bundled) -> dict[str, torch.Tensor]:
     """The full fp32 state dict: the compact token table is expanded into zeros (unused tokens)."""
     from safetensors.torch import load_file
-
-    from vlprompt.backbones.pretrain import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY
 
     if not _verified(str(b.file), b.record.get("sha256", "")):
         raise VlpromptError(
@@ -105,6 +114,8 @@ def build_bundled(b: Bundled) -> tuple[torch.nn.Module, dict[str, Any]]:
         "quick_gelu": False,
         "random_init": False,
         "pretrained_on": b.record.get("pretrained_on"),
+        # knows only vlprompt's generated world: runs on other data get a banner (run/backbone.py)
+        "toy_world": "generated world" in str(b.record.get("pretrained_on") or ""),
         "sha256": b.record.get("sha256"),
         # 32-px images whose objects fill 10-40% of the frame: CoOp's (0.08, 1) crops would mostly
         # cut the object out, so training crops keep at least half the image (ours; docs/world.md)

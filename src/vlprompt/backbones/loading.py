@@ -41,7 +41,7 @@ OPENAI_ARCHIVE_KEYS = ("input_resolution", "context_length", "vocab_size")
 METADATA_KEY = "vlprompt_clip_config"
 
 
-def _register_configs() -> None:
+def register_configs() -> None:
     """Make vlprompt's small test/demo architectures known to open_clip (``vlp-tiny``, ``vlp-small``)."""
     global _REGISTERED
     if not _REGISTERED:
@@ -75,7 +75,7 @@ def list_architectures() -> list[str]:
     """open_clip model names usable as backbones (plus vlprompt's small test architectures)."""
     import open_clip
 
-    _register_configs()
+    register_configs()
     return list(open_clip.list_models())
 
 
@@ -302,7 +302,7 @@ def match_architecture(sd: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """
     import open_clip
 
-    _register_configs()
+    register_configs()
     dims = _sd_key_dims(sd)
     if dims is None:
         return None
@@ -434,7 +434,7 @@ def load_backbone(
     from vlprompt.backbones.bundled import TAG as BUNDLED_TAG
     from vlprompt.backbones.bundled import build_bundled, find_bundled
 
-    _register_configs()
+    register_configs()
     if name is DEFAULT_ARCHITECTURE_SENTINEL:  # not given: inferred from a weights file, else ViT-B-16
         is_file = pretrained is not None and Path(str(pretrained)).suffix in {
             ".pt",
@@ -522,7 +522,7 @@ def meta_backbone(name: str):
 
     from vlprompt.backbones.backbone import Backbone
 
-    _register_configs()
+    register_configs()
     if open_clip.get_model_config(name) is None:
         raise unknown_name("model", name, list_architectures())
     with torch.device("meta"):
@@ -530,3 +530,6 @@ def meta_backbone(name: str):
         return Backbone(
             model, name=name, pretrained=None, meta={"source": "meta", "config": _model_config(name)}
         )
+
+
+_register_configs = register_configs  # the former private name (tests and older callers)

@@ -10,7 +10,9 @@ from vlprompt.errors import VlpromptError
 def _list(args: argparse.Namespace) -> int:
     from vlprompt.data import SPECS
 
-    print(f"{'name':16} {'title':26} {'classes':>7}  {'train / val / test':26} folder")
+    w = max(16, *(len(s.name) for s in SPECS.values()))
+    t = max(26, *(len(s.title) for s in SPECS.values()))
+    print(f"{'name':{w}} {'title':{t}} {'classes':>7}  {'train / val / test':26} folder")
     for s in SPECS.values():
         if s.counts is None:
             counts = "generated"
@@ -18,7 +20,7 @@ def _list(args: argparse.Namespace) -> int:
             counts = f"test only: {s.counts[2]:,}"
         else:
             counts = " / ".join(f"{n:,}" for n in s.counts)
-        print(f"{s.name:16} {s.title:26} {s.num_classes:>7}  {counts:26} {s.folder}/")
+        print(f"{s.name:{w}} {s.title:{t}} {s.num_classes:>7}  {counts:26} {s.folder}/")
     print("also: folder:PATH (one sub-folder per class) and csv:PATH (rows 'path,label')")
     return 0
 

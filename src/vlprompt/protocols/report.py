@@ -40,7 +40,7 @@ SINGLE = "single"  # protocol of runs made by plain `vlprompt train` (and import
 MOST_CONFUSED = 5  # pairs per evaluation in the "most confused pairs" table
 
 _DISPLAY = {
-    "zeroshot": "CLIP (zero-shot)",
+    "zeroshot": "zero-shot CLIP",
     "coop": "CoOp",
     "cocoop": "CoCoOp",
     "ivlp": "IVLP",
@@ -84,6 +84,11 @@ def method_label(method: str) -> str:
     if method.lower().startswith("dpl"):
         return "DPL" + method[3:] + " " + DPL_NOTE
     return _DISPLAY.get(method.lower(), method)
+
+
+def method_key(method: str) -> tuple[bool, str]:
+    """Table and plot order: zero-shot CLIP first (the row every method is read against), then by name."""
+    return (method.lower() != "zeroshot", method)
 
 
 def dataset_order(names: Iterable[str]) -> list[str]:
@@ -200,12 +205,20 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
         dataset=str(data.get("dataset")),
         shots=data.get("shots"),
         seed=data.get("seed"),
-        backbone=f"{bb.get('name')} ({'random init' if random else tag})",
+        backbone=f"{bb.get('name')} ({'random init' if random else tag or _untagged(manifest)})",
         random_backbone=random,
         done=run.is_complete() or (imported and bool(metrics)),
         evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) else [],
         error=safe(run.failure),
         imported=imported,
+    )
+
+
+def _untagged(manifest: Any) -> str:
+    """What a pretrained backbone without tag or file is: the weights bundled with its name (vlp-world)."""
+    section = manifest.get("backbone") if isinstance(manifest, dict) else None
+    return (
+        "bundled weights" if isinstance(section, dict) and section.get("bundled_weights_sha256") else "no tag"
     )
 
 
@@ -398,7 +411,7 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
     for r in runs:
         groups[_group_key(r)].append(r)
     summaries = {}
-    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
         rows, avg = base2new_summary(rs)
         summaries[(method, shots)] = (rows, avg)
         paper = ref.paper_name(method) if reference else None
@@ -439,7 +452,7 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
             )
         )
     # comparison across methods: rows data sets, a Base / New / HM column group per method
-    methods = sorted({m for m, _ in groups})
+    methods = sorted({m for m, _ in groups}, key=method_key)
     for shots in sorted(all_shots, key=lambda s: s or 0):
         present = [m for m in methods if (m, shots) in summaries]
         if not present:
@@ -507,7 +520,7 @@ def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> l
     )
     cols += ["Average (targets)"]
     body = []
-    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
         line: list[Any] = [method_label(method) + _suffix(shots, all_shots)]
         for s in sources:
             line.append(mean_std(a for r in rs if r.dataset == s and (a := r.accuracy(s, "all")) is not None))
@@ -563,7 +576,7 @@ def _fewshot_tables(runs: list[RunRecord]) -> tuple[list[Table], dict[str, Any]]
     tables = []
     for d, per_method in summary.items():
         ks = sorted({k for per_k in per_method.values() for k in per_k})
-        methods = list(per_method)
+        methods = sorted(per_method, key=method_key)
         body = [[k] + [per_method[m].get(k) for m in methods] for k in ks]
         tables.append(
             Table(
@@ -793,6 +806,13 @@ def build_report(
             f"> ({len(random_runs)} of {len(complete)} runs used random weights.)",
             "",
         ]
+    off_world = [
+        r for r in complete if r.backbone.startswith("vlp-world") and not r.dataset.startswith("world-")
+    ]
+    if off_world:  # a toy-world backbone on real data (run/backbone.py)
+        from vlprompt.run.backbone import WORLD_BANNER
+
+        lines += [f"> **⚠ {WORLD_BANNER}.** ({len(off_world)} run(s).)", ""]
     lines += [
         f"Runs directory: `{runs_dir}` · {len(complete)} complete run(s) · "
         f"backbone(s): {', '.join(backbones)}",
@@ -818,6 +838,7 @@ def build_report(
         lines += [f"## {title}", ""] + [t.markdown() for t in ts]
     if other:
         lines += [f"Runs with protocols not tabulated: {', '.join(other)}", ""]
+    lines += learned_nothing_lines(complete)
     if incomplete:
         lines += ["## Failed and incomplete runs (not in the tables)", ""]
         for r in incomplete:
@@ -847,6 +868,17 @@ def build_report(
     md = out_dir / "report.md"
     atomic_write_text(md, "\n".join(lines).rstrip() + "\n")
     return ReportResult(md, csvs, pngs, tables, len(complete), bool(random_runs))
+
+
+def learned_nothing_lines(runs: Sequence[RunRecord]) -> list[str]:
+    """A section naming the runs that learned nothing (run/learned.py), one line each."""
+    from vlprompt.run.learned import read_warning
+
+    found = [(r, read_warning(r.path)) for r in runs]
+    found = [(r, w) for r, w in found if w]
+    if not found:
+        return []
+    return ["## Runs that learned nothing", "", *(f"- {_run_name(r)}: {w}" for r, w in found), ""]
 
 
 def reconstruction_note(method: str) -> str:
@@ -911,7 +943,9 @@ def _plots(
     random = " (random backbone: pipeline check)" if any(r.random_backbone for r in runs) else ""
     all_shots = {s for _, s in b2n}
     bars: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for (method, shots), (rows, avg) in sorted(b2n.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (method, shots), (rows, avg) in sorted(
+        b2n.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)
+    ):
         label = method_label(method) + _suffix(shots, all_shots)
         paper = ref.paper_name(method) if reference else None
         for row in rows:

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.errors import VlpromptError
-from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
+from vlprompt.run.backbone import (
+    UNTRAINED_BANNER,
+    WORLD_BANNER,
+    is_untrained,
+    load_backbone_from,
+    portable_section,
+    world_mismatch,
+)
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, METRICS, SPLIT, RunDir
@@ -243,6 +250,8 @@ def _train_run(
             _write_run_info(run, cfg, fp, backbone, splits)
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
+        if main and world_mismatch(backbone, splits.name):
+            log.warning(WORLD_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
         return _train(
             cfg,
@@ -313,6 +322,7 @@ def _train(
     callbacks: Any,
 ) -> dict[str, Any]:
     from vlprompt.train import distributed as ddp
+    from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
     from vlprompt.utils import set_seed
 
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
@@ -320,6 +330,8 @@ def _train(
         cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
     )
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
+    if not has_trainable_parameters(model):  # zero-shot CLIP: evaluated, not trained (train/zeroshot.py)
+        fit = evaluate_without_training
     result = fit(
         model,
         train_data(splits, backbone, cfg),
@@ -383,6 +395,7 @@ def _train(
         method=cfg.method,
     )
     metrics = record_metrics(run, entry)
+    _check_learned(cfg, run, result, model, backbone, splits, loader, create_model)
     run.mark_done()
     ddp.barrier()  # the other ranks read metrics.json now
     return {
@@ -392,6 +405,20 @@ def _train(
         "evaluations": metrics["evaluations"],
         "fingerprint": fp["fingerprint"],
     }
+
+
+def _check_learned(cfg: RunConfig, run: RunDir, result: dict[str, Any], model: Any, backbone: Any,
+                   splits: Any, loader: Any, create_model: Any) -> None:  # fmt: skip
+    """Say so (log + metrics.json) when the run learned nothing (run/learned.py)."""
+    from vlprompt.run.learned import learned_nothing, record_warning
+
+    def zero_shot() -> Any:
+        return create_model("zeroshot", backbone, list(splits.classnames), template=splits.template)
+
+    line = learned_nothing(result, cfg.train, model, zero_shot, loader, len(splits.train))
+    if line:
+        log.warning("%s: %s", run.path.name, line)
+    record_warning(run, line)
 
 
 def _options_dict(cfg: RunConfig) -> dict[str, Any]:

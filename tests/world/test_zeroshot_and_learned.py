@@ -1,0 +1,68 @@
+"""Zero-shot CLIP as a grid method and a report row; runs that learned nothing say so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlprompt.cli.main import main
+from vlprompt.protocols.report import build_report
+
+DATASET = "world-position"  # 5 classes: base = 3, new = 2; the smallest world set
+
+
+def _grid(runs: Path, method: str, *extra: str) -> list[str]:
+    return [
+        "run", "--protocol", "base2new", "--method", method, "--datasets", DATASET, "--seeds", "1",
+        "--model", "vlp-world", "--out", str(runs), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> tuple[Path, str]:
+    runs = tmp_path_factory.mktemp("runs")
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(_grid(runs, "zeroshot", "--dry-run")) == 0
+        assert main(_grid(runs, "zeroshot,coop", "--shots", "1", "--epochs", "1")) == 0
+    return runs, buf.getvalue()
+
+
+def test_zero_shot_is_planned_and_evaluated_inside_a_grid(grid) -> None:
+    runs, out = grid
+    assert "todo" in out.split("\n2 runs")[0] or "todo" in out
+    zs = runs / "base2new" / "zeroshot" / DATASET / "shots1_seed1"
+    assert (zs / "done").is_file()
+    evals = {e["subsample"]: e for e in json.loads((zs / "metrics.json").read_text())["evaluations"]}
+    assert set(evals) == {"base", "new"} and all(e["accuracy"] > 60 for e in evals.values())
+    assert "learned_nothing" not in json.loads((zs / "metrics.json").read_text())
+
+
+def test_zero_step_run_says_it_learned_nothing(grid) -> None:
+    runs, out = grid
+    coop = runs / "base2new" / "coop" / DATASET / "shots1_seed1"
+    line = json.loads((coop / "metrics.json").read_text())["learned_nothing"]
+    assert line.startswith("learned little: only 0 optimiser steps") and "--epochs" in line
+    assert f"warning: base2new/coop/{DATASET}/shots1_seed1: learned little" in out  # the grid summary
+
+
+def test_report_has_the_zero_shot_row_first_and_the_warning(grid) -> None:
+    runs, _ = grid
+    rep = build_report(runs, runs / "report")
+    text = rep.markdown.read_text()
+    assert "zero-shot CLIP Base" in text and text.index("zero-shot CLIP Base") < text.index("CoOp Base")
+    assert "## Runs that learned nothing" in text and "learned little" in text
+    assert "(None)" not in text and "vlp-world (bundled weights)" in text
+
+
+def test_a_run_that_learns_gives_no_warning(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    argv = _grid(runs, "coop", "--shots", "4", "--epochs", "8", "--set", "train.batch_size=4")
+    assert main(argv) == 0
+    metrics = json.loads((runs / "base2new" / "coop" / DATASET / "shots4_seed1" / "metrics.json").read_text())
+    assert "learned_nothing" not in metrics
