@@ -1,8 +1,9 @@
 """`vlprompt demo`: what prompt learning does, offline on a fresh machine, in about three minutes on 2 cores.
 
 By default it uses ``vlp-world``, the small CLIP that ships with vlprompt, pretrained by vlprompt on its
-generated world of coloured, textured shapes (docs/world.md).  On the ``world-shape-texture`` data set
-(32 classes; the first 16 are "base", the other 16 "new") it evaluates zero-shot CLIP, trains CoOp and MPL
+generated world of coloured, textured shapes (docs/world.md).  On the ``world-textures`` data set
+(32 texture x colour classes, "striped red shape"; the first 16 are "base", the other 16 "new") it
+evaluates zero-shot CLIP, trains CoOp and MPL
 (their base-to-new presets) on 8 shots of each base class, and prints Base / New / HM of the three side by
 side, then writes a report (tables, bar chart, training curves).  These are toy-world numbers, not CLIP
 results -- but the backbone is pretrained, so they move for real.
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained weights: pipeline check only, accuracy is chance"
 WORLD_MODEL = "vlp-world"  # pretrained, bundled: the default
-WORLD_DATASET = "world-shape-texture"
+WORLD_DATASET = "world-textures"
 RANDOM_MODEL = "vlp-demo"  # 12 layers (MPL's depth 9 fits), width 128, random init: the pipeline check
 RANDOM_DATASET = "demo"
 WORLD_SHOTS = 8
