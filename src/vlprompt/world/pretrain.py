@@ -335,7 +335,7 @@ def record_for(recipe: Recipe, sha256: str, summary: dict[str, Any], recipe_name
         "command": f"vlprompt world pretrain --out {recipe.arch}.safetensors{flags}",
         "recipe": asdict(recipe),
         "config": {**cfg, "quick_gelu": False},
-        "pretrained_on": "vlprompt's generated world (vlprompt.data.world): not CLIP, not natural images",
+        "pretrained_on": "vlprompt's generated world v2 (vlprompt.world): not CLIP, not natural images",
         "summary": summary,
         "built_with": {
             "torch": torch.__version__,
