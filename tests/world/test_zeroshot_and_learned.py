@@ -76,3 +76,14 @@ def test_a_run_that_learns_gives_no_warning_one_that_did_not_does(tmp_path) -> N
     # the preset's lr (0.002) on this backbone: 21 steps, every prediction still zero-shot's
     line = _coop(tmp_path, "0.002")["learned_nothing"]
     assert line.startswith("learned nothing: predictions equal zero-shot CLIP's on all 72 test images")
+
+
+def test_world_backbone_on_other_data_gets_a_banner(tmp_path, capfd) -> None:
+    from vlprompt.run.backbone import WORLD_BANNER
+
+    argv = ["run", "--protocol", "base2new", "--method", "zeroshot", "--datasets", "demo", "--seeds", "1"]
+    assert main([*argv, "--model", "vlp-world", "--out", str(tmp_path), "--no-progress"]) == 0
+    out, err = capfd.readouterr()
+    assert WORLD_BANNER in out + err
+    text = build_report(tmp_path, tmp_path / "report").markdown.read_text()
+    assert WORLD_BANNER in text
