@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vlprompt-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint format bench mutate clean
+.PHONY: demo world test lint format bench mutate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/vlprompt demo $(DEMO_ARGS)
+
+# every method x every world base-to-new set x seeds 1-3 on the bundled vlp-world, then the report
+world: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/vlprompt world bench --jobs 2 $(WORLD_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TEST_ARGS)

@@ -95,7 +95,7 @@ def test_api_snippet(tmp_path, monkeypatch):
     for name, colour in (("a.jpg", (200, 30, 30)), ("b.jpg", (30, 30, 200))):
         Image.new("RGB", (32, 32), colour).save(name)
     code = next(b for b in blocks("python") if "load_prompt(" in b and "create_model" in b)
-    _run_python(code, [('"ViT-B-16"', '"vlp-world"'), ("224, 224", "32, 32")])
+    _run_python(code, [('"ViT-B-16"', '"vlp-world"'), ("224, 224", "48, 48")])
 
 
 def test_python_training_path(tmp_path, monkeypatch):

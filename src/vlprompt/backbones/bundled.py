@@ -1,7 +1,7 @@
 """Backbone weights that ship inside the package, loaded by name (``load_backbone("vlp-world")``).
 
 ``vlp-world`` is a small CLIP that vlprompt pretrained itself on its generated world
-(:mod:`vlprompt.backbones.pretrain`, docs/world.md).  It is *not* CLIP: it knows coloured, textured
+(:mod:`vlprompt.world.pretrain`, docs/world.md).  It is *not* CLIP: it knows coloured, textured
 shapes and nothing else, but it is pretrained, so prompt learning on the ``world-*`` data sets moves
 accuracies that mean something.  Its pretrained tag is ``bundled``; ``weights/<name>.json`` records the
 recipe, the command that reproduces the file and the file's sha256, which is checked on every load.
@@ -106,6 +106,8 @@ def build_bundled(b: Bundled) -> tuple[torch.nn.Module, dict[str, Any]]:
         "quick_gelu": False,
         "random_init": False,
         "pretrained_on": b.record.get("pretrained_on"),
+        # knows only vlprompt's generated world: runs on other data get a banner (run/backbone.py)
+        "toy_world": "generated world" in str(b.record.get("pretrained_on") or ""),
         "sha256": b.record.get("sha256"),
         # 32-px images whose objects fill 10-40% of the frame: CoOp's (0.08, 1) crops would mostly
         # cut the object out, so training crops keep at least half the image (ours; docs/world.md)

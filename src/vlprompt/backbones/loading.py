@@ -48,7 +48,7 @@ _REGISTERED = False
 OPENAI_ARCHIVE_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def _register_configs() -> None:
+def register_configs() -> None:
     """Make vlprompt's small test/demo architectures known to open_clip (``vlp-tiny``, ``vlp-small``)."""
     global _REGISTERED
     if not _REGISTERED:
@@ -79,7 +79,7 @@ def quiet_open_clip():
 def list_architectures() -> list[str]:
     """open_clip model names usable as backbones (plus vlprompt's small test architectures)."""
 
-    _register_configs()
+    register_configs()
     return list(open_clip.list_models())
 
 
@@ -323,7 +323,7 @@ def match_architecture(sd: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     wins and the others are named in a debug line.  ``None`` when no config fits.
     """
 
-    _register_configs()
+    register_configs()
     dims = _sd_key_dims(sd)
     if dims is None:
         return None
@@ -445,7 +445,7 @@ def load_backbone(
             RNG, so a prompt trained on a random backbone is evaluated on the same random backbone.
     """
 
-    _register_configs()
+    register_configs()
     if name is DEFAULT_ARCHITECTURE_SENTINEL:  # not given: inferred from a weights file, else ViT-B-16
         is_file = pretrained is not None and Path(str(pretrained)).suffix in {
             ".pt",
@@ -532,7 +532,7 @@ def meta_backbone(name: str):
     weights are read; nothing can be computed with it.
     """
 
-    _register_configs()
+    register_configs()
     if open_clip.get_model_config(name) is None:
         raise unknown_name("model", name, list_architectures())
     with torch.device("meta"):
@@ -540,3 +540,6 @@ def meta_backbone(name: str):
         return Backbone(
             model, name=name, pretrained=None, meta={"source": "meta", "config": _model_config(name)}
         )
+
+
+_register_configs = register_configs  # the former private name (tests and older callers)

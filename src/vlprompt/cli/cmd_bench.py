@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "what",
         nargs="?",
-        choices=["suite"],
-        help="`suite`: project the cost of a whole protocol (methods x data sets x seeds) on this device "
+        choices=["suite", "world"],
+        help="`world`: every method on the world suite (= `vlprompt world bench`); "
+        "`suite`: project the cost of a whole protocol (methods x data sets x seeds) on this device "
         "from measured per-step and per-image costs; writes suite-<protocol>.{json,md}",
     )
     p.add_argument(
@@ -100,6 +101,20 @@ def run_suite(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "what", None) == "suite":
         return run_suite(args)
+    if getattr(args, "what", None) == "world":  # the world benchmark (cli/world_bench.py), default settings
+        from vlprompt.cli.world_bench import run_bench as run_world
+
+        return run_world(
+            argparse.Namespace(
+                out="runs_world",
+                protocol=args.protocol,
+                methods=",".join(args.methods) if args.methods else None,
+                datasets=",".join(args.datasets) if args.datasets else None,
+                seeds=",".join(map(str, args.seeds)) if args.seeds else "1,2,3",
+                jobs=2,
+                dry_run=False,
+            )
+        )
     from vlprompt.bench.harness import BenchConfig, default_out_dir, run_bench, write_results
     from vlprompt.errors import VlpromptError
     from vlprompt.methods import bench_methods

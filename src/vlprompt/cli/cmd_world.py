@@ -12,6 +12,8 @@ import json
 import platform
 from pathlib import Path
 
+from vlprompt.cli import world_bench
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -26,20 +28,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--recipe", default="full", help="full (the bundled checkpoint) or short (a quick check)")
     pp.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     pp.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
+    pp.add_argument(
+        "--probe-every", type=int, default=0, help="print attribute probes every N steps (weights unchanged)"
+    )
     pp.add_argument("--check", action="store_true", help="fail unless the sha256 equals the bundled record's")
     pp.set_defaults(func=_pretrain)
     sp = ws.add_parser("samples", help="write a PNG grid of world images with their captions")
     sp.add_argument("--out", required=True, help="PNG file to write")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--n", type=int, default=64, help="number of images (a square grid)")
+    sp.add_argument("--domains", action="store_true", help="one scene per row in each rendering style")
     sp.set_defaults(func=_samples)
+    world_bench.register(ws)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from vlprompt.backbones.bundled import find_bundled
-    from vlprompt.backbones.pretrain import pretrain, recipe_from_name, record_for, save_checkpoint
     from vlprompt.errors import VlpromptError
     from vlprompt.utils import atomic_write_json
+    from vlprompt.world.pretrain import pretrain, recipe_from_name, record_for, save_checkpoint
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -55,7 +62,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         if step % every == 0 or step == recipe.steps - 1:
             print(f"  step {step + 1:4d}/{recipe.steps}  loss {loss:.3f}  {seconds:6.0f} s", flush=True)
 
-    model, summary = pretrain(recipe, on_step)
+    def on_probe(step: int, probes: dict[str, float]) -> None:
+        print(f"  step {step + 1:4d} probes (128 scenes): {json.dumps(probes)}", flush=True)
+
+    model, summary = pretrain(recipe, on_step, on_probe=on_probe, probe_every=args.probe_every)
     out.parent.mkdir(parents=True, exist_ok=True)
     sha = save_checkpoint(model, recipe, out)
     import open_clip
@@ -64,9 +74,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     record = record_for(recipe, sha, summary, args.recipe)
     atomic_write_json(out.with_suffix(".json"), record)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)  sha256 {sha}")
+    probes = summary.get("attribute_probes_512") or {}
     print(
-        f"probe zero-shot colour-shape accuracy {summary['probe_colour_shape_zero_shot']:.1f}% "
-        "(64-way; chance 1.6%)"
+        "zero-shot attribute probes (512 fresh scenes each): "
+        + ", ".join(f"{k} {v:.1f}%" for k, v in probes.items())
+        + f"; logit scale {summary['logit_scale']:.1f}"
     )
     print(
         f"torch {torch.__version__}, open_clip {open_clip.__version__}, "
@@ -87,12 +99,27 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _samples(args: argparse.Namespace) -> int:
+    import numpy as np
     from PIL import Image
 
-    from vlprompt.data import world
+    from vlprompt.world import scene as world
 
     side = max(1, int(round(args.n**0.5)))
     imgs, caps = world.sample_batch(args.seed, 0, side * side)
+    if args.domains:  # one scene per row, in every style
+        rng_scenes = [world.sample_scene(np.random.default_rng([args.seed, i])) for i in range(side)]
+        rows = [
+            [world.render(sc, np.random.default_rng([args.seed, i]), domain=d) for d in world.DOMAINS]
+            for i, sc in enumerate(rng_scenes)
+        ]
+        imgs = np.stack([im for row in rows for im in row])
+        caps = [f"{d}" for _ in rows for d in world.DOMAINS]
+        grid = np.concatenate([np.concatenate(row, 1) for row in rows], 0)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(out)
+        print(f"wrote {out}: {side} scenes (rows) x domains {', '.join(world.DOMAINS)} (columns)")
+        return 0
     s = imgs.shape[1]
     grid = imgs.reshape(side, side, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(side * s, side * s, 3)
     out = Path(args.out)

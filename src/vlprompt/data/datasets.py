@@ -14,9 +14,8 @@ from pathlib import Path
 from vlprompt.data.custom import load_custom, parse_custom_name
 from vlprompt.data.demo import ensure_demo
 from vlprompt.data.images import drop_unreadable, is_image_file
-from vlprompt.data.registry import DatasetSpec, canonical_name, get_spec
+from vlprompt.data.registry import DatasetSpec, canonical_name, generate_dataset, get_spec
 from vlprompt.data.splits import DatasetSplits, Datum, drop_missing, read_split, validate_classes
-from vlprompt.data.worldsets import ensure_world
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -273,7 +272,7 @@ def get_dataset(
     else:
         spec = get_spec(canonical_name(name))
         if spec.kind in ("demo", "world"):
-            ddir = ensure_demo() if spec.kind == "demo" else ensure_world(spec.name)
+            ddir = ensure_demo() if spec.kind == "demo" else generate_dataset(spec.name)
             base = ddir
         else:
             base = resolve_root(root)

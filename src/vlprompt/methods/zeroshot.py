@@ -19,7 +19,7 @@ class ZeroShotConfig(MethodConfig):
 @register_method
 class ZeroShot(PromptMethod):
     name = "zeroshot"
-    display_name = "CLIP (zero-shot)"
+    display_name = "zero-shot CLIP"
     official_parameters = 0
     paper_name = "CLIP"
     Config = ZeroShotConfig

@@ -29,6 +29,11 @@ def method_label(method: str) -> str:
     return entry.label() if entry is not None else method
 
 
+def method_key(method: str) -> tuple[bool, str]:
+    """Table and plot order: zero-shot CLIP first (the row every method is read against), then by name."""
+    return (method.lower() != "zeroshot", method)
+
+
 def dataset_order(names: Iterable[str]) -> list[str]:
     """Papers' table order for the benchmarks, then anything else alphabetically."""
     from vlprompt.data import BENCHMARKS, DG_TARGETS

@@ -94,12 +94,20 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
         dataset=public_name(str(data.get("dataset"))),
         shots=data.get("shots"),
         seed=data.get("seed"),
-        backbone=f"{bb.get('name')} ({'random init' if random else tag})",
+        backbone=f"{bb.get('name')} ({'random init' if random else tag or _untagged(manifest)})",
         random_backbone=random,
         done=problem is None and (run.is_complete() or (imported and bool(metrics))),
         evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) and not problem else [],
         error=problem or safe(run.failure),
         imported=imported,
+    )
+
+
+def _untagged(manifest: Any) -> str:
+    """What a pretrained backbone without tag or file is: the weights bundled with its name (vlp-world)."""
+    section = manifest.get("backbone") if isinstance(manifest, dict) else None
+    return (
+        "bundled weights" if isinstance(section, dict) and section.get("bundled_weights_sha256") else "no tag"
     )
 
 

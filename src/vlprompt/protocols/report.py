@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from vlprompt.protocols.display import (
     DPL_NOTE,
     dataset_order,
     dataset_title,
+    method_key,
     method_label,
     reconstruction_note,
 )
@@ -57,6 +58,8 @@ from vlprompt.protocols.tables import (
     mean_std,
     published_base2new_average,
 )
+from vlprompt.run.backbone import WORLD_BANNER
+from vlprompt.run.learned import read_warning
 from vlprompt.train.evaluate import dense_confusion
 from vlprompt.utils import atomic_write_text
 
@@ -171,6 +174,11 @@ def build_report(
             f"> ({len(random_runs)} of {len(complete)} runs used random weights.)",
             "",
         ]
+    off_world = [
+        r for r in complete if r.backbone.startswith("vlp-world") and not r.dataset.startswith("world-")
+    ]
+    if off_world:  # a toy-world backbone on real data (run/backbone.py)
+        lines += [f"> **⚠ {WORLD_BANNER}.** ({len(off_world)} run(s).)", ""]
     lines += [
         f"Runs directory: `{runs_dir}` · {len(complete)} complete run(s) · "
         f"backbone(s): {', '.join(backbones)}",
@@ -196,6 +204,7 @@ def build_report(
         ]
     if other:
         lines += [f"Runs with protocols not tabulated: {', '.join(other)}", ""]
+    lines += learned_nothing_lines(complete)
     if incomplete:
         lines += ["## Failed and incomplete runs (not in the tables)", ""]
         for r in incomplete:
@@ -238,7 +247,9 @@ def _plots(
     random = " (random backbone: pipeline check)" if any(r.random_backbone for r in runs) else ""
     all_shots = {s for _, s in b2n}
     bars: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for (method, shots), (rows, avg) in sorted(b2n.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (method, shots), (rows, avg) in sorted(
+        b2n.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)
+    ):
         label = method_label(method) + _suffix(shots, all_shots)
         paper = ref.paper_name(method) if reference else None
         for row in rows:
@@ -368,3 +379,12 @@ def _base2new_console(runs: list[RunRecord]) -> Table:
         ["Method", "Data set", "Base", "New", "HM", "seeds"],
         body,
     )
+
+
+def learned_nothing_lines(runs: Sequence[RunRecord]) -> list[str]:
+    """A section naming the runs that learned nothing (run/learned.py), one line each."""
+    found = [(r, read_warning(r.path)) for r in runs]
+    found = [(r, w) for r, w in found if w]
+    if not found:
+        return []
+    return ["## Runs that learned nothing", "", *(f"- {_run_name(r)}: {w}" for r, w in found), ""]

@@ -226,6 +226,10 @@ def run_grid(
 
 
 def summarize(results: list[RunResult]) -> str:
-    """One line: how many runs were done, skipped and failed."""
+    """One line: how many runs were done, skipped and failed (+ one per run that learned nothing)."""
+    from vlprompt.run.learned import read_warning
+
     n = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
-    return f"{len(results)} runs: {n['done']} done, {n['skipped']} skipped (complete), {n['failed']} failed"
+    line = f"{len(results)} runs: {n['done']} done, {n['skipped']} skipped (complete), {n['failed']} failed"
+    warnings = [(r.name, read_warning(r.out_dir)) for r in results if r.ok]  # runs that learned nothing
+    return "\n".join([line, *(f"warning: {name}: {w}" for name, w in warnings if w)])

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlprompt.protocols import reference as ref
-from vlprompt.protocols.display import dataset_order, dataset_title, method_label, reconstruction_note
+from vlprompt.protocols.display import (
+    dataset_order,
+    dataset_title,
+    method_key,
+    method_label,
+    reconstruction_note,
+)
 from vlprompt.protocols.records import MOST_CONFUSED, RunRecord, _num
 
 PUB = "pub."  # column marker of published numbers; the report explains it once
@@ -219,7 +225,7 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
     for r in runs:
         groups[_group_key(r)].append(r)
     summaries = {}
-    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
         rows, avg = base2new_summary(rs)
         summaries[(method, shots)] = (rows, avg)
         paper = ref.paper_name(method) if reference else None
@@ -266,7 +272,7 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
             )
         )
     # comparison across methods: rows data sets, a Base / New / HM column group per method
-    methods = sorted({m for m, _ in groups})
+    methods = sorted({m for m, _ in groups}, key=method_key)
     for shots in sorted(all_shots, key=lambda s: s or 0):
         present = [m for m in methods if (m, shots) in summaries]
         if not present:
@@ -340,7 +346,7 @@ def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> l
     if with_pub:
         cols.insert(1, "Shots")
     body = []
-    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    for (method, shots), rs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
         line: list[Any] = [method_label(method) + _suffix(shots, all_shots)]
         if with_pub:
             line.append(shots)
@@ -398,7 +404,7 @@ def _fewshot_tables(runs: list[RunRecord]) -> tuple[list[Table], dict[str, Any]]
     tables = []
     for d, per_method in summary.items():
         ks = sorted({k for per_k in per_method.values() for k in per_k})
-        methods = list(per_method)
+        methods = sorted(per_method, key=method_key)
         body = [[k] + [per_method[m].get(k) for m in methods] for k in ks]
         tables.append(
             Table(

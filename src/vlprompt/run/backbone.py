@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 UNTRAINED_BANNER = "untrained weights: pipeline check only, accuracy is chance"
 
 
+WORLD_BANNER = (
+    "this backbone was pretrained on vlprompt's generated world only (coloured, textured shapes): "
+    "on other data its accuracy is near chance; use real CLIP weights (--weights / --pretrained)"
+)
+
+
+def world_mismatch(backbone: Any, dataset: str) -> bool:
+    """True when a world-pretrained backbone (vlp-world) is used on data outside the world."""
+    return bool((backbone.meta or {}).get("toy_world")) and not str(dataset).startswith("world-")
+
+
 def is_untrained(backbone: Any) -> bool:
     """True for a random-init backbone (no pretrained tag, no weights file, no bundled weights)."""
     return (backbone.meta or {}).get("source") == "random-init"

@@ -25,7 +25,14 @@ from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
 from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
-from vlprompt.run.backbone import UNTRAINED_BANNER, is_untrained, load_backbone_from, portable_section
+from vlprompt.run.backbone import (
+    UNTRAINED_BANNER,
+    WORLD_BANNER,
+    is_untrained,
+    load_backbone_from,
+    portable_section,
+    world_mismatch,
+)
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, MANIFEST, METRICS, PROMPT, SPLIT, RunDir
@@ -268,6 +275,8 @@ def _train_run(
             _write_run_info(run, cfg, fp, backbone, splits, resume=decision == "resume")
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
+        if main and world_mismatch(backbone, splits.name):
+            log.warning(WORLD_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
         return _train(
             cfg,
@@ -360,6 +369,8 @@ def _train(
     stop_after_epoch: int | None,
     callbacks: Any,
 ) -> dict[str, Any]:
+    from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
+
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
         cfg.method,
@@ -380,6 +391,8 @@ def _train(
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
     meter, epochs_seen = costs.Meter(backbone.device).start(), costs.EpochCounter()  # run/cost.py
     callbacks = (*callbacks, epochs_seen)
+    if not has_trainable_parameters(model):  # zero-shot CLIP: evaluated, not trained (train/zeroshot.py)
+        fit = evaluate_without_training
     result = fit(
         model,
         train_data(splits, backbone, cfg),
@@ -444,6 +457,7 @@ def _train(
     own_eval_s = next((e["eval_s"] for e in reversed(epochs_seen.epochs) if e.get("eval_s")), None)
     entry["cost"] = costs.eval_cost(None, int(entry.get("n") or 0), own_eval_s)
     metrics = record_metrics(run, entry, cost={"train": train_cost})
+    _check_learned(cfg, run, result, model, backbone, splits, loader, create_model)
     run.mark_done()
     ddp.barrier()  # the other ranks read metrics.json now
     return {
@@ -457,6 +471,24 @@ def _train(
 
 def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
     run.write_env({**(run.env() or {}), "attention": record})
+
+
+def _check_learned(cfg: RunConfig, run: RunDir, result: dict[str, Any], model: Any, backbone: Any,
+                   splits: Any, loader: Any, create_model: Any) -> None:  # fmt: skip
+    """Say so (log + metrics.json) when the run learned nothing (run/learned.py)."""
+    from vlprompt.run.learned import learned_nothing, record_warning
+
+    def zero_shot() -> Any:
+        return create_model("zeroshot", backbone, list(splits.classnames), template=splits.template)
+
+    line = learned_nothing(result, cfg.train, model, zero_shot, loader, len(splits.train))
+    if line:
+        log.warning("%s: %s", run.path.name, line)
+    record_warning(run, line)
+
+
+def _options_dict(cfg: RunConfig) -> dict[str, Any]:
+    pass
 
 
 def _options_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -4,21 +4,21 @@ open_clip's own pieces do the modelling: the ``vlp-world`` architecture is an op
 the model is ``open_clip.create_model``'s CLIP, the loss is ``open_clip.loss.ClipLoss`` and the tokenizer
 is open_clip's ``SimpleTokenizer``.  Our loop replaces open_clip's training entry point (which wants
 webdataset/CSV shards and a distributed launcher) with one that draws image-caption pairs straight from
-:mod:`vlprompt.data.world` by index, so a run depends only on the recipe (seed included).
+:mod:`vlprompt.world.scene` by index, so a run depends only on the recipe (seed included).
 
 Reproducibility: the recipe fixes the torch thread count and enables deterministic algorithms; the
-data stream is ``world.sample_batch(seed, step * batch, batch)``; nothing reads a clock or the global
+data stream is ``scene.sample_batch(seed, step * batch, batch)``; nothing reads a clock or the global
 RNG state left by someone else.  Same recipe + same torch build + same CPU kind -> same bytes, which
 ``vlprompt world pretrain --check`` verifies against the recorded sha256.
 
 The checkpoint is compact: weights in fp16, and of the 49,408-row token table only the rows of tokens
 the world's text can produce are stored (``token_ids`` + ``token_rows``); the loader puts them back into
-a zero table (:mod:`vlprompt.backbones.bundled`).  Tokens that never occur were never trained.
+a zero table (:mod:`vlprompt.backbones.bundled`, which holds the format's key names).  Tokens that
+never occur were never trained.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlprompt.backbones.bundled import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY
-from vlprompt.data import world
+from vlprompt.backbones.bundled import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY, sha256_file
+from vlprompt.backbones.loading import METADATA_KEY, register_configs
 from vlprompt.errors import VlpromptError
+from vlprompt.world import scene as world
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +50,25 @@ class Recipe:
 
     arch: str = ARCH
     seed: int = 0  # model init and the world stream
-    steps: int = 360
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 3e-3
     min_lr: float = 1e-5
-    warmup_steps: int = 40
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    #: ours: the logit scale's lr is 10x the others' so that it can reach CLIP's range (>= 50) in a
+    #: budget of a thousand steps (CLIP's own takes ~100k steps to reach its clamp of 100)
+    logit_scale_lr_mult: float = 10.0
     threads: int = 1  # one thread: bit-for-bit across machines, and fastest on a shared CPU
     image_size: int = world.IMAGE_SIZE
+    world_version: int = 2
 
 
 RECIPES: dict[str, Recipe] = {
     "full": Recipe(),
-    "short": Recipe(steps=8, warmup_steps=3),  # a reproducibility check in about a minute
+    "short": Recipe(steps=4, batch_size=16, warmup_steps=2),  # a reproducibility check in seconds
 }
 
 
@@ -91,12 +96,22 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def _param_groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
-    """open_clip's split: no decay on gains, biases, embeddings, logit scale (all <2-D tensors + tables)."""
-    decay, no_decay = [], []
+    """open_clip's split: no decay on gains, biases, embeddings, logit scale (all <2-D tensors + tables).
+
+    The logit scale gets a group of its own (``lr_mult``: the recipe's ``logit_scale_lr_mult``).
+    """
+    decay, no_decay, scale = [], [], []
     for name, p in model.named_parameters():
-        skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding")
+        if "logit_scale" in name:
+            scale.append(p)
+            continue
+        skip = p.ndim < 2 or "embedding" in name or name.endswith("class_embedding")
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": wd, "lr_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+        {"params": scale, "weight_decay": 0.0, "lr_mult": None},
+    ]
 
 
 @torch.no_grad()
@@ -129,38 +144,67 @@ def _restore_full_table(model: torch.nn.Module, tokenizer: Any) -> None:
     model.token_embedding = full
 
 
-@torch.no_grad()
-def probe_accuracy(model: torch.nn.Module, tokenizer: Any, n: int = 256, seed: int = 12345) -> float:
-    """Zero-shot colour-shape accuracy on ``n`` fresh single-object scenes (64-way; a training monitor)."""
-    rng = np.random.default_rng(seed)
-    names = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
-    labels = rng.integers(len(names), size=n)
+#: one attribute at a time: prompts of the form "a photo of a {value} shape" and the values probed
+PROBE_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "colour": ("a photo of a {} shape.", tuple(world.COLOURS)),
+    "shape": ("a photo of a {}.", world.SHAPES),
+    "texture": ("a photo of a {} shape.", world.TEXTURES),
+    "background": ("a photo of a shape on a {} background.", world.BACKGROUNDS),
+    "size": ("a photo of a {} shape.", world.NAMED_SIZES),
+}
+
+
+def probe_scenes(attribute: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` fresh one-object photos whose ``attribute`` is drawn uniformly (labels: index in the values)."""
+    values = PROBE_PROMPTS[attribute][1]
+    rng = np.random.default_rng([seed, list(PROBE_PROMPTS).index(attribute)])
+    labels = rng.integers(len(values), size=n)
     imgs = []
     for y in labels:
-        c, s = names[y].split(" ")
-        imgs.append(world.render(world.sample_scene(rng, 1, colour=c, shape=s), rng))
+        fixed = {attribute: values[y]}
+        background = fixed.pop("background", None)
+        imgs.append(world.render(world.sample_scene(rng, 1, background=background, **fixed), rng))
+    return np.stack(imgs), labels
+
+
+@torch.no_grad()
+def attribute_probes(
+    model: torch.nn.Module, tokenizer: Any, n: int = 512, seed: int = 12345, batch: int = 256
+) -> dict[str, float]:
+    """Zero-shot accuracy (%) per attribute on ``n`` fresh scenes each (chance: 1 / number of values)."""
     was = model.training
     model.eval()
-    img = model.encode_image(images_to_tensor(np.stack(imgs)), normalize=True)
-    txt = model.encode_text(tokenizer([f"a photo of a {c}." for c in names]), normalize=True)
+    out = {}
+    for attribute, (template, values) in PROBE_PROMPTS.items():
+        imgs, labels = probe_scenes(attribute, n, seed)
+        txt = model.encode_text(tokenizer([template.format(v) for v in values]), normalize=True)
+        preds = []
+        for i in range(0, n, batch):
+            img = model.encode_image(images_to_tensor(imgs[i : i + batch]), normalize=True)
+            preds.append((img @ txt.T).argmax(1).numpy())
+        out[attribute] = round(float((np.concatenate(preds) == labels).mean() * 100), 2)
     model.train(was)
-    return float(((img @ txt.T).argmax(1).numpy() == labels).mean() * 100)
+    return out
 
 
 def pretrain(
-    recipe: Recipe, on_step: Callable[[int, float, float], None] | None = None, probe: bool = True
+    recipe: Recipe,
+    on_step: Callable[[int, float, float], None] | None = None,
+    probe: bool = True,
+    on_probe: Callable[[int, dict[str, float]], None] | None = None,
+    probe_every: int = 0,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train the world CLIP from scratch by ``recipe``; returns the fp32 model and a training summary.
 
-    ``probe=False`` skips the zero-shot probe of the summary (it does not change the weights).
+    ``probe=False`` skips the attribute probes of the summary; ``probe_every`` > 0 calls ``on_probe``
+    with probes on 128 scenes every so many steps.  Neither changes the weights (no gradient, no
+    draw from torch's generator).
     """
     import open_clip
     from open_clip.loss import ClipLoss
     from open_clip.tokenizer import SimpleTokenizer
 
-    from vlprompt.backbones.loading import _register_configs  # noqa: F401  (same package)
-
-    _register_configs()
+    register_configs()
     cfg = open_clip.get_model_config(recipe.arch)
     if cfg is None:
         raise VlpromptError(f"unknown architecture {recipe.arch!r} in the pretraining recipe")
@@ -183,7 +227,7 @@ def pretrain(
             losses = []
             for step in range(recipe.steps):
                 for g in opt.param_groups:
-                    g["lr"] = _lr_at(recipe, step)
+                    g["lr"] = _lr_at(recipe, step) * (g["lr_mult"] or recipe.logit_scale_lr_mult)
                 imgs, caps = world.sample_batch(recipe.seed, step * recipe.batch_size, recipe.batch_size)
                 image_features, text_features, scale = model(images_to_tensor(imgs), lut[tokenizer(caps)])
                 loss = loss_fn(image_features, text_features, scale)
@@ -195,12 +239,16 @@ def pretrain(
                 losses.append(loss.item())
                 if on_step is not None:
                     on_step(step, losses[-1], time.perf_counter() - t0)
+                if on_probe is not None and probe_every and (step + 1) % probe_every == 0:
+                    probes = attribute_probes(model, lambda t: lut[tokenizer(t)], n=128)
+                    on_probe(step, {**probes, "scale": round(float(scale.detach()), 2)})
             _restore_full_table(model, tokenizer)
             model.eval()
             summary = {
                 "final_loss": float(np.mean(losses[-20:])),
                 "train_seconds": round(time.perf_counter() - t0, 1),
-                "probe_colour_shape_zero_shot": probe_accuracy(model, tokenizer) if probe else None,
+                "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
+                "attribute_probes_512": attribute_probes(model, tokenizer) if probe else None,
             }
     finally:
         torch.set_num_threads(prev_threads)
@@ -225,7 +273,6 @@ def save_checkpoint(model: torch.nn.Module, recipe: Recipe, path: str | Path) ->
     from open_clip.tokenizer import SimpleTokenizer
     from safetensors.torch import save_file
 
-    from vlprompt.backbones.backbone import METADATA_KEY
     from vlprompt.utils import atomic_write
 
     cfg = open_clip.get_model_config(recipe.arch)
@@ -261,14 +308,6 @@ def canonical_header(path: str | Path) -> None:
         f.write(text + b" " * (n - len(text)))
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def recipe_from_name(name: str, **overrides: Any) -> Recipe:
     if name not in RECIPES:
         raise VlpromptError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
@@ -296,7 +335,7 @@ def record_for(recipe: Recipe, sha256: str, summary: dict[str, Any], recipe_name
         "command": f"vlprompt world pretrain --out {recipe.arch}.safetensors{flags}",
         "recipe": asdict(recipe),
         "config": {**cfg, "quick_gelu": False},
-        "pretrained_on": "vlprompt's generated world (vlprompt.data.world): not CLIP, not natural images",
+        "pretrained_on": "vlprompt's generated world v2 (vlprompt.world): not CLIP, not natural images",
         "summary": summary,
         "built_with": {
             "torch": torch.__version__,

@@ -1,0 +1,116 @@
+"""`vlprompt world bench` (= `vlprompt bench world`, `make world`): every method on the world suite.
+
+Every registered method x every world base-to-new set x seeds 1-3 on ``vlp-world``, each method with
+its preset unchanged except for one rule: a prompt depth larger than the backbone's number of layers
+(``depth``, ``depth_text``, ``depth_image`` of IVLP, VPT, DPL-ProVP: 12 on ViT-B/16) is clamped to the
+model's depth (9 on ``vlp-world``), as "every layer" is what such a depth means.  Zero-shot CLIP is run
+as one more method (its row in every table).  ``--protocol all`` adds cross-dataset, DG and few-shot.
+Then the report.  Runs already complete are skipped, so an interrupted bench resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+MODEL = "vlp-world"
+SEEDS = "1,2,3"
+
+
+def register(ws: argparse._SubParsersAction) -> None:
+    p = ws.add_parser(
+        "bench",
+        help="every method x every world base-to-new set x seeds 1-3 on vlp-world, then the report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_bench)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs_world", help="runs directory (default runs_world; report in it)")
+    p.add_argument(
+        "--protocol",
+        default="base2new",
+        choices=["base2new", "cross-dataset", "dg", "fewshot", "all"],
+        help="base2new (default) or another protocol of the world suite, or all four",
+    )
+    p.add_argument(
+        "--methods", default=None, help="comma-separated subset (default: every registered method)"
+    )
+    p.add_argument("--datasets", default=None, help="comma-separated subset of the world base-to-new sets")
+    p.add_argument("--seeds", default=SEEDS, help=f"seeds (default {SEEDS})")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    p.add_argument("--dry-run", action="store_true", help="plan and print the runs' states, train nothing")
+
+
+def clamp_depths(method: str, protocol: str, layers: int) -> list[str]:
+    """``--set`` overrides bringing the preset's prompt depths down to the model's ``layers`` (the rule)."""
+    from vlprompt.protocols.grid import plan_grid
+
+    spec = plan_grid(protocol, [method], ["world-shapes"], [1], "/nonexistent", model=MODEL)[0]
+    opts = spec.cfg.get("options") or {}
+    return [
+        f"options.{k}={layers}"
+        for k, v in sorted(opts.items())
+        if (k == "depth" or k.startswith("depth_")) and isinstance(v, int) and v > layers
+    ]
+
+
+def _protocol_args(protocol: str, datasets: list[str]) -> list[list[str]]:
+    from vlprompt.world.sets import CROSS_SOURCE, DG_SOURCE, DG_TARGETS
+
+    if protocol == "base2new":
+        return [["--datasets", ",".join(datasets)]]
+    if protocol == "cross-dataset":
+        targets = [d for d in datasets if d != CROSS_SOURCE]
+        return [["--source", CROSS_SOURCE, "--datasets", ",".join(targets)]]
+    if protocol == "dg":
+        return [["--source", DG_SOURCE, "--datasets", ",".join(DG_TARGETS)]]
+    return [["--datasets", ",".join(datasets)]]  # fewshot: K = 1,2,4,8,16 (the protocol's default)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from vlprompt.backbones import meta_backbone
+    from vlprompt.cli.main import main
+    from vlprompt.methods import list_methods
+    from vlprompt.protocols.report import build_report
+    from vlprompt.world.sets import BASE2NEW_SETS
+
+    t0 = time.perf_counter()
+    methods = args.methods.split(",") if args.methods else [m for m in list_methods() if m != "zeroshot"]
+    datasets = args.datasets.split(",") if args.datasets else list(BASE2NEW_SETS)
+    bb = meta_backbone(MODEL)
+    layers = min(bb.clip.visual.transformer.layers, bb.clip.transformer.layers)
+    protocols = ["base2new", "cross-dataset", "dg", "fewshot"] if args.protocol == "all" else [args.protocol]
+    failed = 0
+    for protocol in protocols:
+        for method in ["zeroshot", *methods]:
+            sets = [s for m in clamp_depths(method, protocol, layers) for s in ("--set", m)]
+            if sets:
+                print(f"{method}: {' '.join(sets[1::2])} (depth clamped to the model's {layers} layers)")
+            for extra in _protocol_args(protocol, datasets):
+                argv = ["run", "--protocol", protocol, "--method", method, *extra, "--seeds", args.seeds]
+                argv += [
+                    "--model",
+                    MODEL,
+                    "--out",
+                    args.out,
+                    "--jobs",
+                    str(args.jobs),
+                    "--no-progress",
+                    *sets,
+                ]
+                argv += ["--dry-run"] if args.dry_run else []
+                failed += main(argv) != 0
+    if not args.dry_run:
+        report = build_report(args.out, Path(args.out) / "report")
+        print(f"report: {report.markdown}")
+    note = f", {failed} grid(s) with failures" if failed else ""
+    print(
+        f"world bench: {len(protocols)} protocol(s), {len(methods)} methods + zero-shot, "
+        f"{time.perf_counter() - t0:.0f} s{note}"
+    )
+    return 1 if failed else 0

@@ -1,0 +1,45 @@
+"""Zero-shot CLIP inside the run layer: ``fit`` for a method without trainable parameters.
+
+A grid (``vlprompt run --method zeroshot,coop ...``) treats zero-shot CLIP as one more method: its
+"training" takes no step and evaluates the hand-crafted prompts, so its runs are planned, fingerprinted,
+recorded and reported like every other (the "zero-shot CLIP" row of a base-to-new table).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from vlprompt.train.evaluate import evaluate
+
+
+def has_trainable_parameters(model: torch.nn.Module) -> bool:
+    return any(True for _ in model.trainable_parameters())
+
+
+def evaluate_without_training(
+    model: torch.nn.Module,
+    train_data: Any,
+    cfg: Any,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    *,
+    eval_data: Any = None,
+    progress: bool = True,
+    **_: Any,
+) -> dict[str, Any]:
+    """What :func:`vlprompt.train.fit` returns, for zero epochs: the evaluation of the untouched model."""
+    res = evaluate(model, eval_data, confusion=True, progress=progress) if eval_data is not None else None
+    return {
+        "epochs_done": 0,
+        "epochs": 0,
+        "stopped": False,
+        "history": [],
+        "eval": res,
+        "trainable_parameters": 0,
+        "device": str(model.backbone.device),
+        "precision": "fp32",
+        "steps": 0,
+    }

@@ -1,0 +1,279 @@
+"""Classification data sets of the generated world (``world-*``), a miniature of the real benchmark suite.
+
+Each set is a fixed list of classes (attribute values or combinations from :mod:`vlprompt.world.scene`)
+and a number of images per class and split; an image shows the class's object (or count, or
+position) with every other attribute drawn at random.  The class order is a fixed shuffle, so the base
+half (first classes) and the new half each mix every value: new classes are unseen *combinations* or
+unseen values of a seen attribute.  Generation is deterministic and atomic like the ``demo`` set: PNGs
+plus a CoOp-style split file in ``cache_dir()/<name>-v<version>``, written on first use in seconds.
+
+Domain generalisation: ``world-shapes`` (photos) has three test-only re-renderings of *the same
+scenes* -- ``world-shapes-sketch``, ``world-shapes-noisy``, ``world-shapes-painting`` -- as ImageNet
+has -Sketch and -R.  docs/world.md lists the sets and their zero-shot accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vlprompt.data.registry import DatasetSpec, register_generated
+from vlprompt.data.splits import Datum, write_split
+from vlprompt.errors import VlpromptError
+from vlprompt.utils import cache_dir
+from vlprompt.world import scene as world
+
+log = logging.getLogger(__name__)
+
+WORLD_VERSION = 2  # bump when generation changes, so cached sets are regenerated
+
+
+@dataclass(frozen=True)
+class WorldSet:
+    name: str
+    title: str
+    attributes: tuple[
+        str, ...
+    ]  # what a class fixes: shape, colour, texture, size, background, count, position
+    values: tuple[tuple[str, ...], ...]  # per label, the attribute values
+    name_format: str  # class name from the values: "{} {}" -> "red circle"
+    template: str
+    counts: tuple[int, int, int]  # images per class: train, val, test
+    seed: int
+    kind: str  # what it mirrors in the real suite (docs)
+    n_objects: tuple[int, ...] = (1,)  # objects per image, drawn uniformly (the class object is the first)
+    domain: str = "photo"
+    test_only: bool = False  # a DG target (its train / val splits exist: the same scenes, restyled)
+
+    @property
+    def split_file(self) -> str:
+        return f"split_{self.name}.json"
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return tuple(self.name_format.format(*v) for v in self.values)
+
+
+def _classes(*axes: tuple[str, ...], seed: int) -> tuple[tuple[str, ...], ...]:
+    """Every combination of the axes' values, base half first, each half in a fixed shuffled order.
+
+    One axis: a shuffle (base and new values are disjoint, as in the real suite).  Two axes: a
+    checkerboard split -- (i, j) goes to base when i + j is even -- so every value of each attribute
+    occurs in both halves and a new class is an unseen combination of seen words.
+    """
+    rng = np.random.default_rng(seed)
+    if len(axes) == 1:
+        return tuple((axes[0][i],) for i in rng.permutation(len(axes[0])))
+    a, b = axes
+    halves = [[(x, y) for i, x in enumerate(a) for j, y in enumerate(b) if (i + j) % 2 == h] for h in (0, 1)]
+    return tuple(h[i] for h in halves for i in rng.permutation(len(h)))
+
+
+_COLOURS = tuple(world.COLOURS)
+_COUNTS = ("one", "two", "three", "four")
+_BASE_SETS: tuple[WorldSet, ...] = (
+    WorldSet(
+        "world-shapes",
+        "World: objects by shape",
+        ("shape",),
+        _classes(world.SHAPES, seed=100),
+        "{}",
+        "a photo of a {}.",
+        (24, 4, 20),
+        seed=10,
+        kind="objects (Caltech101-like)",
+        n_objects=(1, 2, 3),
+    ),
+    WorldSet(
+        "world-shape-texture",
+        "World: shape x texture",
+        ("texture", "shape"),
+        _classes(world.TEXTURES, world.SHAPES, seed=101),
+        "{} {}",
+        "a photo of a {}.",
+        (20, 4, 12),
+        seed=11,
+        kind="fine-grained (Cars/Aircraft-like)",
+    ),
+    WorldSet(
+        "world-textures",
+        "World: texture x colour",
+        ("texture", "colour"),
+        _classes(world.TEXTURES, _COLOURS, seed=102),
+        "{} {} shape",
+        "a photo of a {}.",
+        (20, 4, 12),
+        seed=12,
+        kind="textures (DTD-like)",
+    ),
+    WorldSet(
+        "world-colour-background",
+        "World: colour x background",
+        ("colour", "background"),
+        _classes(_COLOURS, world.BACKGROUNDS, seed=103),
+        "{} shape on a {} background",
+        "a photo of a {}.",
+        (20, 4, 12),
+        seed=13,
+        kind="scenes (SUN397-like)",
+    ),
+    WorldSet(
+        "world-colour-shape",
+        "World: colour x shape",
+        ("colour", "shape"),
+        _classes(_COLOURS, world.SHAPES, seed=104),
+        "{} {}",
+        "a photo of a {}.",
+        (20, 4, 12),
+        seed=14,
+        kind="fine-grained, many classes (Flowers-like)",
+    ),
+    WorldSet(
+        "world-size-shape",
+        "World: size x shape",
+        ("size", "shape"),
+        _classes(world.NAMED_SIZES, world.SHAPES, seed=105),
+        "{} {}",
+        "a photo of a {}.",
+        (20, 4, 12),
+        seed=15,
+        kind="fine-grained by scale (Pets-like)",
+    ),
+    WorldSet(
+        "world-count",
+        "World: how many shapes",
+        ("count",),
+        _classes(_COUNTS, seed=106),
+        "{} shapes",
+        "a photo of {}.",
+        (24, 4, 24),
+        seed=16,
+        kind="counting (CLEVR-count-like)",
+    ),
+    WorldSet(
+        "world-position",
+        "World: where the shape is",
+        ("position",),
+        _classes(world.POSITIONS, seed=107),
+        "shape on the {}",
+        "a photo of a {}.",
+        (24, 4, 24),
+        seed=17,
+        kind="layout (EuroSAT-like, few classes)",
+    ),
+)
+#: DG: the same scenes as world-shapes' test split, in the other rendering styles (test only)
+_DG_SETS: tuple[WorldSet, ...] = tuple(
+    WorldSet(
+        f"world-shapes-{d}", f"World: objects by shape, {d} style", ("shape",), _BASE_SETS[0].values,
+        "{}", "a photo of a {}.", _BASE_SETS[0].counts, seed=_BASE_SETS[0].seed,
+        kind=f"domain shift ({d})", n_objects=_BASE_SETS[0].n_objects, domain=d, test_only=True,
+    )
+    for d in world.DOMAINS[1:]
+)  # fmt: skip
+WORLD_SETS: dict[str, WorldSet] = {s.name: s for s in (*_BASE_SETS, *_DG_SETS)}
+#: the base-to-new world suite (`vlprompt bench world`) and the DG source / targets
+BASE2NEW_SETS: tuple[str, ...] = tuple(s.name for s in _BASE_SETS)
+DG_SOURCE = "world-shapes"
+DG_TARGETS: tuple[str, ...] = tuple(s.name for s in _DG_SETS)
+CROSS_SOURCE = "world-colour-shape"
+
+
+def world_root(name: str) -> Path:
+    return cache_dir() / f"{name}-v{WORLD_VERSION}"
+
+
+def class_scene(ws: WorldSet, label: int, k: int) -> tuple[world.Scene, np.random.Generator]:
+    """The ``k``-th scene of class ``label`` (and the generator that renders it): random access.
+
+    The DG sets share ``seed`` and values with their source, so they draw the very same scenes.
+    """
+    rng = np.random.default_rng([ws.seed, label, k])
+    fixed = dict(zip(ws.attributes, ws.values[label]))
+    n = ws.n_objects[int(rng.integers(len(ws.n_objects)))]
+    if "count" in fixed:
+        n = _COUNTS.index(fixed.pop("count")) + 1
+    background = fixed.pop("background", None)
+    main = dict(fixed)
+    if n > 1 and "size" not in main:
+        main["size"] = "large" if ws.name.startswith("world-shapes") else None
+    return world.sample_scene(rng, n, background=background, **{k: v for k, v in main.items() if v}), rng
+
+
+def _write(ws: WorldSet, dest: Path) -> None:
+    img_dir = dest / "images"
+    splits: list[list[Datum]] = [[], [], []]
+    for label, cname in enumerate(ws.classnames):
+        folder = cname.replace(" ", "_")
+        (img_dir / folder).mkdir(parents=True)
+        k = 0
+        for part, n in enumerate(ws.counts):
+            for _ in range(n):
+                scene, rng = class_scene(ws, label, k)
+                rel = f"{folder}/{k:03d}.png"
+                img = world.render(scene, rng, domain=ws.domain)
+                Image.fromarray(img).save(img_dir / rel, format="PNG", compress_level=1)
+                splits[part].append(Datum(str(img_dir / rel), label, cname, rel))
+                k += 1
+    write_split(dest / ws.split_file, *splits)
+
+
+def ensure_world(name: str) -> Path:
+    """Generate the world data set ``name`` on first use and return its folder."""
+    ws = WORLD_SETS[name]
+    root = world_root(name)
+    if (root / ws.split_file).is_file():
+        return root
+    parent = root.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+    except OSError as e:
+        raise VlpromptError(
+            f"cannot write the {name} data set under {parent} ({e}); set VLPROMPT_HOME to a writable folder"
+        ) from None
+    try:
+        _write(ws, tmp)
+        if root.exists() and not (root / ws.split_file).is_file():
+            shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / ws.split_file).is_file():
+                raise
+        log.info("generated the %s data set in %s", name, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def world_spec(ws: WorldSet) -> DatasetSpec:
+    counts = tuple(n * len(ws.classnames) for n in ws.counts)
+    return DatasetSpec(
+        ws.name,
+        ws.title,
+        "world",
+        world_root(ws.name).name,
+        ("images",),
+        ws.template,
+        len(ws.classnames),
+        counts,
+        split_file=ws.split_file,
+        source="generated by vlprompt's world (vlprompt.world, docs/world.md) on first use",
+        howto=f"nothing to do: get_dataset('{ws.name}') writes it into the vlprompt cache",
+        classnames=ws.classnames,
+    )
+
+
+def register_world_sets() -> None:
+    """Entry point (``data.registry.DATASET_ENTRY_POINTS``): add the world sets to the data registry."""
+    for ws in WORLD_SETS.values():
+        register_generated(world_spec(ws), lambda name=ws.name: ensure_world(name))
