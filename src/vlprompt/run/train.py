@@ -299,7 +299,8 @@ def _train_run(
 
 def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
     """Build the model once (RNG untouched) so that options the backbone cannot take are refused
-    before anything is written; a method without trainable parameters is refused here too."""
+    before anything is written (a method without trainable parameters, zero-shot CLIP, is evaluated
+    without training: train/zeroshot.py)."""
     import torch
 
     from vlprompt.methods import create_model
@@ -307,11 +308,6 @@ def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
     with torch.random.fork_rng(devices=[]):
         model = create_model(
             cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
-        )
-    if model.num_trainable() == 0 and not model.method.builds_from_data:
-        raise VlpromptError(
-            f"the method '{cfg.method}' has no trainable parameters; evaluate it with "
-            f"`vlprompt eval --method {cfg.method}`"
         )
     del model
 
@@ -485,10 +481,6 @@ def _check_learned(cfg: RunConfig, run: RunDir, result: dict[str, Any], model: A
     if line:
         log.warning("%s: %s", run.path.name, line)
     record_warning(run, line)
-
-
-def _options_dict(cfg: RunConfig) -> dict[str, Any]:
-    pass
 
 
 def _options_dict(cfg: RunConfig) -> dict[str, Any]:
