@@ -78,11 +78,12 @@ def read_json(path: Path) -> Any:
     return utils.read_json(path, error="cannot read {path} ({reason}); the run directory is damaged")
 
 
-class RunDir:
-    """A run directory on disk; every read and write of a run's files goes through here."""
+class RunDir(trainer_files.FolderFiles):
+    """A run directory on disk; every read and write of a run's files goes through here (the trainer
+    writes its log and checkpoint through it: ``log_file``, ``log_table``, ``checkpoint_dir``)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        super().__init__(path)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -92,18 +93,6 @@ class RunDir:
 
     def file(self, name: str) -> Path:
         return self.path / name
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.path / CHECKPOINT
-
-    @property
-    def log_file(self) -> Path:
-        return self.path / LOG
-
-    @property
-    def log_table(self) -> Path:
-        return self.path / LOG_TABLE
 
     def log_records(self) -> list[Any]:
         """The records of the training log (a line cut by a kill skipped; [] when there is none)."""
