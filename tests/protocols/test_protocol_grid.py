@@ -117,9 +117,19 @@ def _fake_runs_module(calls: list, fail_seed: int | None = None) -> types.Module
     return mod
 
 
+def _install_fake_runs(monkeypatch, calls: list, fail_seed: int | None = None) -> None:
+    """The fake run layer, both as ``vlprompt.run`` and in the runner's namespace (imported at its top)."""
+    import vlprompt.protocols.runner as runner
+
+    fake = _fake_runs_module(calls, fail_seed)
+    monkeypatch.setitem(sys.modules, "vlprompt.run", fake)
+    for name in ("train_run", "evaluate_run", "request_fingerprint", "check_request"):
+        monkeypatch.setattr(runner, name, getattr(fake, name))
+
+
 def test_runner_trains_evaluates_skips_and_survives_failure(tmp_path: Path, monkeypatch, caplog) -> None:
     calls: list = []
-    monkeypatch.setitem(sys.modules, "vlprompt.run", _fake_runs_module(calls, fail_seed=2))
+    _install_fake_runs(monkeypatch, calls, fail_seed=2)
     specs = plan_grid("base2new", ["coop"], ["demo"], [1, 2, 3], tmp_path, shots=[2])
     results = run_grid(specs, progress=False, share_backbone=False)
     assert [r.status for r in results] == ["done", "failed", "done"]
@@ -149,7 +159,7 @@ def test_runner_trains_evaluates_skips_and_survives_failure(tmp_path: Path, monk
 
 def test_run_cli_exit_code_and_dry_run(tmp_path: Path, monkeypatch, capsys) -> None:
     calls: list = []
-    monkeypatch.setitem(sys.modules, "vlprompt.run", _fake_runs_module(calls, fail_seed=2))
+    _install_fake_runs(monkeypatch, calls, fail_seed=2)
     argv = [
         "run",
         "--protocol",
