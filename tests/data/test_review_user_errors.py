@@ -23,7 +23,7 @@ def test_verify_missing_root_still_says_layout(tmp_path, capsys):
 
 def test_base_half_of_one_class_is_refused(tmp_path, capsys):
     root = class_folders(tmp_path / "imgs", {"cat": 6, "dog": 6})
-    argv = ["train", "--method", "coop", "--dataset", f"folder:{root}", "--subsample", "base"]
+    argv = ["train", "--method", "coop", "--dataset", f"folder:{root}", "--subsample", "base", "--shots", "2"]
     assert main([*argv, "--model", "vlp-tiny", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
     assert "half would have 1" in capsys.readouterr().err
 

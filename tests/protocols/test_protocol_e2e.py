@@ -58,5 +58,6 @@ def test_run_then_report(tmp_path: Path, capsys) -> None:
         "base2new_Demo_scikit-learn_digits.png",
         "confusion_base2new_coop_demo_s2_seed1_demo_base.png",  # one confusion matrix per evaluation
         "confusion_base2new_coop_demo_s2_seed1_demo_new.png",
+        "cost.png",  # cost per method x protocol (report/cost.md)
         "train_base2new_CoOp_demo.png",
     ]

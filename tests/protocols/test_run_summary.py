@@ -19,7 +19,7 @@ def test_grid_summary_has_seed_means_hm_and_the_zero_shot_row(tmp_path):
     text = grid_summary(dirs)
     lines = text.splitlines()
     assert "Method" in lines[1] and "HM" in lines[1]
-    zs = next(line for line in lines if line.startswith("CLIP (zero-shot)"))
+    zs = next(line for line in lines if line.startswith("zero-shot CLIP"))
     coop = next(line for line in lines if line.startswith("CoOp"))
     assert lines.index(zs) < lines.index(coop)  # zero-shot first, as in the papers' tables
     assert "92.00 ± 2.00" in coop and "62.00 ± 2.00" in coop and f"{2 * 92 * 62 / 154:.2f}" in coop

@@ -387,7 +387,8 @@ def _train(
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
     meter, epochs_seen = costs.Meter(backbone.device).start(), costs.EpochCounter()  # run/cost.py
     callbacks = (*callbacks, epochs_seen)
-    if not has_trainable_parameters(model):  # zero-shot CLIP: evaluated, not trained (train/zeroshot.py)
+    # zero-shot CLIP: evaluated, not trained (train/zeroshot.py); a cache model is built by fit
+    if not has_trainable_parameters(model) and not model.method.builds_from_data:
         fit = evaluate_without_training
     result = fit(
         model,
