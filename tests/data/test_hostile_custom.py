@@ -208,6 +208,7 @@ def test_no_absolute_data_path_in_shared_run_files(tmp_path):
     root = folder(tmp_path / "private" / "pets", n=8)
     out, exp = tmp_path / "run", tmp_path / "exp"
     argv = ["--method", "tinyctx", "--dataset", f"folder:{root}", "--model", "vlp-tiny", "--no-progress"]
+    argv += ["--shots", "2"]
     with tinymethod.registered():
         assert main(["train", *argv, "--epochs", "1", "--set", "train.batch_size=4", "--out", str(out)]) == 0
         assert main(["export", str(out), str(exp)]) == 0
