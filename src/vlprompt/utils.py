@@ -105,7 +105,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     An interrupted run therefore never leaves a half-written checkpoint or result.  The file gets
     the mode an ordinary ``open()`` would give it (0666 less the umask), not mkstemp's private 0600,
     so a colleague can read a shared run or an exported prompt.  A temp file orphaned by a kill is
-    named ``.<name>.<random>.tmp`` and removed by :func:`remove_stale_temps`.
+    named ``.<name>.<random>.tmp``; the run layer removes its own (``RunDir.remove_stale_temps``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,23 +119,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> int:
-    """Delete temp files of interrupted atomic writes under ``folder``; returns how many went."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    pattern = f".*{TMP_SUFFIX}"
-    n = 0
-    for p in folder.rglob(pattern) if recursive else folder.glob(pattern):
-        if p.is_file():
-            try:
-                p.unlink()
-                n += 1
-            except OSError:
-                pass
-    return n
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -210,6 +210,21 @@ class _Parts:
         return done
 
 
+def zero_epoch_result(evaluation: dict[str, Any] | None, device: Any, precision: str) -> dict[str, Any]:
+    """What :func:`fit` returns when no epoch runs (zero-shot CLIP; a cache model built, not trained)."""
+    return {
+        "epochs_done": 0,
+        "epochs": 0,
+        "stopped": False,
+        "history": [],
+        "eval": evaluation,
+        "trainable_parameters": 0,
+        "device": str(device),
+        "precision": precision,
+        "steps": 0,
+    }
+
+
 def _training_free_result(
     model: torch.nn.Module, eval_loader: Any, device: torch.device, precision: str, main: bool
 ) -> dict[str, Any]:
@@ -218,17 +233,7 @@ def _training_free_result(
     if main and eval_loader is not None:
         res = evaluate(model, eval_loader, device=device, precision=precision, confusion=True)
     ddp.barrier()
-    return {
-        "epochs_done": 0,
-        "epochs": 0,
-        "stopped": False,
-        "history": [],
-        "eval": res,
-        "trainable_parameters": 0,
-        "device": str(device),
-        "precision": precision,
-        "steps": 0,
-    }
+    return zero_epoch_result(res, device, precision)
 
 
 def fit(

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from vlprompt.train.evaluate import evaluate
+from vlprompt.train.trainer import zero_epoch_result
 
 
 def has_trainable_parameters(model: torch.nn.Module) -> bool:
@@ -32,14 +33,4 @@ def evaluate_without_training(
 ) -> dict[str, Any]:
     """What :func:`vlprompt.train.fit` returns, for zero epochs: the evaluation of the untouched model."""
     res = evaluate(model, eval_data, confusion=True, progress=progress) if eval_data is not None else None
-    return {
-        "epochs_done": 0,
-        "epochs": 0,
-        "stopped": False,
-        "history": [],
-        "eval": res,
-        "trainable_parameters": 0,
-        "device": str(model.backbone.device),
-        "precision": "fp32",
-        "steps": 0,
-    }
+    return zero_epoch_result(res, model.backbone.device, "fp32")
