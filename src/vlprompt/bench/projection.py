@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
+
+from vlprompt.backbones import load_backbone
+from vlprompt.bench.harness import BenchConfig, bench_eval, bench_train, device_info, resolve_device
+from vlprompt.bench.suite import measure_decode, step_seconds
+from vlprompt.data import build_transform, get_spec
+from vlprompt.protocols.cost_report import duration
+from vlprompt.protocols.grid import Evaluation, RunSpec
+from vlprompt.run.train import build_splits
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +60,6 @@ class RunPlan:
 
 def _registry_counts(dataset: str, subsample: str) -> tuple[int, int, int]:
     """(classes, train images, test images) of a subsample from the registry's split sizes."""
-    from vlprompt.data import get_spec
 
     spec = get_spec(dataset)
     total = int(spec.num_classes or 0)
@@ -63,7 +72,6 @@ def _registry_counts(dataset: str, subsample: str) -> tuple[int, int, int]:
 
 def plan_runs(specs: Sequence[Any]) -> list[RunPlan]:
     """One :class:`RunPlan` per spec: real split sizes when the data set loads, else the registry's."""
-    from vlprompt.run.train import build_splits
 
     cache: dict[tuple, tuple[int, int, int]] = {}
 
@@ -108,9 +116,6 @@ def plan_runs(specs: Sequence[Any]) -> list[RunPlan]:
 
 def probe(plans: Sequence[RunPlan], model: str, device: str = "auto", root: str | None = None) -> dict:
     """Measure each method's step (two class counts), evaluation per image and the decode, here."""
-    from vlprompt.backbones import load_backbone
-    from vlprompt.bench.harness import BenchConfig, bench_eval, bench_train, device_info, resolve_device
-    from vlprompt.bench.suite import measure_decode
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -153,9 +158,6 @@ def probe(plans: Sequence[RunPlan], model: str, device: str = "auto", root: str 
 def measure_augment(preprocess_cfg: dict[str, Any], n: int = 8) -> float:
     """Seconds per image of the training transform (random crop, flip, to tensor, normalise) on a
     decoded 500x375 image: paid every epoch for every training image, besides the step itself."""
-    from PIL import Image
-
-    from vlprompt.data import build_transform
 
     g = torch.Generator().manual_seed(0)
     im = Image.fromarray((torch.rand(375, 500, 3, generator=g) * 255).to(torch.uint8).numpy())
@@ -170,7 +172,6 @@ def measure_augment(preprocess_cfg: dict[str, Any], n: int = 8) -> float:
 
 def project(plans: Sequence[RunPlan], measured: dict[str, Any]) -> dict[str, Any]:
     """Seconds per method (train, eval, decode) and for the grid, and the peak memory to expect."""
-    from vlprompt.bench.suite import step_seconds
 
     per: dict[str, dict[str, float]] = {}
     decoded: set[tuple] = set()
@@ -205,7 +206,6 @@ def project(plans: Sequence[RunPlan], measured: dict[str, Any]) -> dict[str, Any
 
 
 def render(proj: dict[str, Any], measured: dict[str, Any], jobs: int = 1) -> str:
-    from vlprompt.protocols.cost_report import duration
 
     d = measured["device"]
     kind = "GPU max allocated" if d.get("type") == "cuda" else "peak RSS"
@@ -260,9 +260,6 @@ LONG_RUN_IMAGES = 50_000
 def announce(cfg: Any, print_fn: Any = print) -> Estimate | None:
     """Before a long preset (>= LONG_RUN_IMAGES images through training) print what it will cost here.
     ``VLPROMPT_NO_PROJECTION=1`` skips the probe."""
-    import os
-
-    from vlprompt.protocols.grid import Evaluation, RunSpec
 
     if os.environ.get("VLPROMPT_NO_PROJECTION") == "1":
         return None

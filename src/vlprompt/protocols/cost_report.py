@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlprompt.run.layout import METRICS, RunDir
 from vlprompt.utils import atomic_write_text
 
 COLUMNS = [
@@ -111,7 +112,6 @@ def duration(seconds: float) -> str:
 def cost_rows(runs: Sequence[Any]) -> tuple[list[CostRow], CostRow]:
     """One row per (protocol, method) over ``runs`` (report RunRecords: ``path``, ``protocol``,
     ``method``) and the total."""
-    from vlprompt.run.layout import METRICS, RunDir
 
     rows: dict[tuple[str, str], CostRow] = defaultdict(lambda: CostRow("", ""))
     for r in runs:

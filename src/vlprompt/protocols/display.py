@@ -8,14 +8,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from vlprompt.data import BENCHMARKS, DG_TARGETS, SPECS
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import get_method
 
 DPL_NOTE = "(reconstructed from the paper's abstract)"
 
 
 def _entry(method: str) -> Any:
     """The method's registry entry, or None for a method this installation does not know."""
-    from vlprompt.methods import get_method
 
     try:
         return get_method(method)
@@ -36,14 +37,12 @@ def method_key(method: str) -> tuple[bool, str]:
 
 def dataset_order(names: Iterable[str]) -> list[str]:
     """Papers' table order for the benchmarks, then anything else alphabetically."""
-    from vlprompt.data import BENCHMARKS, DG_TARGETS
 
     order = {n: i for i, n in enumerate([*BENCHMARKS, *DG_TARGETS])}
     return sorted(set(names), key=lambda n: (order.get(n, len(order)), n))
 
 
 def dataset_title(name: str) -> str:
-    from vlprompt.data import SPECS
 
     spec = SPECS.get(name)
     return spec.title if spec else name

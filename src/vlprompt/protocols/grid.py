@@ -11,6 +11,7 @@ the data set the run is *trained* on (the source, ImageNet, for cross-dataset an
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from vlprompt.data import (
     FEWSHOT_K,
     canonical_name,
 )
+from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.run.layout import RunDir
+from vlprompt.train.config import RunRequest, preset_protocols, resolve
 
 PROTOCOLS: tuple[str, ...] = ("base2new", "cross-dataset", "dg", "fewshot")
 
@@ -42,7 +45,6 @@ class Evaluation:
     subsample: str  # "all" | "base" | "new"
 
     def key(self) -> tuple[str, str]:
-        from vlprompt.data.custom import public_name
 
         return (public_name(self.dataset), self.subsample)  # as metrics.json records it
 
@@ -100,10 +102,6 @@ def dataset_slug(name: str) -> str:
     """A directory-safe name for a data set: ``folder:/x/y`` -> ``folder_y_<8 hex>`` (the folder's name
     and a digest of its path, so two folders named alike stay apart and no path is written)."""
     if name.startswith(("folder:", "csv:")):
-        import hashlib
-
-        from vlprompt.data.custom import public_name
-
         digest = hashlib.sha256(name.encode()).hexdigest()[:8]
         name = f"{public_name(name).replace(':', '_', 1)}_{digest}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-80:]
@@ -145,14 +143,12 @@ def preset_protocol(method: str, protocol: str) -> str:
     """
     if protocol != "dg":
         return protocol
-    from vlprompt.train.config import preset_protocols
 
     return "dg" if "dg" in preset_protocols(method) else "cross-dataset"
 
 
 def resolve_run_config(request: Any, protocol: str) -> Any:
     """One run's fully resolved RunConfig: ``request`` (a ``RunRequest``) under ``protocol``'s recipe."""
-    from vlprompt.train.config import resolve
 
     cfg = resolve(
         request.but(subsample=TRAIN_SUBSAMPLE[protocol], protocol=preset_protocol(request.method, protocol))
@@ -212,8 +208,6 @@ def plan_grid(
         if source:
             raise VlpromptError(f"--source applies to cross-dataset and dg only, not {protocol}")
         train_sets, targets = datasets, []
-
-    from vlprompt.train.config import RunRequest
 
     request = RunRequest(  # the template of every run's request (method, data set, shots, seed per run)
         method=methods[0], root=root, model=model, pretrained=pretrained, weights=weights,

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.run.backbone import recorded_random_backbone
-from vlprompt.run.layout import RunDir
+from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS, RunDir
 
 SINGLE = "single"  # protocol of runs made by plain `vlprompt train` (and imported prompts)
 MOST_CONFUSED = 5  # pairs per evaluation in the "most confused pairs" table
@@ -54,8 +55,6 @@ class RunRecord:
 
 def load_run_record(run_dir: str | Path) -> RunRecord | None:
     """Read one run directory through the run layer (None when it has no readable config)."""
-    from vlprompt.data.custom import public_name
-    from vlprompt.run import RunDir
 
     run = RunDir(run_dir)
     run_dir = run.path
@@ -132,8 +131,6 @@ def collect_runs(runs_dir: str | Path) -> list[RunRecord]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise VlpromptError(f"runs directory not found: {runs_dir}; pass the --out folder of `vlprompt run`")
-    from vlprompt.run import RunDir
-    from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS
 
     dirs = {p.parent for p in runs_dir.rglob(CONFIG)}
     dirs |= {p.parent for p in runs_dir.rglob(MANIFEST) if (p.parent / METRICS).is_file()}
