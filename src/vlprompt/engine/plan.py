@@ -11,12 +11,23 @@ change between layers.  Before block ``l`` the engine applies :class:`LayerOps` 
    the tokens just removed: ``blend * removed + (1 - blend) * append`` (DPL's carry, A2);
 4. everything else is **carried** into the block unchanged.
 
+A layer may also carry an ``adapter``: a residual side branch of block ``l``, a token-wise callable
+``(N, L, d) -> (N, L, d)`` called with the block's normalised input ``h = ln_1(x)`` (``x`` the
+sequence entering the block, after the ops above) and added to the block's output::
+
+    x' = x + attn(ln_1(x));  x'' = x' + mlp(ln_2(x')) + adapter(ln_1(x))
+
+(MMA's multi-modal adapters).  Every token of the sequence (instances and prompts) goes through it;
+it must be token-wise (no mixing across positions), which keeps text truncation exact.  Layers
+without one run the plain block.
+
 ``shallow`` prompts are appended to the embedded input before block 0 (for the image tower: after
 the positional embedding, before ``ln_pre``, as MaPLe/MPL do).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -38,6 +49,7 @@ class LayerOps:
     append: torch.Tensor | None = None  # (n, d) or (N, n, d)
     blend: float | torch.Tensor | None = None
     attention: Attention | None = None  # overrides the plan's attention for this block
+    adapter: Callable[[torch.Tensor], torch.Tensor] | None = None  # block(x) + adapter(ln_1(x))
 
 
 @dataclass

@@ -62,9 +62,13 @@ def apply_ops(x: torch.Tensor, op: LayerOps, n_inst: int, layer: int) -> torch.T
     return x
 
 
-def _block(block: nn.Module, x: torch.Tensor, attn: Attention, ctx: AttnContext) -> torch.Tensor:
-    x = x + block.ls_1(attn(block.attn, block.ln_1(x), ctx))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+def _block(
+    block: nn.Module, x: torch.Tensor, attn: Attention, ctx: AttnContext, adapter=None
+) -> torch.Tensor:
+    h = block.ln_1(x)
+    x = x + block.ls_1(attn(block.attn, h, ctx))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x if adapter is None else x + adapter(h)  # LayerOps.adapter: a residual side branch
 
 
 def run_blocks(
@@ -92,10 +96,11 @@ def run_blocks(
             x = apply_ops(x, op, n_inst, i)
         attn = (plan.attention_for(i) if plan is not None else None) or default_attention
         ctx = AttnContext(n_inst=n_inst, causal=causal, key_valid=key_valid, layer=i)
+        adapter = op.adapter if op is not None else None
         if checkpoint and torch.is_grad_enabled():
-            x = grad_checkpoint(_block, block, x, attn, ctx, use_reentrant=False)
+            x = grad_checkpoint(_block, block, x, attn, ctx, adapter, use_reentrant=False)
         else:
-            x = _block(block, x, attn, ctx)
+            x = _block(block, x, attn, ctx, adapter)
     return x
 
 
@@ -169,6 +174,8 @@ def shared_prefix_length(x: torch.Tensor, plan: TowerPlan | None) -> int:
             return 0
         for op in plan.layers.values():
             if op.append is not None or op.attention is not None or op.remove not in (0, ALL):
+                return 0
+            if op.adapter is not None:  # the prefix path runs plain blocks
                 return 0
             if op.replace is not None and op.replace.dim() == 3 and op.replace.shape[0] != 1:
                 return 0  # per-sequence deep prompts
