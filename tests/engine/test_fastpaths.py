@@ -35,13 +35,16 @@ def images():
 
 
 def _options(name: str, backbone) -> dict:
-    """Official defaults, with depths clamped to the tiny backbone's 4 layers."""
+    """Official defaults, with depths and block indices (``*_start`` / ``*_end``) clamped to the tiny
+    backbone's 4 layers."""
     depth = min(backbone.text.layers, backbone.image.layers)
     cfg = get_method(name).Config()
     return {
         f.name: depth
         for f in dataclasses.fields(cfg)
-        if "depth" in f.name and isinstance(getattr(cfg, f.name), int) and getattr(cfg, f.name) > depth
+        if ("depth" in f.name or f.name.endswith(("_start", "_end")))
+        and isinstance(getattr(cfg, f.name), int)
+        and getattr(cfg, f.name) > depth
     }
 
 

@@ -22,13 +22,15 @@ CLASSES = ["cat", "dog", "car", "tree"]
 
 
 def _tiny_options(name: str, backbone) -> dict:
-    """The method's defaults with every depth clamped to the tiny backbone's layers."""
+    """The method's defaults with every depth or block index (``*_start`` / ``*_end``) clamped to the
+    tiny backbone's layers."""
     cls = get_method(name)
     layers = min(backbone.text.layers, backbone.image.layers)
     out = {}
     for f in dataclasses.fields(cls.Config):
         v = getattr(cls.Config(), f.name)
-        if "depth" in f.name and isinstance(v, int) and not isinstance(v, bool) and v > layers:
+        blockish = "depth" in f.name or f.name.endswith(("_start", "_end"))
+        if blockish and isinstance(v, int) and not isinstance(v, bool) and v > layers:
             out[f.name] = layers
     return out
 

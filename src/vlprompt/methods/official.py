@@ -324,3 +324,37 @@ def map_mpl(sd: Mapping[str, Any], method: str) -> Mapped:
         frozen_tokens=_suffix(sd, PL),
         frame=_frame(sd, PL),
     )
+
+
+_MMA = re.compile(r"^(text|visual|shared)_adapter\.(\d+)\.(.+)$")
+_MMA_PARTS = {
+    "text": ("down.0.weight", "down.0.bias", "up.weight", "up.bias"),
+    "visual": ("down.0.weight", "down.0.bias", "up.weight", "up.bias"),
+    "shared": ("0.weight", "0.bias"),
+}
+
+
+def map_mma(sd: Mapping[str, Any], method: str) -> Mapped:
+    """MMA's ``adapter_learner``: ``{text,visual,shared}_adapter.<k>.*`` for the adapted blocks ``k``
+    (1-based; vlprompt keeps the official names).  Blocks and width come from the keys and shapes."""
+    blocks = sorted({int(m.group(2)) for k in sd if (m := _MMA.match(k))})
+    if not blocks:
+        raise VlpromptError(
+            f"checkpoint has no 'shared_adapter.<k>.*', which a {method} checkpoint must hold"
+        )
+    if blocks[0] == 0:
+        raise VlpromptError(
+            "checkpoint has an adapter on the input embeddings (ADAPTER_START=0), which vlprompt's MMA "
+            "does not build; only checkpoints with ADAPTER_START >= 1 import"
+        )
+    _consecutive(blocks, blocks[0], "MMA adapters")
+    state, sources = {}, {}
+    for k in blocks:
+        for tower, parts in _MMA_PARTS.items():
+            for part in parts:
+                key = f"{tower}_adapter.{k}.{part}"
+                state[key] = _f32(need(sd, key, method, (2,) if part.endswith("weight") else (1,)))
+                sources[key] = key
+    r = int(state[f"shared_adapter.{blocks[0]}.0.weight"].shape[0])
+    opts = {"adapter_start": blocks[0], "adapter_end": blocks[-1], "adapter_dim": r}
+    return Mapped(state, opts, sources)
