@@ -259,3 +259,9 @@ def test_learns_on_the_world():
     print(f"zero-shot {acc_zs:.2f}, MMA {acc:.2f}")
     # vlp-world v2 knows texture poorly (docs/world.md): measured zero-shot 47.40, MMA 48.96
     assert acc > acc_zs, (acc_zs, acc)
+
+
+def test_published_numbers_are_found_under_the_paper_name():
+    from vlprompt.protocols.reference import BASE2NEW_AVERAGE, paper_name
+
+    assert paper_name("mma") == "MMA" and BASE2NEW_AVERAGE["MMA"] == (83.20, 76.80, 79.87)
