@@ -265,3 +265,27 @@ def test_published_numbers_are_found_under_the_paper_name():
     from vlprompt.protocols.reference import BASE2NEW_AVERAGE, paper_name
 
     assert paper_name("mma") == "MMA" and BASE2NEW_AVERAGE["MMA"] == (83.20, 76.80, 79.87)
+
+
+def test_cli_import_of_an_official_checkpoint_file(tiny, images, tmp_path, capsys):
+    """The official trainer's file: Dassl's dict with the learner state, optimizer state and epoch."""
+    import vlprompt
+    from vlprompt.cli.main import main
+
+    x, _ = images
+    m = _model(tiny)
+    _act(m)
+    sd = {k: v.clone() for k, v in m.prompt_state_dict().items()}
+    opt = torch.optim.SGD([torch.nn.Parameter(v.clone()) for v in sd.values()], lr=0.0015, momentum=0.9)
+    sd["token_embedding"], sd["tokenized_prompts"] = torch.randn(3, 77, 128), torch.zeros(3, 77).long()
+    (tmp_path / "ck" / "adapter_learner").mkdir(parents=True)
+    ck = {"state_dict": sd, "epoch": 5, "optimizer": opt.state_dict(), "val_result": None}
+    torch.save(ck, tmp_path / "ck" / "adapter_learner" / "model.pth.tar-5")
+    out = tmp_path / "imported"
+    args = ["import", str(tmp_path / "ck"), "--out", str(out), "--model", "vlp-tiny", "--pretrained", "none"]
+    assert main([*args, "--classes", ",".join(CLASSES)]) == 0, capsys.readouterr().err
+    assert "imported mma" in capsys.readouterr().out
+    loaded = vlprompt.load_prompt(out, backbone=tiny)
+    assert loaded.manifest["options"]["adapter_start"] == 2
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), m.eval()(x))

@@ -75,8 +75,9 @@ def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extr
 
     opts, _ = method_recipe(method)
     max_depth = min(backbone.text.layers, backbone.image.layers)
-    for k, v in list(opts.items()):  # official depths on a smaller test backbone (--quick): clamp
-        if "depth" in k and isinstance(v, int) and not isinstance(v, bool) and v > max_depth:
+    for k, v in list(opts.items()):  # official depths / block indices on a smaller backbone (--quick): clamp
+        blockish = "depth" in k or k.endswith(("_start", "_end"))
+        if blockish and isinstance(v, int) and not isinstance(v, bool) and v > max_depth:
             log.debug("%s: %s=%d clamped to the backbone's %d layers", method, k, v, max_depth)
             opts[k] = max_depth
     execution = ModelOptions(**{**VARIANT_OPTIONS[variant], **extra})
