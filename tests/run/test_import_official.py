@@ -54,7 +54,7 @@ def images():
 
 def test_every_method_family_has_a_fixture():
     methods = {_meta(c)["method"] for c in CASES}
-    assert methods == {"coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "kgcoop", "prograd", "promptsrc"}
+    assert methods == {"coop", "cocoop", "ivlp", "vpt", "maple", "mpl", "kgcoop", "prograd", "promptsrc", "mma"}
 
 
 @pytest.mark.parametrize("case", CASES)
