@@ -290,3 +290,17 @@ def test_learns_on_the_world():
     # TCP 47.92 (mean loss of the first / last epoch 1.012 / 0.884)
     assert losses[-1] < losses[0], losses
     assert acc > acc_zs, (acc_zs, acc)
+
+
+def test_published_numbers_are_under_the_papers_name():
+    from vlprompt.protocols.reference import BASE2NEW_AVERAGE, BASE2NEW_BN, BASE2NEW_HM, paper_name
+
+    assert paper_name("tcp") == "TCP"
+    rows = BASE2NEW_BN["TCP"]
+    assert len(rows) == 11 == len(BASE2NEW_HM["TCP"])
+    base, new, hm = BASE2NEW_AVERAGE["TCP"]
+    # the per-data-set numbers reproduce the printed averages and harmonic means (transcription check)
+    assert abs(sum(b for b, _ in rows.values()) / 11 - base) < 0.006
+    assert abs(sum(n for _, n in rows.values()) / 11 - new) < 0.006
+    for ds, (b, n) in rows.items():
+        assert abs(2 * b * n / (b + n) - BASE2NEW_HM["TCP"][ds]) < 0.006, ds

@@ -1,7 +1,7 @@
 """Published numbers (from the methods' papers) shown beside ours by ``vlprompt report --reference``.
 
 All are top-1 accuracy (%) with CLIP ViT-B/16 *pretrained* weights, 16 shots, mean of seeds 1-3, as
-printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL papers. They are data,
+printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / TCP papers. They are data,
 never computed, and are always labelled :data:`LABEL` so they cannot be mistaken for this package's results.
 """
 
@@ -21,6 +21,7 @@ BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "IVLP": (84.21, 71.79, 77.51),
     "MaPLe": (82.28, 75.14, 78.55),
     "PromptSRC": (84.26, 76.10, 79.97),
+    "TCP": (84.13, 75.36, 79.51),  # TCP (Yao et al., CVPR 2024), its base-to-new table
 }
 
 #: base-to-new HM per data set (our registry names)
@@ -45,6 +46,11 @@ BASE2NEW_HM: dict[str, dict[str, float]] = {
         "oxford_flowers": 82.56, "food101": 91.38, "fgvc_aircraft": 36.50, "sun397": 79.75,
         "dtd": 68.16, "eurosat": 82.35, "ucf101": 80.77,
     },
+    "TCP": {  # TCP (Yao et al., CVPR 2024), its base-to-new table
+        "imagenet": 73.38, "caltech101": 96.42, "oxford_pets": 95.92, "stanford_cars": 77.32,
+        "oxford_flowers": 85.23, "food101": 90.97, "fgvc_aircraft": 37.83, "sun397": 80.35,
+        "dtd": 68.25, "eurosat": 82.32, "ucf101": 83.83,
+    },
 }  # fmt: skip
 
 #: base-to-new (Base, New) per data set, where the papers give them
@@ -53,7 +59,13 @@ BASE2NEW_BN: dict[str, dict[str, tuple[float, float]]] = {
     "CoOp": {"caltech101": (98.00, 89.81)},
     "CoCoOp": {"caltech101": (97.96, 93.81)},
     "MaPLe": {"caltech101": (97.74, 94.36)},
-}
+    "TCP": {  # TCP (Yao et al., CVPR 2024), its base-to-new table
+        "imagenet": (77.27, 69.87), "caltech101": (98.23, 94.67), "oxford_pets": (94.67, 97.20),
+        "stanford_cars": (80.80, 74.13), "oxford_flowers": (97.73, 75.57), "food101": (90.57, 91.37),
+        "fgvc_aircraft": (41.97, 34.43), "sun397": (82.63, 78.20), "dtd": (82.77, 58.07),
+        "eurosat": (91.63, 74.73), "ucf101": (87.13, 80.77),
+    },
+}  # fmt: skip
 
 #: cross-dataset average over the 10 targets (MPL's is approximate: "≈ 66.25" in its paper)
 CROSS_DATASET_AVERAGE: dict[str, float] = {
