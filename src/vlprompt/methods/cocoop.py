@@ -36,7 +36,9 @@ class CoCoOp(PromptMethod):
     official = OfficialLayout(
         "KaiyangZhou/CoOp",
         "prompt_learner",
-        Signature(has=("ctx", "meta_net.linear2.weight"), tensors=lambda sd: meta_net_tokens(sd) == 1),
+        Signature(
+            has=("ctx", "meta_net.linear2.weight"), tensors=lambda sd: meta_net_tokens(sd) in (1, None)
+        ),
         map_cocoop,
     )
     Config = CoCoOpConfig
