@@ -304,3 +304,21 @@ def test_published_numbers_are_under_the_papers_name():
     assert abs(sum(n for _, n in rows.values()) / 11 - new) < 0.006
     for ds, (b, n) in rows.items():
         assert abs(2 * b * n / (b + n) - BASE2NEW_HM["TCP"][ds]) < 0.006, ds
+
+
+def test_the_official_trainer_config_maps_to_the_preset_recipe():
+    from vlprompt.train.dassl_config import map_dassl
+
+    official = {  # configs/trainers/TCP/vit_b16_ep100_ctxv1.yaml (result-deciding keys)
+        "DATALOADER": {"TRAIN_X": {"BATCH_SIZE": 32}},
+        "OPTIM": {"NAME": "adam", "LR": 0.002, "MAX_EPOCH": 50, "LR_SCHEDULER": "cosine", "WARMUP_EPOCH": 1,
+                  "WARMUP_TYPE": "constant", "WARMUP_CONS_LR": 1e-5},
+        "TRAINER": {"COOP": {"CTX_INIT": False, "N_CTX": 4}},
+    }  # fmt: skip
+    m = map_dassl(official, "TCP")
+    assert m.method == "tcp"
+    assert {"train.optimizer=adam", "train.lr=0.002", "options.ctx_init=''", "options.n_ctx=4"} <= set(
+        m.overrides
+    )
+    t = get_method("tcp").preset()["train"]
+    assert (t["batch_size"], t["epochs"], t["warmup_lr"]) == (32, 50, 1e-5)
