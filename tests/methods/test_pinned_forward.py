@@ -107,7 +107,7 @@ def text_tower(bb, texts, slots_fill, deep: dict[int, tuple[list[int], torch.Ten
             pos, vec = deep[layer]
             x = x.clone()
             for i in range(n):
-                x[i, pos[i]] = vec
+                x[i, pos[i]] = vec if vec.dim() == 2 else vec[i]  # shared, or per class (TCP)
         x = block_forward(block, x, lambda b, h: attention(b, h, causal(n, length)))
     pooled = clip.ln_final(x[torch.arange(n), eot])
     return pooled @ clip.text_projection
@@ -350,6 +350,32 @@ def test_kgcoop_forward_and_loss(bb, images):
 
 
 PETS = "a photo of a {}, a type of pet."
+
+
+def test_tcp_forward_and_loss(bb, images):
+    """TCP on the pets template: "[SOS] X X X X {c}, a type of pet." with the context in the X slots; the
+    frozen features of "a photo of a {c}, a type of pet." through Linear - QuickGELU - Linear give 4
+    tokens per class that overwrite positions 1..4 before block 3 (class_depth 3 of the 4 blocks)."""
+    model = build(bb, "tcp", PETS, class_depth=3)
+    p, labels = P(model), torch.tensor([1, 2, 0])
+    with torch.no_grad():
+        frozen = text_tower(bb, [PETS.format(c) for c in CLASSES], None)
+        f = frozen / frozen.norm(dim=-1, keepdim=True)
+        h = f @ p["meta_net.linear1.weight"].t() + p["meta_net.linear1.bias"]
+        h = h * torch.sigmoid(1.702 * h)
+        tok = (h @ p["meta_net.linear2.weight"].t() + p["meta_net.linear2.bias"]).view(3, 4, -1)
+        texts = [f"X X X X {c}, a type of pet." for c in CLASSES]
+        txt = text_tower(bb, texts, (x_slots(bb, texts), p["ctx"]), {2: ([[1, 2, 3, 4]] * 3, tok)})
+        ref = logits(bb, image_tower(bb, images), txt)
+        t = txt / txt.norm(dim=-1, keepdim=True)
+        kg = 1 - (t * f).sum(-1).mean()
+        ce = -ref.log_softmax(-1)[torch.arange(3), labels].mean()
+        out = model.run(images, need=model.method.needs)
+        loss, terms = model.method.objective(out, labels)
+    check(model, images, ref)
+    assert abs(terms["kg"].item() - kg.item()) <= 1e-6 and kg.item() > 1e-3
+    assert abs(terms["ce"].item() - ce.item()) <= 1e-5
+    assert abs(loss.item() - (ce + 8.0 * kg).item()) <= 1e-5
 
 
 def test_prograd_forward_and_loss(bb, images):

@@ -76,6 +76,9 @@ class PromptMethod(nn.Module):
     # text side depends on no parameter (fixed class prompts: Tip-Adapter): its features are computed
     # once per class set, in training too (exact)
     static_text: ClassVar[bool] = False
+    # text prompts computed from frozen CLIP's text features of the classes (TCP's class-aware tokens):
+    # the model hands those features to :meth:`condition_on_classes` whenever the classes change
+    class_conditioned_text: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # the name tables, plots and reports show (default: ``name``); a reconstruction says so in it
     display_name: ClassVar[str] = ""
@@ -115,6 +118,12 @@ class PromptMethod(nn.Module):
 
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         """Layer-0 embeddings and plan for the text tower (``image_features``: (B, e), normalised)."""
+        raise NotImplementedError
+
+    def condition_on_classes(self, frozen_text_features: torch.Tensor) -> None:
+        """Receive frozen CLIP's normalised text features (C, e) of the current classes under
+        :meth:`frozen_templates` (called by the model after :meth:`prepare_text`,
+        for ``class_conditioned_text`` methods only); the method keeps them for :meth:`text_inputs`."""
         raise NotImplementedError
 
     # --- image tower --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from vlprompt.backbones import Backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
 from vlprompt.methods.common import ClassPrompts, ctx_segments, init_ctx
-from vlprompt.methods.official import OfficialLayout, Signature, map_cocoop
+from vlprompt.methods.official import OfficialLayout, Signature, map_cocoop, meta_net_tokens
 
 
 @dataclass
@@ -34,7 +34,12 @@ class CoCoOp(PromptMethod):
     official_parameters = 35_360
     bench_batch_size = 1
     official = OfficialLayout(
-        "KaiyangZhou/CoOp", "prompt_learner", Signature(has=("ctx", "meta_net.linear2.weight")), map_cocoop
+        "KaiyangZhou/CoOp",
+        "prompt_learner",
+        Signature(
+            has=("ctx", "meta_net.linear2.weight"), tensors=lambda sd: meta_net_tokens(sd) in (1, None)
+        ),
+        map_cocoop,
     )
     Config = CoCoOpConfig
     image_conditioned_text = True

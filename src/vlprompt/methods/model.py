@@ -123,6 +123,8 @@ class PromptModel(nn.Module):
         self.method.prepare_text(self.backbone, classnames, self.template)
         self.method.to(self.backbone.device)
         self._text_cache = None
+        if self.method.class_conditioned_text:  # class-aware prompts are built from frozen class text
+            self.method.condition_on_classes(self.frozen_text_features())
 
     @property
     def n_classes(self) -> int:

@@ -63,9 +63,19 @@ class Signature:
     #: top-level checkpoint keys it never has ("val_result": the ProGrad/KgCoOp Dassl fork never writes it)
     checkpoint_lacks: tuple[str, ...] = ()
     frozen_words: bool | None = None  # False: never keeps frozen words after its context (CoOp)
+    #: a test on the tensors themselves where their names cannot tell two learners apart (shapes)
+    tensors: Callable[[Mapping[str, torch.Tensor]], bool] | None = None
 
-    def matches(self, keys: set[str], checkpoint_keys: set[str], frozen: int | None = None) -> bool:
+    def matches(
+        self,
+        keys: set[str],
+        checkpoint_keys: set[str],
+        frozen: int | None = None,
+        sd: Mapping[str, torch.Tensor] | None = None,
+    ) -> bool:
         if self.frozen_words is False and frozen:
+            return False
+        if self.tensors is not None and sd is not None and not self.tensors(sd):
             return False
         return (
             all(k in keys for k in self.has)
@@ -210,6 +220,38 @@ def map_cocoop(sd: Mapping[str, Any], method: str) -> Mapped:
         frozen_tokens=_suffix(sd, ""),
         frame=_frame(sd, ""),
     )
+
+
+def meta_net_tokens(sd: Mapping[str, Any]) -> int | None:
+    """Tokens a PromptLearner's ``meta_net.linear2`` writes per input: 1 for CoCoOp's per-image bias,
+    TCP's class-aware token count (its output is ``tokens * width``); ``None`` when it cannot tell."""
+    ctx, w = sd.get("ctx"), sd.get("meta_net.linear2.weight")
+    if not isinstance(ctx, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2 or ctx.dim() < 1:
+        return None
+    d = int(ctx.shape[-1])
+    return int(w.shape[0]) // d if d and w.shape[0] % d == 0 else None
+
+
+def map_tcp(sd: Mapping[str, Any], method: str) -> Mapped:
+    """TCP: CoOp's ``ctx`` and the class-token map ``meta_net.linear{1,2}`` (e -> e/r -> k*d)."""
+    ctx = need(sd, "ctx", method, (2,))
+    state, sources = {"ctx": _f32(ctx)}, {"ctx": "ctx"}
+    _linear(sd, state, sources, "meta_net.linear1", "meta_net.linear1", method)
+    _linear(sd, state, sources, "meta_net.linear2", "meta_net.linear2", method)
+    e, hidden = state["meta_net.linear1.weight"].shape[1], state["meta_net.linear1.weight"].shape[0]
+    tokens = meta_net_tokens(sd)
+    if hidden == 0 or e % hidden or not tokens or state["meta_net.linear2.weight"].shape[1] != hidden:
+        raise VlpromptError(
+            f"meta_net tensors {tuple(state['meta_net.linear1.weight'].shape)}, "
+            f"{tuple(state['meta_net.linear2.weight'].shape)} are not TCP's map embed -> embed/r -> k*width"
+        )
+    opts = {"n_ctx": int(ctx.shape[0]), "ctx_init": "", "reduction": e // hidden, "class_tokens": tokens}
+    notes = [
+        "the block receiving the class-aware tokens is code, not a tensor: the official block 9 of 12 is "
+        "used -- pass --option class_depth=N if the checkpoint was trained otherwise"
+    ]
+    return Mapped(state, opts, sources, notes, ctx_tokens=int(ctx.shape[0]), frozen_tokens=_suffix(sd, ""),
+                  frame=_frame(sd, ""))  # fmt: skip
 
 
 def _image_prompts(sd, state, sources) -> tuple[int, int]:

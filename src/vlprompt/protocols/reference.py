@@ -1,7 +1,7 @@
 """Published numbers (from the methods' papers) shown beside ours by ``vlprompt report --reference``.
 
 All are top-1 accuracy (%) with CLIP ViT-B/16 *pretrained* weights, 16 shots, mean of seeds 1-3, as
-printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / MMA papers. They are data,
+printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / MMA / TCP papers. They are data,
 never computed, and are always labelled :data:`LABEL` so they cannot be mistaken for this package's results.
 """
 
@@ -22,6 +22,7 @@ BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "MaPLe": (82.28, 75.14, 78.55),
     "PromptSRC": (84.26, 76.10, 79.97),
     "MMA": (83.20, 76.80, 79.87),  # MMA paper Table 1 (CVPR 2024) = ZjjConan/Multi-Modal-Adapter README
+    "TCP": (84.13, 75.36, 79.51),  # TCP (Yao et al., CVPR 2024), its base-to-new table
 }
 
 #: base-to-new HM per data set (our registry names)

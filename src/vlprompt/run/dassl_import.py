@@ -121,7 +121,9 @@ def detect_method(sd: Mapping[str, Any], checkpoint_keys: set[str] | frozenset[s
     sd = _clean(sd)
     suffix = next((v for k, v in sd.items() if k.endswith("token_suffix")), None)
     frozen = frozen_token_count(suffix)  # frozen words after the context (some learners never keep any)
-    found = [m for m, lay in layouts.items() if lay.signature.matches(set(sd), set(checkpoint_keys), frozen)]
+    found = [
+        m for m, lay in layouts.items() if lay.signature.matches(set(sd), set(checkpoint_keys), frozen, sd)
+    ]
     if len(found) == 1:
         return found[0]
     if not found:

@@ -33,6 +33,7 @@ TRAINERS: dict[str, str] = {
     "vpt": "vpt",
     "promptsrc": "promptsrc",
     "mpl": "mpl",  # Zhenhan-Huang/Modular-Prompt-Learning: trainers/mpl.py registers class MPL
+    "tcp": "tcp",
 }
 
 #: top-level Dassl sections; a YAML whose keys are all upper case and include one of these is Dassl's
@@ -73,6 +74,7 @@ _OPTIONS: dict[str, dict[str, str]] = {
                   "TEXT_LOSS_WEIGHT": "text_loss_weight", "IMAGE_LOSS_WEIGHT": "image_loss_weight",
                   "GPA_MEAN": "gpa_mean", "GPA_STD": "gpa_std"},
     "vpt": {"N_CTX_VISION": "n_ctx", "PROMPT_DEPTH_VISION": "depth", "CTX_INIT": "text"},
+    "tcp": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init"},  # its COOP.W is overwritten in the code: no effect
 }  # fmt: skip
 _LOSS = {"prograd": {"LOSS.LAMBDA": "options.lam", "LOSS.T": "options.temperature"}}
 
