@@ -33,6 +33,11 @@ TRAINERS: dict[str, str] = {
     "vpt": "vpt",
     "promptsrc": "promptsrc",
     "mpl": "mpl",  # Zhenhan-Huang/Modular-Prompt-Learning: trainers/mpl.py registers class MPL
+    # Koorye/DePT: trainers/elp_*.py register ExtrasLinearProbe<Base>
+    "extraslinearprobecoop": "coop+dept",
+    "extraslinearprobecocoop": "cocoop+dept",
+    "extraslinearprobekgcoop": "kgcoop+dept",
+    "extraslinearprobemaple": "maple+dept",
 }
 
 #: top-level Dassl sections; a YAML whose keys are all upper case and include one of these is Dassl's
