@@ -270,3 +270,16 @@ def test_learns_on_the_world():
     after = evaluate(model, test)["accuracy"]
     assert losses[-1] < losses[0] - 0.3, losses
     assert after > before + 5, (before, after)
+
+
+def test_published_numbers_are_under_the_composed_names():
+    from vlprompt.protocols import reference as ref
+
+    for base, label in (("coop", "CoOp"), ("cocoop", "CoCoOp"), ("kgcoop", "KgCoOp"), ("maple", "MaPLe")):
+        name = f"{label} + DePT"
+        assert ref.paper_name(f"{base}+dept") == name
+        b, n, hm = ref.BASE2NEW_AVERAGE[name]
+        assert abs(2 * b * n / (b + n) - hm) < 0.01  # the transcribed row is self-consistent
+        assert (
+            len(ref.BASE2NEW_HM[name]) == 11 and name in ref.CROSS_DATASET_AVERAGE and name in ref.DG_AVERAGE
+        )
