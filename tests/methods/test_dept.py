@@ -283,3 +283,33 @@ def test_published_numbers_are_under_the_composed_names():
         assert (
             len(ref.BASE2NEW_HM[name]) == 11 and name in ref.CROSS_DATASET_AVERAGE and name in ref.DG_AVERAGE
         )
+
+
+def test_import_of_an_official_dept_checkpoint(tiny, toy, tmp_path):
+    """The official trainers save the whole CustomCLIP: the base's learner under ``prompt_learner.``, the
+    cwT and head beside it, frozen CLIP too.  Detected as the composed entry (not the plain base, whose
+    tensors it also holds) and imported to the same logits."""
+    from vlprompt.run.dassl_import import build_model, import_checkpoint
+
+    x, _, names = toy
+    for method in ("coop+dept", "maple+dept"):
+        opts = {"depth": 2} if method == "maple+dept" else {}
+        src = _model(tiny, names, method, **opts)
+        own = src.method.state_dict()
+        sd = {
+            (k if k.startswith(("film_lp_", "linear_probe_proj.")) else "prompt_learner." + k): v
+            for k, v in own.items()
+        }
+        sd["prompt_learner.token_prefix"] = torch.zeros(len(names), 1, tiny.text.width)
+        sd["image_encoder.conv1.weight"] = torch.zeros(2, 3, 4, 4)  # frozen CLIP, ignored
+        path = tmp_path / f"{method}.pth.tar-5"
+        torch.save({"state_dict": sd, "epoch": 5}, path)
+        imp = import_checkpoint(path)
+        assert imp.method == method and imp.epoch == 5 and imp.options["cwt"] is True
+        model = build_model(imp, tiny, names, PHOTO)
+        model.eval()
+        src.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x[:4]), src(x[:4]))
+        with pytest.raises(VlpromptError, match="shape"):  # the head's rows are the training classes
+            build_model(imp, tiny, names[:3], PHOTO)

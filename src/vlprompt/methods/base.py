@@ -379,6 +379,11 @@ class PlugIn(PromptMethod):
         """Parameters the plug-in adds in its official code (the battery's ViT-B/16 count); None: unknown."""
         return None
 
+    @classmethod
+    def official_layout(cls, base: type[PromptMethod]) -> OfficialLayout | None:
+        """The official checkpoint layout of ``base`` + this plug-in (``vlprompt import``); None: none."""
+        return None
+
 
 def register_plugin(cls: type[PlugIn]) -> type[PlugIn]:
     """Class decorator adding a plug-in (used as ``base+<name>``); it is no method on its own."""
@@ -443,7 +448,7 @@ def compose(name: str) -> type[PromptMethod]:
         "summary": f"{base.label()} + {plug.summary}",
         "Base": base,
         "Plug": plug,
-        "official": None,
+        "official": plug.official_layout(base),
         "official_parameters": (
             None if base.official_parameters is None or added is None else base.official_parameters + added
         ),

@@ -39,14 +39,18 @@ from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import (
     MethodConfig,
     PlugIn,
+    PromptMethod,
     compose,
     opt,
     register_method,
     register_plugin,
 )
+from vlprompt.methods.official import PL, Mapped, OfficialLayout, Signature
 from vlprompt.methods.output import ModelOutput
 
 HEAD = "linear_probe_proj"
+#: the official names of DePT's own tensors (ours are the same)
+OWN = ("film_lp_img.", "film_lp_text.", HEAD + ".")
 
 
 @dataclass
@@ -86,6 +90,49 @@ class DePT(PlugIn):
     @classmethod
     def official_added(cls, embed_dim: int, n_classes: int) -> int:
         return 4 * embed_dim + n_classes * (embed_dim + 1)
+
+    @classmethod
+    def official_layout(cls, base: type[PromptMethod]) -> OfficialLayout | None:
+        """DePT's trainers save the whole CustomCLIP (``PromptLearner`` / ``MultiModalPromptLearner``
+        folder): the base's prompt learner under ``prompt_learner.``, the head beside it."""
+        lay = base.official
+        if lay is None:
+            return None
+        sig = lay.signature
+        prefixed = all(k.startswith(PL) for k in sig.has)  # the base's own file is the whole model too
+
+        def pre(keys: tuple[str, ...]) -> tuple[str, ...]:
+            return keys if prefixed else tuple(PL + k for k in keys)
+
+        signature = Signature(
+            has=pre(sig.has) + (HEAD + ".weight",),
+            has_prefix=pre(sig.has_prefix),
+            lacks=pre(sig.lacks),
+            lacks_prefix=pre(sig.lacks_prefix),
+            checkpoint_lacks=sig.checkpoint_lacks,
+            frozen_words=sig.frozen_words,
+        )
+
+        def convert(sd, method: str) -> Mapped:  # type: ignore[no-untyped-def]
+            own = {k: v for k, v in sd.items() if k.startswith(OWN)}
+            if HEAD + ".weight" not in own:
+                raise ValueError(f"no {HEAD}.weight: not a DePT checkpoint")
+            rest = sd if prefixed else {k[len(PL) :]: v for k, v in sd.items() if k.startswith(PL)}
+            m = lay.convert(rest, method)
+            for k, v in own.items():
+                m.state[k] = v.detach().to(torch.float32).contiguous()
+            m.sources = {k: (v if prefixed or k in own else PL + v) for k, v in m.sources.items()}
+            m.sources.update({k: k for k in own})
+            m.options["cwt"] = "film_lp_img.scale" in own
+            return m
+
+        return OfficialLayout(
+            "Koorye/DePT",
+            "MultiModalPromptLearner" if prefixed else "PromptLearner",
+            signature,
+            convert,
+            notes=("the head's rows are the checkpoint's training classes: pass those class names",),
+        )
 
     def __init__(self, cfg: DePTConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
