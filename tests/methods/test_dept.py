@@ -314,3 +314,10 @@ def test_import_of_an_official_dept_checkpoint(tiny, toy, tmp_path):
             assert torch.equal(model(x[:4]), src(x[:4]))
         with pytest.raises(VlpromptError, match="shape"):  # the head's rows are the training classes
             build_model(imp, tiny, names[:3], PHOTO)
+
+
+def test_official_trainer_names_map_to_the_composed_entries():
+    from vlprompt.train.dassl_config import trainer_to_method
+
+    for base in ("CoOp", "CoCoOp", "KgCoOp", "MaPLe"):
+        assert trainer_to_method(f"ExtrasLinearProbe{base}") == f"{base.lower()}+dept"
