@@ -87,7 +87,7 @@ def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extr
 
 
 def _cacheable(model: Any) -> bool:
-    return not model.method.prompts_image
+    return bool(model.method.takes_cached_image_features)
 
 
 def _text_length(model: Any, inputs: Any) -> int:

@@ -7,13 +7,18 @@ A new method is one module, one preset (``presets/<name>.yaml``) and one line he
 
 from vlprompt.methods.base import (
     MethodConfig,
+    PlugIn,
     PromptMethod,
     TextInputs,
     bench_methods,
     build_config,
+    compose,
     get_method,
+    get_plugin,
     list_methods,
+    list_plugins,
     register_method,
+    register_plugin,
     registered,
     registered_methods,
     unregister_method,
@@ -38,6 +43,7 @@ from vlprompt.methods import tipadapter  # noqa: E402, F401  (tip-adapter, tip-a
 from vlprompt.methods import cliplora  # noqa: E402, F401
 from vlprompt.methods import mma  # noqa: E402, F401
 from vlprompt.methods import tcp  # noqa: E402, F401
+from vlprompt.methods import dept  # noqa: E402, F401  (plug-in: coop+dept, cocoop+dept, kgcoop+dept, maple+dept)
 # isort: on
 
 __all__ = [
@@ -53,8 +59,13 @@ __all__ = [
     "bench_methods",
     "build_config",
     "create_model",
+    "PlugIn",
+    "compose",
     "get_method",
+    "get_plugin",
     "list_methods",
+    "list_plugins",
+    "register_plugin",
     "register_method",
     "registered",
     "registered_methods",

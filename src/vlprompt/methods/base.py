@@ -106,6 +106,9 @@ class PromptMethod(nn.Module):
     needs: ClassVar[frozenset[str]] = frozenset()
     #: the official checkpoint's layout and its mapping to this method's parameters (``vlprompt import``)
     official: ClassVar[OfficialLayout | None] = None
+    # the output head and objective read the *unnormalised* features (DePT's linear probe): the model
+    # then hands them in (``ModelOutput.raw_*``), and cached normalised image features cannot stand in
+    raw_features: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone):
         super().__init__()
@@ -134,6 +137,11 @@ class PromptMethod(nn.Module):
     @property
     def prompts_image(self) -> bool:
         return type(self).image_plan is not PromptMethod.image_plan
+
+    @property
+    def takes_cached_image_features(self) -> bool:
+        """Cached frozen (normalised) image features give exactly what this method computes from images."""
+        return not self.prompts_image and not self.raw_features
 
     # --- frozen reference (for regularised objectives) -------------------------------------
     def frozen_templates(self, template: str) -> Sequence[str]:
@@ -167,6 +175,11 @@ class PromptMethod(nn.Module):
         DDP gradient reduction.  Default: ``backprop(loss)``; ProGrad projects one gradient on another."""
         backprop(loss)
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """``{parameter name: factor of train.lr}`` for parameters that learn at another rate (DePT's head,
+        Dassl's ``STAGED_LR``); default none.  The warm-up lr is not scaled (Dassl's constant warm-up)."""
+        return {}
+
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Called after the last step of epoch ``epoch`` (1-based) of ``epochs``, before evaluation and
         the checkpoint (PromptSRC accumulates its prompt aggregate here)."""
@@ -190,7 +203,8 @@ class PromptMethod(nn.Module):
     ) -> torch.Tensor:
         """Logits after a head on the features (cache model, adapter); default: unchanged.
 
-        ``logits`` = ``logit_scale * image_features @ text_features.T``; the features are normalised.
+        ``logits`` = ``logit_scale * image_features @ text_features.T``; the features are normalised
+        (unnormalised when the method sets ``raw_features``).
         Applied by :meth:`PromptModel.run` and ``forward`` alike, never to the frozen zero-shot logits."""
         return logits
 
@@ -234,7 +248,8 @@ class PromptMethod(nn.Module):
         """The preset file's sections (``method``, ``options``, ``train``, ``protocols``), read once and
         checked once; ``{}`` when the method has no preset.  Callers get a copy."""
         if cls not in _PRESETS:
-            _PRESETS[cls] = _read_preset(cls)
+            composed = cls.__dict__.get("Plug") is not None  # a base+plugin entry (see PlugIn)
+            _PRESETS[cls] = composed_preset(cls) if composed else _read_preset(cls)
         return copy.deepcopy(_PRESETS[cls])
 
     def describe(self) -> dict[str, Any]:
@@ -247,6 +262,7 @@ _PRESETS: dict[type[PromptMethod], dict[str, Any]] = {}
 
 
 def _read_preset(cls: type[PromptMethod]) -> dict[str, Any]:
+    sections = PRESET_SECTIONS + tuple(getattr(cls, "extra_preset_sections", ()))
     path = cls.preset_path()
     if not path.is_file():
         return {}
@@ -259,17 +275,16 @@ def _read_preset(cls: type[PromptMethod]) -> dict[str, Any]:
         raise VlpromptError(f"preset {path} is not valid YAML ({first}); fix the file") from None
     if not isinstance(raw, dict):
         raise VlpromptError(f"preset {path} must hold a mapping of sections, not {type(raw).__name__}")
-    bad = sorted(set(raw) - set(PRESET_SECTIONS))
+    bad = sorted(set(raw) - set(sections))
     if bad:
         raise VlpromptError(
-            f"preset {path} has unknown section(s) {', '.join(map(str, bad))}; "
-            f"valid: {', '.join(PRESET_SECTIONS)}"
+            f"preset {path} has unknown section(s) {', '.join(map(str, bad))}; valid: {', '.join(sections)}"
         )
     if raw.get("method", cls.name) != cls.name:
         raise VlpromptError(
             f"preset {path} is for method '{raw['method']}', not '{cls.name}'; fix its 'method:' line"
         )
-    for sec in ("options", "train", "protocols"):
+    for sec in ("options", "train", "protocols", *sections[len(PRESET_SECTIONS) :]):
         if not isinstance(raw.get(sec) or {}, dict):
             raise VlpromptError(f"preset {path}: section '{sec}' must be a mapping of keys")
     return raw
@@ -333,9 +348,140 @@ def bench_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[PromptMethod]:
-    if name not in _REGISTRY:
-        raise unknown_name("method", name, _REGISTRY)
-    return _REGISTRY[name]
+    """The registered method ``name``; ``base+plugin`` names a plug-in over a base (see :class:`PlugIn`)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if PLUGIN_SEPARATOR in name:
+        return compose(name)
+    raise unknown_name("method", name, _REGISTRY)
+
+
+# --- plug-ins: a method file that adds to another method -------------------------------------------
+#: ``--method coop+dept``: a base method and the plug-ins stacked on it, in order
+PLUGIN_SEPARATOR = "+"
+_PLUGINS: dict[str, type[PlugIn]] = {}
+_COMPOSED: dict[str, type[PromptMethod]] = {}
+
+
+class PlugIn(PromptMethod):
+    """A plug-in: adds parameters, objective terms and an output head to a *base* method (DePT).
+
+    A plug-in is its own registered file (:func:`register_plugin`); ``base+plugin`` composes the two
+    into one method class whose MRO is ``(plug-in, base)``: the base keeps its prompts, parameter
+    names and hooks, the plug-in's overrides reach the base through ``super()``.  The composed entry:
+    name ``coop+dept``, display ``"CoOp + DePT"``, options = the base's + the plug-in's (names must
+    not clash), preset = the base's top level < the plug-in's top level < the plug-in's
+    ``bases: {base: ...}`` section (the plug-in's recipe replaces the base paper's protocol sections).
+    Subclasses set ``name`` (the plug-in's own), ``display_name``, ``Config`` (the plug-in's options
+    only), ``supports`` (base names; empty: any) and may set ``official_added(embed_dim, classes)``.
+    """
+
+    supports: ClassVar[frozenset[str]] = frozenset()
+    extra_preset_sections: ClassVar[tuple[str, ...]] = ("bases",)
+    #: the base this composition stands on (set on the composed class)
+    Base: ClassVar[type[PromptMethod] | None] = None
+    #: the plug-in class of a composed entry (set on the composed class)
+    Plug: ClassVar[type[PlugIn] | None] = None
+
+    @classmethod
+    def official_added(cls, embed_dim: int, n_classes: int) -> int | None:
+        """Parameters the plug-in adds in its official code (the battery's ViT-B/16 count); None: unknown."""
+        return None
+
+    @classmethod
+    def official_layout(cls, base: type[PromptMethod]) -> OfficialLayout | None:
+        """The official checkpoint layout of ``base`` + this plug-in (``vlprompt import``); None: none."""
+        return None
+
+
+def register_plugin(cls: type[PlugIn]) -> type[PlugIn]:
+    """Class decorator adding a plug-in (used as ``base+<name>``); it is no method on its own."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _PLUGINS[cls.name] = cls
+    _PRESETS.pop(cls, None)
+    for key in [k for k in _COMPOSED if k.split(PLUGIN_SEPARATOR)[-1] == cls.name]:
+        del _COMPOSED[key]
+    return cls
+
+
+def list_plugins() -> list[str]:
+    return sorted(_PLUGINS)
+
+
+def get_plugin(name: str) -> type[PlugIn]:
+    if name not in _PLUGINS:
+        raise unknown_name("plug-in", name, _PLUGINS)
+    return _PLUGINS[name]
+
+
+def compose(name: str) -> type[PromptMethod]:
+    """The method class of ``base+plugin[+plugin...]`` (built once per name; one-line errors)."""
+    if name in _COMPOSED:
+        return _COMPOSED[name]
+    parts = name.split(PLUGIN_SEPARATOR)
+    if any(not p for p in parts):
+        raise VlpromptError(f"method '{name}' has an empty part; write BASE+PLUGIN, e.g. coop+dept")
+    head, plug_name = PLUGIN_SEPARATOR.join(parts[:-1]), parts[-1]
+    if plug_name not in _PLUGINS:
+        if plug_name in _REGISTRY:
+            raise VlpromptError(
+                f"'{plug_name}' in method '{name}' is a method, not a plug-in; plug-ins: "
+                f"{', '.join(list_plugins()) or 'none'}"
+            )
+        raise unknown_name("plug-in", plug_name, _PLUGINS)
+    if head in _PLUGINS:
+        raise VlpromptError(f"method '{name}' has no base method; write BASE+{head}, e.g. coop+{head}")
+    base = get_method(head)
+    plug = _PLUGINS[plug_name]
+    base_name = base.name.split(PLUGIN_SEPARATOR)[0]
+    if plug.supports and base_name not in plug.supports:
+        raise VlpromptError(
+            f"plug-in '{plug_name}' does not support base method '{head}' (its official combinations: "
+            f"{', '.join(sorted(plug.supports))}); use e.g. {min(plug.supports)}+{plug_name}"
+        )
+    clash = {f.name for f in dataclasses.fields(base.Config)} & {
+        f.name for f in dataclasses.fields(plug.Config)
+    }
+    if clash:
+        raise VlpromptError(f"'{name}': options {sorted(clash)} exist in both '{head}' and '{plug_name}'")
+    config = dataclass(type(f"{base.Config.__name__}{plug.Config.__name__}", (plug.Config, base.Config), {}))
+    added = plug.official_added(512, 2)
+    attrs: dict[str, Any] = {
+        "__module__": plug.__module__,
+        "__qualname__": f"{base.__name__}{plug.__name__}",
+        "name": f"{base.name}{PLUGIN_SEPARATOR}{plug.name}",
+        "display_name": f"{base.label()} + {plug.label()}",
+        "paper_name": "",
+        "Config": config,
+        "summary": f"{base.label()} + {plug.summary}",
+        "Base": base,
+        "Plug": plug,
+        "official": plug.official_layout(base),
+        "official_parameters": (
+            None if base.official_parameters is None or added is None else base.official_parameters + added
+        ),
+        "bench_batch_size": None,
+        "preset_file": "",
+    }
+    cls = type(attrs["__qualname__"], (plug, base), attrs)
+    _COMPOSED[name] = cls
+    if cls.name != name:  # e.g. an alias of the base: cache under both
+        _COMPOSED[cls.name] = cls
+    return cls
+
+
+def composed_preset(cls: type[PromptMethod]) -> dict[str, Any]:
+    """A composed entry's preset: base top level < plug-in top level < plug-in ``bases[base]``."""
+    base, plug = cls.Base, cls.Plug  # type: ignore[attr-defined]
+    b, p = base.preset(), plug.preset()
+    own = (p.get("bases") or {}).get(base.name) or {}
+    out: dict[str, Any] = {"method": cls.name}
+    for sec in ("options", "train"):
+        out[sec] = {**(b.get(sec) or {}), **(p.get(sec) or {}), **(own.get(sec) or {})}
+    protocols = own.get("protocols", p.get("protocols")) or {}
+    out["protocols"] = copy.deepcopy(protocols)
+    return out
 
 
 def build_config(cls: type[PromptMethod], options: dict[str, Any]) -> MethodConfig:

@@ -96,7 +96,7 @@ class PromptModel(nn.Module):
         #: what ``attention="auto"`` runs per shape class; the run layer hands in a measured table
         #: (:func:`vlprompt.run.attention.measured_attention`); without one, SDPA everywhere
         self.auto_attention = AutoAttention()
-        self._text_cache: tuple[Any, torch.Tensor] | None = None
+        self._text_cache: tuple[Any, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._frozen_text: tuple[Any, torch.Tensor] | None = None
         self.text_strategy: TextStrategy | None = text_strategy  # None: all classes, this process
         self.classnames: list[str] = []
@@ -219,6 +219,11 @@ class PromptModel(nn.Module):
 
     def encode_text(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised text features: (C, e), or (B, C, e) for image-conditioned methods."""
+        return self._text_features(image_features)[0]
+
+    def _text_features(self, image_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(normalised, unnormalised or None) text features; the latter only for ``raw_features`` methods."""
+        raw = self.method.raw_features
         if self.method.image_conditioned_text:
             if image_features is None:
                 raise ValueError(
@@ -226,7 +231,10 @@ class PromptModel(nn.Module):
                 )
             inputs = self.method.text_inputs(image_features)
             b = image_features.shape[0]
-            return self.run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
+            if raw:
+                r = self._text_tower(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
+                return F.normalize(r, dim=-1), r
+            return self.run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1), None
         static = self.method.static_text
         cacheable = self.options.cache_text and (static or not torch.is_grad_enabled())
         key = None
@@ -239,10 +247,18 @@ class PromptModel(nn.Module):
             if self._text_cache is not None and self._text_cache[0] == key:
                 return self._text_cache[1]
         inputs = self.method.text_inputs(None)
-        if self.text_strategy is not None:
-            feats = self.text_strategy.encode(self, inputs)
+        if raw:
+            if self.text_strategy is not None:
+                raise VlpromptError(
+                    f"method '{self.method.name}' reads unnormalised text features, which the sharded text "
+                    "encoder does not give; train it with train.shard_text=false"
+                )
+            r = self._text_tower(inputs.embeds, inputs.eot, inputs.plan)
+            feats: tuple[torch.Tensor, torch.Tensor | None] = (F.normalize(r, dim=-1), r)
+        elif self.text_strategy is not None:
+            feats = (self.text_strategy.encode(self, inputs), None)
         else:
-            feats = self.run_text(inputs.embeds, inputs.eot, inputs.plan)
+            feats = (self.run_text(inputs.embeds, inputs.eot, inputs.plan), None)
         if cacheable:
             self._text_cache = (key, feats)
         return feats
@@ -277,10 +293,28 @@ class PromptModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
-    def logits_from_features(self, img: torch.Tensor) -> torch.Tensor:
-        """Logits from normalised image features (lets callers cache frozen image features)."""
-        txt = self.encode_text(img if self.method.image_conditioned_text else None)
-        return self.method.output_head(self._logits(img, txt), img, txt)
+    def logits_from_features(self, img: torch.Tensor, raw_img: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from normalised image features (lets callers cache frozen image features);
+        ``raw_img``: the unnormalised ones, for a method that sets ``raw_features``."""
+        txt, raw_txt = self._text_features(img if self.method.image_conditioned_text else None)
+        return self._head(self._logits(img, txt), img, txt, raw_img, raw_txt)
+
+    def _head(
+        self,
+        logits: torch.Tensor,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        raw_img: torch.Tensor | None,
+        raw_txt: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if self.method.raw_features:
+            if raw_img is None or raw_txt is None:
+                raise VlpromptError(
+                    f"method '{self.method.name}' reads unnormalised features; pass images, not cached "
+                    "features"
+                )
+            return self.method.output_head(logits, raw_img, raw_txt)
+        return self.method.output_head(logits, img, txt)
 
     def _logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         scale = self.backbone.logit_scale.float()
@@ -289,14 +323,23 @@ class PromptModel(nn.Module):
         return scale * img @ txt.t()
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._image_pair(images)[0]
+
+    def _image_pair(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(normalised, unnormalised or None) image features; the latter only for ``raw_features`` methods."""
         if images.dim() == 2:
-            if self.method.prompts_image:
-                raise VlpromptError(
-                    f"method '{self.method.name}' prompts the image tower, so cached image features cannot "
-                    "be used; pass images"
+            if not self.method.takes_cached_image_features:
+                why = (
+                    "prompts the image tower" if self.method.prompts_image else "reads unnormalised features"
                 )
-            return F.normalize(images.to(self.backbone.device).float(), dim=-1)
-        return self.encode_image(images)
+                raise VlpromptError(
+                    f"method '{self.method.name}' {why}, so cached image features cannot be used; pass images"
+                )
+            return F.normalize(images.to(self.backbone.device).float(), dim=-1), None
+        if self.method.raw_features:
+            raw = self.encode_image(images, normalize=False)
+            return F.normalize(raw, dim=-1), raw
+        return self.encode_image(images), None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits from images ``(B, 3, H, W)`` -- or from cached frozen image features ``(B, e)``.
@@ -305,7 +348,7 @@ class PromptModel(nn.Module):
         what the image tower would give; see :mod:`vlprompt.train.features`), so a trainer or evaluator
         can run on a feature dataset unchanged.
         """
-        return self.logits_from_features(self._image_features(images))
+        return self.logits_from_features(*self._image_pair(images))
 
     def run(self, images: torch.Tensor, need: Iterable[str] = ()) -> ModelOutput:
         """The typed output of one forward: logits, features and the frozen-CLIP entries in ``need``.
@@ -316,10 +359,11 @@ class PromptModel(nn.Module):
         bad = need - FROZEN_NEEDS
         if bad:
             raise VlpromptError(f"unknown model output(s) {sorted(bad)}; choose from {sorted(FROZEN_NEEDS)}")
-        img = self._image_features(images)
-        txt = self.encode_text(img if self.method.image_conditioned_text else None)
-        logits = self.method.output_head(self._logits(img, txt), img, txt)
+        img, raw_img = self._image_pair(images)
+        txt, raw_txt = self._text_features(img if self.method.image_conditioned_text else None)
+        logits = self._head(self._logits(img, txt), img, txt, raw_img, raw_txt)
         out = ModelOutput(logits, img, txt, logit_scale=self.backbone.logit_scale.float())
+        out.raw_image_features, out.raw_text_features = raw_img, raw_txt
         if need & {"frozen_image", "zero_shot_logits"}:
             out.frozen_image_features = (
                 img.detach() if not self.method.prompts_image else self.frozen_image_features(images)

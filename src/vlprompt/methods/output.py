@@ -41,3 +41,6 @@ class ModelOutput:
     frozen_text_features: torch.Tensor | None = None
     zero_shot_logits: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
+    # the features before L2 normalisation, only for a method that sets ``raw_features`` (DePT's head)
+    raw_image_features: torch.Tensor | None = None
+    raw_text_features: torch.Tensor | None = None

@@ -1,7 +1,9 @@
 """Published numbers (from the methods' papers) shown beside ours by ``vlprompt report --reference``.
 
 All are top-1 accuracy (%) with CLIP ViT-B/16 *pretrained* weights, 16 shots, mean of seeds 1-3, as
-printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / MMA / TCP papers. They are data,
+printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / MMA / TCP papers; "X + DePT" from
+the DePT paper (Zhang et al., CVPR 2024, Table 1 base-to-new, Table 2 cross-dataset; the same tables are
+github.com/Koorye/DePT examples/base_to_new_performance.png and cross_dataset_performance.png). They are data,
 never computed, and are always labelled :data:`LABEL` so they cannot be mistaken for this package's results.
 """
 
@@ -23,6 +25,11 @@ BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "PromptSRC": (84.26, 76.10, 79.97),
     "MMA": (83.20, 76.80, 79.87),  # MMA paper Table 1 (CVPR 2024) = ZjjConan/Multi-Modal-Adapter README
     "TCP": (84.13, 75.36, 79.51),  # TCP (Yao et al., CVPR 2024), its base-to-new table
+    # DePT paper, Table 1 (its own runs of the base methods differ from the rows above)
+    "CoOp + DePT": (83.66, 71.82, 77.29),
+    "CoCoOp + DePT": (83.80, 72.89, 77.97),
+    "KgCoOp + DePT": (83.62, 75.04, 79.10),
+    "MaPLe + DePT": (84.85, 74.82, 79.52),
 }
 
 #: base-to-new HM per data set (our registry names)
@@ -47,6 +54,26 @@ BASE2NEW_HM: dict[str, dict[str, float]] = {
         "oxford_flowers": 82.56, "food101": 91.38, "fgvc_aircraft": 36.50, "sun397": 79.75,
         "dtd": 68.16, "eurosat": 82.35, "ucf101": 80.77,
     },
+    "CoOp + DePT": {
+        "imagenet": 73.45, "caltech101": 96.29, "oxford_pets": 96.14, "stanford_cars": 75.86,
+        "oxford_flowers": 83.08, "food101": 90.88, "fgvc_aircraft": 29.46, "sun397": 78.55,
+        "dtd": 67.04, "eurosat": 75.70, "ucf101": 78.24,
+    },
+    "CoCoOp + DePT": {
+        "imagenet": 73.53, "caltech101": 96.06, "oxford_pets": 95.59, "stanford_cars": 76.46,
+        "oxford_flowers": 83.51, "food101": 90.80, "fgvc_aircraft": 36.25, "sun397": 79.37,
+        "dtd": 66.37, "eurosat": 76.82, "ucf101": 78.73,
+    },
+    "KgCoOp + DePT": {
+        "imagenet": 73.42, "caltech101": 96.41, "oxford_pets": 95.76, "stanford_cars": 77.26,
+        "oxford_flowers": 85.84, "food101": 91.05, "fgvc_aircraft": 38.57, "sun397": 80.00,
+        "dtd": 68.78, "eurosat": 79.04, "ucf101": 81.29,
+    },
+    "MaPLe + DePT": {
+        "imagenet": 73.85, "caltech101": 96.75, "oxford_pets": 96.41, "stanford_cars": 76.06,
+        "oxford_flowers": 83.79, "food101": 90.93, "fgvc_aircraft": 37.78, "sun397": 79.52,
+        "dtd": 69.91, "eurosat": 84.36, "ucf101": 82.25,
+    },
 }  # fmt: skip
 
 #: base-to-new (Base, New) per data set, where the papers give them
@@ -55,6 +82,10 @@ BASE2NEW_BN: dict[str, dict[str, tuple[float, float]]] = {
     "CoOp": {"caltech101": (98.00, 89.81)},
     "CoCoOp": {"caltech101": (97.96, 93.81)},
     "MaPLe": {"caltech101": (97.74, 94.36)},
+    "CoOp + DePT": {"caltech101": (98.33, 94.33)},
+    "CoCoOp + DePT": {"caltech101": (98.37, 93.87)},
+    "KgCoOp + DePT": {"caltech101": (98.30, 94.60)},
+    "MaPLe + DePT": {"caltech101": (98.53, 95.03)},
 }
 
 #: cross-dataset average over the 10 targets (MPL's is approximate: "≈ 66.25" in its paper)
@@ -64,6 +95,10 @@ CROSS_DATASET_AVERAGE: dict[str, float] = {
     "MaPLe": 66.30,
     "PromptSRC": 65.81,
     "MPL": 66.25,
+    "CoOp + DePT": 65.02,
+    "CoCoOp + DePT": 65.88,
+    "KgCoOp + DePT": 65.55,
+    "MaPLe + DePT": 64.56,
 }
 
 #: domain-generalisation average over ImageNet-V2 / -Sketch / -A / -R
@@ -73,6 +108,11 @@ DG_AVERAGE: dict[str, float] = {
     "CoCoOp": 59.91,
     "MaPLe": 60.28,
     "PromptSRC": 60.65,
+    # DePT's additional_results/domain_generalization.md gives the four targets only: their mean here
+    "CoOp + DePT": 60.61,  # 64.13, 49.40, 77.33, 51.57
+    "CoCoOp + DePT": 60.39,  # 63.97, 49.83, 76.87, 50.90
+    "KgCoOp + DePT": 59.99,  # 63.70, 48.90, 76.57, 50.77
+    "MaPLe + DePT": 60.18,  # 64.33, 49.33, 77.37, 49.70
 }
 
 

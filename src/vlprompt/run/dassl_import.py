@@ -124,6 +124,10 @@ def detect_method(sd: Mapping[str, Any], checkpoint_keys: set[str] | frozenset[s
     found = [
         m for m, lay in layouts.items() if lay.signature.matches(set(sd), set(checkpoint_keys), frozen, sd)
     ]
+    # the most specific signature wins: a layout whose required tensors are a strict subset of another
+    # matching layout's (a plug-in's file holds its base's tensors and its own, e.g. maple < maple+dept)
+    has = {m: set(layouts[m].signature.has) for m in found}
+    found = [m for m in found if not any(has[m] < has[o] for o in found)]
     if len(found) == 1:
         return found[0]
     if not found:

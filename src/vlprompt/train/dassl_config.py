@@ -34,6 +34,11 @@ TRAINERS: dict[str, str] = {
     "promptsrc": "promptsrc",
     "mpl": "mpl",  # Zhenhan-Huang/Modular-Prompt-Learning: trainers/mpl.py registers class MPL
     "tcp": "tcp",
+    # Koorye/DePT: trainers/elp_*.py register ExtrasLinearProbe<Base>
+    "extraslinearprobecoop": "coop+dept",
+    "extraslinearprobecocoop": "cocoop+dept",
+    "extraslinearprobekgcoop": "kgcoop+dept",
+    "extraslinearprobemaple": "maple+dept",
 }
 
 #: top-level Dassl sections; a YAML whose keys are all upper case and include one of these is Dassl's

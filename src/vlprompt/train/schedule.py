@@ -10,7 +10,7 @@ that sequence in closed form, set it on the optimiser once per epoch, and checkp
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,10 +67,13 @@ class EpochSchedule:
         return epoch_lr(epoch, **self.kw)
 
     def set_epoch(self, epoch: int) -> float:
+        """Set epoch ``epoch``'s lr on every group (a group's ``lr_scale`` multiplies ``train.lr``, as
+        Dassl's per-group base lrs; the constant warm-up lr is the same for all groups); the base lr."""
         self.epoch = int(epoch)
         lr = self.lr_at(self.epoch)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            scale = g.get("lr_scale", 1.0)
+            g["lr"] = lr if scale == 1.0 else epoch_lr(self.epoch, **{**self.kw, "lr": self.kw["lr"] * scale})
         return lr
 
     def step(self) -> float:
@@ -96,14 +99,27 @@ def lr_sequence(train: Mapping[str, Any]) -> list[float]:
     return [epoch_lr(e, **kw) for e in range(int(train["epochs"]))]
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9, weight decay 5e-4 in the recipes); Adam/AdamW for experiments."""
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], train: TrainConfig, lr_scales: Sequence[float] | None = None
+) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, weight decay 5e-4 in the recipes); Adam/AdamW for experiments.
+
+    ``lr_scales`` (one per parameter, default all 1): parameters with another factor of ``train.lr``
+    go into their own group (``lr_scale`` read by :class:`EpochSchedule`), in order of first appearance."""
     t = train
     params = list(params)
     if not params:
         raise VlpromptError(
             "the method has no trainable parameters; evaluate it with `vlprompt eval --method NAME`"
         )
+    scales = [1.0] * len(params) if lr_scales is None else [float(s) for s in lr_scales]
+    if len(scales) != len(params):
+        raise ValueError(f"{len(scales)} lr scales for {len(params)} parameters")
+    if any(s != 1.0 for s in scales):
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for p, s in zip(params, scales):
+            groups.setdefault(s, []).append(p)
+        params = [{"params": ps, "lr_scale": s} for s, ps in groups.items()]  # type: ignore[misc]
     name, lr, wd = t.optimizer, t.lr, t.weight_decay
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=wd)

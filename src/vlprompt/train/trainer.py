@@ -54,7 +54,7 @@ def _as_dataset(
     if isinstance(data, (Dataset, DataLoader)):
         return data
     is_items = isinstance(data, Sequence) and data and hasattr(data[0], "impath")
-    if features and is_items and not model.method.prompts_image:
+    if features and is_items and model.method.takes_cached_image_features:
         tf = build_transform(False, **model.backbone.preprocess_cfg)
         split = "train-noaug" if train else "eval"
         cache = FeatureCache.default()
@@ -279,7 +279,7 @@ def fit(
     params = _prepare_model(model, device, shard_text=train.shard_text)
     if not params and model.method.builds_from_data:  # training-free: built, evaluated, no epochs
         return _training_free_result(model, eval_loader, device, prec.name, main)
-    optimizer = build_optimizer(params, train)
+    optimizer = build_optimizer(params, train, lr_scales(model))
     schedule = EpochSchedule(optimizer, train)
     scaler = make_scaler(prec)
     parts = _Parts(model, optimizer, schedule, scaler, loader, _resume_key(train, seed, model))
@@ -347,6 +347,18 @@ def _prepare_model(model: torch.nn.Module, device: torch.device, *, shard_text: 
     if not_fp32:
         raise TypeError(f"learnable parameters must be fp32 master weights: {not_fp32[:3]}")
     return list(model.trainable_parameters())
+
+
+def lr_scales(model: Any) -> list[float]:
+    """Per trainable parameter (in ``trainable_parameters()`` order), its factor of ``train.lr``."""
+    mult = model.method.lr_multipliers()
+    names = [n for n, _ in model.named_trainable_parameters()]
+    unknown = sorted(set(mult) - set(names))
+    if unknown:
+        raise VlpromptError(
+            f"method '{model.method.name}' scales the lr of unknown parameter(s) {unknown[:3]}"
+        )
+    return [float(mult.get(n, 1.0)) for n in names]
 
 
 def _loaders(model: torch.nn.Module, train_data: Any, eval_data: Any, cfg: RunConfig) -> tuple[Any, Any, Any]:
