@@ -1,7 +1,8 @@
 """Published numbers (from the methods' papers) shown beside ours by ``vlprompt report --reference``.
 
 All are top-1 accuracy (%) with CLIP ViT-B/16 *pretrained* weights, 16 shots, mean of seeds 1-3, as
-printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL papers. They are data,
+printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / CoPrompt papers (CoPrompt's
+average: as printed in the README of github.com/ShuvenduRoy/CoPrompt, ICLR 2024). They are data,
 never computed, and are always labelled :data:`LABEL` so they cannot be mistaken for this package's results.
 """
 
@@ -21,6 +22,7 @@ BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "IVLP": (84.21, 71.79, 77.51),
     "MaPLe": (82.28, 75.14, 78.55),
     "PromptSRC": (84.26, 76.10, 79.97),
+    "CoPrompt": (84.00, 77.23, 80.48),
 }
 
 #: base-to-new HM per data set (our registry names)
