@@ -342,3 +342,34 @@ def test_shared_coprompt_files_cover_their_data_sets(shared_data):
     split = json.loads((shared_data / "dtd" / "split_zhou_DescribableTextures.json").read_text())
     dtd_names = sorted({row[2] for rows in split.values() for row in rows})
     assert len(dtd_names) == 47 and not dtd.missing(dtd_names)
+
+
+def test_image_adapter_is_exact_on_cached_frozen_features(tiny, views):
+    """A method without image prompts but with an (affine, not homogeneous) image adapter: cached
+    frozen features give the same logits as images, and frozen CLIP's features stay unadapted."""
+    from vlprompt.methods import PromptModel
+    from vlprompt.methods.base import build_config
+
+    coop = get_method("coop")
+
+    class Shifted(coop):
+        name = "coop-shifted"
+
+        def __init__(self, cfg, backbone):
+            super().__init__(cfg, backbone)
+            self.shift = torch.nn.Parameter(torch.linspace(-1, 1, backbone.embed_dim))
+
+        def adapt_image_features(self, features):
+            return features + self.shift
+
+    torch.manual_seed(0)
+    model = PromptModel(Shifted(build_config(coop, {}), tiny), tiny, CLASSES).eval()
+    x = views[0][:, 0]
+    with torch.no_grad():
+        feats = model.frozen_image_features(x)
+        by_images, by_features = model(x), model(feats)
+        out = model.run(x, need={"frozen_image"})
+    torch.testing.assert_close(by_features, by_images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.frozen_image_features, feats)
+    want = F.normalize(feats + model.method.shift, dim=-1)
+    torch.testing.assert_close(out.image_features, want, atol=1e-6, rtol=0)
