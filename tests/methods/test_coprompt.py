@@ -373,3 +373,23 @@ def test_image_adapter_is_exact_on_cached_frozen_features(tiny, views):
     torch.testing.assert_close(out.frozen_image_features, feats)
     want = F.normalize(feats + model.method.shift, dim=-1)
     torch.testing.assert_close(out.image_features, want, atol=1e-6, rtol=0)
+
+
+def test_cli_run_base2new_with_descriptions(tmp_path, capsys):
+    """`vlprompt run --method coprompt --descriptions FILE` on a world set: trained on the base classes,
+    evaluated on the new ones, the file's sha256 in the fingerprint; a missing file is one line."""
+    from vlprompt.cli.main import main
+
+    f = tmp_path / "shapes.csv"
+    f.write_text("class,sentence\n" + "".join(f'{c},"{s}"\n' for c, ss in SHAPES.items() for s in ss))
+    args = ["run", "--protocol", "base2new", "--method", "coprompt", "--datasets", "world-shapes", "--seeds", "1",
+            "--shots", "1", "--model", "vlp-tiny", "--epochs", "1", "--set", "options.depth=3", "--no-progress"]  # fmt: skip
+    assert main([*args, "--descriptions", str(f), "--out", str(tmp_path / "out")]) == 0
+    assert "1 runs: 1 done" in capsys.readouterr().out
+    fp = next((tmp_path / "out").rglob("fingerprint.json"))
+    assert (
+        json.loads(fp.read_text())["identity"]["data"]["descriptions_sha256"] == read_descriptions(f).sha256
+    )
+    assert main([*args, "--descriptions", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2")]) != 0
+    err = capsys.readouterr()
+    assert "descriptions file not found" in err.out + err.err
