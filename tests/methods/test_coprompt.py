@@ -382,8 +382,9 @@ def test_cli_run_base2new_with_descriptions(tmp_path, capsys):
 
     f = tmp_path / "shapes.csv"
     f.write_text("class,sentence\n" + "".join(f'{c},"{s}"\n' for c, ss in SHAPES.items() for s in ss))
-    args = ["run", "--protocol", "base2new", "--method", "coprompt", "--datasets", "world-shapes", "--seeds", "1",
-            "--shots", "1", "--model", "vlp-tiny", "--epochs", "1", "--set", "options.depth=3", "--no-progress"]  # fmt: skip
+    args = ["run", "--protocol", "base2new", "--method", "coprompt", "--datasets", "world-shapes",
+            "--seeds", "1", "--shots", "1", "--model", "vlp-tiny", "--epochs", "1",
+            "--set", "options.depth=3", "--no-progress"]  # fmt: skip
     assert main([*args, "--descriptions", str(f), "--out", str(tmp_path / "out")]) == 0
     assert "1 runs: 1 done" in capsys.readouterr().out
     fp = next((tmp_path / "out").rglob("fingerprint.json"))
