@@ -80,9 +80,9 @@ MUTANTS.update(
             PINNED,
         ),
         "maple-deep-slot-index": (
-            "methods/maple.py",
-            "layers = {i + 1: LayerOps(replace=t, replace_at=at)",
-            "layers = {i + 1: LayerOps(replace=t, replace_at=at + 1)",
+            "methods/common.py",  # MaPLe's prompts: CoupledDeepPrompts (shared with CoPrompt)
+            "LayerOps(replace=t, replace_at=at) for i, t in enumerate(self.compound_prompts_text)",
+            "LayerOps(replace=t, replace_at=at + 1) for i, t in enumerate(self.compound_prompts_text)",
             PINNED,
         ),
         "mpl-projection-index": (

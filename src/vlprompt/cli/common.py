@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from vlprompt.errors import VlpromptError
 
@@ -171,7 +173,16 @@ def add_data_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
         help="drop unreadable, corrupt or oversized images (logged with a count) instead of failing",
     )
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    p.add_argument(
+        "--descriptions",
+        metavar="FILE",
+        help="class descriptions for methods that read them (CoPrompt): JSON {class: [sentences]} or CSV "
+        "class,sentence; its sha256 enters the run identity",
+    )
 
 
 def data_overrides(args: argparse.Namespace) -> list[str]:
-    return list(getattr(args, "overrides", None) or []) + (["data.skip_bad=true"] if args.skip_bad else [])
+    out = list(getattr(args, "overrides", None) or []) + (["data.skip_bad=true"] if args.skip_bad else [])
+    if getattr(args, "descriptions", None):  # absolute: grid runs may start elsewhere (SLURM)
+        out.append("data.descriptions=" + json.dumps(str(Path(args.descriptions).expanduser().resolve())))
+    return out

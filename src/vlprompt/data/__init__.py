@@ -9,9 +9,11 @@ Typical use::
 This package never imports model code; the model layer passes image size / mean / std.
 """
 
+from vlprompt.data.augment import MultiView, RandAugment, randaugment_transform
 from vlprompt.data.custom import load_custom
 from vlprompt.data.datasets import get_dataset
 from vlprompt.data.demo import ensure_demo
+from vlprompt.data.descriptions import ClassDescriptions, read_descriptions
 from vlprompt.data.fewshot import fewshot, sample_per_class
 from vlprompt.data.image_cache import CachedImageDataset as CachedEvalDataset
 from vlprompt.data.images import load_rgb, set_max_image_pixels
@@ -46,10 +48,13 @@ __all__ = [
     "SPECS",
     "SUBSAMPLES",
     "CachedEvalDataset",
+    "ClassDescriptions",
     "DatasetSpec",
     "DatasetSplits",
     "Datum",
     "ImageDataset",
+    "MultiView",
+    "RandAugment",
     "VerifyReport",
     "base_new_labels",
     "build_loader",
@@ -63,6 +68,8 @@ __all__ = [
     "list_datasets",
     "load_custom",
     "load_rgb",
+    "randaugment_transform",
+    "read_descriptions",
     "read_split",
     "sample_per_class",
     "set_max_image_pixels",

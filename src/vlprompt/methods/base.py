@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 
 from vlprompt.backbones import Backbone
+from vlprompt.data import MultiView, build_transform
 from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError, unknown_name
 from vlprompt.methods.common import ClassPrompts
@@ -109,6 +110,10 @@ class PromptMethod(nn.Module):
     # the output head and objective read the *unnormalised* features (DePT's linear probe): the model
     # then hands them in (``ModelOutput.raw_*``), and cached normalised image features cannot stand in
     raw_features: ClassVar[bool] = False
+    # views of each training image the loader gives (each under its own ``view_transform``); the
+    # learned features come from view 0, ``frozen_image_features`` from view ``frozen_image_view``
+    views: ClassVar[int] = 1
+    frozen_image_view: ClassVar[int] = 0
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone):
         super().__init__()
@@ -142,6 +147,42 @@ class PromptMethod(nn.Module):
     def takes_cached_image_features(self) -> bool:
         """Cached frozen (normalised) image features give exactly what this method computes from images."""
         return not self.prompts_image and not self.raw_features
+
+    # --- feature adapters: after the encoders, on the method's own features only ---------------
+    def adapt_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The method's image features after its adapter (default: unchanged).
+
+        Receives the L2-normalised features ``(B, e)`` of the (prompted) image tower -- or the cached
+        frozen features, which are the same values for a method without image prompts, so feature
+        caching stays exact -- and returns features the model L2-normalises again.  Never applied to
+        frozen CLIP's features (``frozen_image_features``, zero-shot logits)."""
+        return features
+
+    def adapt_text_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The method's text features after its adapter (default: unchanged): normalised ``(C, e)``
+        (``(B, C, e)`` for image-conditioned text) in, features the model L2-normalises again out."""
+        return features
+
+    @property
+    def adapts_image(self) -> bool:
+        return type(self).adapt_image_features is not PromptMethod.adapt_image_features
+
+    @property
+    def adapts_text(self) -> bool:
+        return type(self).adapt_text_features is not PromptMethod.adapt_text_features
+
+    # --- training data --------------------------------------------------------------------------
+    def view_transform(self, view: int, preprocess_cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+        """The training transform of view ``view`` (0-based; PIL image -> tensor); default: the
+        backbone's train transform (RandomResizedCrop + flip) for every view."""
+        return build_transform(True, **preprocess_cfg)
+
+    def train_transform(self, preprocess_cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+        """What the training loader applies to each image: one view, or ``views`` stacked as
+        ``(V, 3, H, W)`` (the loader then gives ``(B, V, 3, H, W)`` batches)."""
+        if self.views == 1:
+            return self.view_transform(0, preprocess_cfg)
+        return MultiView([self.view_transform(v, preprocess_cfg) for v in range(self.views)])
 
     # --- frozen reference (for regularised objectives) -------------------------------------
     def frozen_templates(self, template: str) -> Sequence[str]:
@@ -303,6 +344,8 @@ def register_method(cls: type[PromptMethod]) -> type[PromptMethod]:
         raise ValueError(
             f"{cls.__name__}.needs has unknown entries {sorted(bad_needs)}; use {sorted(FROZEN_NEEDS)}"
         )
+    if cls.views < 1 or not 0 <= cls.frozen_image_view < cls.views:
+        raise ValueError(f"{cls.__name__}: views must be >= 1 and frozen_image_view one of them")
     reserved = {"method", "backbone", "classnames", "template", "model"} & {
         f.name for f in dataclasses.fields(cls.Config)
     }

@@ -354,3 +354,44 @@ class IndependentDeepPrompts:
 
     def image_plan(self) -> TowerPlan | None:
         return deep_image_plan(self.image_prompts)
+
+
+class CoupledDeepPrompts:
+    """Mixin for methods with MaPLe's prompts: a learnable text context (the first ``n_ctx`` tokens of a
+    phrase), deep text prompts replacing those slots at text layers 1..J-1, and image prompts projected
+    from the text ones (layer 0: ``proj(ctx)`` appended; layer l: ``proj_l(T_l)`` replacing the previous
+    layer's).  The parameters keep MaPLe's names (``ctx``, ``proj``, ``compound_prompts_text``,
+    ``compound_prompt_projections``), so saved prompts and imported checkpoints fit."""
+
+    def init_coupled_prompts(
+        self, backbone: Backbone, *, n_ctx: int, ctx_init: str, depth: int, tie_init: bool
+    ) -> None:
+        validate_depth(depth, backbone.text.layers, "text")
+        validate_depth(depth, backbone.image.layers, "image")
+        d_txt, d_img = backbone.text.width, backbone.image.width
+        ctx, self._segments = prefix_ctx(backbone, n_ctx, ctx_init, d_txt)
+        self.ctx = nn.Parameter(ctx)
+        self.proj = nn.Linear(d_txt, d_img)
+        self.compound_prompts_text = nn.ParameterList(
+            [normal_prompts(n_ctx, d_txt) for _ in range(depth - 1)]
+        )
+        self.compound_prompt_projections = (
+            linear_stack(depth - 1, d_txt, d_img, tie_init=tie_init) if depth > 1 else nn.ModuleList()
+        )
+
+    def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
+        self.prompts = ClassPrompts(backbone, classnames, self._segments)
+
+    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
+        at = int(self.prompts.slots[0, 0])
+        layers = {i + 1: LayerOps(replace=t, replace_at=at) for i, t in enumerate(self.compound_prompts_text)}
+        return TextInputs(
+            self.prompts.fill(self.ctx), self.prompts.eot, TowerPlan(layers=layers) if layers else None
+        )
+
+    def image_plan(self) -> TowerPlan:
+        layers = {
+            i + 1: LayerOps(remove=ALL, append=f(t))
+            for i, (f, t) in enumerate(zip(self.compound_prompt_projections, self.compound_prompts_text))
+        }
+        return TowerPlan(shallow=self.proj(self.ctx), layers=layers)

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from vlprompt.backbones import Backbone
-from vlprompt.engine import ALL, LayerOps, TowerPlan
-from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
-from vlprompt.methods.common import ClassPrompts, linear_stack, normal_prompts, prefix_ctx, validate_depth
+from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_method
+from vlprompt.methods.common import CoupledDeepPrompts
 from vlprompt.methods.official import PL, OfficialLayout, Signature, map_maple
 
 
@@ -32,7 +28,7 @@ class MaPLeConfig(MethodConfig):
 
 
 @register_method
-class MaPLe(PromptMethod):
+class MaPLe(CoupledDeepPrompts, PromptMethod):
     name = "maple"
     display_name = "MaPLe"
     official_parameters = 3_555_072
@@ -40,7 +36,9 @@ class MaPLe(PromptMethod):
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",
         "MultiModalPromptLearner",
-        Signature(has=(PL + "ctx", PL + "proj.weight"), lacks_prefix=(PL + "txt2img_proj.",)),
+        Signature(
+            has=(PL + "ctx", PL + "proj.weight"), lacks_prefix=(PL + "txt2img_proj.", "adapter_image.")
+        ),
         map_maple,
     )
     Config = MaPLeConfig
@@ -48,34 +46,6 @@ class MaPLe(PromptMethod):
 
     def __init__(self, cfg: MaPLeConfig, backbone: Backbone):
         super().__init__(cfg, backbone)
-        validate_depth(cfg.depth, backbone.text.layers, "text")
-        validate_depth(cfg.depth, backbone.image.layers, "image")
-        d_txt, d_img = backbone.text.width, backbone.image.width
-        ctx, self._segments = prefix_ctx(backbone, cfg.n_ctx, cfg.ctx_init, d_txt)
-        self.ctx = nn.Parameter(ctx)
-        self.proj = nn.Linear(d_txt, d_img)
-        self.compound_prompts_text = nn.ParameterList(
-            [normal_prompts(cfg.n_ctx, d_txt) for _ in range(cfg.depth - 1)]
+        self.init_coupled_prompts(
+            backbone, n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init, depth=cfg.depth, tie_init=cfg.tie_init
         )
-        self.compound_prompt_projections = (
-            linear_stack(cfg.depth - 1, d_txt, d_img, tie_init=cfg.tie_init)
-            if cfg.depth > 1
-            else nn.ModuleList()
-        )
-
-    def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
-        self.prompts = ClassPrompts(backbone, classnames, self._segments)
-
-    def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
-        at = int(self.prompts.slots[0, 0])
-        layers = {i + 1: LayerOps(replace=t, replace_at=at) for i, t in enumerate(self.compound_prompts_text)}
-        return TextInputs(
-            self.prompts.fill(self.ctx), self.prompts.eot, TowerPlan(layers=layers) if layers else None
-        )
-
-    def image_plan(self) -> TowerPlan:
-        layers = {
-            i + 1: LayerOps(remove=ALL, append=f(t))
-            for i, (f, t) in enumerate(zip(self.compound_prompt_projections, self.compound_prompts_text))
-        }
-        return TowerPlan(shallow=self.proj(self.ctx), layers=layers)

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from vlprompt.backbones import Backbone
-from vlprompt.data import build_transform
+from vlprompt.data import ClassDescriptions, build_transform
 from vlprompt.data.images import load_rgb
 from vlprompt.engine import (
     ATTENTION_MODES,
@@ -33,7 +33,8 @@ from vlprompt.engine import (
 )
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import PromptMethod, TextInputs, build_config, get_method
-from vlprompt.methods.output import FROZEN_NEEDS, ModelOutput
+from vlprompt.methods.common import ClassPrompts
+from vlprompt.methods.output import FROZEN_NEEDS, DescriptionFeatures, ModelOutput
 from vlprompt.options import Options, option
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -98,6 +99,8 @@ class PromptModel(nn.Module):
         self.auto_attention = AutoAttention()
         self._text_cache: tuple[Any, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._frozen_text: tuple[Any, torch.Tensor] | None = None
+        self.descriptions: ClassDescriptions | None = None  # class descriptions (``set_descriptions``)
+        self._desc_cache: tuple[Any, DescriptionFeatures] | None = None
         self.text_strategy: TextStrategy | None = text_strategy  # None: all classes, this process
         self.classnames: list[str] = []
         self.template = template
@@ -222,7 +225,14 @@ class PromptModel(nn.Module):
         return self._text_features(image_features)[0]
 
     def _text_features(self, image_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(normalised, unnormalised or None) text features; the latter only for ``raw_features`` methods."""
+        """(normalised, unnormalised or None) text features; the latter only for ``raw_features`` methods
+        (the tower's output: a method's text adapter, if any, applies to the normalised ones only)."""
+        feats, raw = self._method_text(image_features)
+        if self.method.adapts_text:  # the method's adapter, outside the cache (it may be learning)
+            feats = F.normalize(self.method.adapt_text_features(feats).float(), dim=-1)
+        return feats, raw
+
+    def _method_text(self, image_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         raw = self.method.raw_features
         if self.method.image_conditioned_text:
             if image_features is None:
@@ -292,10 +302,49 @@ class PromptModel(nn.Module):
         self._frozen_text = (key, out)
         return out
 
+    # ------------------------------------------------------------------ class descriptions
+    def set_descriptions(self, descriptions: ClassDescriptions | None) -> None:
+        """Class descriptions (``vlprompt.data.read_descriptions``) whose frozen text features the
+        objective may read (``needs`` ``descriptions``); checked against the classes when first encoded."""
+        self.descriptions = descriptions
+        self._desc_cache = None
+
+    @torch.no_grad()
+    def description_features(self) -> DescriptionFeatures:
+        """Frozen CLIP's normalised features of every sentence of every current class (each sentence
+        tokenised as it is, no template), computed once per class set and file, then cached."""
+        if self.descriptions is None:
+            raise VlpromptError(
+                f"method '{self.method.name}' reads class descriptions; pass --descriptions FILE "
+                "(JSON class -> sentences, or CSV class,sentence)"
+            )
+        key = (tuple(self.classnames), self.descriptions.sha256, self.backbone.device)
+        if self._desc_cache is not None and self._desc_cache[0] == key:
+            return self._desc_cache[1]
+        per_class = self.descriptions.for_classes(self.classnames)
+        sentences = [s for group in per_class for s in group]
+        limit = self.backbone.context_length
+        for name, group in zip(self.classnames, per_class):
+            for i, s in enumerate(group):
+                if len(self.backbone.encode_words(s)) + 2 > limit:
+                    raise VlpromptError(
+                        f"description {i + 1} of class '{name}' is longer than the model's {limit} tokens; "
+                        "shorten it in the descriptions file"
+                    )
+        tok = ClassPrompts(self.backbone, sentences, [("text", "{}")]).to(self.backbone.device)
+        feats = self._text_tower(tok.embeds, tok.eot, None)
+        counts = torch.tensor([len(g) for g in per_class], device=feats.device)
+        offsets = torch.cumsum(counts, 0) - counts
+        out = DescriptionFeatures(F.normalize(feats, dim=-1), counts, offsets)
+        self._desc_cache = (key, out)
+        return out
+
     # ------------------------------------------------------------------ forward
     def logits_from_features(self, img: torch.Tensor, raw_img: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits from normalised image features (lets callers cache frozen image features);
-        ``raw_img``: the unnormalised ones, for a method that sets ``raw_features``."""
+        """Logits from normalised image features (lets callers cache frozen image features); the
+        method's image adapter, if any, is applied here.  ``raw_img``: the unnormalised ones, for a
+        method that sets ``raw_features``."""
+        img = self._adapt_image(img)
         txt, raw_txt = self._text_features(img if self.method.image_conditioned_text else None)
         return self._head(self._logits(img, txt), img, txt, raw_img, raw_txt)
 
@@ -322,6 +371,11 @@ class PromptModel(nn.Module):
             return scale * torch.einsum("be,bce->bc", img, txt)
         return scale * img @ txt.t()
 
+    def _adapt_image(self, img: torch.Tensor) -> torch.Tensor:
+        if not self.method.adapts_image:
+            return img
+        return F.normalize(self.method.adapt_image_features(img).float(), dim=-1)
+
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self._image_pair(images)[0]
 
@@ -346,28 +400,39 @@ class PromptModel(nn.Module):
 
         Features are accepted only when the method's image side has no prompts (they are then exactly
         what the image tower would give; see :mod:`vlprompt.train.features`), so a trainer or evaluator
-        can run on a feature dataset unchanged.
+        can run on a feature dataset unchanged.  Of several views ``(B, V, 3, H, W)`` view 0 is used.
         """
-        return self.logits_from_features(*self._image_pair(images))
+        return self.logits_from_features(*self._image_pair(images[:, 0] if images.dim() == 5 else images))
 
     def run(self, images: torch.Tensor, need: Iterable[str] = ()) -> ModelOutput:
         """The typed output of one forward: logits, features and the frozen-CLIP entries in ``need``.
 
         ``need`` is a subset of ``FROZEN_NEEDS`` (the trainer passes ``method.needs``);
-        ``zero_shot_logits`` implies both frozen feature sets.  Logits equal ``forward(images)``."""
+        ``zero_shot_logits`` implies both frozen feature sets.  Logits equal ``forward(images)``.
+        ``images`` may hold several views per image, ``(B, V, 3, H, W)`` (``PromptMethod.views``):
+        view 0 gives the logits and learned features, view ``method.frozen_image_view`` the frozen
+        image features (a single view stands for all)."""
         need = set(need)
         bad = need - FROZEN_NEEDS
         if bad:
             raise VlpromptError(f"unknown model output(s) {sorted(bad)}; choose from {sorted(FROZEN_NEEDS)}")
-        img, raw_img = self._image_pair(images)
+        frozen_view = images
+        if images.dim() == 5:
+            v = self.method.frozen_image_view
+            other = images[:, v] if 0 < v < images.shape[1] else None
+            images = images[:, 0]
+            frozen_view = images if other is None else other
+        tower, raw_img = self._image_pair(images)
+        img = self._adapt_image(tower)
         txt, raw_txt = self._text_features(img if self.method.image_conditioned_text else None)
         logits = self._head(self._logits(img, txt), img, txt, raw_img, raw_txt)
         out = ModelOutput(logits, img, txt, logit_scale=self.backbone.logit_scale.float())
         out.raw_image_features, out.raw_text_features = raw_img, raw_txt
         if need & {"frozen_image", "zero_shot_logits"}:
-            out.frozen_image_features = (
-                img.detach() if not self.method.prompts_image else self.frozen_image_features(images)
-            )
+            same = frozen_view is images and not self.method.prompts_image
+            out.frozen_image_features = tower.detach() if same else self.frozen_image_features(frozen_view)
+        if "descriptions" in need and self.descriptions is not None:
+            out.description_features = self.description_features()
         if need & {"frozen_text", "zero_shot_logits"}:
             out.frozen_text_features = self.frozen_text_features()
         if "zero_shot_logits" in need:

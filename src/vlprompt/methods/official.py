@@ -400,3 +400,22 @@ def map_mma(sd: Mapping[str, Any], method: str) -> Mapped:
     r = int(state[f"shared_adapter.{blocks[0]}.0.weight"].shape[0])
     opts = {"adapter_start": blocks[0], "adapter_end": blocks[-1], "adapter_dim": r}
     return Mapped(state, opts, sources)
+
+
+def map_coprompt(sd: Mapping[str, Any], method: str) -> Mapped:
+    """CoPrompt: MaPLe's learner + ``adapter_image`` / ``adapter_text`` (``fc.0``, ``fc.2``: Linear
+    e->e/r and e/r->e without bias)."""
+    m = map_maple(sd, method)
+    hidden = None
+    for side in ("image", "text"):
+        for j in (0, 2):
+            key = f"adapter_{side}.fc.{j}.weight"
+            m.state[f"adapter_{side}.{j}.weight"] = _f32(need(sd, key, method, (2,)))
+            m.sources[f"adapter_{side}.{j}.weight"] = key
+        w = m.state[f"adapter_{side}.0.weight"]
+        if w.shape[0] == 0 or w.shape[1] % w.shape[0]:
+            raise VlpromptError(f"adapter_{side}.fc.0.weight {tuple(w.shape)} is not embed -> embed/k")
+        hidden = w.shape
+    assert hidden is not None
+    m.options["adapter_reduction"] = int(hidden[1] // hidden[0])
+    return m

@@ -20,7 +20,29 @@ class TextInputs:
 
 
 #: what a method may ask :meth:`PromptModel.run` for beyond logits and features (``PromptMethod.needs``)
-FROZEN_NEEDS = frozenset({"frozen_image", "frozen_text", "zero_shot_logits"})
+FROZEN_NEEDS = frozenset({"frozen_image", "frozen_text", "zero_shot_logits", "descriptions"})
+
+
+@dataclass
+class DescriptionFeatures:
+    """Frozen CLIP's normalised text features of every class's description sentences.
+
+    ``features`` ``(N, e)`` holds class 0's sentences, then class 1's, ...; ``counts`` ``(C,)`` how
+    many each class has (``offsets`` where each starts)."""
+
+    features: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+
+    def pick(self, index: int) -> torch.Tensor:
+        """``(C, e)``: sentence ``index`` of every class (``index mod count`` for a class with fewer)."""
+        rows = self.offsets + torch.remainder(torch.as_tensor(index, device=self.counts.device), self.counts)
+        return self.features[rows]
+
+    @property
+    def most(self) -> int:
+        """The largest number of sentences of a class."""
+        return int(self.counts.max())
 
 
 @dataclass
@@ -31,7 +53,9 @@ class ModelOutput:
     ``frozen_text_features`` are frozen CLIP's features of the method's hand-crafted templates
     (:meth:`PromptMethod.frozen_templates`; several templates are averaged before normalising);
     ``zero_shot_logits = logit_scale * frozen_image_features @ frozen_text_features.T``.  Frozen
-    entries carry no gradient.
+    entries carry no gradient.  With several views per image (``PromptMethod.views``) the learned
+    entries come from view 0 and ``frozen_image_features`` from ``PromptMethod.frozen_image_view``.
+    ``description_features``: frozen CLIP's features of the class descriptions (``--descriptions``).
     """
 
     logits: torch.Tensor
@@ -44,3 +68,4 @@ class ModelOutput:
     # the features before L2 normalisation, only for a method that sets ``raw_features`` (DePT's head)
     raw_image_features: torch.Tensor | None = None
     raw_text_features: torch.Tensor | None = None
+    description_features: DescriptionFeatures | None = None

@@ -1,10 +1,12 @@
 """Published numbers (from the methods' papers) shown beside ours by ``vlprompt report --reference``.
 
 All are top-1 accuracy (%) with CLIP ViT-B/16 *pretrained* weights, 16 shots, mean of seeds 1-3, as
-printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / MMA / TCP papers; "X + DePT" from
-the DePT paper (Zhang et al., CVPR 2024, Table 1 base-to-new, Table 2 cross-dataset; the same tables are
-github.com/Koorye/DePT examples/base_to_new_performance.png and cross_dataset_performance.png). They are data,
-never computed, and are always labelled :data:`LABEL` so they cannot be mistaken for this package's results.
+printed in the CoOp / CoCoOp / KgCoOp / ProGrad / MaPLe / PromptSRC / MPL / MMA / TCP / CoPrompt papers
+(CoPrompt's average: as printed in the README of github.com/ShuvenduRoy/CoPrompt, ICLR 2024); "X + DePT"
+from the DePT paper (Zhang et al., CVPR 2024, Table 1 base-to-new, Table 2 cross-dataset; the same tables
+are github.com/Koorye/DePT examples/base_to_new_performance.png and cross_dataset_performance.png).
+They are data, never computed, and are always labelled :data:`LABEL` so they cannot be mistaken for this
+package's results.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "PromptSRC": (84.26, 76.10, 79.97),
     "MMA": (83.20, 76.80, 79.87),  # MMA paper Table 1 (CVPR 2024) = ZjjConan/Multi-Modal-Adapter README
     "TCP": (84.13, 75.36, 79.51),  # TCP (Yao et al., CVPR 2024), its base-to-new table
+    "CoPrompt": (84.00, 77.23, 80.48),
     # DePT paper, Table 1 (its own runs of the base methods differ from the rows above)
     "CoOp + DePT": (83.66, 71.82, 77.29),
     "CoCoOp + DePT": (83.80, 72.89, 77.97),

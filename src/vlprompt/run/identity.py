@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlprompt.data import get_dataset, set_max_image_pixels, split_hash
+from vlprompt.data import get_dataset, read_descriptions, set_max_image_pixels, split_hash
 from vlprompt.errors import VlpromptError
 from vlprompt.train.config import ADDED_LATER, DataConfig, RunConfig, TrainConfig
 from vlprompt.train.precision import resolve_device, resolve_precision
@@ -108,11 +108,18 @@ def identity(
         "method": cfg.method,
         "options": _options(cfg),
         "backbone": backbone_identity(cfg),
-        "data": data_identity(cfg.data, split_hash, classnames),
+        "data": {**data_identity(cfg.data, split_hash, classnames), **descriptions_identity(cfg)},
         "train": train_identity(cfg.train),
         "precision": precision,
     }
     return json.loads(json.dumps(ident, default=str))
+
+
+def descriptions_identity(cfg: RunConfig) -> dict[str, Any]:
+    """``{"descriptions_sha256": ...}`` when the run reads a class-descriptions file (its content, not
+    its path, identifies the run), else ``{}`` (identities of runs without one are unchanged)."""
+    path = cfg.data.descriptions
+    return {"descriptions_sha256": read_descriptions(path).sha256} if path else {}
 
 
 def _options(cfg: RunConfig) -> dict[str, Any]:

@@ -79,13 +79,19 @@ def eval_loader(splits: Any, backbone: Any, batch_size: int, num_workers: int) -
     return build_loader(splits.test, tf, batch_size, shuffle=False, num_workers=num_workers, seed=0)
 
 
-def train_data(splits: Any, backbone: Any, cfg: RunConfig) -> Any:
+def train_data(splits: Any, backbone: Any, cfg: RunConfig, method: Any = None) -> Any:
     """Few-shot training images decoded once (augmentation unchanged: it runs per step on the same
-    pixels); the items as they are for full training splits or the frozen-feature training mode."""
+    pixels); the items as they are for full training splits or the frozen-feature training mode.
+    ``method``: its ``train_transform`` (e.g. two views per image) replaces the backbone's."""
     if not splits.shots or cfg.train.image_features_cache == "train":
         return splits.train
 
-    tf = build_transform(True, **backbone.preprocess_cfg)  # the trainer's own training transform
+    # the trainer's own training transform
+    tf = (
+        method.train_transform(backbone.preprocess_cfg)
+        if method is not None
+        else build_transform(True, **backbone.preprocess_cfg)
+    )
     split = f"train/shots{splits.shots}-seed{splits.seed}/{splits.subsample}"
     ds = cached_train_dataset(
         splits.train, tf, dataset=splits.name, split=split, workers=max(1, cfg.data.num_workers)
@@ -309,7 +315,28 @@ def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
         model = create_model(
             cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
         )
+    attach_descriptions(model, cfg)  # a file missing classes is refused before anything is written
     del model
+
+
+def attach_descriptions(model: Any, cfg: RunConfig) -> None:
+    """Give ``model`` the run's class descriptions (``data.descriptions``), checked against its classes;
+    one line when the method reads descriptions and none are given, or is given some it never reads."""
+    from vlprompt.data import read_descriptions
+
+    reads = "descriptions" in model.method.needs
+    path = cfg.data.descriptions
+    if reads and not path:
+        raise VlpromptError(
+            f"method '{cfg.method}' reads class descriptions; pass --descriptions FILE (JSON class -> "
+            "sentences, as CoPrompt's gpt_file/<dataset>_prompt.json, or CSV class,sentence)"
+        )
+    if path and not reads:
+        raise VlpromptError(f"method '{cfg.method}' reads no class descriptions; drop --descriptions")
+    if path:
+        desc = read_descriptions(path)
+        desc.for_classes(model.classnames)
+        model.set_descriptions(desc)
 
 
 def _write_run_info(
@@ -376,6 +403,7 @@ def _train(
         model=cfg.model,
         **_options_dict(cfg),
     )
+    attach_descriptions(model, cfg)
     # attention="auto": the choices this run recorded (on resume), else the machine's measured table;
     # each new choice is written to env.json at once, so a resume after a kill reuses it
     recorded = (run.env() or {}).get("attention") if resume else None
@@ -392,7 +420,7 @@ def _train(
         fit = evaluate_without_training
     result = fit(
         model,
-        train_data(splits, backbone, cfg),
+        train_data(splits, backbone, cfg, model.method),
         cfg,
         run,  # the trainer writes its log and checkpoint through the run directory
         resume=resume,

@@ -130,6 +130,12 @@ class DataConfig(Options):
     num_workers: int = option(
         0, "data-loader worker processes (0 = load in the main process)", minimum=0, execution=True
     )
+    descriptions: str | None = option(
+        None,
+        "class descriptions file (JSON class -> sentences, or CSV class,sentence) for methods that read "
+        "them (CoPrompt); its sha256, not its path, is in the run identity",
+        execution=True,
+    )
     max_image_pixels: int = option(
         178_956_970,
         "largest image (width x height) that is decoded; larger files are refused as decompression "
@@ -432,6 +438,7 @@ class RunRequest:
     device: str | None = None
     num_workers: int = 0
     config_file: str | Path | None = None
+    descriptions: str | Path | None = None
 
     def but(self, **changes: Any) -> RunRequest:
         """A copy with ``changes`` (a protocol grid derives one request per run from one template)."""
@@ -468,6 +475,7 @@ def resolve(request: RunRequest) -> RunConfig:
             "seed": seed,
             "subsample": subsample,
             "num_workers": num_workers,
+            "descriptions": str(r.descriptions) if r.descriptions else None,
         },
         "backbone": {"name": model, "pretrained": pretrained, "weights": str(weights) if weights else None},
         "protocol": protocol,

@@ -54,13 +54,15 @@ def _as_dataset(
     if isinstance(data, (Dataset, DataLoader)):
         return data
     is_items = isinstance(data, Sequence) and data and hasattr(data[0], "impath")
-    if features and is_items and model.method.takes_cached_image_features:
+    if features and is_items and model.method.takes_cached_image_features and model.method.views == 1:
         tf = build_transform(False, **model.backbone.preprocess_cfg)
         split = "train-noaug" if train else "eval"
         cache = FeatureCache.default()
         return feature_dataset(model.backbone, list(data), tf, dataset=str(dataset), split=split, cache=cache)
     if isinstance(data, Sequence) and data and hasattr(data[0], "impath"):
-        return ImageDataset(list(data), build_transform(train, **model.backbone.preprocess_cfg))
+        cfg = model.backbone.preprocess_cfg  # training: the method's own (one view, or several stacked)
+        tf = model.method.train_transform(cfg) if train else build_transform(False, **cfg)
+        return ImageDataset(list(data), tf)
     if isinstance(data, Sequence):
         return list(data)  # a list of (tensor, label) pairs is a valid map-style dataset
     raise TypeError(f"cannot train on {type(data).__name__}; pass a Dataset, a DataLoader or Datum items")
