@@ -145,6 +145,7 @@ def test_resolve_config_order() -> None:
         "listing": "sorted",
         "num_workers": 0,
         "max_image_pixels": 178_956_970,
+        "descriptions": None,
     }
     assert cfg.train.device == "cpu"
     assert cfg.backbone.to_dict() == {"name": "vlp-tiny", "pretrained": None, "weights": None}
