@@ -36,6 +36,7 @@ from vlprompt.methods import prograd  # noqa: E402, F401
 from vlprompt.methods import promptsrc  # noqa: E402, F401
 from vlprompt.methods import tipadapter  # noqa: E402, F401  (tip-adapter, tip-adapter-f)
 from vlprompt.methods import cliplora  # noqa: E402, F401
+from vlprompt.methods import promptkd  # noqa: E402, F401
 # isort: on
 
 __all__ = [

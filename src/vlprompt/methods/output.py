@@ -20,7 +20,7 @@ class TextInputs:
 
 
 #: what a method may ask :meth:`PromptModel.run` for beyond logits and features (``PromptMethod.needs``)
-FROZEN_NEEDS = frozenset({"frozen_image", "frozen_text", "zero_shot_logits"})
+FROZEN_NEEDS = frozenset({"frozen_image", "frozen_text", "zero_shot_logits", "teacher_logits"})
 
 
 @dataclass
@@ -31,7 +31,9 @@ class ModelOutput:
     ``frozen_text_features`` are frozen CLIP's features of the method's hand-crafted templates
     (:meth:`PromptMethod.frozen_templates`; several templates are averaged before normalising);
     ``zero_shot_logits = logit_scale * frozen_image_features @ frozen_text_features.T``.  Frozen
-    entries carry no gradient.
+    entries carry no gradient.  ``teacher_logits`` (``(B, C)``, on request) are the frozen teacher's
+    logits on the same images and ``teacher_text_features`` its normalised class features (computed once
+    per class set): see :meth:`PromptModel.set_teacher`.
     """
 
     logits: torch.Tensor
@@ -41,3 +43,5 @@ class ModelOutput:
     frozen_text_features: torch.Tensor | None = None
     zero_shot_logits: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+    teacher_text_features: torch.Tensor | None = None
