@@ -55,6 +55,6 @@ def reconstruction_note(method: str) -> str:
 
 
 def transductive_note(method: str) -> str:
-    """The method's note when its training sees unlabelled images of its test classes (PromptKD), else ``""``."""
+    """The note of a method whose training sees unlabelled test-class images (PromptKD), else ``""``."""
     entry = _entry(method)
     return entry.transductive_note if entry is not None else ""
