@@ -257,3 +257,53 @@ def test_a_run_without_a_teacher_is_refused_before_writing(tmp_path, teacher_dir
     with pytest.raises(VlpromptError, match="options.teacher=PATH"):
         train_run(cfg, tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists()
+
+
+# ------------------------------------------------------------------ official checkpoint import
+def _official_student_state(model) -> dict:
+    """The tensor names the official trainer saves for its student (CustomCLIP: image encoder with IVLP
+    prompts + VPT_image_trans, 1x1 convolutions), from our model's values."""
+    st = model.prompt_state_dict()
+    p = st["image_prompts"]
+    sd = {"image_encoder.VPT": p[0].clone(), "logit_scale": torch.tensor(4.6052)}
+    sd["image_encoder.conv1.weight"] = model.backbone.clip.visual.conv1.weight.detach().clone()  # frozen
+    for i in range(1, p.shape[0]):
+        sd[f"image_encoder.transformer.resblocks.{i}.VPT_shallow"] = p[i].clone()
+    for i in (0, 3):
+        w = st[f"projector.{i}.weight"]
+        sd[f"VPT_image_trans.conv1.{i}.weight"] = w.clone()[:, :, None, None]
+        sd[f"VPT_image_trans.conv1.{i}.bias"] = st[f"projector.{i}.bias"].clone()
+    for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        sd[f"VPT_image_trans.conv1.1.{k}"] = st[f"projector.1.{k}"].clone()
+    return sd
+
+
+def test_official_student_checkpoint_imports_to_the_same_logits(tiny, small, teacher_dir, images, tmp_path):
+    from vlprompt.cli.main import main
+    from vlprompt.run.dassl_import import detect_method
+    from vlprompt.run.load import load_prompt
+
+    src = _student(tiny, small, teacher_dir)
+    with torch.no_grad():
+        for p in src.method.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        src.method.projector[1].running_mean.normal_(0, 0.1)
+        src.method.projector[1].num_batches_tracked.fill_(40)
+    sd = _official_student_state(src)
+    assert detect_method(sd) == "promptkd"  # not VPT, though it holds image_encoder.VPT
+    ckpt = tmp_path / "VLPromptLearner" / "model.pth.tar-20"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": sd, "epoch": 20, "optimizer": None, "scheduler": None}, ckpt)
+    out = tmp_path / "imported"
+    argv = ["import", str(ckpt), "--out", str(out), "--model", "vlp-tiny", "--classes", ",".join(CLASSES)]
+    assert main([*argv, "--option", f"teacher={teacher_dir}"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["depth_image"] == 3 and manifest["options"]["teacher_width"] == 256
+    assert manifest["transductive"] is True
+    got = load_prompt(out, backbone=tiny)
+    assert got.teacher is not None
+    got.teacher.backbone.clip.load_state_dict(small.clip.state_dict())  # the same random teacher weights
+    src.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got(images), src(images), atol=1e-5, rtol=0)
+    assert int(got.prompt_state_dict()["projector.1.num_batches_tracked"]) == 40
