@@ -307,3 +307,13 @@ def test_official_student_checkpoint_imports_to_the_same_logits(tiny, small, tea
     with torch.no_grad():
         torch.testing.assert_close(got(images), src(images), atol=1e-5, rtol=0)
     assert int(got.prompt_state_dict()["projector.1.num_batches_tracked"]) == 40
+
+
+def test_report_rows_and_summary_say_transductive(kd_run, tmp_path):
+    from vlprompt.cli.main import main
+
+    out, _, _ = kd_run
+    rep = tmp_path / "report"
+    assert main(["report", str(out.parent), "--no-plots", "--out", str(rep)]) == 0
+    text = "\n".join(p.read_text() for p in rep.rglob("*") if p.suffix in (".md", ".csv", ".txt"))
+    assert "PromptKD (transductive)" in text and "**Transductive:**" in text
