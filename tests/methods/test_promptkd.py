@@ -317,3 +317,18 @@ def test_report_rows_and_summary_say_transductive(kd_run, tmp_path):
     assert main(["report", str(out.parent), "--no-plots", "--out", str(rep)]) == 0
     text = "\n".join(p.read_text() for p in rep.rglob("*") if p.suffix in (".md", ".csv", ".txt"))
     assert "PromptKD (transductive)" in text and "**Transductive:**" in text
+
+
+def test_one_teacher_per_data_set_through_a_dataset_field(teacher_dir, tmp_path):
+    import shutil
+
+    from vlprompt.run.identity import request_fingerprint
+
+    shutil.copytree(teacher_dir, tmp_path / "teachers" / "demo")
+    cfg = _cfg(teacher_dir, epochs=1).but(options={"teacher": str(tmp_path / "teachers" / "{dataset}")})
+    res = train_run(cfg, tmp_path / "run", progress=False)
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["options"]["teacher"]
+    assert recorded == str(tmp_path / "teachers" / "demo")
+    assert res["fingerprint"] == request_fingerprint(cfg)["fingerprint"]  # a grid finds the run again
+    cfg_other = cfg.but(data={"dataset": "demo"}, options={"teacher": str(teacher_dir)})
+    assert request_fingerprint(cfg_other)["fingerprint"] == res["fingerprint"]  # same bytes, other path

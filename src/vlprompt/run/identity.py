@@ -105,12 +105,13 @@ def identity(
     cfg: RunConfig, *, split_hash: str | None, precision: str, classnames: list[str] | None = None
 ) -> dict[str, Any]:
     """The identity a run's fingerprint hashes (plain JSON values)."""
-    src = _teacher_source(cfg)
+    raw = _teacher_source(cfg)
+    src = _teacher_source(resolve_teacher(cfg))
     ident = {
         "version": IDENTITY_VERSION,
         "method": cfg.method,
         # the teacher is identified by its prompt's bytes, not by where the file lies
-        "options": {k: v for k, v in _options(cfg).items() if not (src and v == src)},
+        "options": {k: v for k, v in _options(cfg).items() if not (raw and v in (raw, src))},
         "backbone": backbone_identity(cfg),
         "data": data_identity(cfg.data, split_hash, classnames),
         "train": train_identity(cfg.train),
@@ -119,6 +120,22 @@ def identity(
     if src:
         ident["teacher"] = teacher_identity(src)
     return json.loads(json.dumps(ident, default=str))
+
+
+#: in a teacher's path, replaced by the data set's name: one teacher per data set in a grid
+DATASET_FIELD = "{dataset}"
+
+
+def resolve_teacher(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``{dataset}`` in the teacher option replaced by the data set's name
+    (``--set options.teacher=teachers/{dataset}`` gives each run of a grid its own teacher)."""
+    src = _teacher_source(cfg)
+    if DATASET_FIELD not in src:
+        return cfg
+    from vlprompt.data.custom import public_name
+
+    key = next(k for k, v in _options(cfg).items() if v == src)
+    return cfg.but(options={key: src.replace(DATASET_FIELD, public_name(str(cfg.data.dataset)))})
 
 
 def _teacher_source(cfg: RunConfig) -> str:

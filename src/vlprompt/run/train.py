@@ -34,7 +34,14 @@ from vlprompt.run.backbone import (
     world_mismatch,
 )
 from vlprompt.run.env import environment
-from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
+from vlprompt.run.identity import (
+    describe_differences,
+    differences,
+    fingerprint_record,
+    identity,
+    load_splits,
+    resolve_teacher,
+)
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, MANIFEST, METRICS, PROMPT, SPLIT, RunDir
 from vlprompt.run.lock import RunLock
 from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt
@@ -273,6 +280,7 @@ def _train_run(
     callbacks: Any,
     teacher: Any = None,
 ) -> dict[str, Any]:
+    cfg = resolve_teacher(cfg)  # teachers/{dataset} -> this data set's teacher
     env = ddp.init_from_env(cfg.train.device)
     main = env.is_main
     device = ddp.rank_device(resolve_device(cfg.train.device))
