@@ -332,3 +332,18 @@ def test_one_teacher_per_data_set_through_a_dataset_field(teacher_dir, tmp_path)
     assert res["fingerprint"] == request_fingerprint(cfg)["fingerprint"]  # a grid finds the run again
     cfg_other = cfg.but(data={"dataset": "demo"}, options={"teacher": str(teacher_dir)})
     assert request_fingerprint(cfg_other)["fingerprint"] == res["fingerprint"]  # same bytes, other path
+
+
+def test_the_protocols_unlabelled_pool_is_the_train_split_only():
+    from vlprompt.data import fewshot
+    from vlprompt.data.subsample import unlabelled_pool
+
+    full = get_dataset("demo", None)
+    items, classes = unlabelled_pool(full, "base")  # base-to-new: base and new classes' train images
+    assert [d.relpath for d in items] == [d.relpath for d in full.train] and classes == list(full.classnames)
+    assert {d.label for d in items} == {UNLABELLED}
+    k2 = fewshot(full, 2, 1)
+    items2, _ = unlabelled_pool(k2, "all")
+    assert len(items2) == 2 * len(full.classnames)
+    with pytest.raises(VlpromptError, match="subsampled"):
+        unlabelled_pool(subsample(full, "base"), "base")
