@@ -37,7 +37,23 @@ def _tiny_options(name: str, backbone) -> dict:
 
 def _build(name: str, backbone, seed: int = 0):
     torch.manual_seed(seed)
-    return create_model(name, backbone, CLASSES, **_tiny_options(name, backbone))
+    opts = _tiny_options(name, backbone)
+    teacher = _teacher(name, backbone)
+    if teacher is not None and "teacher_width" in {
+        f.name for f in dataclasses.fields(get_method(name).Config)
+    }:
+        opts["teacher_width"] = teacher.backbone.embed_dim
+    model = create_model(name, backbone, CLASSES, **opts)
+    model.set_teacher(teacher)
+    return model
+
+
+def _teacher(name: str, backbone):
+    """A method that learns from a frozen teacher gets zero-shot CLIP on the same backbone as one."""
+    cls = get_method(name)
+    if not (cls.text_from_teacher or "teacher_logits" in cls.needs):
+        return None
+    return create_model("zeroshot", backbone, CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +135,7 @@ def test_prompt_survives_save_export_load(name, tiny, images, tmp_path):
     }
     save_prompt(tmp_path / "run", a.prompt_state_dict(), manifest)
     export_run(tmp_path / "run", tmp_path / "export")
-    b = load_run(tmp_path / "export", backbone=tiny)
+    b = load_run(tmp_path / "export", backbone=tiny, teacher=a.teacher)
     with torch.no_grad():
         torch.testing.assert_close(b(x), want, atol=1e-5, rtol=0)
 

@@ -52,3 +52,24 @@ def subsample(splits: DatasetSplits, which: str) -> DatasetSplits:
         classnames=[splits.classnames[y] for y in selected],
         subsample=which,
     )
+
+
+#: label of an item whose label a method must not read (the images of a transductive method)
+UNLABELLED = -1
+
+
+def unlabelled_pool(splits: DatasetSplits, which: str) -> tuple[list[Datum], list[str]]:
+    """The unlabelled images a transductive method may train on, and the classes they come from.
+
+    The protocol's rule: the **train** split of every class of the data set -- for base-to-new
+    (``which="base"``) the base *and* the new classes' training images, for the other protocols
+    (``"all"``) the run's own classes -- never a validation or test image.  ``splits`` is the data set
+    before base/new subsampling (after few-shot sampling when the run asks for shots).  Labels are
+    replaced by :data:`UNLABELLED`, so a method that read them would fail rather than learn from them.
+    """
+    if which not in SUBSAMPLES:
+        raise VlpromptError(f"unknown subsample '{which}'; choose one of: {', '.join(SUBSAMPLES)}")
+    if splits.subsample != "all":
+        raise VlpromptError(f"{splits.name} is subsampled to '{splits.subsample}'; pass the full data set")
+    items = [Datum(d.impath, UNLABELLED, "", d.relpath) for d in splits.train]
+    return items, list(splits.classnames)

@@ -45,6 +45,7 @@ from vlprompt.methods import mma  # noqa: E402, F401
 from vlprompt.methods import tcp  # noqa: E402, F401
 from vlprompt.methods import dept  # noqa: E402, F401  (plug-in: coop+dept, cocoop+dept, kgcoop+dept, maple+dept)
 from vlprompt.methods import coprompt  # noqa: E402, F401
+from vlprompt.methods import promptkd  # noqa: E402, F401
 # isort: on
 
 __all__ = [

@@ -114,6 +114,9 @@ class PromptMethod(nn.Module):
     # learned features come from view 0, ``frozen_image_features`` from view ``frozen_image_view``
     views: ClassVar[int] = 1
     frozen_image_view: ClassVar[int] = 0
+    # the class features are the frozen teacher's text features (PromptKD's pre-stored teacher text):
+    # the method runs no text tower of its own and needs a teacher (PromptModel.set_teacher)
+    text_from_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone):
         super().__init__()
@@ -141,7 +144,34 @@ class PromptMethod(nn.Module):
 
     @property
     def prompts_image(self) -> bool:
-        return type(self).image_plan is not PromptMethod.image_plan
+        return type(self).image_plan is not PromptMethod.image_plan or self.has_image_head
+
+    def image_head(self, features: torch.Tensor) -> torch.Tensor:
+        """The learned image features from the image tower's raw output ``(B, e)``, before
+        normalisation (PromptKD's projector into the teacher's width).  Default: unchanged; never
+        applied to the frozen-CLIP features."""
+        return features
+
+    @property
+    def has_image_head(self) -> bool:
+        return type(self).image_head is not PromptMethod.image_head
+
+    # --- a second frozen model: the teacher ------------------------------------------------------
+    @classmethod
+    def teacher_source(cls, cfg: MethodConfig) -> str:
+        """The saved prompt (run directory, ``prompt.safetensors``, export, ``hf-hub:`` reference) of
+        the frozen teacher this method learns from, ``""`` for none.  The run layer loads it with
+        ``load_prompt`` (its own backbone, e.g. ViT-L/14), freezes it and hands it to
+        :meth:`PromptModel.set_teacher`; its file's sha256 enters the run's fingerprint."""
+        return ""
+
+    def check_teacher(self, teacher: Any) -> None:
+        """Refuse, in one line, a teacher (a PromptModel) this method cannot learn from (e.g. another
+        feature width than its projector's).  Default: any."""
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.text_from_teacher or "teacher_logits" in self.needs
 
     @property
     def takes_cached_image_features(self) -> bool:
@@ -276,6 +306,12 @@ class PromptMethod(nn.Module):
         if cls.transductive_note:
             out.update({"transductive": True, "transductive_note": cls.transductive_note})
         return out
+
+    @property
+    def transductive(self) -> bool:
+        """Training sees unlabelled images of the classes it is tested on (which ones: the protocol's
+        rule, ``vlprompt.data.subsample.unlabelled_pool``)."""
+        return bool(type(self).transductive_note)
 
     @classmethod
     def preset_path(cls) -> Path:

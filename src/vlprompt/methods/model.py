@@ -101,6 +101,10 @@ class PromptModel(nn.Module):
         self._frozen_text: tuple[Any, torch.Tensor] | None = None
         self.descriptions: ClassDescriptions | None = None  # class descriptions (``set_descriptions``)
         self._desc_cache: tuple[Any, DescriptionFeatures] | None = None
+        # the frozen teacher (set_teacher) lives outside the module tree: never in state_dict(), the
+        # optimiser, .train() or .to(); its class features are cached per class set
+        self.__dict__["_teacher"] = None
+        self._teacher_text: dict[tuple[str, ...], torch.Tensor] = {}
         self.text_strategy: TextStrategy | None = text_strategy  # None: all classes, this process
         self.classnames: list[str] = []
         self.template = template
@@ -128,6 +132,74 @@ class PromptModel(nn.Module):
         self._text_cache = None
         if self.method.class_conditioned_text:  # class-aware prompts are built from frozen class text
             self.method.condition_on_classes(self.frozen_text_features())
+        if self.teacher is not None:
+            self.teacher.set_classnames(classnames, self.template)
+
+    # ------------------------------------------------------------------ the teacher
+    @property
+    def teacher(self) -> PromptModel | None:
+        """The frozen second model the method learns from (None: none set)."""
+        return self.__dict__.get("_teacher")
+
+    def set_teacher(self, teacher: PromptModel | None) -> None:
+        """Attach a frozen teacher (another PromptModel: its own backbone and prompt, e.g. a ViT-L/14
+        PromptSRC prompt loaded with ``load_prompt``).
+
+        It is frozen here (no gradient, eval mode, kept in eval by ``train()``), never part of this
+        model's state dict, optimiser or checkpoint, follows this model's class names, and its class
+        features are computed once per class set.  Its images are this model's (same transform)."""
+        if teacher is not None:
+            if not isinstance(teacher, PromptModel):
+                raise VlpromptError(f"a teacher must be a PromptModel, not {type(teacher).__name__}")
+            mine, theirs = self.backbone.preprocess_cfg, teacher.backbone.preprocess_cfg
+            if mine.get("size") != theirs.get("size"):
+                raise VlpromptError(
+                    f"the teacher's backbone takes {theirs.get('size')} px images, the student "
+                    f"{mine.get('size')}; "
+                    "use a teacher trained at the student's image size"
+                )
+            self.method.check_teacher(teacher)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher.eval()
+            teacher.set_classnames(list(self.classnames), self.template)
+        self.__dict__["_teacher"] = teacher
+        self._teacher_text = {}
+        self._text_cache = None
+
+    def _require_teacher(self) -> PromptModel:
+        if self.teacher is None:
+            raise VlpromptError(
+                f"method '{self.method.name}' learns from a teacher and none is set; give its saved prompt "
+                "with --set options.teacher=PATH (or call model.set_teacher(load_prompt(PATH)))"
+            )
+        return self.teacher
+
+    @torch.no_grad()
+    def teacher_text_features(self) -> torch.Tensor:
+        """The teacher's normalised class features (C, e') for the current classes, once per class set."""
+        teacher = self._require_teacher()
+        key = tuple(self.classnames)
+        if key not in self._teacher_text:
+            if len(self._teacher_text) > 8:
+                self._teacher_text.clear()
+            teacher.eval()
+            self._teacher_text[key] = teacher.encode_text().detach()
+        return self._teacher_text[key]
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits on ``images`` (its cached class features, its own scale)."""
+        teacher = self._require_teacher()
+        teacher.eval()
+        tm = teacher.method
+        # class features depend on the image (nothing to cache), or the teacher's head reads what
+        # encode_image does not give (unnormalised features, an image adapter): its full forward
+        if tm.image_conditioned_text or tm.raw_features or tm.adapts_image:
+            return teacher(images.to(teacher.backbone.device)).float().detach()
+        img = teacher.encode_image(images.to(teacher.backbone.device))
+        logits = teacher._logits(img, self.teacher_text_features())
+        return teacher.method.output_head(logits, img, self.teacher_text_features()).float().detach()
 
     @property
     def n_classes(self) -> int:
@@ -161,7 +233,10 @@ class PromptModel(nn.Module):
 
     def train(self, mode: bool = True) -> PromptModel:
         self._text_cache = None
-        return super().train(mode)
+        out = super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: BatchNorm / dropout of a teacher never train
+        return out
 
     # ------------------------------------------------------------------ towers
     def set_auto_attention(self, auto: AutoAttention) -> None:
@@ -177,6 +252,7 @@ class PromptModel(nn.Module):
         self, images: torch.Tensor, plan: TowerPlan | None = None, normalize: bool = True
     ) -> torch.Tensor:
         """Normalised image features (B, e) under the method's image plan (``normalize=False``: raw)."""
+        own = plan is None  # the method's image side: its plan and its head
         plan = self.method.image_plan() if plan is None else plan
         feats = encode_image(
             self.backbone.clip.visual,
@@ -185,6 +261,8 @@ class PromptModel(nn.Module):
             checkpoint=self.options.checkpoint_image,
             default_attention=self.default_attention(),
         )
+        if own and self.method.has_image_head:
+            feats = self.method.image_head(feats.float())
         return F.normalize(feats.float(), dim=-1) if normalize else feats.float()
 
     def run_text(self, embeds: torch.Tensor, eot: torch.Tensor, plan: TowerPlan | None) -> torch.Tensor:
@@ -245,6 +323,8 @@ class PromptModel(nn.Module):
                 r = self._text_tower(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1)
                 return F.normalize(r, dim=-1), r
             return self.run_text(inputs.embeds, inputs.eot, inputs.plan).view(b, self.n_classes, -1), None
+        if self.method.text_from_teacher:
+            return self.teacher_text_features(), None
         static = self.method.static_text
         cacheable = self.options.cache_text and (static or not torch.is_grad_enabled())
         key = None
@@ -437,6 +517,9 @@ class PromptModel(nn.Module):
             out.frozen_text_features = self.frozen_text_features()
         if "zero_shot_logits" in need:
             out.zero_shot_logits = self._logits(out.frozen_image_features, out.frozen_text_features).detach()
+        if "teacher_logits" in need:
+            out.teacher_logits = self.teacher_logits(images)
+            out.teacher_text_features = self.teacher_text_features()
         return out
 
     # ------------------------------------------------------------------ inference

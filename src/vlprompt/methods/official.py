@@ -419,3 +419,32 @@ def map_coprompt(sd: Mapping[str, Any], method: str) -> Mapped:
     assert hidden is not None
     m.options["adapter_reduction"] = int(hidden[1] // hidden[0])
     return m
+
+
+_KD = "VPT_image_trans.conv1."  # PromptKD's projector: Conv1x1 (0), BatchNorm2d (1), ReLU (2), Conv1x1 (3)
+
+
+def map_promptkd(sd: Mapping[str, Any], method: str) -> Mapped:
+    """PromptKD's student: IVLP image prompts + the projector (1x1 convolutions become Linear weights,
+    BatchNorm2d's parameters and running statistics BatchNorm1d's).  The teacher is not in the file."""
+    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    depth, n = _image_prompts(sd, state, sources)
+    if not depth:
+        raise VlpromptError(f"checkpoint has no 'image_encoder.VPT', which a {method} checkpoint must hold")
+    for conv, ours in (("0", "projector.0"), ("3", "projector.3")):
+        w = need(sd, f"{_KD}{conv}.weight", method, (4, 2))
+        state[f"{ours}.weight"] = _f32(w.reshape(w.shape[0], w.shape[1]))
+        state[f"{ours}.bias"] = _f32(need(sd, f"{_KD}{conv}.bias", method, (1,)))
+        sources.update({f"{ours}.weight": f"{_KD}{conv}.weight", f"{ours}.bias": f"{_KD}{conv}.bias"})
+    for part in ("weight", "bias", "running_mean", "running_var"):
+        state[f"projector.1.{part}"] = _f32(need(sd, f"{_KD}1.{part}", method, (1,)))
+        sources[f"projector.1.{part}"] = f"{_KD}1.{part}"
+    tracked = sd.get(f"{_KD}1.num_batches_tracked")
+    state["projector.1.num_batches_tracked"] = (
+        torch.as_tensor(tracked, dtype=torch.long).reshape(()) if tracked is not None else torch.tensor(0)
+    )
+    sources["projector.1.num_batches_tracked"] = f"{_KD}1.num_batches_tracked"
+    width = int(state["projector.0.weight"].shape[0])
+    opts = {"n_ctx_image": n, "depth_image": depth, "teacher_width": width}
+    return Mapped(state, opts, sources)

@@ -20,7 +20,9 @@ class TextInputs:
 
 
 #: what a method may ask :meth:`PromptModel.run` for beyond logits and features (``PromptMethod.needs``)
-FROZEN_NEEDS = frozenset({"frozen_image", "frozen_text", "zero_shot_logits", "descriptions"})
+FROZEN_NEEDS = frozenset(
+    {"frozen_image", "frozen_text", "zero_shot_logits", "descriptions", "teacher_logits"}
+)
 
 
 @dataclass
@@ -56,6 +58,9 @@ class ModelOutput:
     entries carry no gradient.  With several views per image (``PromptMethod.views``) the learned
     entries come from view 0 and ``frozen_image_features`` from ``PromptMethod.frozen_image_view``.
     ``description_features``: frozen CLIP's features of the class descriptions (``--descriptions``).
+    ``teacher_logits`` (``(B, C)``, on request) are the frozen teacher's logits on the same images and
+    ``teacher_text_features`` its normalised class features (computed once per class set): see
+    :meth:`PromptModel.set_teacher`.
     """
 
     logits: torch.Tensor
@@ -69,3 +74,5 @@ class ModelOutput:
     raw_image_features: torch.Tensor | None = None
     raw_text_features: torch.Tensor | None = None
     description_features: DescriptionFeatures | None = None
+    teacher_logits: torch.Tensor | None = None
+    teacher_text_features: torch.Tensor | None = None

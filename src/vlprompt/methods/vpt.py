@@ -46,7 +46,7 @@ class VPT(PromptMethod):
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",
         "prompt_learner",
-        Signature(has=("image_encoder.VPT",), lacks=(PL + "ctx",)),
+        Signature(has=("image_encoder.VPT",), lacks=(PL + "ctx",), lacks_prefix=("VPT_image_trans.",)),
         map_vpt,
     )
     Config = VPTConfig

@@ -52,3 +52,9 @@ def reconstruction_note(method: str) -> str:
     """The method's own note when it is a reconstruction (DPL), else ``""`` (also for an unknown method)."""
     entry = _entry(method)
     return entry.reconstruction_note if entry is not None else ""
+
+
+def transductive_note(method: str) -> str:
+    """The note of a method whose training sees unlabelled test-class images (PromptKD), else ``""``."""
+    entry = _entry(method)
+    return entry.transductive_note if entry is not None else ""

@@ -33,6 +33,17 @@ BASE2NEW_AVERAGE: dict[str, tuple[float, float, float]] = {
     "CoCoOp + DePT": (83.80, 72.89, 77.97),
     "KgCoOp + DePT": (83.62, 75.04, 79.10),
     "MaPLe + DePT": (84.85, 74.82, 79.52),
+    # PromptKD (Li et al., CVPR 2024, Table 1 = images/exp_results.png of github.com/zhengli97/PromptKD):
+    # TRANSDUCTIVE -- see PUBLISHED_NOTES
+    "PromptKD": (86.96, 80.73, 83.73),
+}
+
+#: what a published row computed that the table's columns do not say (shown beside its numbers)
+PUBLISHED_NOTES: dict[str, str] = {
+    "PromptKD": (
+        "transductive: distilled from a ViT-L/14 PromptSRC teacher on the unlabelled training images of "
+        "base AND new classes (the full train split, not 16 shots); not comparable to inductive rows"
+    ),
 }
 
 #: base-to-new HM per data set (our registry names)

@@ -27,6 +27,7 @@ from vlprompt.protocols.display import (
     method_key,
     method_label,
     reconstruction_note,
+    transductive_note,
 )
 from vlprompt.protocols.records import (
     MOST_CONFUSED,
@@ -187,6 +188,8 @@ def build_report(
     notes = {reconstruction_note(r.method) for r in complete} - {""}
     for note in sorted(notes):  # e.g. DPL: its method section is not available offline (see docs/dpl.md)
         lines += [f"{note}: its numbers come from our reading of the paper, not from published code.", ""]
+    for note in sorted({transductive_note(r.method) for r in complete} - {""}):  # e.g. PromptKD
+        lines += [f"**Transductive:** {note}; its rows are not comparable to inductive ones.", ""]
     if reference:
         lines += [
             f"**({PUB})** marks numbers printed in the methods' papers ({ref.LABEL}, 16 shots, mean of 3 "

@@ -257,6 +257,8 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
                 pub, how = published_base2new_average(paper, covered)
                 line += [shots, *(list(pub) if pub else [None, None, None]), ref.PUBLISHED_SHOTS]
                 notes.append(f"Average ({PUB}): over the same {len(covered)} data set(s) -- {how}.")
+                if paper in ref.PUBLISHED_NOTES:
+                    notes.append(f"{paper} ({PUB}): {ref.PUBLISHED_NOTES[paper]}.")
             body.append(line)
         if reference:
             missing = _unpublished_note(method, [row.dataset for row in rows])
@@ -312,6 +314,11 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
         if reference:
             notes.append(f"HM ({PUB}) in the Average row: over the same data sets as that method's runs.")
             notes += [n for m in present if (n := _unpublished_note(m, datasets))]
+            notes += [
+                f"{p} ({PUB}): {ref.PUBLISHED_NOTES[p]}."
+                for m in present
+                if (p := ref.paper_name(m)) in ref.PUBLISHED_NOTES
+            ]
         tables.append(
             Table(
                 "base2new_comparison" + (f"_shots{shots}" if len(all_shots) > 1 else ""),

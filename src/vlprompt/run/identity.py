@@ -23,6 +23,8 @@ from vlprompt.train.precision import resolve_device, resolve_precision
 from vlprompt.utils import atomic_write_json, cache_dir, read_json, sha256_file, sha256_json
 
 IDENTITY_VERSION = 1
+#: a run's prompt file (``layout.PROMPT``; layout imports this module, so it is named here too)
+_PROMPT_FILE = "prompt.safetensors"
 #: train keys that are folded into others (epochs tables resolve into train.epochs)
 _FOLDED = ("epochs_by_shots", "epochs_by_dataset")
 
@@ -103,15 +105,20 @@ def identity(
     cfg: RunConfig, *, split_hash: str | None, precision: str, classnames: list[str] | None = None
 ) -> dict[str, Any]:
     """The identity a run's fingerprint hashes (plain JSON values)."""
+    raw = _teacher_source(cfg)
+    src = _teacher_source(resolve_teacher(cfg))
     ident = {
         "version": IDENTITY_VERSION,
         "method": cfg.method,
-        "options": _options(cfg),
+        # the teacher is identified by its prompt's bytes, not by where the file lies
+        "options": {k: v for k, v in _options(cfg).items() if not (raw and v in (raw, src))},
         "backbone": backbone_identity(cfg),
         "data": {**data_identity(cfg.data, split_hash, classnames), **descriptions_identity(cfg)},
         "train": train_identity(cfg.train),
         "precision": precision,
     }
+    if src:
+        ident["teacher"] = teacher_identity(src)
     return json.loads(json.dumps(ident, default=str))
 
 
@@ -120,6 +127,55 @@ def descriptions_identity(cfg: RunConfig) -> dict[str, Any]:
     its path, identifies the run), else ``{}`` (identities of runs without one are unchanged)."""
     path = cfg.data.descriptions
     return {"descriptions_sha256": read_descriptions(path).sha256} if path else {}
+
+
+#: in a teacher's path, replaced by the data set's name: one teacher per data set in a grid
+DATASET_FIELD = "{dataset}"
+
+
+def resolve_teacher(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``{dataset}`` in the teacher option replaced by the data set's name
+    (``--set options.teacher=teachers/{dataset}`` gives each run of a grid its own teacher)."""
+    src = _teacher_source(cfg)
+    if DATASET_FIELD not in src:
+        return cfg
+    from vlprompt.data.custom import public_name
+
+    key = next(k for k, v in _options(cfg).items() if v == src)
+    return cfg.but(options={key: src.replace(DATASET_FIELD, public_name(str(cfg.data.dataset)))})
+
+
+def _teacher_source(cfg: RunConfig) -> str:
+    from vlprompt.methods import get_method
+
+    return get_method(cfg.method).teacher_source(cfg.options) if cfg.options is not None else ""
+
+
+def teacher_identity(src: str) -> dict[str, Any]:
+    """What identifies a frozen teacher: its prompt file's sha256, method and backbone (a Hub reference
+    by its name and revision).  Read here from the prompt's embedded manifest (``run.prompt`` reads
+    prompts fully; it sits above this module)."""
+    from safetensors import safe_open
+
+    from vlprompt.run.hub_ref import is_hub_ref
+
+    if is_hub_ref(src):
+        return {"hub": src}
+    path = Path(src)
+    prompt = path if path.is_file() else path / _PROMPT_FILE
+    try:
+        with safe_open(str(prompt), framework="pt") as f:
+            manifest = json.loads((f.metadata() or {})["vlprompt_manifest"])
+    except (OSError, KeyError, ValueError, json.JSONDecodeError):
+        raise VlpromptError(
+            f"teacher {src} is not a saved prompt; pass a run, an export or a prompt.safetensors"
+        ) from None
+    back = manifest.get("backbone") or {}
+    return {
+        "prompt_sha256": weights_sha256(prompt),
+        "method": manifest.get("method"),
+        "backbone": {k: back.get(k) for k in ("name", "pretrained", "weights_sha256")},
+    }
 
 
 def _options(cfg: RunConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from vlprompt.data import build_loader, build_transform, fewshot, split_hash
 from vlprompt.data import subsample as subsample_fn
 from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
 from vlprompt.errors import VlpromptError
-from vlprompt.methods import create_model
+from vlprompt.methods import create_model, get_method
 from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import (
@@ -34,9 +34,17 @@ from vlprompt.run.backbone import (
     world_mismatch,
 )
 from vlprompt.run.env import environment
-from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
+from vlprompt.run.identity import (
+    describe_differences,
+    differences,
+    fingerprint_record,
+    identity,
+    load_splits,
+    resolve_teacher,
+)
 from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, MANIFEST, METRICS, PROMPT, SPLIT, RunDir
 from vlprompt.run.lock import RunLock
+from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt
 from vlprompt.train import distributed as ddp
 from vlprompt.train.checkpoint import has_checkpoint
 from vlprompt.train.config import RunConfig, dump_yaml
@@ -47,16 +55,37 @@ from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vlprompt-prompt"
-FORMAT_VERSION = 1
 
-
-def provenance(method: str) -> dict[str, Any]:
+def provenance(method: str, saw: str | None = None) -> dict[str, Any]:
     """The method's registry notes every artefact carries: ``{"reconstructed": True, "note": ...}`` for
-    a reconstruction (DPL), ``{"transductive": True, ...}`` for a transductive method, else ``{}``."""
-    from vlprompt.methods import get_method
+    a reconstruction (DPL), ``{"transductive": True, ...}`` for a transductive method, else ``{}``.
+    ``saw``: what the run's training saw (:func:`transductive_saw`), added for a transductive method."""
+    out = get_method(method).provenance()
+    if saw and out.get("transductive"):
+        out["transductive_saw"] = saw
+    return out
 
-    return get_method(method).provenance()
+
+def transductive_saw(dataset: str, subsample: str, shots: int | None) -> str:
+    """What a transductive run trained on, in words (the rule: ``data.subsample.unlabelled_pool``)."""
+    from vlprompt.data.custom import public_name
+
+    which = "base and new classes" if subsample in ("base", "new") else "all classes"
+    per = f"{shots} per class" if shots else "the full train split"
+    return f"unlabelled train-split images of {public_name(dataset)} ({which}; {per}); no test image"
+
+
+def run_provenance(cfg: RunConfig) -> dict[str, Any]:
+    return provenance(cfg.method, transductive_saw(cfg.data.dataset, cfg.data.subsample, cfg.data.shots))
+
+
+def build_teacher(cfg: RunConfig, device: Any, teacher: Any = None) -> Any:
+    """The frozen teacher the method learns from (``None`` for a method without one): ``teacher`` if
+    given, else ``load_prompt`` of the method's ``teacher_source`` on ``device``."""
+    src = get_method(cfg.method).teacher_source(cfg.options) if cfg.options is not None else ""
+    if teacher is not None or not src:
+        return teacher
+    return load_prompt(src, device=device)
 
 
 def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = True) -> Any:
@@ -121,11 +150,14 @@ def metrics_entry(
     }
 
 
-def record_metrics(run: RunDir, entry: dict[str, Any], cost: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Add an evaluation to the run's metrics.json (with the method's provenance note); ``cost``
-    (``{"train": ...}``, run/cost.py) is merged into its top-level ``"cost"``."""
+def record_metrics(
+    run: RunDir, entry: dict[str, Any], cost: dict[str, Any] | None = None, prov: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Add an evaluation to the run's metrics.json (with the method's provenance note, ``prov`` when
+    given); ``cost`` (``{"train": ...}``, run/cost.py) is merged into its top-level ``"cost"``."""
     metrics = run.write_metrics(entry)
-    prov = provenance(str(entry.get("method") or "zeroshot")) if entry.get("method") else {}
+    if prov is None:
+        prov = provenance(str(entry.get("method") or "zeroshot")) if entry.get("method") else {}
     changed = False
     if prov and any(k not in metrics for k in prov):
         metrics.update(prov)
@@ -187,8 +219,12 @@ def train_run(
     force: bool = False,
     stop_after_epoch: int | None = None,
     callbacks: Any = (),
+    teacher: Any = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` and evaluate its own test split.
+
+    ``teacher``: the frozen teacher (a PromptModel) of a method that learns from one, instead of
+    loading the method's ``teacher_source``.
 
     A complete run with the same fingerprint returns its metrics at once (``status: complete``); one
     with other settings is refused unless ``force``.  With ``resume`` an interrupted run with the
@@ -214,6 +250,7 @@ def train_run(
             force=force,
             stop_after_epoch=stop_after_epoch,
             callbacks=callbacks,
+            teacher=teacher,
         )
     except BaseException as exc:
         for d in reversed(made):  # deepest first; only folders this call created and left empty
@@ -247,7 +284,9 @@ def _train_run(
     force: bool,
     stop_after_epoch: int | None,
     callbacks: Any,
+    teacher: Any = None,
 ) -> dict[str, Any]:
+    cfg = resolve_teacher(cfg)  # teachers/{dataset} -> this data set's teacher
     env = ddp.init_from_env(cfg.train.device)
     main = env.is_main
     device = ddp.rank_device(resolve_device(cfg.train.device))
@@ -265,6 +304,7 @@ def _train_run(
             "fingerprint": fp["fingerprint"],
         }
     splits = build_splits(cfg)
+    pool = _unlabelled_pool(cfg) if get_method(cfg.method).transductive_note else None
     banner = backbone is None
     if backbone is None:
         backbone = load_backbone_from(cfg.backbone, device=device, banner=False)
@@ -278,7 +318,7 @@ def _train_run(
             run.remove_stale_temps()
             if decision == "fresh":
                 run.clear_results()
-            _write_run_info(run, cfg, fp, backbone, splits, resume=decision == "resume")
+            _write_run_info(run, cfg, fp, backbone, splits, resume=decision == "resume", pool=pool)
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
         if main and world_mismatch(backbone, splits.name):
@@ -297,10 +337,37 @@ def _train_run(
             progress=progress,
             stop_after_epoch=stop_after_epoch,
             callbacks=callbacks,
+            pool=pool,
+            teacher=teacher,
         )
     finally:
         if lock is not None:
             lock.release()
+
+
+def _unlabelled_pool(cfg: RunConfig) -> tuple[list[Any], list[str]]:
+    """The protocol's unlabelled training images for a transductive method (train split only)."""
+    from vlprompt.data.subsample import unlabelled_pool
+
+    return unlabelled_pool(build_splits(cfg, subsample="all"), cfg.data.subsample)
+
+
+def _check_teacher_source(cfg: RunConfig) -> None:
+    """A method that learns from a teacher names one that exists (before anything is written)."""
+    cls = get_method(cfg.method)
+    src = cls.teacher_source(cfg.options) if cfg.options is not None else ""
+    needs = cls.text_from_teacher or "teacher_logits" in cls.needs
+    if needs and not src:
+        raise VlpromptError(
+            f"method '{cfg.method}' learns from a frozen teacher; give its saved prompt with "
+            "--set options.teacher=PATH (a run, an export or a prompt brought in with `vlprompt import`)"
+        )
+    if src:
+        from vlprompt.run.hub_ref import is_hub_ref
+        from vlprompt.run.prompt import read_manifest
+
+        if not is_hub_ref(src):
+            read_manifest(src)  # one line if it is not a prompt
 
 
 def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
@@ -311,6 +378,7 @@ def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
 
     from vlprompt.methods import create_model
 
+    _check_teacher_source(cfg)
     with torch.random.fork_rng(devices=[]):
         model = create_model(
             cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
@@ -340,14 +408,15 @@ def attach_descriptions(model: Any, cfg: RunConfig) -> None:
 
 
 def _write_run_info(
-    run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any, *, resume: bool = False
-) -> None:
+    run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any, *, resume: bool = False,
+    pool: Any = None,
+) -> None:  # fmt: skip
     """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained (a
     resumed run keeps the attention implementations it recorded)."""
     from vlprompt.data import split_hash
     from vlprompt.data.custom import public_name
 
-    prov = provenance(cfg.method)
+    prov = run_provenance(cfg)
     text = dump_yaml(cfg)
     if prov:
         text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
@@ -368,6 +437,12 @@ def _write_run_info(
             "counts": splits.counts(),
             "train": [d.relpath for d in splits.train],
             "val": [d.relpath for d in splits.val],
+            # a transductive run: the unlabelled images it trained on (train split only, protocol's rule)
+            **(
+                {"unlabelled_train": [d.relpath for d in pool[0]], "unlabelled_classnames": pool[1]}
+                if pool is not None
+                else {}
+            ),
         },
     )
     local = {
@@ -391,19 +466,24 @@ def _train(
     progress: bool,
     stop_after_epoch: int | None,
     callbacks: Any,
+    pool: Any = None,
+    teacher: Any = None,
 ) -> dict[str, Any]:
     from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
 
+    teacher = build_teacher(cfg, backbone.device, teacher)  # frozen, not part of the prompt
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
         cfg.method,
         backbone,
-        list(splits.classnames),
+        list(splits.classnames) if pool is None else list(pool[1]),  # transductive: all pool classes
         template=splits.template,
         model=cfg.model,
         **_options_dict(cfg),
     )
     attach_descriptions(model, cfg)
+    if teacher is not None:
+        model.set_teacher(teacher)
     # attention="auto": the choices this run recorded (on resume), else the machine's measured table;
     # each new choice is written to env.json at once, so a resume after a kill reuses it
     recorded = (run.env() or {}).get("attention") if resume else None
@@ -418,9 +498,11 @@ def _train(
     # zero-shot CLIP: evaluated, not trained (train/zeroshot.py); a cache model is built by fit
     if not has_trainable_parameters(model) and not model.method.builds_from_data:
         fit = evaluate_without_training
+    extra = {} if pool is None else {"eval_classnames": list(splits.classnames)}
     result = fit(
         model,
-        train_data(splits, backbone, cfg, model.method),
+        # a transductive method trains on its pool: unlabelled, train split
+        train_data(splits, backbone, cfg, model.method) if pool is None else pool[0],
         cfg,
         run,  # the trainer writes its log and checkpoint through the run directory
         resume=resume,
@@ -428,7 +510,10 @@ def _train(
         progress=progress,
         stop_after_epoch=stop_after_epoch,
         callbacks=callbacks,
+        **extra,
     )
+    if pool is not None:
+        model.set_classnames(list(splits.classnames), splits.template)  # the run's own label space
     train_cost = costs.train_cost(meter.stop(), result, epochs_seen)
     if main:  # which attention implementation "auto" used, per shape class
         _record_attention(run, chosen.record())
@@ -454,7 +539,7 @@ def _train(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
-        **provenance(cfg.method),
+        **run_provenance(cfg),
         "options": _options_dict(cfg),
         "backbone": portable_section(cfg.backbone, backbone),
         "classnames": list(model.classnames),
@@ -481,7 +566,7 @@ def _train(
     )
     own_eval_s = next((e["eval_s"] for e in reversed(epochs_seen.epochs) if e.get("eval_s")), None)
     entry["cost"] = costs.eval_cost(None, int(entry.get("n") or 0), own_eval_s)
-    metrics = record_metrics(run, entry, cost={"train": train_cost})
+    metrics = record_metrics(run, entry, cost={"train": train_cost}, prov=run_provenance(cfg))
     _check_learned(cfg, run, result, model, backbone, splits, loader, create_model)
     run.mark_done()
     ddp.barrier()  # the other ranks read metrics.json now
@@ -541,6 +626,8 @@ def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest
         meta.update({"reconstructed": "true", "note": str(manifest.get("note", ""))})
     if manifest.get("transductive"):
         meta.update({"transductive": "true", "transductive_note": str(manifest.get("transductive_note", ""))})
+        if manifest.get("transductive_saw"):
+            meta["transductive_saw"] = str(manifest["transductive_saw"])
     save_safetensors(run.file(PROMPT), state, meta)
     # manifest.json = the embedded manifest + the prompt file's sha256 (checked on every read)
     run.write_json(MANIFEST, {**manifest, PROMPT_SHA256: sha256_file(run.file(PROMPT))})

@@ -249,6 +249,7 @@ def fit(
     progress: bool = True,
     stop_after_epoch: int | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    eval_classnames: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (a PromptModel) on ``train_data``; checkpoints and logs go to ``out_dir``: the
     :class:`~vlprompt.train.files.TrainerFiles` the run layer hands in (its ``RunDir``), or a folder.
@@ -261,6 +262,9 @@ def fit(
         resume: continue from ``out_dir/checkpoint`` when one exists (same config required).
         eval_data: evaluated after the last epoch (and after each one with ``train.eval_every_epoch``).
         stop_after_epoch: end after this many epochs as if killed (tests; the checkpoint stays).
+        eval_classnames: the label space of ``eval_data`` when training runs on another one (a
+            transductive method trains on the unlabelled images of every class, the run is tested on
+            its own classes); the model's class names are switched for evaluation and back.
         callbacks: called with each epoch's summary dict after its checkpoint is written.
 
     Returns ``{"epochs_done", "stopped", "history": [per-epoch summaries], "eval": metrics|None, ...}``.
@@ -305,7 +309,7 @@ def fit(
         last = epoch + 1 == epochs
         if main and eval_loader is not None and (last or train.eval_every_epoch):
             t_eval = time.perf_counter()
-            res = evaluate(model, eval_loader, device=device, precision=prec.name, confusion=last)
+            res = _evaluate_on(model, eval_classnames, eval_loader, device, prec.name, last)
             summary["eval_s"] = time.perf_counter() - t_eval  # run/cost.py
             summary["eval"] = {k: res[k] for k in ("accuracy", "macro_f1", "n")}
             if last:
@@ -336,6 +340,20 @@ def fit(
         "precision": prec.name,
         "steps": done.step,
     }
+
+
+def _evaluate_on(
+    model: Any, classnames: Sequence[str] | None, loader: Any, device: Any, precision: str, confusion: bool
+) -> dict[str, Any]:
+    """``evaluate`` over ``classnames`` (None: the model's own), the training label space restored."""
+    before = list(model.classnames)
+    if classnames is None or list(classnames) == before:
+        return evaluate(model, loader, device=device, precision=precision, confusion=confusion)
+    model.set_classnames(list(classnames))
+    try:
+        return evaluate(model, loader, device=device, precision=precision, confusion=confusion)
+    finally:
+        model.set_classnames(before)
 
 
 def _prepare_model(model: torch.nn.Module, device: torch.device, *, shard_text: bool) -> list[nn.Parameter]:
