@@ -53,6 +53,13 @@ METHOD_FILE = textwrap.dedent(
 
         def text_inputs(self, image_features=None):
             return TextInputs(self.prompts.fill(self.ctx), self.prompts.eot)
+
+        def objective(self, out, labels):
+            # transductive: the run trains it on unlabelled images (labels -1), so no cross-entropy;
+            # the entropy of its predictions needs no label
+            logp = out.logits.float().log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1).mean()
+            return entropy, {"entropy": entropy}
     '''
 )
 PRESET = "method: throwaway\noptions: {n_ctx: 3}\ntrain: {batch_size: 4, lr: 0.01, epochs: 1}\n"
