@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import snapshot_download
+
 from vlprompt.errors import VlpromptError
 
 PREFIX = "hf-hub:"
@@ -34,8 +36,6 @@ def is_offline() -> bool:
 
 def download(ref: str) -> Path:
     """The local folder of ``hf-hub:org/name[@rev]`` (downloaded once, then from the Hub cache)."""
-    from huggingface_hub import snapshot_download
-
     repo, revision = parse_ref(ref)
     offline = is_offline()
     try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.data import get_dataset, set_max_image_pixels, split_hash
+from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.train.config import ADDED_LATER, DataConfig, RunConfig, TrainConfig
 from vlprompt.train.precision import resolve_device, resolve_precision
@@ -88,8 +89,6 @@ def data_identity(
     """The data keys of the identity.  A ``folder:``/``csv:`` set is named without its machine path
     (``folder:pets``); what identifies its data is the split hash (every item's relative path and label)
     and, for these sets only, the class names (a CSV's labels are not in its relative paths)."""
-    from vlprompt.data.custom import public_name
-
     out = {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.metadata.get("execution")}
     out["split_hash"] = split_hash
     if isinstance(out.get("dataset"), str) and public_name(out["dataset"]) != out["dataset"]:
@@ -142,8 +141,6 @@ def verify_fingerprint(record: Any, config: dict[str, Any] | None, *, fp_path: A
         "data": data_identity(cfg.data, None),
         "train": train_identity(cfg.train),
     }
-    from vlprompt.data.custom import public_name
-
     a, b = _flatten(ident), _flatten(json.loads(json.dumps(mine, default=str)))
     if isinstance(a.get("data.dataset"), str):  # runs written before custom sets were named by name only
         a["data.dataset"] = public_name(a["data.dataset"])

@@ -10,14 +10,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from vlprompt.backbones import load_backbone
+from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import create_model
 from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import backbone_for_manifest, check_weights
+from vlprompt.run.hub_ref import download, is_hub_ref
 from vlprompt.run.layout import CONFIG, MANIFEST, METRICS, PROMPT, RunDir, read_json
+from vlprompt.run.lock import RunLock
 from vlprompt.run.train import FORMAT, build_splits, eval_loader, metrics_entry, record_metrics
 from vlprompt.train.checkpoint import load_safetensors
 from vlprompt.train.config import RunConfig, dump_yaml, read_yaml
@@ -53,8 +58,6 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 
 def _not_a_prompt(path: Path, missing: str) -> str:
     """The right advice for a folder without a prompt: a grid folder, an unfinished run, or neither."""
-    from vlprompt.run.layout import CONFIG
-
     if (path / CONFIG).is_file():
         return (
             f"{path} has no {missing} (the run did not finish); finish it with `vlprompt train ... --resume` "
@@ -78,16 +81,8 @@ def load_run(
     manifest (name + tag, or the weights path recorded on this machine).
     ``model.predict(images, classnames)`` works with new classes.
     """
-    import torch
-
-    from vlprompt.run.hub_ref import download, is_hub_ref
-
     if is_hub_ref(path):  # hf-hub:org/name[@rev]: the Hub's copy, through its cache
         path = download(str(path))
-    from vlprompt.methods import create_model
-    from vlprompt.train.checkpoint import load_safetensors
-    from vlprompt.train.precision import resolve_device
-
     manifest, prompt_path = read_manifest(path)
     local = RunDir(path).local() if Path(path).is_dir() else {}
     device = (
@@ -263,8 +258,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
                 f"export target {out} is a run; exporting would replace its prompt -- pass --force to "
                 "replace the run by this export (its results and checkpoint go) or choose another folder"
             )
-        from vlprompt.run.lock import RunLock
-
         with RunLock(out):
             exp.clear_run_files()
     elif set(exp.foreign_entries()) - {PROMPT, MANIFEST, CONFIG}:
@@ -277,8 +270,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
         raw = src.read_config()
         prov = raw.pop("provenance", None)
         if isinstance(raw.get("data"), dict):
-            from vlprompt.data.custom import public_name
-
             raw["data"]["root"] = None
             if isinstance(raw["data"].get("dataset"), str):
                 raw["data"]["dataset"] = public_name(raw["data"]["dataset"])

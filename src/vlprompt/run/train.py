@@ -16,13 +16,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from vlprompt.data import build_loader, build_transform, fewshot, split_hash
 from vlprompt.data import subsample as subsample_fn
+from vlprompt.data.custom import public_name
 from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
 from vlprompt.errors import VlpromptError
-from vlprompt.methods import create_model
+from vlprompt.methods import create_model, get_method
 from vlprompt.run import cost as costs
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import (
@@ -35,14 +37,26 @@ from vlprompt.run.backbone import (
 )
 from vlprompt.run.env import environment
 from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
-from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, MANIFEST, METRICS, PROMPT, SPLIT, RunDir
+from vlprompt.run.layout import (
+    CONFIG,
+    FINGERPRINT,
+    LOCAL,
+    MANIFEST,
+    METRICS,
+    PROMPT,
+    PROMPT_SHA256,
+    SPLIT,
+    RunDir,
+)
+from vlprompt.run.learned import learned_nothing, record_warning
 from vlprompt.run.lock import RunLock
 from vlprompt.train import distributed as ddp
-from vlprompt.train.checkpoint import has_checkpoint
+from vlprompt.train.checkpoint import has_checkpoint, save_safetensors
 from vlprompt.train.config import RunConfig, dump_yaml
 from vlprompt.train.precision import resolve_device, resolve_precision
 from vlprompt.train.trainer import fit
-from vlprompt.utils import set_seed
+from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
+from vlprompt.utils import set_seed, sha256_file
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
@@ -54,8 +68,6 @@ FORMAT_VERSION = 1
 def provenance(method: str) -> dict[str, Any]:
     """The method's registry notes every artefact carries: ``{"reconstructed": True, "note": ...}`` for
     a reconstruction (DPL), ``{"transductive": True, ...}`` for a transductive method, else ``{}``."""
-    from vlprompt.methods import get_method
-
     return get_method(method).provenance()
 
 
@@ -96,8 +108,6 @@ def train_data(splits: Any, backbone: Any, cfg: RunConfig) -> Any:
 def metrics_entry(
     res: dict[str, Any], *, dataset: str, subsample: str, epoch: Any, seed: Any, shots: Any, method: str
 ) -> dict[str, Any]:
-    from vlprompt.data.custom import public_name
-
     return {
         "dataset": public_name(dataset),  # folder:/csv: sets by name only (no machine path)
         "subsample": subsample,
@@ -213,8 +223,6 @@ def train_run(
         for d in reversed(made):  # deepest first; only folders this call created and left empty
             if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
                 shutil.rmtree(d, ignore_errors=True)
-        from vlprompt.train import distributed as ddp
-
         lost = ddp.peer_lost(exc) if isinstance(exc, Exception) else None
         if lost is not None:  # a dead DDP peer: one line, not a gloo/NCCL traceback
             raise lost from None
@@ -301,10 +309,6 @@ def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
     """Build the model once (RNG untouched) so that options the backbone cannot take are refused
     before anything is written (a method without trainable parameters, zero-shot CLIP, is evaluated
     without training: train/zeroshot.py)."""
-    import torch
-
-    from vlprompt.methods import create_model
-
     with torch.random.fork_rng(devices=[]):
         model = create_model(
             cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
@@ -317,9 +321,6 @@ def _write_run_info(
 ) -> None:
     """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained (a
     resumed run keeps the attention implementations it recorded)."""
-    from vlprompt.data import split_hash
-    from vlprompt.data.custom import public_name
-
     prov = provenance(cfg.method)
     text = dump_yaml(cfg)
     if prov:
@@ -365,8 +366,6 @@ def _train(
     stop_after_epoch: int | None,
     callbacks: Any,
 ) -> dict[str, Any]:
-    from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
-
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
         cfg.method,
@@ -473,7 +472,6 @@ def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
 def _check_learned(cfg: RunConfig, run: RunDir, result: dict[str, Any], model: Any, backbone: Any,
                    splits: Any, loader: Any, create_model: Any) -> None:  # fmt: skip
     """Say so (log + metrics.json) when the run learned nothing (run/learned.py)."""
-    from vlprompt.run.learned import learned_nothing, record_warning
 
     def zero_shot() -> Any:
         return create_model("zeroshot", backbone, list(splits.classnames), template=splits.template)
@@ -492,21 +490,12 @@ def _options_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:
     """prompt.safetensors (manifest embedded, provenance as plain keys) + manifest.json."""
-
-    import torch
-
-    from vlprompt.run.layout import PROMPT_SHA256
-    from vlprompt.train.checkpoint import save_safetensors
-    from vlprompt.utils import sha256_file
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise VlpromptError(f"the prompt holds non-finite values ({', '.join(bad[:3])}); nothing was written")
     manifest = {k: v for k, v in manifest.items() if k != PROMPT_SHA256}
     if isinstance(manifest.get("dataset"), str):  # folder:/csv: sets by name only (no machine path)
-        from vlprompt.data.custom import public_name
-
         manifest["dataset"] = public_name(manifest["dataset"])
     meta = {"vlprompt_manifest": json.dumps(manifest)}
     if manifest.get("reconstructed"):

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import yaml
 
 from vlprompt.errors import VlpromptError, unknown_name
-from vlprompt.methods import get_method
+from vlprompt.methods import build_config, get_method
 from vlprompt.methods.model import ModelOptions
 from vlprompt.options import Options, option, plain
 
@@ -237,8 +237,6 @@ def build_section(typ: type[Options], values: Mapping[str, Any], section: str) -
 
 def build_options(method: str, options: Mapping[str, Any]) -> Any:
     """The method's Config dataclass from ``options``: unknown keys and bad values are one-line errors."""
-    from vlprompt.methods import build_config, get_method
-
     cls = get_method(method)
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
         options = _plain(options)
@@ -254,8 +252,6 @@ def describe_keys(method: str | None = None) -> list[dict[str, Any]]:
     """Every config key: ``{key, type, default, help, execution}`` (with the method's options when given)."""
     rows = [row for typ in SECTION_TYPES.values() for row in typ.describe()]
     if method is not None:
-        from vlprompt.methods import get_method
-
         rows += get_method(method).Config.describe("options")
     return rows
 
@@ -334,8 +330,6 @@ def load_preset(method: str, protocol: str | None = None) -> dict[str, Any]:
 
 def preset_protocols(method: str) -> list[str]:
     """The protocols the method's preset has its own section for."""
-    from vlprompt.methods import get_method
-
     return list(get_method(method).preset().get("protocols") or {})
 
 
