@@ -205,11 +205,12 @@ def load_splits(data: DataConfig) -> Any:
     return _SPLITS[k]
 
 
-def request_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The fingerprint record a request would write (loads the data set's split, not its images)."""
+def request_fingerprint(cfg: RunConfig, precision: str | None = None) -> dict[str, Any]:
+    """The fingerprint record a request would write (loads the data set's split, not its images);
+    ``precision``: the resolved precision's name where the caller resolved it already (``train_run``)."""
 
     splits = load_splits(cfg.data)
-    prec = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
+    prec = precision or resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
     return fingerprint_record(
         identity(cfg, split_hash=split_hash(splits), precision=prec, classnames=list(splits.classnames))
     )

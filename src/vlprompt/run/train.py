@@ -36,7 +36,7 @@ from vlprompt.run.backbone import (
     world_mismatch,
 )
 from vlprompt.run.env import environment
-from vlprompt.run.identity import describe_differences, differences, fingerprint_record, identity, load_splits
+from vlprompt.run.identity import describe_differences, differences, load_splits, request_fingerprint
 from vlprompt.run.layout import (
     CONFIG,
     FINGERPRINT,
@@ -142,15 +142,6 @@ def record_metrics(run: RunDir, entry: dict[str, Any], cost: dict[str, Any] | No
     return metrics
 
 
-def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str, Any]:
-    prec = resolve_precision(cfg.train.precision, device).name
-    return fingerprint_record(
-        identity(
-            cfg, split_hash=split_hash(splits_full), precision=prec, classnames=list(splits_full.classnames)
-        )
-    )
-
-
 def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
     """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
 
@@ -253,8 +244,8 @@ def _train_run(
     env = ddp.init_from_env(cfg.train.device)
     main = env.is_main
     device = ddp.rank_device(resolve_device(cfg.train.device))
-    splits_full = load_splits(cfg.data)  # validates the data set before anything is written
-    fp = request_identity(cfg, splits_full, device)
+    precision = resolve_precision(cfg.train.precision, device).name
+    fp = request_fingerprint(cfg, precision)  # loads (validates) the data set before anything is written
     decision = check_request(cfg, run, fp, resume=resume, force=force)
     if decision == "complete":
         evals = run.evaluations()
@@ -366,14 +357,10 @@ def _train(
     stop_after_epoch: int | None,
     callbacks: Any,
 ) -> dict[str, Any]:
+    options = _options_dict(cfg)  # the method's section, as create_model and the manifest take it
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
-        cfg.method,
-        backbone,
-        list(splits.classnames),
-        template=splits.template,
-        model=cfg.model,
-        **_options_dict(cfg),
+        cfg.method, backbone, list(splits.classnames), template=splits.template, model=cfg.model, **options
     )
     # attention="auto": the choices this run recorded (on resume), else the machine's measured table;
     # each new choice is written to env.json at once, so a resume after a kill reuses it
@@ -426,7 +413,7 @@ def _train(
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
         **provenance(cfg.method),
-        "options": _options_dict(cfg),
+        "options": options,
         "backbone": portable_section(cfg.backbone, backbone),
         "classnames": list(model.classnames),
         "template": model.template,
