@@ -24,11 +24,9 @@ from vlprompt.data import SPECS
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import get_method
 from vlprompt.run.hub_ref import FILES, PREFIX, download, is_hub_ref, is_offline, parse_ref  # noqa: F401
-from vlprompt.run.layout import METRICS, RunDir
+from vlprompt.run.layout import CARD, METRICS, RunDir
 from vlprompt.run.load import export_run, read_manifest
 from vlprompt.utils import atomic_write_text
-
-CARD = "README.md"
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -10,10 +10,11 @@ from typing import Any
 from huggingface_hub import snapshot_download
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run.layout import HUB_FILES, PROMPT
 
 PREFIX = "hf-hub:"
 #: the files of a prompt on the Hub (everything else in a repository is ignored when downloading)
-FILES = ["prompt.safetensors", "manifest.json", "config.yaml", "metrics.json", "README.md"]
+FILES = list(HUB_FILES)
 
 
 def is_hub_ref(path: Any) -> bool:
@@ -58,6 +59,6 @@ def download(ref: str) -> Path:
             "network and (for a private repository) `huggingface-cli login`"
         ) from None
     folder = Path(path)
-    if not (folder / "prompt.safetensors").is_file():
-        raise VlpromptError(f"{ref} holds no prompt.safetensors: it is not a vlprompt prompt repository")
+    if not (folder / PROMPT).is_file():
+        raise VlpromptError(f"{ref} holds no {PROMPT}: it is not a vlprompt prompt repository")
     return folder

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from vlprompt import utils
 from vlprompt.errors import VlpromptError
 from vlprompt.run.identity import verify_fingerprint
+from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import files as trainer_files
 from vlprompt.train.config import read_yaml
 from vlprompt.utils import TMP_SUFFIX, atomic_write_json, atomic_write_text, sha256_file
@@ -54,7 +55,10 @@ FAILED = "failed.json"
 CHECKPOINT = trainer_files.CHECKPOINT
 #: results that a retrain replaces (the checkpoint goes with them)
 RESULT_FILES = (DONE, METRICS, PROMPT, MANIFEST, FINGERPRINT)
-LOG_CSV = "log.csv"  # written by train.progress beside log.jsonl
+LOG_CSV = LOG_TABLE  # written by train.progress beside log.jsonl
+CARD = "README.md"  # the model card of an `export --hub` folder (run/hub.py)
+#: the files of a prompt on the Hugging Face Hub (everything else in a repository is ignored)
+HUB_FILES = (PROMPT, MANIFEST, CONFIG, METRICS, CARD)
 #: every name the run layer writes at a run's top level (nothing else is ever touched there)
 RUN_NAMES = (
     LOG_CSV,
@@ -297,8 +301,8 @@ def _own_temp(name: str, checkpoint: bool = False) -> bool:
     """``.<name>.<random>.tmp`` of a file the run layer writes (``atomic_write``'s temp names)."""
     if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
         return False
-    if checkpoint:  # last.safetensors, state.json, state-<sha>.safetensors
-        return name.startswith((".last.safetensors.", ".state.json.", ".state-"))
+    if checkpoint:  # last.safetensors, state.json, state-<sha>.safetensors (train/checkpoint.py)
+        return name.startswith((f".{ckpt.WEIGHTS}.", f".{ckpt.STATE}.", f".{ckpt.TENSORS_PREFIX}"))
     return any(name.startswith(f".{n}.") for n in RUN_NAMES if n != CHECKPOINT)
 
 
