@@ -1,6 +1,7 @@
 """A new method is one file (+ one preset): a throwaway method written into a temporary folder, outside
 the package, registered when its module is imported, goes through every command without touching
-any other file: train -> report -> predict -> export -> predict from the export -> config show ->
+any other file: train -> report -> predict -> export -> predict from the export -> import of a
+checkpoint in the official (Dassl) format, declared by the file's ``official`` layout -> config show ->
 bench.  (The package's own methods add one line to the registration list in methods/__init__.py.)
 """
 
@@ -12,9 +13,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+import vlprompt
 from vlprompt.cli.main import main
 from vlprompt.methods import get_method, list_methods, unregister_method
 
@@ -29,6 +32,13 @@ METHOD_FILE = textwrap.dedent(
 
     from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
     from vlprompt.methods.common import ClassPrompts, ctx_segments
+    from vlprompt.methods.official import Mapped, OfficialLayout, Signature, need
+
+
+    def map_official(sd, method):
+        """Its (imaginary) official code saves the context as ``throwaway_ctx`` (M, d): n_ctx = M."""
+        ctx = need(sd, "throwaway_ctx", method, (2,))
+        return Mapped({"ctx": ctx.float()}, {"n_ctx": int(ctx.shape[0])}, {"ctx": "throwaway_ctx"})
 
 
     @dataclass
@@ -43,6 +53,9 @@ METHOD_FILE = textwrap.dedent(
         Config = ThrowawayConfig
         summary = "test-only: a method defined in one file outside the package"
         transductive_note = "throwaway is labelled transductive to check the label reaches every artefact"
+        official = OfficialLayout(
+            "example/throwaway", "prompt_learner", Signature(has=("throwaway_ctx",)), map_official
+        )
 
         def __init__(self, cfg, backbone):
             super().__init__(cfg, backbone)
@@ -109,6 +122,34 @@ def test_a_method_from_one_file_goes_through_every_command(throwaway, tmp_path, 
     capsys.readouterr()
     assert main(["predict", "--run", str(export), "--format", "json", "--topk", "2", str(image)]) == 0
     assert json.loads(capsys.readouterr().out) == from_run  # the exported prompt predicts the same
+
+    # the official code's checkpoint, as Dassl writes it: <learner>/model.pth.tar-N holding
+    # {"state_dict", "epoch", "optimizer", "scheduler", "val_result"} (PREC fp32: the tensors as trained)
+    trained = vlprompt.load_prompt(run)
+    ctx = trained.prompt_state_dict()["ctx"]
+    learner = tmp_path / "official" / "prompt_learner"
+    learner.mkdir(parents=True)
+    checkpoint = {
+        "state_dict": {"throwaway_ctx": ctx.clone()},
+        "epoch": 1,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "momentum": 0.9, "params": [0]}]},
+        "scheduler": {"last_epoch": 1, "base_lrs": [0.01]},
+        "val_result": None,
+    }
+    torch.save(checkpoint, learner / "model.pth.tar-1")
+    imported = tmp_path / "imported"
+    argv = ["import", str(learner), "--out", str(imported), "--dataset", "demo", "--model", "vlp-tiny"]
+    assert main([*argv, "--pretrained", "none"]) == 0  # the method is detected by its layout's signature
+    assert "imported throwaway" in capsys.readouterr().out
+    again = vlprompt.load_prompt(imported, backbone=trained.backbone)
+    assert again.manifest["imported_from"]["method"] == "detected from the tensor names"
+    assert again.manifest["options"] == {"n_ctx": 3}  # read from the tensor's shape by the file's mapping
+    size = trained.backbone.preprocess_cfg["size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(pixels), trained(pixels))  # the same logits
+    assert main(["predict", "--run", str(imported), "--format", "json", "--topk", "2", str(image)]) == 0
+    assert json.loads(capsys.readouterr().out) == from_run
 
     assert main(["config", "show", "--method", "throwaway"]) == 0
     shown = capsys.readouterr().out

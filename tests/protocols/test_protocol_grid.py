@@ -13,12 +13,15 @@ from fakeruns import make_run
 from vlprompt.cli.main import main
 from vlprompt.data import CROSS_DATASET_TARGETS, DG_TARGETS, FEWSHOT_K
 from vlprompt.errors import VlpromptError
-from vlprompt.protocols.grid import Evaluation, parse_list, plan_grid
+from vlprompt.protocols.grid import Evaluation, GridRequest, parse_list, plan_grid
 from vlprompt.protocols.runner import execute, run_grid, summarize
+from vlprompt.train.config import RunRequest
 
 
 def test_base2new_plan(tmp_path: Path) -> None:
-    specs = plan_grid("base2new", ["coop", "zeroshot"], ["caltech", "eurosat"], [1, 2, 3], tmp_path)
+    specs = plan_grid(
+        GridRequest("base2new", ["coop", "zeroshot"], ["caltech", "eurosat"], [1, 2, 3], tmp_path)
+    )
     assert len(specs) == 2 * 2 * 3
     dirs = {s.out_dir for s in specs}
     assert len(dirs) == 12
@@ -32,7 +35,16 @@ def test_base2new_plan(tmp_path: Path) -> None:
 
 
 def test_fewshot_plan_default_shots(tmp_path: Path) -> None:
-    specs = plan_grid("fewshot", ["coop"], ["demo"], [1, 2], tmp_path, epochs=3, overrides=["train.lr=0.01"])
+    specs = plan_grid(
+        GridRequest(
+            "fewshot",
+            ["coop"],
+            ["demo"],
+            [1, 2],
+            tmp_path,
+            run=RunRequest("coop", epochs=3, overrides=("train.lr=0.01",)),
+        )
+    )
     assert len(specs) == len(FEWSHOT_K) * 2
     assert sorted({s.shots for s in specs}) == list(FEWSHOT_K)
     assert all(s.evaluations == [Evaluation("demo", "all")] for s in specs)
@@ -43,7 +55,9 @@ def test_fewshot_plan_default_shots(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("protocol,targets", [("cross-dataset", CROSS_DATASET_TARGETS), ("dg", DG_TARGETS)])
 def test_transfer_plans(tmp_path: Path, protocol: str, targets: tuple[str, ...]) -> None:
-    specs = plan_grid(protocol, ["coop"], None, [1, 2, 3], tmp_path, root="/data")
+    specs = plan_grid(
+        GridRequest(protocol, ["coop"], None, [1, 2, 3], tmp_path, run=RunRequest("coop", root="/data"))
+    )
     assert len(specs) == 3  # one ImageNet run per seed; the targets are evaluations, not runs
     for s in specs:
         assert s.out_dir == tmp_path / protocol / "coop" / "imagenet" / f"shots16_seed{s.seed}"
@@ -53,26 +67,26 @@ def test_transfer_plans(tmp_path: Path, protocol: str, targets: tuple[str, ...])
         assert all(e.subsample == "all" for e in s.evaluations)
     assert len(targets) == (10 if protocol == "cross-dataset" else 4)
     # explicit targets
-    specs = plan_grid(protocol, ["coop"], ["eurosat", "dtd"], [1], tmp_path)
+    specs = plan_grid(GridRequest(protocol, ["coop"], ["eurosat", "dtd"], [1], tmp_path))
     assert [e.dataset for e in specs[0].evaluations] == ["imagenet", "eurosat", "dtd"]
 
 
 def test_plan_errors(tmp_path: Path) -> None:
     with pytest.raises(VlpromptError, match="unknown protocol"):
-        plan_grid("b2n", ["coop"], ["demo"], [1], tmp_path)
+        plan_grid(GridRequest("b2n", ["coop"], ["demo"], [1], tmp_path))
     with pytest.raises(VlpromptError, match="needs --datasets"):
-        plan_grid("base2new", ["coop"], None, [1], tmp_path)
+        plan_grid(GridRequest("base2new", ["coop"], None, [1], tmp_path))
     with pytest.raises(VlpromptError, match="unknown method"):
-        plan_grid("base2new", ["coopp"], ["demo"], [1], tmp_path)
+        plan_grid(GridRequest("base2new", ["coopp"], ["demo"], [1], tmp_path))
     with pytest.raises(VlpromptError, match="unknown data set"):
-        plan_grid("fewshot", ["coop"], ["nosuchset"], [1], tmp_path)
+        plan_grid(GridRequest("fewshot", ["coop"], ["nosuchset"], [1], tmp_path))
     with pytest.raises(VlpromptError, match="bad seed 'x'"):
         parse_list("1,x", "seed", int)
     assert parse_list("1, 2,2,3", "seed", int) == [1, 2, 3]
 
 
 def test_complete_runs_are_recognised(tmp_path: Path) -> None:
-    specs = plan_grid("base2new", ["coop"], ["demo"], [1, 2, 3], tmp_path, shots=[2])
+    specs = plan_grid(GridRequest("base2new", ["coop"], ["demo"], [1, 2, 3], tmp_path, shots=[2]))
     make_run(tmp_path, "base2new", "coop", "demo", 2, 1, {("demo", "base"): 50.0, ("demo", "new"): 40.0})
     make_run(tmp_path, "base2new", "coop", "demo", 2, 2, {("demo", "base"): 50.0})  # new eval missing
     make_run(
@@ -130,7 +144,7 @@ def _install_fake_runs(monkeypatch, calls: list, fail_seed: int | None = None) -
 def test_runner_trains_evaluates_skips_and_survives_failure(tmp_path: Path, monkeypatch, caplog) -> None:
     calls: list = []
     _install_fake_runs(monkeypatch, calls, fail_seed=2)
-    specs = plan_grid("base2new", ["coop"], ["demo"], [1, 2, 3], tmp_path, shots=[2])
+    specs = plan_grid(GridRequest("base2new", ["coop"], ["demo"], [1, 2, 3], tmp_path, shots=[2]))
     results = run_grid(specs, progress=False, share_backbone=False)
     assert [r.status for r in results] == ["done", "failed", "done"]
     assert results[1].reason == "RuntimeError: CUDA out of memory"

@@ -12,7 +12,7 @@ import pytest
 from vlprompt.cli.main import main
 from vlprompt.protocols.cost_report import write_cost_report
 from vlprompt.run import RunDir, evaluate_run, train_run
-from vlprompt.train.config import resolve_config
+from vlprompt.train.config import RunRequest, resolve_config
 
 
 def _cfg(epochs: int = 3):
@@ -122,7 +122,7 @@ def test_cost_page_sums_per_method_and_protocol(tmp_path):
 def test_report_links_the_cost_page_and_dry_run_projects_the_real_counts(trained, tmp_path, capsys):
     from vlprompt.bench.projection import plan_runs
     from vlprompt.protocols.cost_report import LINK
-    from vlprompt.protocols.grid import plan_grid
+    from vlprompt.protocols.grid import GridRequest, plan_grid
 
     argv = ["run", "--protocol", "base2new", "--method", "coop", "--datasets", "demo", "--seeds", "1",
             "--shots", "4", "--model", "vlp-tiny", "--epochs", "3", "--set", "train.batch_size=4",
@@ -132,8 +132,8 @@ def test_report_links_the_cost_page_and_dry_run_projects_the_real_counts(trained
     assert "1 runs planned: 1 todo" in out
     assert "projected cost on this machine" in out and "of compute for the runs still to do" in out
     assert "  coop           1       15 " in out  # 15 steps, as the real run counted them
-    specs = plan_grid("base2new", ["coop"], ["demo"], [1], tmp_path / "runs", shots=[4], model="vlp-tiny",
-                      overrides=["train.batch_size=4"], epochs=3)  # fmt: skip
+    run = RunRequest("coop", model="vlp-tiny", overrides=("train.batch_size=4",), epochs=3)
+    specs = plan_grid(GridRequest("base2new", ["coop"], ["demo"], [1], tmp_path / "runs", shots=[4], run=run))
     (p,) = plan_runs(specs)
     t = json.loads((trained / "metrics.json").read_text())
     assert (p.steps, p.steps * p.batch) == (t["cost"]["train"]["steps"], t["cost"]["train"]["images"])

@@ -31,6 +31,7 @@ from typing import Any
 
 import open_clip
 import torch
+from huggingface_hub import hf_hub_download
 from open_clip.model import CLIP
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -122,19 +123,14 @@ def _cached_pretrained_file(pcfg: dict[str, Any], cache_dir: str | None) -> str 
         return pcfg["file"] if os.path.exists(pcfg["file"]) else None
     hub = pcfg.get("hf_hub", "")
     if hub:
-        try:
-            from huggingface_hub import hf_hub_download
-        except ImportError:  # pragma: no cover - open_clip depends on it
-            hub = ""
-        else:
-            model_id, filename = os.path.split(hub)
-            candidates = [filename] if filename else []
-            candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-            for fn in candidates:
-                try:
-                    return hf_hub_download(model_id, fn, cache_dir=cache_dir, local_files_only=True)
-                except Exception:  # not cached (or any hub error): try the next name
-                    continue
+        model_id, filename = os.path.split(hub)
+        candidates = [filename] if filename else []
+        candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for fn in candidates:
+            try:
+                return hf_hub_download(model_id, fn, cache_dir=cache_dir, local_files_only=True)
+            except Exception:  # not cached (or any hub error): try the next name
+                continue
     url = pcfg.get("url", "")
     if url:
         path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))

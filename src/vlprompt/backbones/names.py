@@ -14,7 +14,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlprompt.backbones.loading import canonical_model_name, list_architectures
+import open_clip
+
+from vlprompt.backbones.bundled import TAG, bundled_names
+from vlprompt.backbones.loading import _cached_pretrained_file, canonical_model_name, list_architectures
 
 #: what a catalogue row needs before it loads
 NEEDS_NOTHING = "nothing"  # bundled weights, or a tag already in the local cache
@@ -49,11 +52,6 @@ def list_models(filter: str | None = None, *, check_cache: bool = True) -> list[
     ``filter``: keep architectures whose name contains it (case-insensitive; OpenAI spellings work).
     ``check_cache``: look in the local caches for downloaded tags (``needs="nothing"`` then).
     """
-    import open_clip
-
-    from vlprompt.backbones.bundled import TAG, bundled_names
-    from vlprompt.backbones.loading import _cached_pretrained_file
-
     want = None
     if filter:
         want = (canonical_model_name(filter) or filter).lower()

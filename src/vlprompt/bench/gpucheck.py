@@ -41,9 +41,10 @@ from vlprompt.bench.models import build_model
 from vlprompt.bench.results import write_results
 from vlprompt.bench.suite import SuiteConfig, run_suite, write_suite
 from vlprompt.errors import VlpromptError
-from vlprompt.methods import list_methods
+from vlprompt.methods import bench_methods, list_methods
 from vlprompt.run import RunDir
 from vlprompt.train import fit
+from vlprompt.train.config import RunConfig
 from vlprompt.train.precision import resolve_precision
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
@@ -118,10 +119,6 @@ def check_logits(model: str, device: torch.device, methods: list[str], dry: bool
 
 def check_train(model: str, device: torch.device, dry: bool) -> dict[str, Any]:
     """A few fit() steps under bf16 and fp16 + GradScaler; losses finite, prompts moved, CLIP frozen."""
-    from vlprompt.backbones import load_backbone
-    from vlprompt.bench.models import build_model
-    from vlprompt.train.config import RunConfig
-
     bb = load_backbone(model, device=device)
     size = bb.preprocess_cfg["size"]
     g = torch.Generator().manual_seed(0)
@@ -224,8 +221,6 @@ def check_ddp(model: str, device: torch.device, work: Path) -> dict[str, Any]:
 
 def check_bench(model: str, device: torch.device, dry: bool, work: Path) -> dict[str, Any]:
     """Bench at official batch sizes (+ evaluation at batch 100, memory at 1000 classes), compile on/off."""
-    from vlprompt.methods import bench_methods
-
     if dry:
         cfg = BenchConfig.quick_config(
             device=str(device),

@@ -18,7 +18,8 @@ from vlprompt.bench.flops import (
     text_tower_flops_shared_prefix,
 )
 from vlprompt.engine import AutoAttention, shared_prefix_length
-from vlprompt.methods.model import create_model
+from vlprompt.methods import get_method
+from vlprompt.methods.model import ModelOptions, create_model
 from vlprompt.run.attention import MeasuredTable, measured_attention
 from vlprompt.train.config import load_preset
 
@@ -44,8 +45,6 @@ def class_names(n: int) -> list[str]:
 
 def method_recipe(method: str) -> tuple[dict[str, Any], int]:
     """(official options, official batch size): the preset's, else the registry entry's bench batch size."""
-    from vlprompt.methods import get_method
-
     cls = get_method(method)
     preset = load_preset(method)
     batch = (cls.preset().get("train") or {}).get("batch_size") or cls.bench_batch_size or 4
@@ -71,8 +70,6 @@ def reset_measured() -> None:
 
 def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extra: Any):
     """A PromptModel of ``method`` with its official options and the variant's execution options."""
-    from vlprompt.methods.model import ModelOptions
-
     opts, _ = method_recipe(method)
     max_depth = min(backbone.text.layers, backbone.image.layers)
     for k, v in list(opts.items()):  # official depths / block indices on a smaller backbone (--quick): clamp

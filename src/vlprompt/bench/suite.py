@@ -39,7 +39,8 @@ from vlprompt.bench.measure import _loadavg, device_info
 from vlprompt.bench.results import label_reconstructed
 from vlprompt.data import BENCHMARKS, build_transform, get_dataset, get_spec
 from vlprompt.methods import bench_methods
-from vlprompt.protocols.grid import plan_grid
+from vlprompt.protocols.grid import GridRequest, plan_grid
+from vlprompt.train.config import RunRequest
 from vlprompt.train.precision import resolve_device
 from vlprompt.utils import atomic_write_json, atomic_write_text
 
@@ -87,14 +88,11 @@ def plan_suite(cfg: SuiteConfig) -> list[dict[str, Any]]:
     datasets = cfg.datasets
     if datasets is None and cfg.protocol in ("base2new", "fewshot"):
         datasets = list(BENCHMARKS)  # the papers' 11 data sets
+    run = RunRequest(cfg.methods[0], model=cfg.model) if cfg.methods else None
     specs = plan_grid(
-        cfg.protocol,
-        cfg.methods,
-        datasets,
-        cfg.seeds,
-        "/nonexistent/suite-plan",
-        shots=cfg.shots,
-        model=cfg.model,
+        GridRequest(
+            cfg.protocol, cfg.methods, datasets, cfg.seeds, "/nonexistent/suite-plan", cfg.shots, run=run
+        )
     )
     rows = []
     for s in specs:

@@ -84,9 +84,10 @@ def _is_random(backbone: str | None, args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlprompt.protocols.grid import plan_grid
+    from vlprompt.protocols.grid import GridRequest, plan_grid
     from vlprompt.protocols.report import base2new_summary, build_report, collect_runs, method_label
     from vlprompt.protocols.runner import run_grid, summarize
+    from vlprompt.train.config import RunRequest
 
     t0 = time.perf_counter()
     model = args.model or (None if args.weights else WORLD_MODEL)
@@ -117,19 +118,10 @@ def run(args: argparse.Namespace) -> int:
         "zeroshot",
         *[m.strip() for m in args.method.split(",") if m.strip() and m.strip() != "zeroshot"],
     ]
+    run = RunRequest(methods[0], model=model, pretrained=args.pretrained, weights=args.weights,
+                     overrides=tuple(args.overrides), epochs=args.epochs, device=args.device)  # fmt: skip
     specs = plan_grid(
-        "base2new",
-        methods,
-        [spec.name],
-        [args.seed],
-        out / "runs",
-        shots=[shots],
-        model=model,
-        pretrained=args.pretrained,
-        weights=args.weights,
-        overrides=args.overrides,
-        epochs=args.epochs,
-        device=args.device,
+        GridRequest("base2new", methods, [spec.name], [args.seed], out / "runs", [shots], run=run)
     )
     for sp in specs[1:]:
         train = sp.cfg.train

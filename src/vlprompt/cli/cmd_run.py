@@ -122,27 +122,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def plan_from_args(args: argparse.Namespace) -> list:
     """The grid the arguments describe (a list of RunSpec)."""
-    from vlprompt.protocols.grid import parse_list, plan_grid
+    from vlprompt.protocols.grid import GridRequest, parse_list, plan_grid
+    from vlprompt.train.config import RunRequest
 
     if args.epochs is not None and args.epochs < 1:
         raise VlpromptError(f"--epochs must be >= 1, got {args.epochs}")
+    methods = parse_list(args.method, "method")
+    run = RunRequest(  # what every run of the grid shares
+        methods[0], root=args.root, model=model_name(args), pretrained=args.pretrained, weights=args.weights,
+        overrides=tuple(data_overrides(args)), epochs=args.epochs, num_workers=args.num_workers,
+        device=args.device, config_file=args.config,
+    )  # fmt: skip
     return plan_grid(
-        args.protocol,
-        parse_list(args.method, "method"),
-        parse_list(args.datasets, "data set") if args.datasets else None,
-        parse_list(args.seeds, "seed", int),
-        args.out,
-        shots=parse_list(args.shots, "shots", int) if args.shots else None,
-        root=args.root,
-        model=model_name(args),
-        pretrained=args.pretrained,
-        weights=args.weights,
-        overrides=data_overrides(args),
-        epochs=args.epochs,
-        num_workers=args.num_workers,
-        source=args.source,
-        device=args.device,
-        config_file=args.config,
+        GridRequest(
+            args.protocol,
+            methods,
+            parse_list(args.datasets, "data set") if args.datasets else None,
+            parse_list(args.seeds, "seed", int),
+            args.out,
+            shots=parse_list(args.shots, "shots", int) if args.shots else None,
+            source=args.source,
+            run=run,
+        )
     )
 
 

@@ -48,9 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def clamp_depths(method: str, protocol: str, layers: int) -> list[str]:
     """``--set`` overrides bringing the preset's prompt depths down to the model's ``layers`` (the rule)."""
-    from vlprompt.protocols.grid import plan_grid
+    from vlprompt.protocols.grid import GridRequest, plan_grid
+    from vlprompt.train.config import RunRequest
 
-    spec = plan_grid(protocol, [method], ["world-shapes"], [1], "/nonexistent", model=MODEL)[0]
+    grid = GridRequest(
+        protocol, [method], ["world-shapes"], [1], "/nonexistent", run=RunRequest(method, model=MODEL)
+    )
+    spec = plan_grid(grid)[0]
     opts = spec.cfg.get("options") or {}
     return [
         f"options.{k}={layers}"

@@ -16,7 +16,9 @@ submitit on the cluster -- never by vlprompt from a run directory).
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,8 +105,6 @@ class _QueueWatch:
     """
 
     def __init__(self, jobs: Sequence[Any]):
-        import os
-
         self.jobs = list(jobs)
         self.arrays = sorted({str(j.job_id).split("_")[0] for j in self.jobs})
         self.queued: set[str] | None = None
@@ -112,8 +112,6 @@ class _QueueWatch:
         self.grace = float(os.environ.get(GRACE_S_ENV, "60"))
 
     def poll(self) -> None:
-        import subprocess
-
         try:
             out = subprocess.run(
                 ["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(self.arrays)],
@@ -138,8 +136,6 @@ class _QueueWatch:
 
 def _slurm_verdict(job: Any) -> str:
     """SLURM's own line about a task's end (``*** JOB 12 ... CANCELLED AT ... ***``, time limit, OOM)."""
-    import re
-
     try:
         lines = job.paths.stderr.read_text(errors="replace").splitlines()
     except OSError:

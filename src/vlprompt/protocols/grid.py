@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,46 +157,46 @@ def resolve_run_config(request: Any, protocol: str) -> Any:
     return cfg
 
 
-def plan_grid(
-    protocol: str,
-    methods: Iterable[str],
-    datasets: Iterable[str] | None,
-    seeds: Iterable[int],
-    runs_dir: str | Path,
-    *,
-    shots: Iterable[int] | None = None,
-    root: str | None = None,
-    model: str = "ViT-B-16",
-    pretrained: str | None = None,
-    weights: str | None = None,
-    overrides: Sequence[str] = (),
-    epochs: int | None = None,
-    num_workers: int = 0,
-    source: str | None = None,
-    device: str | None = None,
-    config_file: str | None = None,
-    resolve: Callable[..., Any] = resolve_run_config,
-) -> list[RunSpec]:
-    """Every run of ``protocol`` for the given methods, data sets, shots and seeds.
+@dataclass(frozen=True)
+class GridRequest:
+    """What a grid command asks: ``protocol`` over methods x data sets x shots x seeds under ``runs_dir``.
 
     ``datasets`` are the data sets trained on for base2new / fewshot and the *targets* for
-    cross-dataset / DG (default: the protocol's standard targets; the source defaults to ImageNet).
-    ``shots`` defaults to 16 (1, 2, 4, 8, 16 for fewshot). Nothing is read or written except the
-    method presets (``resolve``).
+    cross-dataset / DG (default: the protocol's standard targets; ``source`` defaults to ImageNet).
+    ``shots`` defaults to 16 (1, 2, 4, 8, 16 for fewshot).  ``run`` is the request every run shares
+    (root, model, weights, ``--config``, ``--set``, epochs, device, workers); the grid sets its method,
+    data set, shots, seed, subsample and protocol per run.  Default: ``RunRequest(methods[0])``.
     """
 
+    protocol: str
+    methods: Sequence[str]
+    datasets: Sequence[str] | None
+    seeds: Sequence[int]
+    runs_dir: str | Path
+    shots: Sequence[int] | None = None
+    source: str | None = None
+    run: RunRequest | None = None
+
+
+def plan_grid(grid: GridRequest, resolve: Callable[..., Any] = resolve_run_config) -> list[RunSpec]:
+    """Every run of ``grid`` (a :class:`GridRequest`), each with its resolved RunConfig.
+
+    Nothing is read or written except the method presets (``resolve``).
+    """
+
+    protocol, source = grid.protocol, grid.source
     if protocol not in PROTOCOLS:
         raise VlpromptError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
-    methods = list(dict.fromkeys(methods))
-    seeds = [int(s) for s in seeds]
+    methods = list(dict.fromkeys(grid.methods))
+    seeds = [int(s) for s in grid.seeds]
     if not methods:
         raise VlpromptError("no method given; pass --method M[,M2,...]")
     if not seeds:
         raise VlpromptError("no seed given; pass --seeds 1,2,3")
-    shots = [int(k) for k in shots] if shots else ([*FEWSHOT_K] if protocol == "fewshot" else [16])
+    shots = [int(k) for k in grid.shots] if grid.shots else ([*FEWSHOT_K] if protocol == "fewshot" else [16])
     if any(k < 1 for k in shots):
         raise VlpromptError(f"shots must be >= 1, got {shots}")
-    datasets = [canonical_dataset(d) for d in (datasets or [])]
+    datasets = [canonical_dataset(d) for d in (grid.datasets or [])]
 
     if protocol in ("cross-dataset", "dg"):
         default_source = CROSS_DATASET_SOURCE if protocol == "cross-dataset" else DG_SOURCE
@@ -209,12 +209,9 @@ def plan_grid(
             raise VlpromptError(f"--source applies to cross-dataset and dg only, not {protocol}")
         train_sets, targets = datasets, []
 
-    request = RunRequest(  # the template of every run's request (method, data set, shots, seed per run)
-        method=methods[0], root=root, model=model, pretrained=pretrained, weights=weights,
-        overrides=tuple(overrides), epochs=epochs, num_workers=num_workers, device=device,
-        config_file=config_file,
-    )  # fmt: skip
-    runs_dir = Path(runs_dir)
+    request = grid.run or RunRequest(methods[0])  # the template (method, data set, shots, seed per run)
+    root = request.root
+    runs_dir = Path(grid.runs_dir)
     specs: list[RunSpec] = []
     for method in methods:
         for dataset in train_sets:

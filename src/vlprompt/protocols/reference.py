@@ -11,6 +11,9 @@ package's results.
 
 from __future__ import annotations
 
+from vlprompt.errors import VlpromptError
+from vlprompt.methods import get_method
+
 LABEL = "published, ViT-B/16, pretrained CLIP"
 #: shots per class of every published number here (base-to-new, cross-dataset, DG)
 PUBLISHED_SHOTS = 16
@@ -133,9 +136,6 @@ DG_AVERAGE: dict[str, float] = {
 def paper_name(method: str) -> str | None:
     """The papers' name for one of our methods (its registry entry's ``paper_name``, else its display
     name), or None when the method is unknown here or the tables hold no number under that name."""
-    from vlprompt.errors import VlpromptError
-    from vlprompt.methods import get_method
-
     try:
         cls = get_method(method)
     except VlpromptError:

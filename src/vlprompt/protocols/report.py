@@ -20,6 +20,7 @@ from typing import Any
 from vlprompt.errors import VlpromptError
 from vlprompt.protocols import plots
 from vlprompt.protocols import reference as ref
+from vlprompt.protocols.cost_report import LINK, write_cost_report  # machine-dependent: own page
 from vlprompt.protocols.display import (
     DPL_NOTE,
     dataset_order,
@@ -234,8 +235,6 @@ def build_report(
         pngs = _plots(complete, b2n_summaries, fs_summary, out_dir / "plots", reference)
         if pngs:
             lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in pngs] + [""]
-    from vlprompt.protocols.cost_report import LINK, write_cost_report  # machine-dependent: own page
-
     write_cost_report(complete, out_dir, plots=plots)
     lines += [LINK]
     md = out_dir / "report.md"

@@ -32,6 +32,7 @@ from vlprompt.run import (
     request_fingerprint,
     train_run,
 )
+from vlprompt.run.learned import read_warning
 from vlprompt.train.precision import resolve_device
 
 log = logging.getLogger(__name__)
@@ -227,8 +228,6 @@ def run_grid(
 
 def summarize(results: list[RunResult]) -> str:
     """One line: how many runs were done, skipped and failed (+ one per run that learned nothing)."""
-    from vlprompt.run.learned import read_warning
-
     n = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     line = f"{len(results)} runs: {n['done']} done, {n['skipped']} skipped (complete), {n['failed']} failed"
     warnings = [(r.name, read_warning(r.out_dir)) for r in results if r.ok]  # runs that learned nothing

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlprompt.data import BENCHMARKS, CROSS_DATASET_TARGETS, DG_TARGETS
 from vlprompt.protocols import reference as ref
 from vlprompt.protocols.display import (
     dataset_order,
@@ -176,8 +177,6 @@ def published_base2new_average(
     stored -- the plain mean of those HMs (Base/New then unknown).  ``None`` when a data set has no
     published number.
     """
-    from vlprompt.data import BENCHMARKS
-
     datasets = list(datasets)
     if not datasets:
         return None, "no data sets"
@@ -333,8 +332,6 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
 
 def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> list[Table]:
     """Cross-dataset / DG: one row per method, accuracy per target, plain mean over targets."""
-    from vlprompt.data import CROSS_DATASET_TARGETS, DG_TARGETS
-
     standard = CROSS_DATASET_TARGETS if protocol == "cross-dataset" else DG_TARGETS
     all_shots = {r.shots for r in runs}
     groups: dict[tuple[str, Any], list[RunRecord]] = defaultdict(list)

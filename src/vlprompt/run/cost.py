@@ -19,6 +19,8 @@ import resource
 import time
 from typing import Any
 
+import torch
+
 _MB = 1024 * 1024
 
 
@@ -52,8 +54,6 @@ def _peak_rss_mb() -> float:
 
 def _cuda_index(device: Any) -> int | None:
     """The CUDA device index of ``device`` when it is a GPU torch can see, else ``None``."""
-    import torch
-
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
         return None
@@ -72,8 +72,6 @@ class Meter:
     def start(self) -> Meter:
         self.gpu = _cuda_index(self.device)
         if self.gpu is not None:
-            import torch
-
             torch.cuda.reset_peak_memory_stats(self.gpu)
         self.scope = "phase" if _reset_peak_rss() else "process"
         self.t0, self.c0 = time.perf_counter(), _cpu_seconds()
@@ -83,8 +81,6 @@ class Meter:
         wall, cpu = time.perf_counter() - self.t0, _cpu_seconds() - self.c0
         peak_gpu = None
         if self.gpu is not None:
-            import torch
-
             torch.cuda.synchronize(self.gpu)
             peak_gpu = round(torch.cuda.max_memory_allocated(self.gpu) / _MB, 1)
         return {

@@ -27,7 +27,7 @@ import torch
 
 from vlprompt import torchfile
 from vlprompt.errors import VlpromptError
-from vlprompt.methods import create_model, get_method
+from vlprompt.methods import create_model, get_method, list_methods
 from vlprompt.methods.official import frozen_token_count
 from vlprompt.run.layout import RunDir
 from vlprompt.run.train import FORMAT, FORMAT_VERSION, provenance, save_prompt
@@ -100,8 +100,6 @@ def _find_in_dir(d: Path) -> Path:
 # ------------------------------------------------------------------------------------ mapping
 def official_layouts() -> dict[str, Any]:
     """Every registered method's :class:`~vlprompt.methods.official.OfficialLayout`, by method name."""
-    from vlprompt.methods import get_method, list_methods
-
     return {m: get_method(m).official for m in list_methods() if get_method(m).official is not None}
 
 

@@ -17,18 +17,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlprompt.errors import VlpromptError
-from vlprompt.run.hub_ref import FILES, PREFIX, download, is_hub_ref, is_offline, parse_ref  # noqa: F401
+import yaml
+from huggingface_hub import HfApi
 
-CARD = "README.md"
+from vlprompt.data import SPECS
+from vlprompt.errors import VlpromptError
+from vlprompt.methods import get_method
+from vlprompt.run.hub_ref import FILES, PREFIX, download, is_hub_ref, is_offline, parse_ref  # noqa: F401
+from vlprompt.run.layout import CARD, METRICS, RunDir
+from vlprompt.run.load import export_run, read_manifest
+from vlprompt.utils import atomic_write_text
 
 
 # ------------------------------------------------------------------------------------------ export
 def export_hub(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """A folder ready for the Hub: the export (safetensors, manifest, config), metrics and a model card."""
-    from vlprompt.run.layout import METRICS, RunDir
-    from vlprompt.run.load import export_run, read_manifest
-
     manifest, _ = read_manifest(run_dir)
     out = export_run(run_dir, out_dir)
     src = RunDir(run_dir)
@@ -43,8 +46,6 @@ def export_hub(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     if evaluations:  # the numbers the card states, as data (confusion counts dropped: they name images)
         exp.write_json(METRICS, {"evaluations": evaluations})
     config = src.read_config() if Path(run_dir).is_dir() and src.has_config() else {}
-    from vlprompt.utils import atomic_write_text
-
     atomic_write_text(exp.file(CARD), model_card(manifest, evaluations, config))
     return out
 
@@ -82,8 +83,6 @@ def labels(manifest: dict[str, Any], config: dict[str, Any] | None = None) -> li
 
 def _method_attr(method: str, attr: str, default: Any) -> Any:
     """An attribute of a registered method's class (``default`` for a method not installed here)."""
-    from vlprompt.methods import get_method
-
     try:
         return getattr(get_method(method), attr, default) or default
     except VlpromptError:
@@ -91,8 +90,6 @@ def _method_attr(method: str, attr: str, default: Any) -> Any:
 
 
 def dataset_title(name: str) -> str:
-    from vlprompt.data import SPECS
-
     spec = SPECS.get(name)
     return spec.title if spec else name
 
@@ -109,7 +106,6 @@ def model_card(
     manifest: dict[str, Any], evaluations: list[dict[str, Any]], config: dict[str, Any] | None = None
 ) -> str:
     """The Hub model card (YAML front matter + Markdown) of one prompt."""
-    import yaml
 
     def method_label(name: str) -> str:  # the registry's display name where it has one
         return _method_attr(name, "display_name", None) or name
@@ -208,8 +204,6 @@ def model_card(
 # ------------------------------------------------------------------------------------------ push
 def check_hub_folder(folder: str | os.PathLike) -> Path:
     """``folder`` is a prompt ready for the Hub (prompt, manifest, card), else one line saying why."""
-    from vlprompt.run.load import read_manifest
-
     folder = Path(folder)
     if not folder.is_dir():
         raise VlpromptError(f"{folder} is not a folder; write one with `vlprompt export RUN --hub DIR`")
@@ -234,8 +228,6 @@ def push_hub(
     folder = check_hub_folder(folder)
     if is_offline():
         raise VlpromptError("HF_HUB_OFFLINE=1: pushing needs the network; unset it to upload")
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     try:
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)

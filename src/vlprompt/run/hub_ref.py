@@ -7,11 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import snapshot_download
+
 from vlprompt.errors import VlpromptError
+from vlprompt.run.layout import HUB_FILES, PROMPT
 
 PREFIX = "hf-hub:"
 #: the files of a prompt on the Hub (everything else in a repository is ignored when downloading)
-FILES = ["prompt.safetensors", "manifest.json", "config.yaml", "metrics.json", "README.md"]
+FILES = list(HUB_FILES)
 
 
 def is_hub_ref(path: Any) -> bool:
@@ -34,8 +37,6 @@ def is_offline() -> bool:
 
 def download(ref: str) -> Path:
     """The local folder of ``hf-hub:org/name[@rev]`` (downloaded once, then from the Hub cache)."""
-    from huggingface_hub import snapshot_download
-
     repo, revision = parse_ref(ref)
     offline = is_offline()
     try:
@@ -58,6 +59,6 @@ def download(ref: str) -> Path:
             "network and (for a private repository) `huggingface-cli login`"
         ) from None
     folder = Path(path)
-    if not (folder / "prompt.safetensors").is_file():
-        raise VlpromptError(f"{ref} holds no prompt.safetensors: it is not a vlprompt prompt repository")
+    if not (folder / PROMPT).is_file():
+        raise VlpromptError(f"{ref} holds no {PROMPT}: it is not a vlprompt prompt repository")
     return folder

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.data import get_dataset, read_descriptions, set_max_image_pixels, split_hash
+from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.train.config import ADDED_LATER, DataConfig, RunConfig, TrainConfig
 from vlprompt.train.precision import resolve_device, resolve_precision
@@ -25,6 +26,8 @@ from vlprompt.utils import atomic_write_json, cache_dir, read_json, sha256_file,
 IDENTITY_VERSION = 1
 #: a run's prompt file (``layout.PROMPT``; layout imports this module, so it is named here too)
 _PROMPT_FILE = "prompt.safetensors"
+#: a Hub reference's prefix (``hub_ref.PREFIX``; hub_ref imports layout, so it is named here too)
+_HUB_PREFIX = "hf-hub:"
 #: train keys that are folded into others (epochs tables resolve into train.epochs)
 _FOLDED = ("epochs_by_shots", "epochs_by_dataset")
 
@@ -90,8 +93,6 @@ def data_identity(
     """The data keys of the identity.  A ``folder:``/``csv:`` set is named without its machine path
     (``folder:pets``); what identifies its data is the split hash (every item's relative path and label)
     and, for these sets only, the class names (a CSV's labels are not in its relative paths)."""
-    from vlprompt.data.custom import public_name
-
     out = {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if not f.metadata.get("execution")}
     out["split_hash"] = split_hash
     if isinstance(out.get("dataset"), str) and public_name(out["dataset"]) != out["dataset"]:
@@ -139,8 +140,6 @@ def resolve_teacher(cfg: RunConfig) -> RunConfig:
     src = _teacher_source(cfg)
     if DATASET_FIELD not in src:
         return cfg
-    from vlprompt.data.custom import public_name
-
     key = next(k for k, v in _options(cfg).items() if v == src)
     return cfg.but(options={key: src.replace(DATASET_FIELD, public_name(str(cfg.data.dataset)))})
 
@@ -157,9 +156,7 @@ def teacher_identity(src: str) -> dict[str, Any]:
     prompts fully; it sits above this module)."""
     from safetensors import safe_open
 
-    from vlprompt.run.hub_ref import is_hub_ref
-
-    if is_hub_ref(src):
+    if isinstance(src, str) and src.startswith(_HUB_PREFIX):  # hub_ref.is_hub_ref
         return {"hub": src}
     path = Path(src)
     prompt = path if path.is_file() else path / _PROMPT_FILE
@@ -205,8 +202,6 @@ def verify_fingerprint(record: Any, config: dict[str, Any] | None, *, fp_path: A
         "data": data_identity(cfg.data, None),
         "train": train_identity(cfg.train),
     }
-    from vlprompt.data.custom import public_name
-
     a, b = _flatten(ident), _flatten(json.loads(json.dumps(mine, default=str)))
     if isinstance(a.get("data.dataset"), str):  # runs written before custom sets were named by name only
         a["data.dataset"] = public_name(a["data.dataset"])
@@ -271,11 +266,12 @@ def load_splits(data: DataConfig) -> Any:
     return _SPLITS[k]
 
 
-def request_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The fingerprint record a request would write (loads the data set's split, not its images)."""
+def request_fingerprint(cfg: RunConfig, precision: str | None = None) -> dict[str, Any]:
+    """The fingerprint record a request would write (loads the data set's split, not its images);
+    ``precision``: the resolved precision's name where the caller resolved it already (``train_run``)."""
 
     splits = load_splits(cfg.data)
-    prec = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
+    prec = precision or resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
     return fingerprint_record(
         identity(cfg, split_hash=split_hash(splits), precision=prec, classnames=list(splits.classnames))
     )

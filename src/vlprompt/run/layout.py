@@ -29,11 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from vlprompt import utils
 from vlprompt.errors import VlpromptError
+from vlprompt.run.identity import verify_fingerprint
+from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import files as trainer_files
 from vlprompt.train.config import read_yaml
-from vlprompt.utils import atomic_write_json, atomic_write_text
+from vlprompt.utils import TMP_SUFFIX, atomic_write_json, atomic_write_text, sha256_file
 
 CONFIG = "config.yaml"
 FINGERPRINT = "fingerprint.json"
@@ -51,7 +55,10 @@ FAILED = "failed.json"
 CHECKPOINT = trainer_files.CHECKPOINT
 #: results that a retrain replaces (the checkpoint goes with them)
 RESULT_FILES = (DONE, METRICS, PROMPT, MANIFEST, FINGERPRINT)
-LOG_CSV = "log.csv"  # written by train.progress beside log.jsonl
+LOG_CSV = LOG_TABLE  # written by train.progress beside log.jsonl
+CARD = "README.md"  # the model card of an `export --hub` folder (run/hub.py)
+#: the files of a prompt on the Hugging Face Hub (everything else in a repository is ignored)
+HUB_FILES = (PROMPT, MANIFEST, CONFIG, METRICS, CARD)
 #: every name the run layer writes at a run's top level (nothing else is ever touched there)
 RUN_NAMES = (
     LOG_CSV,
@@ -199,8 +206,6 @@ class RunDir(trainer_files.FolderFiles):
         manifest inside prompt.safetensors, the prompt's bytes against the sha256 manifest.json records,
         and the manifest's fingerprint against fingerprint.json.  (Runs written before the hashes
         existed lack ``prompt_sha256``; for them the other checks still apply.)"""
-        from vlprompt.run.identity import verify_fingerprint
-
         fp_path = self.path / FINGERPRINT
         record = read_json(fp_path) if fp_path.is_file() else None
         if record is not None:
@@ -269,8 +274,6 @@ class RunDir(trainer_files.FolderFiles):
     def clear_run_files(self) -> None:
         """Remove every file the run layer writes at the top (and the checkpoint): the folder stops
         being a run.  Other files are left alone."""
-        import shutil
-
         for name in RUN_NAMES:
             if name in (LOCK, CHECKPOINT):
                 continue
@@ -296,12 +299,10 @@ class RunDir(trainer_files.FolderFiles):
 
 def _own_temp(name: str, checkpoint: bool = False) -> bool:
     """``.<name>.<random>.tmp`` of a file the run layer writes (``atomic_write``'s temp names)."""
-    from vlprompt.utils import TMP_SUFFIX
-
     if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
         return False
-    if checkpoint:  # last.safetensors, state.json, state-<sha>.safetensors
-        return name.startswith((".last.safetensors.", ".state.json.", ".state-"))
+    if checkpoint:  # last.safetensors, state.json, state-<sha>.safetensors (train/checkpoint.py)
+        return name.startswith((f".{ckpt.WEIGHTS}.", f".{ckpt.STATE}.", f".{ckpt.TENSORS_PREFIX}"))
     return any(name.startswith(f".{n}.") for n in RUN_NAMES if n != CHECKPOINT)
 
 
@@ -310,8 +311,6 @@ PROMPT_SHA256 = "prompt_sha256"  # key of manifest.json: sha256 of prompt.safete
 
 def embedded_manifest(prompt: Path) -> dict[str, Any] | None:
     """The manifest stored in a prompt file's safetensors metadata (header only; tensors not read)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(prompt), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -331,8 +330,6 @@ def embedded_manifest(prompt: Path) -> dict[str, Any] | None:
 def verify_prompt(prompt: Path, manifest: Any, manifest_path: Path) -> None:
     """manifest.json must equal the manifest inside the prompt file (besides its hash of that file),
     and the prompt file's sha256 the one manifest.json recorded when it was written."""
-    from vlprompt.utils import sha256_file
-
     if not isinstance(manifest, dict):
         return  # read_manifest refuses it with its own message
     inner = embedded_manifest(prompt)

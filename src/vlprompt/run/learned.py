@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlprompt.run.layout import METRICS, RunDir
+from vlprompt.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,6 @@ def record_warning(run: RunDir, line: str | None) -> None:
         metrics[KEY] = line
     else:
         metrics.pop(KEY, None)
-    from vlprompt.utils import atomic_write_json
-
     atomic_write_json(run.path / METRICS, metrics)
 
 

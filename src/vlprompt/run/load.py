@@ -10,9 +10,11 @@ from typing import Any
 
 import yaml
 
+from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.run import cost as costs
 from vlprompt.run.layout import CONFIG, MANIFEST, METRICS, PROMPT, RunDir
+from vlprompt.run.lock import RunLock
 from vlprompt.run.prompt import FORMAT, load_prompt, load_run, read_manifest  # noqa: F401 (public here too)
 from vlprompt.run.train import build_splits, eval_loader, metrics_entry, record_metrics
 from vlprompt.train.config import RunConfig, dump_yaml, read_yaml
@@ -128,8 +130,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
                 f"export target {out} is a run; exporting would replace its prompt -- pass --force to "
                 "replace the run by this export (its results and checkpoint go) or choose another folder"
             )
-        from vlprompt.run.lock import RunLock
-
         with RunLock(out):
             exp.clear_run_files()
     elif set(exp.foreign_entries()) - {PROMPT, MANIFEST, CONFIG}:
@@ -142,8 +142,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
         raw = src.read_config()
         prov = raw.pop("provenance", None)
         if isinstance(raw.get("data"), dict):
-            from vlprompt.data.custom import public_name
-
             raw["data"]["root"] = None
             if isinstance(raw["data"].get("dataset"), str):
                 raw["data"]["dataset"] = public_name(raw["data"]["dataset"])

@@ -16,10 +16,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from vlprompt.data import build_loader, build_transform, fewshot, split_hash
+from vlprompt.data import build_loader, build_transform, fewshot, read_descriptions, split_hash
 from vlprompt.data import subsample as subsample_fn
+from vlprompt.data.custom import public_name
 from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method
@@ -37,20 +39,31 @@ from vlprompt.run.env import environment
 from vlprompt.run.identity import (
     describe_differences,
     differences,
-    fingerprint_record,
-    identity,
     load_splits,
+    request_fingerprint,
     resolve_teacher,
 )
-from vlprompt.run.layout import CONFIG, FINGERPRINT, LOCAL, MANIFEST, METRICS, PROMPT, SPLIT, RunDir
+from vlprompt.run.layout import (
+    CONFIG,
+    FINGERPRINT,
+    LOCAL,
+    MANIFEST,
+    METRICS,
+    PROMPT,
+    PROMPT_SHA256,
+    SPLIT,
+    RunDir,
+)
+from vlprompt.run.learned import learned_nothing, record_warning
 from vlprompt.run.lock import RunLock
 from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt
 from vlprompt.train import distributed as ddp
-from vlprompt.train.checkpoint import has_checkpoint
+from vlprompt.train.checkpoint import has_checkpoint, save_safetensors
 from vlprompt.train.config import RunConfig, dump_yaml
 from vlprompt.train.precision import resolve_device, resolve_precision
 from vlprompt.train.trainer import fit
-from vlprompt.utils import set_seed
+from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
+from vlprompt.utils import set_seed, sha256_file
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
@@ -68,8 +81,6 @@ def provenance(method: str, saw: str | None = None) -> dict[str, Any]:
 
 def transductive_saw(dataset: str, subsample: str, shots: int | None) -> str:
     """What a transductive run trained on, in words (the rule: ``data.subsample.unlabelled_pool``)."""
-    from vlprompt.data.custom import public_name
-
     which = "base and new classes" if subsample in ("base", "new") else "all classes"
     per = f"{shots} per class" if shots else "the full train split"
     return f"unlabelled train-split images of {public_name(dataset)} ({which}; {per}); no test image"
@@ -131,8 +142,6 @@ def train_data(splits: Any, backbone: Any, cfg: RunConfig, method: Any = None) -
 def metrics_entry(
     res: dict[str, Any], *, dataset: str, subsample: str, epoch: Any, seed: Any, shots: Any, method: str
 ) -> dict[str, Any]:
-    from vlprompt.data.custom import public_name
-
     return {
         "dataset": public_name(dataset),  # folder:/csv: sets by name only (no machine path)
         "subsample": subsample,
@@ -168,15 +177,6 @@ def record_metrics(
     if changed:
         run.write_json(METRICS, metrics)
     return metrics
-
-
-def request_identity(cfg: RunConfig, splits_full: Any, device: Any) -> dict[str, Any]:
-    prec = resolve_precision(cfg.train.precision, device).name
-    return fingerprint_record(
-        identity(
-            cfg, split_hash=split_hash(splits_full), precision=prec, classnames=list(splits_full.classnames)
-        )
-    )
 
 
 def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
@@ -256,8 +256,6 @@ def train_run(
         for d in reversed(made):  # deepest first; only folders this call created and left empty
             if d.is_dir() and not any(p.name != ".lock" for p in d.iterdir()):
                 shutil.rmtree(d, ignore_errors=True)
-        from vlprompt.train import distributed as ddp
-
         lost = ddp.peer_lost(exc) if isinstance(exc, Exception) else None
         if lost is not None:  # a dead DDP peer: one line, not a gloo/NCCL traceback
             raise lost from None
@@ -290,8 +288,8 @@ def _train_run(
     env = ddp.init_from_env(cfg.train.device)
     main = env.is_main
     device = ddp.rank_device(resolve_device(cfg.train.device))
-    splits_full = load_splits(cfg.data)  # validates the data set before anything is written
-    fp = request_identity(cfg, splits_full, device)
+    precision = resolve_precision(cfg.train.precision, device).name
+    fp = request_fingerprint(cfg, precision)  # loads (validates) the data set before anything is written
     decision = check_request(cfg, run, fp, resume=resume, force=force)
     if decision == "complete":
         evals = run.evaluations()
@@ -374,10 +372,6 @@ def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
     """Build the model once (RNG untouched) so that options the backbone cannot take are refused
     before anything is written (a method without trainable parameters, zero-shot CLIP, is evaluated
     without training: train/zeroshot.py)."""
-    import torch
-
-    from vlprompt.methods import create_model
-
     _check_teacher_source(cfg)
     with torch.random.fork_rng(devices=[]):
         model = create_model(
@@ -390,8 +384,6 @@ def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
 def attach_descriptions(model: Any, cfg: RunConfig) -> None:
     """Give ``model`` the run's class descriptions (``data.descriptions``), checked against its classes;
     one line when the method reads descriptions and none are given, or is given some it never reads."""
-    from vlprompt.data import read_descriptions
-
     reads = "descriptions" in model.method.needs
     path = cfg.data.descriptions
     if reads and not path:
@@ -413,9 +405,6 @@ def _write_run_info(
 ) -> None:  # fmt: skip
     """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained (a
     resumed run keeps the attention implementations it recorded)."""
-    from vlprompt.data import split_hash
-    from vlprompt.data.custom import public_name
-
     prov = run_provenance(cfg)
     text = dump_yaml(cfg)
     if prov:
@@ -469,9 +458,8 @@ def _train(
     pool: Any = None,
     teacher: Any = None,
 ) -> dict[str, Any]:
-    from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
-
     teacher = build_teacher(cfg, backbone.device, teacher)  # frozen, not part of the prompt
+    options = _options_dict(cfg)  # the method's section, as create_model and the manifest take it
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
         cfg.method,
@@ -479,7 +467,7 @@ def _train(
         list(splits.classnames) if pool is None else list(pool[1]),  # transductive: all pool classes
         template=splits.template,
         model=cfg.model,
-        **_options_dict(cfg),
+        **options,
     )
     attach_descriptions(model, cfg)
     if teacher is not None:
@@ -540,7 +528,7 @@ def _train(
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
         **run_provenance(cfg),
-        "options": _options_dict(cfg),
+        "options": options,
         "backbone": portable_section(cfg.backbone, backbone),
         "classnames": list(model.classnames),
         "template": model.template,
@@ -586,7 +574,6 @@ def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
 def _check_learned(cfg: RunConfig, run: RunDir, result: dict[str, Any], model: Any, backbone: Any,
                    splits: Any, loader: Any, create_model: Any) -> None:  # fmt: skip
     """Say so (log + metrics.json) when the run learned nothing (run/learned.py)."""
-    from vlprompt.run.learned import learned_nothing, record_warning
 
     def zero_shot() -> Any:
         return create_model("zeroshot", backbone, list(splits.classnames), template=splits.template)
@@ -605,21 +592,12 @@ def _options_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:
     """prompt.safetensors (manifest embedded, provenance as plain keys) + manifest.json."""
-
-    import torch
-
-    from vlprompt.run.layout import PROMPT_SHA256
-    from vlprompt.train.checkpoint import save_safetensors
-    from vlprompt.utils import sha256_file
-
     run = run if isinstance(run, RunDir) else RunDir(run)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise VlpromptError(f"the prompt holds non-finite values ({', '.join(bad[:3])}); nothing was written")
     manifest = {k: v for k, v in manifest.items() if k != PROMPT_SHA256}
     if isinstance(manifest.get("dataset"), str):  # folder:/csv: sets by name only (no machine path)
-        from vlprompt.data.custom import public_name
-
         manifest["dataset"] = public_name(manifest["dataset"])
     meta = {"vlprompt_manifest": json.dumps(manifest)}
     if manifest.get("reconstructed"):

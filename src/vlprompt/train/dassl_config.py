@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from vlprompt.backbones.names import canonical_model_name
 from vlprompt.errors import VlpromptError
+from vlprompt.train.config import read_yaml
 
 #: the official trainers' names (``--trainer``), lower-cased -> vlprompt method
 TRAINERS: dict[str, str] = {
@@ -145,8 +149,6 @@ def _fmt(value: Any) -> str:
 def _map_value(dkey: str, ours: str, value: Any, method: str | None, notes: list[str]) -> str | None:
     """``ours=value`` for one mapped key, or None when the value is the preset's own (CTX_INIT: True)."""
     if ours == "backbone.name":
-        from vlprompt.backbones.names import canonical_model_name
-
         value = canonical_model_name(str(value))
     elif ours == "train.optimizer" or ours == "train.scheduler" or ours == "train.warmup_type":
         value = str(value).lower()
@@ -240,8 +242,6 @@ def _square(value: Any) -> int | None:
 
 def read_dassl_file(path: str | Path, method: str | None = None) -> DasslMapping | None:
     """The mapping of ``path`` when it is a Dassl trainer config, else None (a vlprompt config file)."""
-    from vlprompt.train.config import read_yaml
-
     data = read_yaml(path)
     if not is_dassl_config(data):
         return None
@@ -286,8 +286,6 @@ def _trainer_from(pairs: list[tuple[str, str]]) -> str | None:
 
 
 def _yaml_value(text: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,11 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
+from open_clip.loss import ClipLoss
+from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import save_file
 
 from vlprompt.backbones.bundled import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY, sha256_file
 from vlprompt.backbones.loading import METADATA_KEY, register_configs
 from vlprompt.errors import VlpromptError
+from vlprompt.utils import atomic_write
 from vlprompt.world import scene as world
 
 log = logging.getLogger(__name__)
@@ -200,10 +206,6 @@ def pretrain(
     with probes on 128 scenes every so many steps.  Neither changes the weights (no gradient, no
     draw from torch's generator).
     """
-    import open_clip
-    from open_clip.loss import ClipLoss
-    from open_clip.tokenizer import SimpleTokenizer
-
     register_configs()
     cfg = open_clip.get_model_config(recipe.arch)
     if cfg is None:
@@ -269,12 +271,6 @@ def compact_state_dict(model: torch.nn.Module, tokenizer: Any) -> dict[str, torc
 
 def save_checkpoint(model: torch.nn.Module, recipe: Recipe, path: str | Path) -> str:
     """Write the compact checkpoint with the recipe in its metadata; returns its sha256."""
-    import open_clip
-    from open_clip.tokenizer import SimpleTokenizer
-    from safetensors.torch import save_file
-
-    from vlprompt.utils import atomic_write
-
     cfg = open_clip.get_model_config(recipe.arch)
     tokenizer = SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     meta = {
@@ -319,10 +315,6 @@ def recipe_from_name(name: str, **overrides: Any) -> Recipe:
 
 def record_for(recipe: Recipe, sha256: str, summary: dict[str, Any], recipe_name: str) -> dict[str, Any]:
     """The JSON record written beside a checkpoint: what reproduces it and what it was measured to do."""
-    import platform
-
-    import open_clip
-
     cfg = open_clip.get_model_config(recipe.arch)
     flags = "" if recipe_name == "full" else f" --recipe {recipe_name}"
     defaults = asdict(RECIPES[recipe_name])
