@@ -58,7 +58,7 @@ def test_logit_scale_is_the_recorded_learned_one(world_bb) -> None:
     record = bundled.find_bundled("vlp-world", None).record
     scale = float(world_bb.clip.logit_scale.exp())
     assert abs(scale - record["summary"]["logit_scale"]) < 0.05
-    assert scale > 25.0  # learned up from open_clip's init 14.29 to 29.5 (the target 50 was missed: docs/world.md)
+    assert scale > 25.0  # learned up from 14.29 (init) to 29.5; the target 50 was missed (docs/world.md)
 
 
 def _preset_init_words() -> set[str]:

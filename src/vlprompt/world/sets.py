@@ -112,6 +112,7 @@ _BASE_SETS: tuple[WorldSet, ...] = (
         (20, 4, 12),
         seed=12,
         kind="textures (DTD-like)",
+        n_objects=(1, 2, 3),
     ),
     WorldSet(
         "world-colour-background",
@@ -123,6 +124,7 @@ _BASE_SETS: tuple[WorldSet, ...] = (
         (20, 4, 12),
         seed=13,
         kind="scenes (SUN397-like)",
+        n_objects=(2, 3, 4),
     ),
     WorldSet(
         "world-colour-shape",
