@@ -51,7 +51,7 @@ def clamp_depths(method: str, protocol: str, layers: int) -> list[str]:
     from vlprompt.protocols.grid import plan_grid
 
     spec = plan_grid(protocol, [method], ["world-shapes"], [1], "/nonexistent", model=MODEL)[0]
-    opts = spec.cfg.get("options") or {}
+    opts = spec.cfg.to_dict()["options"]
     return [
         f"options.{k}={layers}"
         for k, v in sorted(opts.items())
