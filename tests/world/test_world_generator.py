@@ -143,3 +143,38 @@ def test_data_and_backbones_never_import_the_world() -> None:
             text = f.read_text()
             assert "import vlprompt.world" not in text and "from vlprompt.world" not in text, f
             assert "from vlprompt import world" not in text, f  # world sits above them
+
+
+def test_families_share_all_but_one_attribute() -> None:
+    """Hard negatives: a family's 8 scenes differ in exactly one attribute, through all its values."""
+    kinds = []
+    for fam in range(40):
+        _, _, labels = world.sample_batch(3, fam * world.FAMILY, world.FAMILY, labels=True)
+        names = list(world.LABELLED)
+        varying = [n for i, n in enumerate(names) if len(set(labels[:, i])) > 1]
+        if len(varying) == 1 and varying[0] != "background":
+            kind = varying[0]
+            n_values = len(world.LABELLED[kind])
+            assert len(set(labels[:, names.index(kind)])) == min(n_values, world.FAMILY), (fam, labels)
+            kinds.append(kind)
+    assert 0.6 <= len(kinds) / 40 <= 0.9  # FAMILY_SHARE of the stream (0.75), the rest free scenes
+    assert {"shape", "texture"} <= set(kinds)
+
+
+def test_labels_are_the_first_objects_attributes() -> None:
+    rng = np.random.default_rng(0)
+    scene = world.sample_scene(rng, 2, background="gray", shape="star", colour="red", texture="dotted")
+    labels = world.scene_labels(scene)
+    assert labels[:3] == [world.SHAPES.index("star"), list(world.COLOURS).index("red"), 2]
+    assert labels[4] == world.BACKGROUNDS.index("gray")
+    _, caps, lab = world.sample_batch(5, 0, 4, labels=True)
+    assert lab.shape == (4, len(world.LABELLED)) and lab.dtype == np.int64
+
+
+def test_most_scenes_frame_their_object_near_the_middle() -> None:
+    rng = np.random.default_rng(1)
+    near = [world.position_of(world.sample_scene(rng, 1).objects[0]) == "middle" for _ in range(400)]
+    # the iconic share, plus the few free placements that land in the middle by chance
+    assert world.ICONIC <= np.mean(near) <= world.ICONIC + 0.15
+    placed = world.sample_scene(rng, 1, position="left").objects[0]
+    assert world.position_of(placed) == "left"  # a fixed position is never moved to the middle

@@ -73,8 +73,8 @@ def test_a_run_that_learns_gives_no_warning_one_that_did_not_does(tmp_path) -> N
     assert "learned_nothing" not in _coop(
         tmp_path, "1.0"
     )  # 21 steps after warm-up at lr 1.0: predictions move
-    # the preset's lr (0.002) on this backbone: 21 steps, every prediction still zero-shot's
-    line = _coop(tmp_path, "0.002")["learned_nothing"]
+    # a learning rate far too small for this backbone: 21 steps, every prediction still zero-shot's
+    line = _coop(tmp_path, "1e-06")["learned_nothing"]
     assert line.startswith("learned nothing: predictions equal zero-shot CLIP's on all 72 test images")
 
 
@@ -87,3 +87,12 @@ def test_world_backbone_on_other_data_gets_a_banner(tmp_path, capfd) -> None:
     assert WORLD_BANNER in out + err
     text = build_report(tmp_path, tmp_path / "report").markdown.read_text()
     assert WORLD_BANNER in text
+
+
+def test_world_bench_clamps_depths_and_last_blocks_to_the_model() -> None:
+    """The world bench's one adaptation: a depth or last block beyond the model's 9 layers becomes 9."""
+    from vlprompt.cli.world_bench import clamp_depths
+
+    assert clamp_depths("ivlp", "base2new", 9) == ["options.depth_image=9", "options.depth_text=9"]
+    assert clamp_depths("mma", "base2new", 9) == ["options.adapter_end=9"]
+    assert clamp_depths("coop", "base2new", 9) == [] and clamp_depths("maple", "base2new", 9) == []

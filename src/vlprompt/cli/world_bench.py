@@ -3,7 +3,8 @@
 Every registered method x every world base-to-new set x seeds 1-3 on ``vlp-world``, each method with
 its preset unchanged except for one rule: a prompt depth larger than the backbone's number of layers
 (``depth``, ``depth_text``, ``depth_image`` of IVLP, VPT, DPL-ProVP: 12 on ViT-B/16) is clamped to the
-model's depth (9 on ``vlp-world``), as "every layer" is what such a depth means.  Zero-shot CLIP is run
+model's depth (9 on ``vlp-world``), as "every layer" is what such a depth means; the same for a last
+block (``*_end``, e.g. MMA's ``adapter_end`` 12).  Zero-shot CLIP is run
 as one more method (its row in every table).  ``--protocol all`` adds cross-dataset, DG and few-shot.
 Then the report.  Runs already complete are skipped, so an interrupted bench resumes.
 """
@@ -55,11 +56,11 @@ def clamp_depths(method: str, protocol: str, layers: int) -> list[str]:
         protocol, [method], ["world-shapes"], [1], "/nonexistent", run=RunRequest(method, model=MODEL)
     )
     spec = plan_grid(grid)[0]
-    opts = spec.cfg.get("options") or {}
+    opts = spec.cfg.to_dict()["options"]
     return [
         f"options.{k}={layers}"
         for k, v in sorted(opts.items())
-        if (k == "depth" or k.startswith("depth_")) and isinstance(v, int) and v > layers
+        if (k == "depth" or k.startswith("depth_") or k.endswith("_end")) and isinstance(v, int) and v > layers
     ]
 
 

@@ -32,7 +32,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 135, 200),
 }
 #: size name -> radius range as a fraction of the image side ("medium" is never named in text)
-SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.14), "medium": (0.19, 0.23), "large": (0.29, 0.34)}
+SIZES: dict[str, tuple[float, float]] = {"small": (0.15, 0.18), "medium": (0.22, 0.26), "large": (0.31, 0.36)}
 NAMED_SIZES: tuple[str, ...] = ("small", "large")
 TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS: tuple[str, ...] = ("black", "white", "gray", "noisy")
@@ -88,11 +88,13 @@ def sample_object(
     texture: str | None = None,
     position: str | None = None,
     placed: tuple[WorldObject, ...] = (),
+    near_middle: bool = False,
 ) -> WorldObject:
     """One object; unspecified attributes are drawn uniformly, the position avoids ``placed`` objects.
 
     ``position`` (left/right/top/bottom/middle) puts the centre well inside that region, so the
-    position a caption names is unambiguous.
+    position a caption names is unambiguous; ``near_middle`` puts it within 0.12 of the image centre
+    (an "iconic" photo, the object in view as photographers frame it).
     """
     shape = shape or _pick(rng, SHAPES)
     colour = colour or _pick(rng, COLOURS)
@@ -110,6 +112,9 @@ def sample_object(
         x = float(np.clip(cx + jitter[0], radius, 1 - radius))
         y = float(np.clip(cy + jitter[1], radius, 1 - radius))
         return WorldObject(shape, colour, size, texture, x, y, radius)
+    if near_middle:
+        x, y = (float(np.clip(0.5 + v, radius, 1 - radius)) for v in rng.uniform(-0.12, 0.12, size=2))
+        return WorldObject(shape, colour, size, texture, x, y, radius)
     best, best_gap = (0.5, 0.5), -1.0
     for _ in range(16):  # a few tries for a spot that overlaps nothing; keep the least-overlapping
         x, y = (float(v) for v in rng.uniform(radius, 1.0 - radius, size=2))
@@ -121,19 +126,27 @@ def sample_object(
     return WorldObject(shape, colour, size, texture, best[0], best[1], radius)
 
 
+#: share of scenes whose first object is near the middle (world v3; v2 placed it anywhere)
+ICONIC = 0.75
+
+
 def sample_scene(
     rng: np.random.Generator, n_objects: int | None = None, background: str | None = None, **main: str | None
 ) -> Scene:
     """A background and 1-4 objects (``n_objects``); ``main`` fixes attributes of the first object.
 
     Objects after the first are small or medium, so the first (the one a caption is about) stays the
-    largest unless it is small itself.
+    largest unless it is small itself.  The first object is near the middle in ``ICONIC`` of the
+    scenes (unless ``main`` fixes its position), as most photos frame their subject: a ViT trained
+    from scratch learns shape from such scenes in hundreds of steps, and from scenes with the object
+    anywhere not in thousands (world v2).
     """
     n = int(n_objects if n_objects is not None else _pick(rng, (1, 1, 1, 1, 1, 1, 2, 2, 3, 4)))
     background = background or _pick(rng, BACKGROUNDS)
     if n > 2 and main.get("size") is None:
         main = {**main, "size": _pick(rng, ("small", "medium"))}
-    objs: tuple[WorldObject, ...] = (sample_object(rng, **main),)
+    iconic = rng.random() < ICONIC and main.get("position") is None
+    objs: tuple[WorldObject, ...] = (sample_object(rng, **main, near_middle=iconic),)
     for _ in range(n - 1):
         objs = (*objs, sample_object(rng, size=_pick(rng, ("small", "medium")), placed=objs))
     return Scene(background, objs)
@@ -349,28 +362,78 @@ def _domain_for(rng: np.random.Generator) -> str:
     return "photo" if u < 0.85 else DOMAINS[1 + int((u - 0.85) / 0.05001)]
 
 
-#: pairs per "family" of the pretraining stream: half of the families are one-object scenes sharing a
-#: colour and a background, so that inside a batch shape, texture and size are what tells them apart
-#: (hard negatives; without them a contrastive batch is solved by colour and background alone)
+#: pairs per "family" of the pretraining stream.  Consecutive pairs come in families of 8 one-object
+#: scenes that share everything but one attribute -- the shape (all 8 shapes), the texture, the size or
+#: the colour -- or (the other half) are drawn freely.  Inside a contrastive batch a family can only be
+#: told apart by its varying attribute (hard negatives); without them a batch is solved by colour and
+#: background alone, which is what the world-v1 and v2 checkpoints learned.
 FAMILY = 8
+FAMILY_KINDS = ("shape", "texture", "size", "colour")
+FAMILY_WEIGHTS = (0.45, 0.3, 0.15, 0.1)  # shape and texture need the most examples (colour comes first)
+FAMILY_SHARE = 0.75  # share of pairs in families
+
+
+def _family_scene(rng: np.random.Generator, fam: np.random.Generator, member: int) -> Scene | None:
+    """Member ``member`` of the family ``fam`` describes (``None``: a free scene)."""
+    if fam.random() >= FAMILY_SHARE:
+        return None
+    kind = FAMILY_KINDS[int(fam.choice(len(FAMILY_KINDS), p=FAMILY_WEIGHTS))]
+    fixed = {
+        "shape": _pick(fam, SHAPES),
+        "colour": _pick(fam, COLOURS),
+        "size": _pick(fam, ("medium", "large")),
+        "texture": _pick(fam, TEXTURES),
+    }
+    background = _pick(fam, BACKGROUNDS)
+    values = {"shape": SHAPES, "texture": TEXTURES, "size": tuple(SIZES), "colour": tuple(COLOURS)}[kind]
+    order = fam.permutation(len(values))
+    fixed[kind] = values[int(order[member % len(values)])]
+    return Scene(background, (sample_object(rng, **fixed, near_middle=True),))
+
+
+#: the attributes of a scene's first object (and the background) that :func:`scene_labels` returns
+LABELLED: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "texture": TEXTURES,
+    "size": tuple(SIZES),
+    "background": BACKGROUNDS,
+}
+
+
+def scene_labels(scene: Scene) -> list[int]:
+    """Index of each :data:`LABELLED` attribute of the scene's first object (its background)."""
+    main = scene.objects[0]
+    return [
+        values.index(scene.background if name == "background" else getattr(main, name))
+        for name, values in LABELLED.items()
+    ]
+
+
+def _pair(seed: int, index: int, size: int) -> tuple[np.ndarray, str, list[int]]:
+    rng = np.random.default_rng([seed, index])
+    fam = np.random.default_rng([seed, index // FAMILY, 7])
+    scene = _family_scene(rng, fam, index % FAMILY) or sample_scene(rng)
+    domain = _domain_for(rng)
+    return render(scene, rng, size, domain), caption(scene, rng, domain), scene_labels(scene)
 
 
 def sample_pair(seed: int, index: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, str]:
     """The ``index``-th (image, caption) pair of the world stream ``seed`` -- random access, deterministic."""
-    rng = np.random.default_rng([seed, index])
-    fam = np.random.default_rng([seed, index // FAMILY, 7])
-    if fam.random() < 0.5:  # a family: 8 consecutive pairs share colour and background (hard negatives)
-        scene = sample_scene(rng, 1, background=_pick(fam, BACKGROUNDS), colour=_pick(fam, COLOURS))
-    else:
-        scene = sample_scene(rng)
-    domain = _domain_for(rng)
-    return render(scene, rng, size, domain), caption(scene, rng, domain)
+    image, text, _ = _pair(seed, index, size)
+    return image, text
 
 
-def sample_batch(seed: int, start: int, count: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
-    """Pairs ``start .. start+count-1`` of stream ``seed``: a ``(count, size, size, 3)`` array, captions."""
-    pairs = [sample_pair(seed, i, size) for i in range(start, start + count)]
-    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+def sample_batch(
+    seed: int, start: int, count: int, size: int = IMAGE_SIZE, labels: bool = False
+) -> tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], np.ndarray]:
+    """Pairs ``start .. start+count-1`` of stream ``seed``: a ``(count, size, size, 3)`` array, captions
+    (and with ``labels`` a ``(count, 5)`` array of :func:`scene_labels`)."""
+    pairs = [_pair(seed, i, size) for i in range(start, start + count)]
+    images, texts = np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+    if labels:
+        return images, texts, np.asarray([p[2] for p in pairs], dtype=np.int64)
+    return images, texts
 
 
 def vocabulary() -> list[str]:

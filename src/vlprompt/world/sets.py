@@ -32,7 +32,7 @@ from vlprompt.world import scene as world
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 2  # bump when generation changes, so cached sets are regenerated
+WORLD_VERSION = 3  # bump when generation changes, so cached sets are regenerated
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def _classes(*axes: tuple[str, ...], seed: int) -> tuple[tuple[str, ...], ...]:
 
 
 _COLOURS = tuple(world.COLOURS)
-_COUNTS = ("one", "two", "three", "four")
+_COUNTS = ("one shape", "two shapes", "three shapes", "four shapes")  # "one shapes" until v3
 _BASE_SETS: tuple[WorldSet, ...] = (
     WorldSet(
         "world-shapes",
@@ -112,6 +112,7 @@ _BASE_SETS: tuple[WorldSet, ...] = (
         (20, 4, 12),
         seed=12,
         kind="textures (DTD-like)",
+        n_objects=(1, 2, 3),
     ),
     WorldSet(
         "world-colour-background",
@@ -123,6 +124,7 @@ _BASE_SETS: tuple[WorldSet, ...] = (
         (20, 4, 12),
         seed=13,
         kind="scenes (SUN397-like)",
+        n_objects=(2, 3, 4),
     ),
     WorldSet(
         "world-colour-shape",
@@ -151,7 +153,7 @@ _BASE_SETS: tuple[WorldSet, ...] = (
         "World: how many shapes",
         ("count",),
         _classes(_COUNTS, seed=106),
-        "{} shapes",
+        "{}",
         "a photo of {}.",
         (24, 4, 24),
         seed=16,
