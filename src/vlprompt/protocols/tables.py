@@ -369,7 +369,7 @@ def _transfer_tables(runs: list[RunRecord], protocol: str, reference: bool) -> l
         f"Average = plain mean over the {len(targets)} target(s) shown."
     ]
     missing = [t for t in standard if t not in targets]
-    if missing:
+    if missing and any(t in standard for t in targets):  # a partial real suite (not e.g. the world's)
         notes.append(
             f"Not evaluated (missing from metrics.json): {', '.join(missing)}; the average is not "
             "comparable to the papers' average over all targets."
