@@ -60,7 +60,9 @@ def clamp_depths(method: str, protocol: str, layers: int) -> list[str]:
     return [
         f"options.{k}={layers}"
         for k, v in sorted(opts.items())
-        if (k == "depth" or k.startswith("depth_") or k.endswith("_end")) and isinstance(v, int) and v > layers
+        if (k == "depth" or k.startswith(("depth_",)) or k.endswith("_end"))
+        and isinstance(v, int)
+        and v > layers
     ]
 
 
