@@ -1,4 +1,4 @@
-"""`vlprompt demo`: what prompt learning does, offline on a fresh machine, in about 1.5 minutes on 2 cores.
+"""`vlprompt demo`: what prompt learning does, offline on a fresh machine, in about 2.5 minutes on 2 cores.
 
 By default it uses ``vlp-world``, the small CLIP that ships with vlprompt, pretrained by vlprompt on its
 generated world of coloured, textured shapes (docs/world.md).  On the ``world-textures`` data set
