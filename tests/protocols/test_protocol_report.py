@@ -237,3 +237,14 @@ def test_report_cli(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "runs" / "report" / "report.md").is_file()
     with pytest.raises(VlpromptError, match="runs directory not found: .*nope"):
         build_report(tmp_path / "nope")
+
+
+def test_transfer_on_sets_outside_the_real_suite_names_no_missing_targets(tmp_path: Path) -> None:
+    """World runs (source world-colour-shape, world targets) are not a partial real suite: no note listing
+    Caltech101 ... as 'not evaluated', which it would be nonsense to evaluate there."""
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        evals = {("world-colour-shape", "all"): 60.0, ("world-shapes", "all"): 50.0 + seed}
+        make_run(runs, "cross-dataset", "coop", "world-colour-shape", 16, seed, evals)
+    md = build_report(runs, tmp_path / "out").markdown.read_text()
+    assert "Cross-dataset" in md and "not comparable" not in md and "caltech101" not in md
