@@ -13,7 +13,7 @@ from torch import nn
 from vlprompt.backbones import Backbone
 from vlprompt.engine import ALL, LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
-from vlprompt.methods.output import TextInputs
+from vlprompt.methods.output import ModelOutput, TextInputs
 
 Segment = tuple[str, object]  # ("ctx", n) | ("text", "a photo of a {}.")
 
@@ -395,3 +395,14 @@ class CoupledDeepPrompts:
             for i, (f, t) in enumerate(zip(self.compound_prompt_projections, self.compound_prompts_text))
         }
         return TowerPlan(shallow=self.proj(self.ctx), layers=layers)
+
+
+def knowledge_gap(out: ModelOutput) -> torch.Tensor:
+    """KgCoOp's term, 1 - mean cosine of the learned to the frozen class text features.
+
+    As the official code: ``CosineSimilarity(dim=1, eps=1e-7)`` of the normalised features (KgCoOp, TCP).
+    """
+    cos = torch.nn.functional.cosine_similarity(
+        out.text_features.float(), out.frozen_text_features.float(), dim=1, eps=1e-7
+    )
+    return 1.0 - cos.mean()

@@ -22,7 +22,7 @@ from torch import nn
 
 from vlprompt.backbones import Backbone
 from vlprompt.methods.base import MethodConfig, PromptMethod, opt, register_method
-from vlprompt.methods.common import ClassPrompts, HandCraftedContext, init_ctx
+from vlprompt.methods.common import ClassPrompts, HandCraftedContext, init_ctx, knowledge_gap
 from vlprompt.methods.official import OfficialLayout, Signature, map_coop
 from vlprompt.methods.output import ModelOutput
 
@@ -64,9 +64,5 @@ class KgCoOp(HandCraftedContext, PromptMethod):
         self, out: ModelOutput, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce = F.cross_entropy(out.logits.float(), labels)
-        # official: CosineSimilarity(dim=1, eps=1e-7) of the normalised features, then 1 - mean
-        cos = F.cosine_similarity(
-            out.text_features.float(), out.frozen_text_features.float(), dim=1, eps=1e-7
-        )
-        kg = 1.0 - cos.mean()
+        kg = knowledge_gap(out)
         return ce + self.cfg.weight * kg, {"ce": ce, "kg": kg}

@@ -36,7 +36,13 @@ from vlprompt.backbones import Backbone
 from vlprompt.engine import LayerOps, TowerPlan
 from vlprompt.errors import VlpromptError
 from vlprompt.methods.base import MethodConfig, PromptMethod, TextInputs, opt, register_method
-from vlprompt.methods.common import ClassPrompts, init_ctx, official_template, validate_depth
+from vlprompt.methods.common import (
+    ClassPrompts,
+    init_ctx,
+    knowledge_gap,
+    official_template,
+    validate_depth,
+)
 from vlprompt.methods.official import OfficialLayout, Signature, map_tcp, meta_net_tokens
 from vlprompt.methods.output import ModelOutput
 
@@ -156,9 +162,5 @@ class TCP(PromptMethod):
         self, out: ModelOutput, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce = F.cross_entropy(out.logits.float(), labels)
-        # official: CosineSimilarity(dim=1, eps=1e-7) of the normalised features, then 1 - mean
-        cos = F.cosine_similarity(
-            out.text_features.float(), out.frozen_text_features.float(), dim=1, eps=1e-7
-        )
-        kg = 1.0 - cos.mean()
+        kg = knowledge_gap(out)
         return ce + self.cfg.weight * kg, {"ce": ce, "kg": kg}

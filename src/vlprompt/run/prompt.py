@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import backbone_for_manifest, check_weights
-from vlprompt.run.layout import MANIFEST, PROMPT, RunDir, read_json
+from vlprompt.run.layout import CONFIG, MANIFEST, PROMPT, RunDir, read_json
 from vlprompt.train.checkpoint import load_safetensors
 
 FORMAT = "vlprompt-prompt"
@@ -48,8 +50,6 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 
 def _not_a_prompt(path: Path, missing: str) -> str:
     """The right advice for a folder without a prompt: a grid folder, an unfinished run, or neither."""
-    from vlprompt.run.layout import CONFIG
-
     if (path / CONFIG).is_file():
         return (
             f"{path} has no {missing} (the run did not finish); finish it with `vlprompt train ... --resume` "
@@ -80,14 +80,11 @@ def load_run(
     teacher gets ``teacher`` (a PromptModel) or, by default, the teacher its options name, loaded too
     (it is never part of the student's prompt file).
     """
-    import torch
-
     from vlprompt.run.hub_ref import download, is_hub_ref
 
     if is_hub_ref(path):  # hf-hub:org/name[@rev]: the Hub's copy, through its cache
         path = download(str(path))
     from vlprompt.methods import create_model
-    from vlprompt.train.checkpoint import load_safetensors
     from vlprompt.train.precision import resolve_device
 
     manifest, prompt_path = read_manifest(path)
