@@ -124,3 +124,18 @@ def test_curve_title_says_per_step_only_when_a_per_step_line_is_drawn(tmp_path, 
     plots.training_curves(curves, tmp_path)
     titles = [s["suptitle"] for s in seen]
     assert titles == ["a (smoothed; faint: per step)", "b (per step)", "c (per epoch)", "d"]
+
+
+def test_comparison_average_is_over_the_data_sets_every_method_ran(tmp_path):
+    """A method run on an extra data set must not get an Average over other data than its neighbours'."""
+    runs = tmp_path / "runs"
+    _b2n(runs, "coop", 1, 80.0, 60.0, dataset="caltech101")
+    _b2n(runs, "coop", 1, 40.0, 20.0, dataset="eurosat")
+    _b2n(runs, "kgcoop", 1, 70.0, 70.0, dataset="caltech101")
+    res = build_report(runs, tmp_path / "out", plots=False)
+    rows = _csv(tmp_path / "out" / "base2new_comparison.csv")
+    avg = next(r for r in rows if r["Data set"] == "Average")
+    assert float(avg["CoOp Base"]) == 80.0 and float(avg["CoOp New"]) == 60.0  # Caltech101 only
+    own = _csv(tmp_path / "out" / "base2new_coop.csv")
+    assert float(next(r for r in own if r["Data set"].startswith("Average"))["Base mean"]) == 60.0  # both
+    assert "over the 1 data set(s) every method in this table ran (Caltech101)" in res.markdown.read_text()

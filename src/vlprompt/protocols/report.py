@@ -249,7 +249,7 @@ def _plots(
     random = " (random backbone: pipeline check)" if any(r.random_backbone for r in runs) else ""
     all_shots = {s for _, s in b2n}
     bars: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for (method, shots), (rows, avg) in sorted(
+    for (method, shots), (rows, avg, covered) in sorted(
         b2n.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)
     ):
         label = method_label(method) + _suffix(shots, all_shots)
@@ -268,8 +268,7 @@ def _plots(
                 "std": (row.base.std if row.base else None, row.new.std if row.new else None, None),
                 "published": pub if pub and any(v is not None for v in pub) else None,
             }
-        if avg:
-            covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
+        if avg:  # the comparison table's Average: over the data sets every method ran (`covered`)
             pub = published_base2new_average(paper, covered)[0] if paper else None
             bars["Average"][label] = {"values": avg, "std": None, "published": pub}
     if len([d for d in bars if d != "Average"]) < 2:

@@ -226,7 +226,7 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
     summaries = {}
     for (method, shots), rs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
         rows, avg = base2new_summary(rs)
-        summaries[(method, shots)] = (rows, avg)
+        summaries[(method, shots)] = (rows, avg, None)
         paper = ref.paper_name(method) if reference else None
         cols = ["Data set", "Base", "New", "HM", "seeds"]
         if paper:
@@ -284,14 +284,29 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
             if reference and ref.paper_name(m):
                 cols.append(f"{ref.paper_name(m)} HM ({PUB})")
         datasets = dataset_order({row.dataset for m in present for row in summaries[(m, shots)][0]})
+        # the Average row compares like with like: over the data sets every method here has Base and New on
+        covered_by = {
+            m: {x.dataset for x in summaries[(m, shots)][0] if x.base is not None and x.new is not None}
+            for m in present
+        }
+        common = set.intersection(*covered_by.values())
+        uneven = any(c != common for c in covered_by.values())
+        avgs = {
+            m: base2new_summary([r for r in groups[(m, shots)] if r.dataset in common])[1]
+            if uneven
+            else summaries[(m, shots)][1]
+            for m in present
+        }
+        for m in present:  # what the plots' Average bars show: the comparison's Average, over `common`
+            summaries[(m, shots)] = (summaries[(m, shots)][0], avgs[m], dataset_order(common))
         body = []
         for d in [*datasets, "__avg__"]:
             line: list[Any] = ["Average" if d == "__avg__" else dataset_title(d)]
             if reference:
                 line += [shots, ref.PUBLISHED_SHOTS]
             for m in present:
-                rows, avg = summaries[(m, shots)]
-                covered = [x.dataset for x in rows if x.base is not None and x.new is not None]
+                rows, avg = summaries[(m, shots)][0], avgs[m]
+                covered = [d2 for d2 in datasets if d2 in common]
                 if d == "__avg__":
                     line += list(avg) if avg else [None, None, None]
                 else:
@@ -309,9 +324,19 @@ def _base2new_tables(runs: list[RunRecord], reference: bool) -> tuple[list[Table
                     else:
                         line.append(ref.BASE2NEW_HM.get(p, {}).get(d))
             body.append(line)
-        notes = ["Average row: HM(mean Base, mean New) over each method's data sets."]
+        if not uneven:
+            notes = ["Average row: HM(mean Base, mean New) over the data sets above (every method ran all)."]
+        elif common:
+            names = ", ".join(dataset_title(d) for d in dataset_order(common))
+            notes = [
+                f"Average row: HM(mean Base, mean New) over the {len(common)} data set(s) every method in "
+                f"this table ran ({names}), so that the methods are compared on the same data; each method's "
+                "own table averages over all of its data sets."
+            ]
+        else:
+            notes = ["Average row: empty, as no data set was run by every method in this table."]
         if reference:
-            notes.append(f"HM ({PUB}) in the Average row: over the same data sets as that method's runs.")
+            notes.append(f"HM ({PUB}) in the Average row: over the same data sets as the Average row.")
             notes += [n for m in present if (n := _unpublished_note(m, datasets))]
             notes += [
                 f"{p} ({PUB}): {ref.PUBLISHED_NOTES[p]}."
