@@ -5,7 +5,8 @@ and a number of images per class and split; an image shows the class's object (o
 position) with every other attribute drawn at random.  The class order is a fixed shuffle, so the base
 half (first classes) and the new half each mix every value: new classes are unseen *combinations* or
 unseen values of a seen attribute.  Generation is deterministic and atomic like the ``demo`` set: PNGs
-plus a CoOp-style split file in ``cache_dir()/<name>-v<version>``, written on first use in seconds.
+plus a CoOp-style split file in ``cache_dir()/<name>-v<world version>[r<set revision>]``,
+written on first use in seconds.
 
 Domain generalisation: ``world-shapes`` (photos) has three test-only re-renderings of *the same
 scenes* -- ``world-shapes-sketch``, ``world-shapes-noisy``, ``world-shapes-painting`` -- as ImageNet
