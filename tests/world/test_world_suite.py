@@ -69,12 +69,13 @@ def world_bb():
 def test_zero_shot_is_inside_the_window_and_as_recorded(world_bb, name: str) -> None:
     full = get_dataset(name)
     tf = build_transform(False, **world_bb.preprocess_cfg)
-    got = []
+    got, tol = [], []
     for part in ("all", "base", "new"):
         s = subsample(full, part)
         zs = create_model("zeroshot", world_bb, s.classnames, template=s.template)
         got.append(evaluate(zs, build_loader(s.test, tf, 256, shuffle=False))["accuracy"])
-    assert np.allclose(got, ZERO_SHOT[name], atol=1.0), (name, got)  # fp16 file, float rounding
+        tol.append(max(1.0, 2 * 100 / len(s.test)))  # float rounding elsewhere may flip an image or two
+    assert all(abs(g - r) <= t for g, r, t in zip(got, ZERO_SHOT[name], tol)), (name, got)
     assert 3 * 100 / len(full.classnames) < got[0] < 90.0, (name, got)
 
 

@@ -53,7 +53,9 @@ class WorldSet:
     domain: str = "photo"
     test_only: bool = False  # a DG target (its train / val splits exist: the same scenes, restyled)
     #: bump when this set's images or classes change (its cache folder becomes ``<name>-v3r1``, ...):
-    #: per set, so that the other sets' caches stay valid.  0: the world version's own generation
+    #: per set, so that the other sets' caches stay valid.  0: the world version's own generation.
+    #: A run's fingerprint knows a set by its items' relative paths and labels, not by the folder: a
+    #: revision that kept every class name would need the revision in the run identity too
     revision: int = 0
     #: False: a horizontal flip changes the label (left/right), so the training transform must not flip
     flip: bool = True
