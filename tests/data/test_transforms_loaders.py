@@ -70,3 +70,28 @@ def test_cached_eval_tensors_are_exact():
             x, y = cached[i]
             rx, ry = ref[i]
             assert y == ry and torch.equal(x, rx)
+
+
+def _flips(tf, n: int = 64) -> int:
+    """How many of ``n`` training views of a left-red / right-blue image come out mirrored."""
+    img = Image.new("RGB", (48, 48), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 24, 48))
+    torch.manual_seed(0)
+    views = [tf(img) for _ in range(n)]
+    return sum(int(v[0, :, 0].mean() < v[0, :, -1].mean()) for v in views)
+
+
+def test_a_data_set_can_forbid_the_training_flip(monkeypatch):
+    from dataclasses import replace
+
+    from vlprompt.data import SPECS, get_spec, training_preprocess
+
+    cfg = {"size": 48, "scale": (0.5, 1.0)}
+    assert 16 <= _flips(build_transform(True, **cfg)) <= 48  # flipped about half of the time
+    assert _flips(build_transform(True, **cfg, flip=False)) == 0
+    # specs say so; every other data set (built-in, folder:/csv:, unknown) keeps the preprocessing as is
+    for name in ("caltech101", "folder:/somewhere", "csv:x.csv", "no-such-set", None):
+        assert training_preprocess(cfg, name) is cfg
+    monkeypatch.setitem(SPECS, "caltech101", replace(get_spec("caltech101"), flip=False))
+    assert training_preprocess(cfg, "Caltech101") == {**cfg, "flip": False}
+    assert _flips(build_transform(True, **training_preprocess(cfg, "caltech101"))) == 0

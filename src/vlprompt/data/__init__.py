@@ -30,6 +30,7 @@ from vlprompt.data.registry import (
     canonical_name,
     get_spec,
     list_datasets,
+    training_preprocess,
 )
 from vlprompt.data.splits import DatasetSplits, Datum, read_split, split_hash, write_split
 from vlprompt.data.subsample import SUBSAMPLES, base_new_labels, subsample
@@ -75,6 +76,7 @@ __all__ = [
     "set_max_image_pixels",
     "split_hash",
     "subsample",
+    "training_preprocess",
     "verify_dataset",
     "write_split",
 ]

@@ -78,6 +78,8 @@ class DatasetSpec:
     renames: dict[str, str] = field(default_factory=dict)  # raw -> final names (raw must not appear)
     fewshot_val: bool = True  # ImageNet: val is the test set and is not sampled (as CoOp)
     test_only: bool = False
+    #: False where a horizontal flip changes the label (left / right is a class): training never flips
+    flip: bool = True
 
 
 _IMAGENET_HOWTO = (
@@ -454,6 +456,19 @@ def canonical_name(name: str) -> str:
 def get_spec(name: str) -> DatasetSpec:
     """The spec of a built-in data set (any accepted spelling)."""
     return SPECS[canonical_name(name)]
+
+
+def training_preprocess(preprocess_cfg: dict[str, Any], dataset: str | None) -> dict[str, Any]:
+    """The backbone's ``preprocess_cfg`` for *training* on ``dataset``: with ``flip=False`` where the
+    data set's spec forbids flipping (its labels say left or right), else unchanged.  Every training
+    transform is built from it (``build_transform(True, **cfg)``, methods' ``train_transform``)."""
+    if not isinstance(dataset, str) or ":" in dataset:  # folder:/csv: sets (or none): flip as always
+        return preprocess_cfg
+    try:
+        spec = get_spec(dataset)
+    except VlpromptError:
+        return preprocess_cfg
+    return preprocess_cfg if spec.flip else {**preprocess_cfg, "flip": False}
 
 
 def list_datasets() -> list[str]:

@@ -47,17 +47,18 @@ def build_transform(
     std: Sequence[float] = CLIP_STD,
     interpolation: str = "bicubic",
     scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
 ) -> T.Compose:
     """Train: RandomResizedCrop + horizontal flip; test: Resize + CenterCrop; both ToTensor + Normalize.
 
     Expects an RGB PIL image (``ImageDataset`` converts); the random ops draw from torch's RNG, so a
-    seeded run (and seeded loader workers) gives the same crops.
+    seeded run (and seeded loader workers) gives the same crops.  ``flip=False``: no flip, for data
+    sets whose labels say left or right (``registry.training_preprocess``).
     """
     _check(size, mean, std)
     mode = interpolation_mode(interpolation)
     norm = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
     if train:
-        return T.Compose(
-            [T.RandomResizedCrop(size, scale=scale, interpolation=mode), T.RandomHorizontalFlip(), *norm]
-        )
+        flips = [T.RandomHorizontalFlip()] if flip else []
+        return T.Compose([T.RandomResizedCrop(size, scale=scale, interpolation=mode), *flips, *norm])
     return T.Compose([*eval_resize_crop(size, interpolation).transforms, *norm])

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 import yaml
 
-from vlprompt.data import build_loader, build_transform, fewshot, read_descriptions, split_hash
+from vlprompt.data import (
+    build_loader,
+    build_transform,
+    fewshot,
+    read_descriptions,
+    split_hash,
+    training_preprocess,
+)
 from vlprompt.data import subsample as subsample_fn
 from vlprompt.data.custom import public_name
 from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
@@ -126,12 +133,9 @@ def train_data(splits: Any, backbone: Any, cfg: RunConfig, method: Any = None) -
     if not splits.shots or cfg.train.image_features_cache == "train":
         return splits.train
 
-    # the trainer's own training transform
-    tf = (
-        method.train_transform(backbone.preprocess_cfg)
-        if method is not None
-        else build_transform(True, **backbone.preprocess_cfg)
-    )
+    # the trainer's own training transform (no flip on a data set whose labels say left or right)
+    pcfg = training_preprocess(backbone.preprocess_cfg, cfg.data.dataset)
+    tf = method.train_transform(pcfg) if method is not None else build_transform(True, **pcfg)
     split = f"train/shots{splits.shots}-seed{splits.seed}/{splits.subsample}"
     ds = cached_train_dataset(
         splits.train, tf, dataset=splits.name, split=split, workers=max(1, cfg.data.num_workers)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vlprompt.data import ImageDataset, build_loader, build_transform
+from vlprompt.data import ImageDataset, build_loader, build_transform, training_preprocess
 from vlprompt.errors import VlpromptError
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import distributed as ddp
@@ -61,7 +61,11 @@ def _as_dataset(
         return feature_dataset(model.backbone, list(data), tf, dataset=str(dataset), split=split, cache=cache)
     if isinstance(data, Sequence) and data and hasattr(data[0], "impath"):
         cfg = model.backbone.preprocess_cfg  # training: the method's own (one view, or several stacked)
-        tf = model.method.train_transform(cfg) if train else build_transform(False, **cfg)
+        tf = (  # never flipped where the data set's labels say left or right
+            model.method.train_transform(training_preprocess(cfg, dataset))
+            if train
+            else build_transform(False, **cfg)
+        )
         return ImageDataset(list(data), tf)
     if isinstance(data, Sequence):
         return list(data)  # a list of (tensor, label) pairs is a valid map-style dataset

@@ -1,4 +1,4 @@
-"""The generated world (v2): images of coloured, textured shapes, their captions, and four rendering styles.
+"""The generated world (v3): images of coloured, textured shapes, their captions, and four rendering styles.
 
 Everything is drawn from a seeded ``numpy`` generator and rendered with PIL, so the same seed gives the
 same bytes on every machine; no image or text is copied from anywhere.  The world is what the bundled
@@ -7,7 +7,7 @@ sample their classes from (:mod:`vlprompt.world.sets`).  docs/world.md describes
 
 A scene is a background plus one to four objects; an object has a shape, a colour, a size, a fill
 texture and a position.  Every attribute a caption names can be seen at the image size: 48 x 48 pixels
-(rendered at 96 and box-downsampled), objects of 10-34 px across, textures of period 8 px, eight shapes
+(rendered at 96 and box-downsampled), objects of 14-35 px across, textures of period 8 px, eight shapes
 chosen to differ in outline (no hexagon-vs-circle pairs).  A *domain* is a rendering style of the same
 scene (``photo``, ``sketch``, ``noisy``, ``painting``): the domain generalisation protocol trains on
 one and tests on the others.
@@ -50,7 +50,7 @@ DOMAIN_WORDS: dict[str, str] = {
 
 IMAGE_SIZE = 48
 _SUPERSAMPLE = 2
-_PERIOD = 8  # texture period in output pixels: coarse enough for a patch-6 ViT
+_PERIOD = 8  # texture period in output pixels: one period per patch of vlp-world's patch-8 ViT
 
 
 @dataclass(frozen=True)
