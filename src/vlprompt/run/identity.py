@@ -16,9 +16,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from vlprompt.data import get_dataset, read_descriptions, set_max_image_pixels, split_hash
 from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import get_method
 from vlprompt.train.config import ADDED_LATER, DataConfig, RunConfig, TrainConfig
 from vlprompt.train.precision import resolve_device, resolve_precision
 from vlprompt.utils import atomic_write_json, cache_dir, read_json, sha256_file, sha256_json
@@ -145,8 +148,6 @@ def resolve_teacher(cfg: RunConfig) -> RunConfig:
 
 
 def _teacher_source(cfg: RunConfig) -> str:
-    from vlprompt.methods import get_method
-
     return get_method(cfg.method).teacher_source(cfg.options) if cfg.options is not None else ""
 
 
@@ -154,8 +155,6 @@ def teacher_identity(src: str) -> dict[str, Any]:
     """What identifies a frozen teacher: its prompt file's sha256, method and backbone (a Hub reference
     by its name and revision).  Read here from the prompt's embedded manifest (``run.prompt`` reads
     prompts fully; it sits above this module)."""
-    from safetensors import safe_open
-
     if isinstance(src, str) and src.startswith(_HUB_PREFIX):  # hub_ref.is_hub_ref
         return {"hub": src}
     path = Path(src)

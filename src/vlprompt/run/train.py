@@ -23,6 +23,7 @@ from vlprompt.data import build_loader, build_transform, fewshot, read_descripti
 from vlprompt.data import subsample as subsample_fn
 from vlprompt.data.custom import public_name
 from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
+from vlprompt.data.subsample import unlabelled_pool
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method
 from vlprompt.run import cost as costs
@@ -36,6 +37,7 @@ from vlprompt.run.backbone import (
     world_mismatch,
 )
 from vlprompt.run.env import environment
+from vlprompt.run.hub_ref import is_hub_ref
 from vlprompt.run.identity import (
     describe_differences,
     differences,
@@ -56,7 +58,7 @@ from vlprompt.run.layout import (
 )
 from vlprompt.run.learned import learned_nothing, record_warning
 from vlprompt.run.lock import RunLock
-from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt
+from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt, read_manifest
 from vlprompt.train import distributed as ddp
 from vlprompt.train.checkpoint import has_checkpoint, save_safetensors
 from vlprompt.train.config import RunConfig, dump_yaml
@@ -345,8 +347,6 @@ def _train_run(
 
 def _unlabelled_pool(cfg: RunConfig) -> tuple[list[Any], list[str]]:
     """The protocol's unlabelled training images for a transductive method (train split only)."""
-    from vlprompt.data.subsample import unlabelled_pool
-
     return unlabelled_pool(build_splits(cfg, subsample="all"), cfg.data.subsample)
 
 
@@ -361,9 +361,6 @@ def _check_teacher_source(cfg: RunConfig) -> None:
             "--set options.teacher=PATH (a run, an export or a prompt brought in with `vlprompt import`)"
         )
     if src:
-        from vlprompt.run.hub_ref import is_hub_ref
-        from vlprompt.run.prompt import read_manifest
-
         if not is_hub_ref(src):
             read_manifest(src)  # one line if it is not a prompt
 
