@@ -267,10 +267,16 @@ def load_splits(data: DataConfig) -> Any:
 
 def request_fingerprint(cfg: RunConfig, precision: str | None = None) -> dict[str, Any]:
     """The fingerprint record a request would write (loads the data set's split, not its images);
-    ``precision``: the resolved precision's name where the caller resolved it already (``train_run``)."""
+    ``precision``: the resolved precision's name (resolved here from ``cfg.train`` when not given)."""
 
-    splits = load_splits(cfg.data)
     prec = precision or resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
-    return fingerprint_record(
-        identity(cfg, split_hash=split_hash(splits), precision=prec, classnames=list(splits.classnames))
+    return fingerprint_for(cfg, load_splits(cfg.data), prec)
+
+
+def fingerprint_for(cfg: RunConfig, splits: Any, precision: str) -> dict[str, Any]:
+    """The fingerprint record of ``cfg`` given its data set's full splits (:func:`load_splits`) and
+    the resolved precision's name (``train_run`` resolves both once, ``run/request.py``)."""
+    ident = identity(
+        cfg, split_hash=split_hash(splits), precision=precision, classnames=list(splits.classnames)
     )
+    return fingerprint_record(ident)
