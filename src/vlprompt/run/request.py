@@ -17,8 +17,17 @@ from vlprompt.data import fewshot, read_descriptions
 from vlprompt.data import subsample as subsample_fn
 from vlprompt.data.custom import public_name
 from vlprompt.data.subsample import unlabelled_pool
+from vlprompt.errors import VlpromptError
 from vlprompt.methods import get_method
-from vlprompt.run.identity import fingerprint_for, load_splits, resolve_teacher
+from vlprompt.run.identity import (
+    describe_differences,
+    differences,
+    fingerprint_for,
+    load_splits,
+    resolve_teacher,
+)
+from vlprompt.run.layout import RunDir
+from vlprompt.train.checkpoint import has_checkpoint
 from vlprompt.train.config import RunConfig
 from vlprompt.train.placement import Placement, resolve_placement
 
@@ -52,6 +61,36 @@ def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = 
     return subsample_fn(splits, subsample or cfg.data.subsample)
 
 
+def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
+    """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
+
+    if force:
+        return "fresh"
+    if run.is_complete() or has_checkpoint(run.checkpoint_dir):
+        run.verify()  # an edited or swapped fingerprint / config / manifest / prompt is never believed
+    old = run.fingerprint()
+    same = old is not None and old.get("fingerprint") == fp["fingerprint"]
+    if run.is_complete():
+        if same:
+            return "complete"
+        diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
+        raise VlpromptError(
+            f"{run} holds a complete run with other settings ({describe_differences(diffs)}); "
+            "pass --force to replace it or use another --out"
+        )
+    if has_checkpoint(run.checkpoint_dir):
+        if not resume:
+            return "fresh"
+        if not same:
+            diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
+            raise VlpromptError(
+                f"{run} holds an interrupted run with other settings ({describe_differences(diffs)}); "
+                "pass --force to start over or use another --out"
+            )
+        return "resume"
+    return "fresh"
+
+
 @dataclass(frozen=True)
 class ResolvedRun:
     """One training request, resolved (see the module's docstring)."""
@@ -59,6 +98,9 @@ class ResolvedRun:
     cfg: RunConfig  # the teacher option resolved for this data set (``teachers/{dataset}``)
     placement: Placement  # this process's device, the resolved precision, the main rank
     fingerprint: dict[str, Any]  # the record fingerprint.json holds: {"fingerprint", "identity"}
+    decision: (
+        str  # "complete" (reuse the run), "resume" or "fresh" (check_request; re-checked under the lock)
+    )
     splits: Any  # DatasetSplits as trained and tested (few-shot, subsample)
     pool: tuple[list[Any], list[str]] | None  # a transductive method's unlabelled images and classes
     descriptions: Any  # the run's ClassDescriptions (``data.descriptions``), or None
@@ -75,15 +117,18 @@ class ResolvedRun:
         return list(self.splits.classnames) if self.pool is None else list(self.pool[1])
 
 
-def resolve_run(cfg: RunConfig) -> ResolvedRun:
-    """Resolve ``cfg`` once (loads the data set's split and checks it, reads no image; writes nothing).
+def resolve_run(cfg: RunConfig, run: RunDir, *, resume: bool, force: bool) -> ResolvedRun:
+    """Resolve ``cfg`` for the run directory ``run`` once (loads the data set's split and checks it, reads
+    no image; writes nothing; a refused request raises the one-line error here).
 
-    Run-level decisions first (where this process trains, the teacher, the fingerprint, the notes), then
-    the data they select (few-shot picks, base/new subsample, a transductive pool, descriptions)."""
+    Run-level decisions first (where this process trains, the teacher, the fingerprint, what ``run``
+    already holds, the notes), then the data they select (few-shot picks, base/new subsample, a
+    transductive pool, descriptions)."""
     placement = resolve_placement(cfg.train.device, cfg.train.precision)
     cfg = resolve_teacher(cfg)  # teachers/{dataset} -> this data set's teacher
     full = load_splits(cfg.data)  # validates the data set before anything is written
     fp = fingerprint_for(cfg, full, placement.precision.name)
+    decision = check_request(cfg, run, fp, resume=resume, force=force)
     prov = run_provenance(cfg)
     picked = fewshot(full, cfg.data.shots, cfg.data.seed) if cfg.data.shots else full
     splits = subsample_fn(picked, cfg.data.subsample)
@@ -92,4 +137,4 @@ def resolve_run(cfg: RunConfig) -> ResolvedRun:
         unlabelled_pool(subsample_fn(picked, "all"), cfg.data.subsample) if prov.get("transductive") else None
     )
     descriptions = read_descriptions(cfg.data.descriptions) if cfg.data.descriptions else None
-    return ResolvedRun(cfg, placement, fp, splits, pool, descriptions, prov)
+    return ResolvedRun(cfg, placement, fp, decision, splits, pool, descriptions, prov)

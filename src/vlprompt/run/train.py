@@ -36,7 +36,6 @@ from vlprompt.run.backbone import (
 )
 from vlprompt.run.env import environment
 from vlprompt.run.hub_ref import is_hub_ref
-from vlprompt.run.identity import describe_differences, differences
 from vlprompt.run.layout import (
     CONFIG,
     FINGERPRINT,
@@ -54,11 +53,12 @@ from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt, read_manife
 from vlprompt.run.request import (
     ResolvedRun,
     build_splits,
+    check_request,
     provenance,
     resolve_run,
 )
 from vlprompt.train import distributed as ddp
-from vlprompt.train.checkpoint import has_checkpoint, save_safetensors
+from vlprompt.train.checkpoint import save_safetensors
 from vlprompt.train.config import RunConfig, dump_yaml
 from vlprompt.train.trainer import fit
 from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
@@ -150,36 +150,6 @@ def record_metrics(
     return metrics
 
 
-def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
-    """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
-
-    if force:
-        return "fresh"
-    if run.is_complete() or has_checkpoint(run.checkpoint_dir):
-        run.verify()  # an edited or swapped fingerprint / config / manifest / prompt is never believed
-    old = run.fingerprint()
-    same = old is not None and old.get("fingerprint") == fp["fingerprint"]
-    if run.is_complete():
-        if same:
-            return "complete"
-        diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
-        raise VlpromptError(
-            f"{run} holds a complete run with other settings ({describe_differences(diffs)}); "
-            "pass --force to replace it or use another --out"
-        )
-    if has_checkpoint(run.checkpoint_dir):
-        if not resume:
-            return "fresh"
-        if not same:
-            diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
-            raise VlpromptError(
-                f"{run} holds an interrupted run with other settings ({describe_differences(diffs)}); "
-                "pass --force to start over or use another --out"
-            )
-        return "resume"
-    return "fresh"
-
-
 def train_run(
     cfg: RunConfig,
     out_dir: str | os.PathLike,
@@ -255,8 +225,9 @@ def _train_run(
     callbacks: Any,
     teacher: Any = None,
 ) -> dict[str, Any]:
-    req = resolve_run(cfg)  # once: teacher path, device/precision/rank, fingerprint, splits, notes
-    decision = check_request(req.cfg, run, req.fingerprint, resume=resume, force=force)
+    # once: device/precision/rank, teacher path, fingerprint, reuse/resume/fresh, notes, splits
+    req = resolve_run(cfg, run, resume=resume, force=force)
+    decision = req.decision
     if decision == "complete":
         log.info("run %s is complete with the same settings; skipping (force to retrain)", run)
         evals = run.evaluations()

@@ -157,6 +157,16 @@ class _Parts:
     loader: DataLoader
     key: str
 
+    def resume_point(self, files: TrainerFiles | None, device: torch.device, epochs: int) -> _Progress:
+        """Where training starts: the checkpoint in ``files`` restored, else epoch 0 (``files=None``:
+        not resuming)."""
+        state = ckpt.load_checkpoint(files.checkpoint_dir) if files is not None else None
+        if state is None:
+            return _Progress()
+        done = self.restore(state, files.checkpoint_dir, device, epochs)
+        log.info("resuming from epoch %d/%d (%s)", done.epoch, epochs, files.checkpoint_dir)
+        return done
+
     def state(self, progress: _Progress) -> dict[str, Any]:
         """The checkpoint of the end of epoch ``progress.epoch`` (tensors and JSON-able values)."""
         return {
@@ -291,13 +301,8 @@ def fit(
         return _training_free_result(model, eval_loader, device, prec.name, main)
     optimizer = build_optimizer(params, train, lr_scales(model))
     schedule = EpochSchedule(optimizer, train)
-    scaler = make_scaler(prec)
-    parts = _Parts(model, optimizer, schedule, scaler, loader, _resume_key(train, seed, model))
-
-    state = ckpt.load_checkpoint(out.checkpoint_dir) if (resume and out is not None) else None
-    done = _Progress() if state is None else parts.restore(state, out.checkpoint_dir, device, epochs)
-    if state is not None:
-        log.info("resuming from epoch %d/%d (%s)", done.epoch, epochs, out.checkpoint_dir)
+    parts = _Parts(model, optimizer, schedule, make_scaler(prec), loader, _resume_key(train, seed, model))
+    done = parts.resume_point(out if resume else None, device, epochs)
     runlog = RunLog(out if main else None, keep_epochs=done.epoch)
     steps = len(loader)
     bar = progress_bar(epochs * steps, "train", progress, initial=done.epoch * steps, redirect_logs=True)
