@@ -115,7 +115,7 @@ def identity(
         "version": IDENTITY_VERSION,
         "method": cfg.method,
         # the teacher is identified by its prompt's bytes, not by where the file lies
-        "options": {k: v for k, v in _options(cfg).items() if not (raw and v in (raw, src))},
+        "options": {k: v for k, v in method_options(cfg).items() if not (raw and v in (raw, src))},
         "backbone": backbone_identity(cfg),
         "data": {**data_identity(cfg.data, split_hash, classnames), **descriptions_identity(cfg)},
         "train": train_identity(cfg.train),
@@ -143,7 +143,7 @@ def resolve_teacher(cfg: RunConfig) -> RunConfig:
     src = _teacher_source(cfg)
     if DATASET_FIELD not in src:
         return cfg
-    key = next(k for k, v in _options(cfg).items() if v == src)
+    key = next(k for k, v in method_options(cfg).items() if v == src)
     return cfg.but(options={key: src.replace(DATASET_FIELD, public_name(str(cfg.data.dataset)))})
 
 
@@ -174,7 +174,8 @@ def teacher_identity(src: str) -> dict[str, Any]:
     }
 
 
-def _options(cfg: RunConfig) -> dict[str, Any]:
+def method_options(cfg: RunConfig) -> dict[str, Any]:
+    """The method's section as a plain dict (what create_model, the identity and the manifest take)."""
     opts = cfg.options
     return dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts or {})
 
@@ -196,7 +197,7 @@ def verify_fingerprint(record: Any, config: dict[str, Any] | None, *, fp_path: A
     cfg = RunConfig.from_dict(raw, where=str(config_path))
     mine = {
         "method": cfg.method,
-        "options": _options(cfg),
+        "options": method_options(cfg),
         "backbone": {"name": cfg.backbone.name, "pretrained": cfg.backbone.pretrained},
         "data": data_identity(cfg.data, None),
         "train": train_identity(cfg.train),

@@ -24,6 +24,7 @@ from vlprompt.run.identity import (
     differences,
     fingerprint_for,
     load_splits,
+    method_options,
     resolve_teacher,
 )
 from vlprompt.run.layout import RunDir
@@ -96,6 +97,7 @@ class ResolvedRun:
     """One training request, resolved (see the module's docstring)."""
 
     cfg: RunConfig  # the teacher option resolved for this data set (``teachers/{dataset}``)
+    options: dict[str, Any]  # cfg.options as a dict: what create_model and the manifest take
     placement: Placement  # this process's device, the resolved precision, the main rank
     fingerprint: dict[str, Any]  # the record fingerprint.json holds: {"fingerprint", "identity"}
     decision: (
@@ -126,6 +128,7 @@ def resolve_run(cfg: RunConfig, run: RunDir, *, resume: bool, force: bool) -> Re
     transductive pool, descriptions)."""
     placement = resolve_placement(cfg.train.device, cfg.train.precision)
     cfg = resolve_teacher(cfg)  # teachers/{dataset} -> this data set's teacher
+    options = method_options(cfg)
     full = load_splits(cfg.data)  # validates the data set before anything is written
     fp = fingerprint_for(cfg, full, placement.precision.name)
     decision = check_request(cfg, run, fp, resume=resume, force=force)
@@ -137,4 +140,4 @@ def resolve_run(cfg: RunConfig, run: RunDir, *, resume: bool, force: bool) -> Re
         unlabelled_pool(subsample_fn(picked, "all"), cfg.data.subsample) if prov.get("transductive") else None
     )
     descriptions = read_descriptions(cfg.data.descriptions) if cfg.data.descriptions else None
-    return ResolvedRun(cfg, placement, fp, decision, splits, pool, descriptions, prov)
+    return ResolvedRun(cfg, options, placement, fp, decision, splits, pool, descriptions, prov)

@@ -303,7 +303,7 @@ def _check_model(req: ResolvedRun, backbone: Any) -> None:
     _check_teacher_source(cfg)
     with torch.random.fork_rng(devices=[]):
         classes, template = list(req.splits.classnames), req.splits.template
-        model = create_model(cfg.method, backbone, classes, template=template, **_options_dict(cfg))
+        model = create_model(cfg.method, backbone, classes, template=template, **req.options)
     attach_descriptions(model, cfg.method, req.descriptions)  # a file missing classes: refused here
     del model
 
@@ -399,7 +399,7 @@ def _train(
     loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
     set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
     model = create_model(
-        cfg.method, backbone, req.classnames, template=splits.template, model=cfg.model, **_options_dict(cfg)
+        cfg.method, backbone, req.classnames, template=splits.template, model=cfg.model, **req.options
     )
     attach_descriptions(model, cfg.method, req.descriptions)
     if teacher is not None:
@@ -454,7 +454,7 @@ def _finish(run: RunDir, req: ResolvedRun, trained: _Trained) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
         **req.provenance,
-        "options": _options_dict(cfg),
+        "options": req.options,
         "backbone": portable_section(cfg.backbone, trained.backbone),
         "classnames": list(model.classnames),
         "template": model.template,
@@ -504,12 +504,6 @@ def _learned_line(req: ResolvedRun, trained: _Trained) -> str | None:
 
     result, model, loader = trained.result, trained.model, trained.loader
     return learned_nothing(result, req.cfg.train, model, zero_shot, loader, len(splits.train))
-
-
-def _options_dict(cfg: RunConfig) -> dict[str, Any]:
-    return (
-        dataclasses.asdict(cfg.options) if dataclasses.is_dataclass(cfg.options) else dict(cfg.options or {})
-    )
 
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:
