@@ -22,7 +22,8 @@ Training in Python (the same as ``vlprompt train``)::
 One way to load a prompt (``load_prompt``).  Training and evaluation have two levels on purpose:
 ``train_run`` / ``evaluate_run`` work on run directories (fingerprint, lock, resume, metrics.json), while
 ``fit`` / ``evaluate`` train and score any ``PromptModel`` on your own Dataset or DataLoader and write no
-run directory (what ``train_run`` and ``evaluate_run`` call inside).
+run directory (what ``train_run`` and ``evaluate_run`` call inside; ``fit(model, data, cfg,
+vlprompt.run.RunDir(folder))`` keeps its log and resume checkpoint in a folder).
 
 The names are imported on first use, not with ``import vlprompt``: the package root runs before every
 ``vlprompt`` command, and importing torch would make ``vlprompt --help`` take seconds.

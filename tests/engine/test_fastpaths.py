@@ -362,7 +362,7 @@ def test_evaluator_and_trainer_run_on_cached_features(backbone, tmp_path):
         {"train": {"epochs": 1, "batch_size": 2, "lr": 0.01, "device": "cpu", "warmup_epochs": 0}},
         partial=True,
     )
-    fit(model, feats, cfg, out_dir=None, progress=False)
+    fit(model, feats, cfg, files=None, progress=False)
     assert not torch.equal(model.method.ctx.detach(), before)
     assert all(p.grad is None for p in backbone.parameters())
     # image-prompted methods refuse features (they would silently skip the prompts)
@@ -396,7 +396,7 @@ def test_fit_uses_the_feature_cache_for_frozen_image_methods(backbone):
             },
             partial=True,
         )
-        res = fit(model, items, cfg, out_dir=None, progress=False, eval_data=splits.test[:4])
+        res = fit(model, items, cfg, files=None, progress=False, eval_data=splits.test[:4])
         runs.append((model.method.ctx.detach().clone(), res["eval"]))
     assert not torch.equal(runs[0][0], runs[1][0])  # "off" trains on augmented views, "train" on fixed ones
     from vlprompt.utils import cache_dir

@@ -14,6 +14,7 @@ import torch
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method
+from vlprompt.run import RunDir
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig  # noqa: E402
 
@@ -159,7 +160,7 @@ def test_resume_is_exact_and_backbone_untouched(tiny, tmp_path):
     def run(out, stop=None, resume=False):
         torch.manual_seed(0)
         m = create_model("clip-lora", tiny, CLASSES, PHOTO)  # dropout 0.25: resume must restore the RNG
-        fit(m, data, cfg, out, resume=resume, progress=False, stop_after_epoch=stop)
+        fit(m, data, cfg, RunDir(out), resume=resume, progress=False, stop_after_epoch=stop)
         return m.prompt_state_dict()
 
     full = run(tmp_path / "a")

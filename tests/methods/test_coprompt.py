@@ -23,6 +23,7 @@ from vlprompt.data import (
 from vlprompt.engine import TowerPlan
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method
+from vlprompt.run import RunDir
 from vlprompt.train.config import RunConfig, resolve_config
 from vlprompt.train.trainer import fit
 
@@ -287,12 +288,14 @@ def test_two_view_training_resume_is_bitwise_equal(tiny, tmp_path):
         return m
 
     straight = model()
-    ref = fit(straight, splits.train, cfg, tmp_path / "a", progress=False)
-    assert fit(model(), splits.train, cfg, tmp_path / "b", progress=False, stop_after_epoch=1)["stopped"]
+    ref = fit(straight, splits.train, cfg, RunDir(tmp_path / "a"), progress=False)
+    assert fit(model(), splits.train, cfg, RunDir(tmp_path / "b"), progress=False, stop_after_epoch=1)[
+        "stopped"
+    ]
     random.seed(123)  # the checkpoint restores Python's RNG (the description pick) and torch's (the views)
     torch.manual_seed(123)
     resumed = model()
-    res = fit(resumed, splits.train, cfg, tmp_path / "b", resume=True, progress=False)
+    res = fit(resumed, splits.train, cfg, RunDir(tmp_path / "b"), resume=True, progress=False)
     a, b = straight.prompt_state_dict(), resumed.prompt_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in res["history"]] == [h["loss"] for h in ref["history"]]

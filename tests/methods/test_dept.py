@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method, list_methods
+from vlprompt.run import RunDir
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig, TrainConfig, load_preset
 from vlprompt.train.schedule import EpochSchedule, build_optimizer
@@ -215,7 +216,7 @@ def test_resume_is_exact(tiny, toy, tmp_path):
     def run(out, stop=None, resume=False):
         torch.manual_seed(0)
         m = create_model("coop+dept", tiny, names, PHOTO)
-        fit(m, _data(toy), cfg, out, resume=resume, progress=False, stop_after_epoch=stop)
+        fit(m, _data(toy), cfg, RunDir(out), resume=resume, progress=False, stop_after_epoch=stop)
         return m.prompt_state_dict()
 
     full = run(tmp_path / "a")

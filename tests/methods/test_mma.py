@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method
+from vlprompt.run import RunDir
 from vlprompt.run.dassl_import import build_model, convert_state_dict
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig
@@ -200,7 +201,7 @@ def test_resume_is_exact_and_backbone_untouched(tiny, tmp_path):
 
     def run(out, stop=None, resume=False):
         m = _model(tiny)
-        fit(m, data, cfg, out, resume=resume, progress=False, stop_after_epoch=stop)
+        fit(m, data, cfg, RunDir(out), resume=resume, progress=False, stop_after_epoch=stop)
         return m.prompt_state_dict()
 
     init = _model(tiny).prompt_state_dict()

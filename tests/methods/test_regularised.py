@@ -16,6 +16,7 @@ from vlprompt.methods import create_model
 from vlprompt.methods.common import IMAGENET_TEMPLATES
 from vlprompt.methods.prograd import project_gradients
 from vlprompt.methods.promptsrc import gpa_weights
+from vlprompt.run import RunDir
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig
 
@@ -195,14 +196,14 @@ def data():
 def test_promptsrc_resume_mid_run_equals_uninterrupted(tiny, data, tmp_path):
     cfg = RunConfig.from_dict({"train": TRAIN, "data": {"seed": 1}}, partial=True)
     straight = _src(tiny)
-    ref = fit(straight, data, cfg, tmp_path / "a", progress=False)
-    first = fit(_src(tiny), data, cfg, tmp_path / "b", progress=False, stop_after_epoch=2)
+    ref = fit(straight, data, cfg, RunDir(tmp_path / "a"), progress=False)
+    first = fit(_src(tiny), data, cfg, RunDir(tmp_path / "b"), progress=False, stop_after_epoch=2)
     assert first["stopped"]
     resumed = _src(tiny)
     with torch.no_grad():  # weights and the aggregate must both come from the checkpoint
         for p in resumed.method.parameters():
             p.add_(1.0)
-    res = fit(resumed, data, cfg, tmp_path / "b", resume=True, progress=False)
+    res = fit(resumed, data, cfg, RunDir(tmp_path / "b"), resume=True, progress=False)
     a, b = straight.prompt_state_dict(), resumed.prompt_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in res["history"]] == [h["loss"] for h in ref["history"]]
@@ -220,12 +221,12 @@ def test_promptsrc_aggregate_replaces_the_last_prompt(tiny, data, tmp_path):
         model,
         data,
         cfg,
-        tmp_path / "g",
+        RunDir(tmp_path / "g"),
         progress=False,
         callbacks=[lambda s: seen.append(model.prompt_state_dict())],
     )
     plain = _src(tiny, gpa=False)
-    fit(plain, data, cfg, tmp_path / "p", progress=False)
+    fit(plain, data, cfg, RunDir(tmp_path / "p"), progress=False)
     final, ep1, last = model.prompt_state_dict(), seen[0], plain.prompt_state_dict()
     assert all(torch.allclose(final[k], ep1[k], atol=1e-6) for k in final)  # the epoch-1 prompt
     assert not all(torch.allclose(final[k], last[k]) for k in final)

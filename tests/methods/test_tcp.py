@@ -17,7 +17,7 @@ from vlprompt.data.registry import get_spec
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method
 from vlprompt.methods.tcp import tcp_prompt_text
-from vlprompt.run import dassl_import
+from vlprompt.run import RunDir, dassl_import
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig
 
@@ -188,13 +188,13 @@ def toy(tiny):
 def test_resume_mid_run_equals_uninterrupted(tiny, toy, tmp_path):
     data, names = toy
     cfg = RunConfig.from_dict({"train": TRAIN, "data": {"seed": 1}}, partial=True)
-    ref = fit(_tcp(tiny, names), data, cfg, tmp_path / "a", progress=False)
+    ref = fit(_tcp(tiny, names), data, cfg, RunDir(tmp_path / "a"), progress=False)
     straight = _tcp(tiny, names)
-    fit(straight, data, cfg, tmp_path / "c", progress=False)
-    first = fit(_tcp(tiny, names), data, cfg, tmp_path / "b", progress=False, stop_after_epoch=1)
+    fit(straight, data, cfg, RunDir(tmp_path / "c"), progress=False)
+    first = fit(_tcp(tiny, names), data, cfg, RunDir(tmp_path / "b"), progress=False, stop_after_epoch=1)
     assert first["stopped"]
     resumed = _tcp(tiny, names, seed=5)  # other init: everything must come from the checkpoint
-    res = fit(resumed, data, cfg, tmp_path / "b", resume=True, progress=False)
+    res = fit(resumed, data, cfg, RunDir(tmp_path / "b"), resume=True, progress=False)
     a, b = straight.prompt_state_dict(), resumed.prompt_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in res["history"]] == [h["loss"] for h in ref["history"]]

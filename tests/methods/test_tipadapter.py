@@ -20,6 +20,7 @@ from vlprompt.train import fit
 sys.path.insert(0, str(Path(__file__).parent))
 from toy import make_toy_task  # noqa: E402
 
+from vlprompt.run import RunDir
 from vlprompt.train.config import RunConfig  # noqa: E402
 
 
@@ -175,7 +176,7 @@ def test_tip_adapter_f_resume_is_exact(tiny, toy, tmp_path):
     def run(out, stop=None, resume=False):
         torch.manual_seed(0)
         m = create_model("tip-adapter-f", tiny, names, PHOTO, augment_epoch=2)
-        fit(m, _data(toy), cfg, out, resume=resume, progress=False, stop_after_epoch=stop)
+        fit(m, _data(toy), cfg, RunDir(out), resume=resume, progress=False, stop_after_epoch=stop)
         return m.method.cache_keys.detach().clone()
 
     full = run(tmp_path / "a")

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from vlprompt.errors import VlpromptError
+from vlprompt.run import RunDir
 from vlprompt.train import distributed as D
 from vlprompt.train.config import RunConfig
 
@@ -263,10 +264,10 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
         run_dir = os.path.join(out, "ddp")
         # "killed" after epoch 1, then resumed under DDP to the end
         data = RecordingData()
-        first = fit(_train_model(), data, cfg, run_dir, progress=False, stop_after_epoch=1)
+        first = fit(_train_model(), data, cfg, RunDir(run_dir), progress=False, stop_after_epoch=1)
         assert first["stopped"] and D.is_distributed() and D.env().world_size == world
         model = _train_model()
-        res = fit(model, data, cfg, run_dir, resume=True, progress=False)
+        res = fit(model, data, cfg, RunDir(run_dir), resume=True, progress=False)
         torch.save(
             {"state": model.prompt_state_dict(), "history": res["history"], "seen": data.seen},
             os.path.join(out, f"rank{rank}.pt"),
@@ -286,7 +287,7 @@ def test_two_process_training_matches_one_process(tmp_path):
     ref_model = _train_model()
     start = {k: v.clone() for k, v in ref_model.prompt_state_dict().items()}
     data = RecordingData()
-    ref = fit(ref_model, data, TRAIN_CFG, tmp_path / "single", progress=False)
+    ref = fit(ref_model, data, TRAIN_CFG, RunDir(tmp_path / "single"), progress=False)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # each rank loaded only its share of every global batch (3 + 2 images), together the 1-process images
     assert [len(r["seen"]) for r in ranks] == [18, 12]

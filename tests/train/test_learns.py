@@ -31,6 +31,7 @@ from toy import make_toy_task  # noqa: E402
 
 from vlprompt.backbones import load_backbone  # noqa: E402
 from vlprompt.methods import create_model  # noqa: E402
+from vlprompt.run import RunDir
 from vlprompt.train import fit  # noqa: E402
 from vlprompt.train.config import RunConfig
 
@@ -147,7 +148,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
             backbone = load_backbone("vlp-tiny")
             data = _toy_data(backbone)
             model = _model(backbone)
-            res = fit(model, data, CFG, os.path.join(out, "run"), eval_data=data, progress=False)
+            res = fit(model, data, CFG, RunDir(os.path.join(out, "run")), eval_data=data, progress=False)
             assert D.is_distributed() and D.env().world_size == world
             loss, acc = _full_loss(model, data)
         torch.save(

@@ -10,6 +10,7 @@ import torch
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
+from vlprompt.run import RunDir
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig
 from vlprompt.train.loggers import TensorBoardLogger, epoch_scalars, make_loggers, parse_loggers
@@ -38,7 +39,7 @@ def _train(tmp_path, callbacks):
     torch.manual_seed(0)
     model = create_model("tinyctx", load_backbone("vlp-tiny"), ["cat", "dog"])
     data = [(torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(i)), i % 2) for i in range(4)]
-    return fit(model, data, CFG, tmp_path, eval_data=data, progress=False, callbacks=callbacks)
+    return fit(model, data, CFG, RunDir(tmp_path), eval_data=data, progress=False, callbacks=callbacks)
 
 
 def test_tensorboard_logger_gets_every_epoch(tmp_path):

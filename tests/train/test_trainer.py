@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import f1_score
 
 from vlprompt.methods import create_model
+from vlprompt.run import RunDir
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import evaluate, fit
 from vlprompt.train.config import RunConfig
@@ -37,7 +38,7 @@ def _model(backbone, init_seed: int = 0):
 def straight(backbone, data, tmp_path_factory):
     model = _model(backbone)
     init = model.prompt_state_dict()["ctx"].clone()
-    res = fit(model, data, CFG, tmp_path_factory.mktemp("straight"), eval_data=data, progress=False)
+    res = fit(model, data, CFG, RunDir(tmp_path_factory.mktemp("straight")), eval_data=data, progress=False)
     return model.prompt_state_dict()["ctx"].clone(), res, init
 
 
@@ -53,13 +54,15 @@ def test_only_prompts_learn(backbone, straight) -> None:
 
 def test_deterministic(backbone, data, straight, tmp_path) -> None:
     model = _model(backbone)
-    res = fit(model, data, CFG, tmp_path, eval_data=data, progress=False)
+    res = fit(model, data, CFG, RunDir(tmp_path), eval_data=data, progress=False)
     assert torch.equal(model.prompt_state_dict()["ctx"], straight[0])
     assert [h["loss"] for h in res["history"]] == [h["loss"] for h in straight[1]["history"]]
 
 
 def test_resume_equals_uninterrupted(backbone, data, straight, tmp_path) -> None:
-    first = fit(_model(backbone), data, CFG, tmp_path, eval_data=data, progress=False, stop_after_epoch=2)
+    first = fit(
+        _model(backbone), data, CFG, RunDir(tmp_path), eval_data=data, progress=False, stop_after_epoch=2
+    )
     assert first["stopped"] and first["epochs_done"] == 2 and first["eval"] is None
     state = ckpt.load_checkpoint(tmp_path / "checkpoint")
     assert state["epoch"] == 2
@@ -67,7 +70,7 @@ def test_resume_equals_uninterrupted(backbone, data, straight, tmp_path) -> None
     assert torch.equal(saved["ctx"], state["prompt"]["ctx"])
 
     resumed_model = _model(backbone, init_seed=123)  # different init: weights must come from the checkpoint
-    res = fit(resumed_model, data, CFG, tmp_path, resume=True, eval_data=data, progress=False)
+    res = fit(resumed_model, data, CFG, RunDir(tmp_path), resume=True, eval_data=data, progress=False)
     assert torch.equal(resumed_model.prompt_state_dict()["ctx"], straight[0])
     ref = straight[1]
     assert res["eval"] == ref["eval"]
@@ -86,15 +89,15 @@ def test_resume_rejects_other_settings(backbone, data, tmp_path) -> None:
     from vlprompt.errors import VlpromptError
 
     cfg = RunConfig.from_dict(CFG.but(train={"epochs": 2}), partial=True)
-    fit(_model(backbone), data, cfg, tmp_path, progress=False, stop_after_epoch=1)
+    fit(_model(backbone), data, cfg, RunDir(tmp_path), progress=False, stop_after_epoch=1)
     other = cfg.but(train={"lr": 0.01})
     with pytest.raises(VlpromptError, match="different settings"):
-        fit(_model(backbone), data, other, tmp_path, resume=True, progress=False)
+        fit(_model(backbone), data, other, RunDir(tmp_path), resume=True, progress=False)
 
 
 def test_failed_write_keeps_old_checkpoint(backbone, data, tmp_path, monkeypatch) -> None:
     cfg = RunConfig.from_dict(CFG.but(train={"epochs": 2}), partial=True)
-    fit(_model(backbone), data, cfg, tmp_path, progress=False, stop_after_epoch=1)
+    fit(_model(backbone), data, cfg, RunDir(tmp_path), progress=False, stop_after_epoch=1)
     before = (tmp_path / "checkpoint" / "state.json").read_bytes()
 
     from vlprompt.utils import atomic_write
@@ -109,12 +112,12 @@ def test_failed_write_keeps_old_checkpoint(backbone, data, tmp_path, monkeypatch
 
     monkeypatch.setattr(ckpt, "atomic_write_json", half_then_fail)  # the last write of a checkpoint fails
     with pytest.raises(OSError, match="disk full"):
-        fit(_model(backbone), data, cfg, tmp_path, resume=True, progress=False)
+        fit(_model(backbone), data, cfg, RunDir(tmp_path), resume=True, progress=False)
     monkeypatch.undo()
     assert (tmp_path / "checkpoint" / "state.json").read_bytes() == before
     state = ckpt.load_checkpoint(tmp_path / "checkpoint")
     assert state["epoch"] == 1
-    res = fit(_model(backbone), data, cfg, tmp_path, resume=True, progress=False)
+    res = fit(_model(backbone), data, cfg, RunDir(tmp_path), resume=True, progress=False)
     assert res["epochs_done"] == 2 and [h["epoch"] for h in res["history"]] == [1, 2]
 
 

@@ -12,6 +12,7 @@ import torch
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
+from vlprompt.run import RunDir
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig
 from vlprompt.train.trainer import EXECUTION_KEYS
@@ -77,7 +78,7 @@ def test_log_every_eval_every_epoch_and_callbacks(backbone, tmp_path) -> None:
         _model(backbone),
         _data(6),
         _cfg(epochs=3, log_every=2, eval_every_epoch=True),
-        tmp_path,
+        RunDir(tmp_path),
         eval_data=_data(4),
         progress=False,
         callbacks=[seen.append],
@@ -99,19 +100,19 @@ def test_resume_may_change_execution_settings_only(backbone, tmp_path) -> None:
         "shard_text",
         "attention",
     }
-    fit(_model(backbone), _data(6), CFG, tmp_path, progress=False, stop_after_epoch=1)
+    fit(_model(backbone), _data(6), CFG, RunDir(tmp_path), progress=False, stop_after_epoch=1)
     changed = _cfg(eval_batch_size=2, log_every=3, eval_every_epoch=True, shard_text=False)
-    res = fit(_model(backbone), _data(6), changed, tmp_path, resume=True, progress=False)
+    res = fit(_model(backbone), _data(6), changed, RunDir(tmp_path), resume=True, progress=False)
     assert res["epochs_done"] == 2 and [h["epoch"] for h in res["history"]] == [1, 2]
     for other in (_cfg(batch_size=2), _cfg(momentum=0.5), CFG.but(data={"seed": 4})):
         with pytest.raises(VlpromptError, match="different settings; resume with the same config"):
-            fit(_model(backbone), _data(6), other, tmp_path, resume=True, progress=False)
+            fit(_model(backbone), _data(6), other, RunDir(tmp_path), resume=True, progress=False)
     for model in (  # other prompt shapes, other classes
         create_model("tinyctx", backbone, CLASSES, n_ctx=3),
         create_model("tinyctx", backbone, ["cat", "dog", "bus"]),
     ):
         with pytest.raises(VlpromptError, match="different settings; resume with the same config"):
-            fit(model, _data(6), CFG, tmp_path, resume=True, progress=False)
+            fit(model, _data(6), CFG, RunDir(tmp_path), resume=True, progress=False)
 
 
 def test_frozen_backbone_is_enforced(backbone) -> None:
@@ -191,9 +192,49 @@ def test_feature_cache_on_items_equals_training_on_test_transform_tensors(tmp_pa
 def test_data_seed_decides_the_batch_order(backbone, tmp_path) -> None:
     def step_losses(seed: int) -> list[float]:
         out = tmp_path / f"seed{seed}"
-        fit(_model(backbone), _data(6), CFG.but(data={"seed": seed}), out, progress=False)
+        fit(_model(backbone), _data(6), CFG.but(data={"seed": seed}), RunDir(out), progress=False)
         lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
         return [x["loss"] for x in lines if x["kind"] == "step"]
 
     assert step_losses(3) == step_losses(3)
     assert step_losses(3) != step_losses(4)  # same data and init: only the shuffling differs
+
+
+def test_fit_writes_through_the_files_object_it_is_handed_and_refuses_a_bare_folder(backbone, tmp_path):
+    """The trainer knows no file name: it writes where the run layer's RunDir (a TrainerFiles) says, and a
+    folder given instead is refused with the fix (the names live in run/layout.py only)."""
+    from vlprompt.run import layout
+    from vlprompt.train import files as trainer_files
+
+    run = RunDir(tmp_path / "r")
+    assert isinstance(run, trainer_files.TrainerFiles)
+    fit(_model(backbone), _data(6), CFG, run, progress=False)
+    assert sorted(p.name for p in run.path.iterdir()) == sorted(
+        [layout.LOG, layout.LOG_TABLE, layout.CHECKPOINT]
+    )
+    assert not any(
+        isinstance(v, str) and v.endswith((".jsonl", ".csv")) for v in vars(trainer_files).values()
+    )
+    with pytest.raises(TypeError, match=r"pass vlprompt\.run\.RunDir\(folder\)"):
+        fit(_model(backbone), _data(6), CFG, tmp_path / "folder", progress=False)
+    assert not (tmp_path / "folder").exists()
+
+
+def test_fit_trains_on_the_placement_it_is_handed_without_resolving_one(backbone, monkeypatch):
+    """The run layer resolves device, precision and DDP role once and hands them down; fit given a
+    placement does not resolve them again (``resolve_placement`` is only fit's default)."""
+    from vlprompt.train import placement as P
+    from vlprompt.train import trainer as T
+    from vlprompt.train.precision import Precision
+
+    place = P.resolve_placement("cpu", "fp32")
+    assert place == P.Placement(torch.device("cpu"), Precision("fp32", "cpu"), True)
+
+    def refuse(*a, **k):
+        raise AssertionError("fit resolved the placement again")
+
+    monkeypatch.setattr(T, "resolve_placement", refuse)
+    res = fit(_model(backbone), _data(6), CFG, None, placement=place, progress=False)
+    assert res["device"] == "cpu" and res["precision"] == "fp32" and res["epochs_done"] == 2
+    with pytest.raises(AssertionError, match="resolved the placement again"):
+        fit(_model(backbone), _data(6), CFG, None, progress=False)

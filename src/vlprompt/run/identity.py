@@ -16,9 +16,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from vlprompt.data import get_dataset, read_descriptions, set_max_image_pixels, split_hash
 from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import get_method
 from vlprompt.train.config import ADDED_LATER, DataConfig, RunConfig, TrainConfig
 from vlprompt.train.precision import resolve_device, resolve_precision
 from vlprompt.utils import atomic_write_json, cache_dir, read_json, sha256_file, sha256_json
@@ -112,7 +115,7 @@ def identity(
         "version": IDENTITY_VERSION,
         "method": cfg.method,
         # the teacher is identified by its prompt's bytes, not by where the file lies
-        "options": {k: v for k, v in _options(cfg).items() if not (raw and v in (raw, src))},
+        "options": {k: v for k, v in method_options(cfg).items() if not (raw and v in (raw, src))},
         "backbone": backbone_identity(cfg),
         "data": {**data_identity(cfg.data, split_hash, classnames), **descriptions_identity(cfg)},
         "train": train_identity(cfg.train),
@@ -140,13 +143,11 @@ def resolve_teacher(cfg: RunConfig) -> RunConfig:
     src = _teacher_source(cfg)
     if DATASET_FIELD not in src:
         return cfg
-    key = next(k for k, v in _options(cfg).items() if v == src)
+    key = next(k for k, v in method_options(cfg).items() if v == src)
     return cfg.but(options={key: src.replace(DATASET_FIELD, public_name(str(cfg.data.dataset)))})
 
 
 def _teacher_source(cfg: RunConfig) -> str:
-    from vlprompt.methods import get_method
-
     return get_method(cfg.method).teacher_source(cfg.options) if cfg.options is not None else ""
 
 
@@ -154,8 +155,6 @@ def teacher_identity(src: str) -> dict[str, Any]:
     """What identifies a frozen teacher: its prompt file's sha256, method and backbone (a Hub reference
     by its name and revision).  Read here from the prompt's embedded manifest (``run.prompt`` reads
     prompts fully; it sits above this module)."""
-    from safetensors import safe_open
-
     if isinstance(src, str) and src.startswith(_HUB_PREFIX):  # hub_ref.is_hub_ref
         return {"hub": src}
     path = Path(src)
@@ -175,7 +174,8 @@ def teacher_identity(src: str) -> dict[str, Any]:
     }
 
 
-def _options(cfg: RunConfig) -> dict[str, Any]:
+def method_options(cfg: RunConfig) -> dict[str, Any]:
+    """The method's section as a plain dict (what create_model, the identity and the manifest take)."""
     opts = cfg.options
     return dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts or {})
 
@@ -197,7 +197,7 @@ def verify_fingerprint(record: Any, config: dict[str, Any] | None, *, fp_path: A
     cfg = RunConfig.from_dict(raw, where=str(config_path))
     mine = {
         "method": cfg.method,
-        "options": _options(cfg),
+        "options": method_options(cfg),
         "backbone": {"name": cfg.backbone.name, "pretrained": cfg.backbone.pretrained},
         "data": data_identity(cfg.data, None),
         "train": train_identity(cfg.train),
@@ -268,10 +268,16 @@ def load_splits(data: DataConfig) -> Any:
 
 def request_fingerprint(cfg: RunConfig, precision: str | None = None) -> dict[str, Any]:
     """The fingerprint record a request would write (loads the data set's split, not its images);
-    ``precision``: the resolved precision's name where the caller resolved it already (``train_run``)."""
+    ``precision``: the resolved precision's name (resolved here from ``cfg.train`` when not given)."""
 
-    splits = load_splits(cfg.data)
     prec = precision or resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).name
-    return fingerprint_record(
-        identity(cfg, split_hash=split_hash(splits), precision=prec, classnames=list(splits.classnames))
+    return fingerprint_for(cfg, load_splits(cfg.data), prec)
+
+
+def fingerprint_for(cfg: RunConfig, splits: Any, precision: str) -> dict[str, Any]:
+    """The fingerprint record of ``cfg`` given its data set's full splits (:func:`load_splits`) and
+    the resolved precision's name (``train_run`` resolves both once, ``run/request.py``)."""
+    ident = identity(
+        cfg, split_hash=split_hash(splits), precision=precision, classnames=list(splits.classnames)
     )
+    return fingerprint_record(ident)

@@ -35,7 +35,6 @@ from vlprompt import utils
 from vlprompt.errors import VlpromptError
 from vlprompt.run.identity import verify_fingerprint
 from vlprompt.train import checkpoint as ckpt
-from vlprompt.train import files as trainer_files
 from vlprompt.train.config import read_yaml
 from vlprompt.utils import TMP_SUFFIX, atomic_write_json, atomic_write_text, sha256_file
 
@@ -43,8 +42,8 @@ CONFIG = "config.yaml"
 FINGERPRINT = "fingerprint.json"
 ENV = "env.json"
 SPLIT = "split.json"
-LOG = trainer_files.LOG  # written by the trainer through RunDir (train/files.py names them)
-LOG_TABLE = trainer_files.LOG_TABLE
+LOG = "log.jsonl"  # the trainer writes LOG, LOG_TABLE and CHECKPOINT through RunDir (train/files.py)
+LOG_TABLE = "log.csv"
 METRICS = "metrics.json"
 PROMPT = "prompt.safetensors"
 MANIFEST = "manifest.json"
@@ -52,16 +51,15 @@ LOCAL = "local.json"
 DONE = "done"
 LOCK = ".lock"
 FAILED = "failed.json"
-CHECKPOINT = trainer_files.CHECKPOINT
+CHECKPOINT = "checkpoint"
 #: results that a retrain replaces (the checkpoint goes with them)
 RESULT_FILES = (DONE, METRICS, PROMPT, MANIFEST, FINGERPRINT)
-LOG_CSV = LOG_TABLE  # written by train.progress beside log.jsonl
 CARD = "README.md"  # the model card of an `export --hub` folder (run/hub.py)
 #: the files of a prompt on the Hugging Face Hub (everything else in a repository is ignored)
 HUB_FILES = (PROMPT, MANIFEST, CONFIG, METRICS, CARD)
 #: every name the run layer writes at a run's top level (nothing else is ever touched there)
 RUN_NAMES = (
-    LOG_CSV,
+    LOG_TABLE,
     CONFIG,
     FINGERPRINT,
     ENV,
@@ -85,12 +83,25 @@ def read_json(path: Path) -> Any:
     return utils.read_json(path, error="cannot read {path} ({reason}); the run directory is damaged")
 
 
-class RunDir(trainer_files.FolderFiles):
-    """A run directory on disk; every read and write of a run's files goes through here (the trainer
-    writes its log and checkpoint through it: ``log_file``, ``log_table``, ``checkpoint_dir``)."""
+class RunDir:
+    """A run directory on disk; every read and write of a run's files goes through here.  It is the
+    trainer's :class:`~vlprompt.train.files.TrainerFiles`: ``fit`` writes its log and checkpoint through
+    ``log_file``, ``log_table`` and ``checkpoint_dir``."""
 
     def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
+        self.path = Path(path)
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG
+
+    @property
+    def log_table(self) -> Path:
+        return self.path / LOG_TABLE
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT
 
     def __fspath__(self) -> str:
         return str(self.path)

@@ -16,10 +16,13 @@ import torch
 
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import create_model
 from vlprompt.run.attention import measured_attention
 from vlprompt.run.backbone import backbone_for_manifest, check_weights
+from vlprompt.run.hub_ref import download, is_hub_ref
 from vlprompt.run.layout import CONFIG, MANIFEST, PROMPT, RunDir, read_json
 from vlprompt.train.checkpoint import load_safetensors
+from vlprompt.train.precision import resolve_device
 
 FORMAT = "vlprompt-prompt"
 FORMAT_VERSION = 1
@@ -80,13 +83,8 @@ def load_run(
     teacher gets ``teacher`` (a PromptModel) or, by default, the teacher its options name, loaded too
     (it is never part of the student's prompt file).
     """
-    from vlprompt.run.hub_ref import download, is_hub_ref
-
     if is_hub_ref(path):  # hf-hub:org/name[@rev]: the Hub's copy, through its cache
         path = download(str(path))
-    from vlprompt.methods import create_model
-    from vlprompt.train.precision import resolve_device
-
     manifest, prompt_path = read_manifest(path)
     local = RunDir(path).local() if Path(path).is_dir() else {}
     device = (

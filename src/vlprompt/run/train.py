@@ -19,15 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from vlprompt.data import (
-    build_loader,
-    build_transform,
-    fewshot,
-    read_descriptions,
-    split_hash,
-    training_preprocess,
-)
-from vlprompt.data import subsample as subsample_fn
+from vlprompt.data import build_loader, build_transform, split_hash, training_preprocess
 from vlprompt.data.custom import public_name
 from vlprompt.data.image_cache import cached_eval_loader, cached_train_dataset
 from vlprompt.errors import VlpromptError
@@ -43,13 +35,7 @@ from vlprompt.run.backbone import (
     world_mismatch,
 )
 from vlprompt.run.env import environment
-from vlprompt.run.identity import (
-    describe_differences,
-    differences,
-    load_splits,
-    request_fingerprint,
-    resolve_teacher,
-)
+from vlprompt.run.hub_ref import is_hub_ref
 from vlprompt.run.layout import (
     CONFIG,
     FINGERPRINT,
@@ -63,38 +49,23 @@ from vlprompt.run.layout import (
 )
 from vlprompt.run.learned import learned_nothing, record_warning
 from vlprompt.run.lock import RunLock
-from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt
+from vlprompt.run.prompt import FORMAT, FORMAT_VERSION, load_prompt, read_manifest
+from vlprompt.run.request import (
+    ResolvedRun,
+    build_splits,
+    check_request,
+    provenance,
+    resolve_run,
+)
 from vlprompt.train import distributed as ddp
-from vlprompt.train.checkpoint import has_checkpoint, save_safetensors
+from vlprompt.train.checkpoint import save_safetensors
 from vlprompt.train.config import RunConfig, dump_yaml
-from vlprompt.train.precision import resolve_device, resolve_precision
 from vlprompt.train.trainer import fit
 from vlprompt.train.zeroshot import evaluate_without_training, has_trainable_parameters
 from vlprompt.utils import set_seed, sha256_file
 from vlprompt.version import __version__
 
 log = logging.getLogger(__name__)
-
-
-def provenance(method: str, saw: str | None = None) -> dict[str, Any]:
-    """The method's registry notes every artefact carries: ``{"reconstructed": True, "note": ...}`` for
-    a reconstruction (DPL), ``{"transductive": True, ...}`` for a transductive method, else ``{}``.
-    ``saw``: what the run's training saw (:func:`transductive_saw`), added for a transductive method."""
-    out = get_method(method).provenance()
-    if saw and out.get("transductive"):
-        out["transductive_saw"] = saw
-    return out
-
-
-def transductive_saw(dataset: str, subsample: str, shots: int | None) -> str:
-    """What a transductive run trained on, in words (the rule: ``data.subsample.unlabelled_pool``)."""
-    which = "base and new classes" if subsample in ("base", "new") else "all classes"
-    per = f"{shots} per class" if shots else "the full train split"
-    return f"unlabelled train-split images of {public_name(dataset)} ({which}; {per}); no test image"
-
-
-def run_provenance(cfg: RunConfig) -> dict[str, Any]:
-    return provenance(cfg.method, transductive_saw(cfg.data.dataset, cfg.data.subsample, cfg.data.shots))
 
 
 def build_teacher(cfg: RunConfig, device: Any, teacher: Any = None) -> Any:
@@ -104,13 +75,6 @@ def build_teacher(cfg: RunConfig, device: Any, teacher: Any = None) -> Any:
     if teacher is not None or not src:
         return teacher
     return load_prompt(src, device=device)
-
-
-def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = True) -> Any:
-    splits = load_splits(cfg.data)
-    if fewshot_ and cfg.data.shots:
-        splits = fewshot(splits, cfg.data.shots, cfg.data.seed)
-    return subsample_fn(splits, subsample or cfg.data.subsample)
 
 
 def eval_loader(splits: Any, backbone: Any, batch_size: int, num_workers: int) -> Any:
@@ -181,36 +145,6 @@ def record_metrics(
     if changed:
         run.write_json(METRICS, metrics)
     return metrics
-
-
-def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
-    """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
-
-    if force:
-        return "fresh"
-    if run.is_complete() or has_checkpoint(run.checkpoint_dir):
-        run.verify()  # an edited or swapped fingerprint / config / manifest / prompt is never believed
-    old = run.fingerprint()
-    same = old is not None and old.get("fingerprint") == fp["fingerprint"]
-    if run.is_complete():
-        if same:
-            return "complete"
-        diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
-        raise VlpromptError(
-            f"{run} holds a complete run with other settings ({describe_differences(diffs)}); "
-            "pass --force to replace it or use another --out"
-        )
-    if has_checkpoint(run.checkpoint_dir):
-        if not resume:
-            return "fresh"
-        if not same:
-            diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
-            raise VlpromptError(
-                f"{run} holds an interrupted run with other settings ({describe_differences(diffs)}); "
-                "pass --force to start over or use another --out"
-            )
-        return "resume"
-    return "fresh"
 
 
 def train_run(
@@ -288,58 +222,42 @@ def _train_run(
     callbacks: Any,
     teacher: Any = None,
 ) -> dict[str, Any]:
-    cfg = resolve_teacher(cfg)  # teachers/{dataset} -> this data set's teacher
-    env = ddp.init_from_env(cfg.train.device)
-    main = env.is_main
-    device = ddp.rank_device(resolve_device(cfg.train.device))
-    precision = resolve_precision(cfg.train.precision, device).name
-    fp = request_fingerprint(cfg, precision)  # loads (validates) the data set before anything is written
-    decision = check_request(cfg, run, fp, resume=resume, force=force)
+    # once: device/precision/rank, teacher path, fingerprint, reuse/resume/fresh, notes, splits
+    req = resolve_run(cfg, run, resume=resume, force=force)
+    decision = req.decision
     if decision == "complete":
-        evals = run.evaluations()
         log.info("run %s is complete with the same settings; skipping (force to retrain)", run)
-        return {
-            "run_dir": str(run),
-            "status": "complete",
-            "evaluation": evals[0] if evals else None,
-            "evaluations": evals,
-            "fingerprint": fp["fingerprint"],
-        }
-    splits = build_splits(cfg)
-    pool = _unlabelled_pool(cfg) if get_method(cfg.method).transductive_note else None
+        evals = run.evaluations()
+        return _outcome(run, req, "complete", evals[0] if evals else None, evals)
+    main = req.placement.main
     banner = backbone is None
     if backbone is None:
-        backbone = load_backbone_from(cfg.backbone, device=device, banner=False)
+        backbone = load_backbone_from(req.cfg.backbone, device=req.placement.device, banner=False)
     if decision == "fresh":
-        _check_model(cfg, backbone, splits)  # a refused request (depth 12 on 9 layers) writes nothing
+        _check_model(req, backbone)  # a refused request (depth 12 on 9 layers) writes nothing
     lock = RunLock(run.path) if main else None
     try:
         if lock is not None:
             lock.acquire()
-            decision = check_request(cfg, run, fp, resume=resume, force=force)  # re-check under the lock
+            # re-checked under the lock
+            decision = check_request(req.cfg, run, req.fingerprint, resume=resume, force=force)
             run.remove_stale_temps()
             if decision == "fresh":
                 run.clear_results()
-            _write_run_info(run, cfg, fp, backbone, splits, resume=decision == "resume", pool=pool)
+            _write_run_info(run, req, backbone, resume=decision == "resume")
         if banner and main and is_untrained(backbone):
             log.warning(UNTRAINED_BANNER)
-        if main and world_mismatch(backbone, splits.name):
+        if main and world_mismatch(backbone, req.splits.name):
             log.warning(WORLD_BANNER)
         ddp.barrier()  # the run directory is ready (and a stale checkpoint gone) before any rank resumes
         return _train(
-            cfg,
+            req,
             run,
-            fp,
-            splits,
             backbone,
-            create_model,
-            fit,
-            main=main,
             resume=decision == "resume",
             progress=progress,
             stop_after_epoch=stop_after_epoch,
             callbacks=callbacks,
-            pool=pool,
             teacher=teacher,
         )
     finally:
@@ -347,11 +265,17 @@ def _train_run(
             lock.release()
 
 
-def _unlabelled_pool(cfg: RunConfig) -> tuple[list[Any], list[str]]:
-    """The protocol's unlabelled training images for a transductive method (train split only)."""
-    from vlprompt.data.subsample import unlabelled_pool
-
-    return unlabelled_pool(build_splits(cfg, subsample="all"), cfg.data.subsample)
+def _outcome(
+    run: RunDir, req: ResolvedRun, status: str, evaluation: Any, evaluations: list[Any]
+) -> dict[str, Any]:
+    """What ``train_run`` returns."""
+    return {
+        "run_dir": str(run),
+        "status": status,
+        "evaluation": evaluation,
+        "evaluations": evaluations,
+        "fingerprint": req.id,
+    }
 
 
 def _check_teacher_source(cfg: RunConfig) -> None:
@@ -364,56 +288,47 @@ def _check_teacher_source(cfg: RunConfig) -> None:
             f"method '{cfg.method}' learns from a frozen teacher; give its saved prompt with "
             "--set options.teacher=PATH (a run, an export or a prompt brought in with `vlprompt import`)"
         )
-    if src:
-        from vlprompt.run.hub_ref import is_hub_ref
-        from vlprompt.run.prompt import read_manifest
-
-        if not is_hub_ref(src):
-            read_manifest(src)  # one line if it is not a prompt
+    if src and not is_hub_ref(src):
+        read_manifest(src)  # one line if it is not a prompt
 
 
-def _check_model(cfg: RunConfig, backbone: Any, splits: Any) -> None:
+def _check_model(req: ResolvedRun, backbone: Any) -> None:
     """Build the model once (RNG untouched) so that options the backbone cannot take are refused
     before anything is written (a method without trainable parameters, zero-shot CLIP, is evaluated
     without training: train/zeroshot.py)."""
+    cfg = req.cfg
     _check_teacher_source(cfg)
     with torch.random.fork_rng(devices=[]):
-        model = create_model(
-            cfg.method, backbone, list(splits.classnames), template=splits.template, **_options_dict(cfg)
-        )
-    attach_descriptions(model, cfg)  # a file missing classes is refused before anything is written
+        classes, template = list(req.splits.classnames), req.splits.template
+        model = create_model(cfg.method, backbone, classes, template=template, **req.options)
+    attach_descriptions(model, cfg.method, req.descriptions)  # a file missing classes: refused here
     del model
 
 
-def attach_descriptions(model: Any, cfg: RunConfig) -> None:
+def attach_descriptions(model: Any, method: str, descriptions: Any) -> None:
     """Give ``model`` the run's class descriptions (``data.descriptions``), checked against its classes;
     one line when the method reads descriptions and none are given, or is given some it never reads."""
     reads = "descriptions" in model.method.needs
-    path = cfg.data.descriptions
-    if reads and not path:
+    if reads and descriptions is None:
         raise VlpromptError(
-            f"method '{cfg.method}' reads class descriptions; pass --descriptions FILE (JSON class -> "
+            f"method '{method}' reads class descriptions; pass --descriptions FILE (JSON class -> "
             "sentences, as CoPrompt's gpt_file/<dataset>_prompt.json, or CSV class,sentence)"
         )
-    if path and not reads:
-        raise VlpromptError(f"method '{cfg.method}' reads no class descriptions; drop --descriptions")
-    if path:
-        desc = read_descriptions(path)
-        desc.for_classes(model.classnames)
-        model.set_descriptions(desc)
+    if descriptions is not None and not reads:
+        raise VlpromptError(f"method '{method}' reads no class descriptions; drop --descriptions")
+    if descriptions is not None:
+        descriptions.for_classes(model.classnames)
+        model.set_descriptions(descriptions)
 
 
-def _write_run_info(
-    run: RunDir, cfg: RunConfig, fp: dict[str, Any], backbone: Any, splits: Any, *, resume: bool = False,
-    pool: Any = None,
-) -> None:  # fmt: skip
+def _write_run_info(run: RunDir, req: ResolvedRun, backbone: Any, *, resume: bool = False) -> None:
     """config.yaml, fingerprint.json, env.json, split.json and local.json of a run being trained (a
     resumed run keeps the attention implementations it recorded)."""
-    prov = run_provenance(cfg)
+    cfg, splits, pool, prov = req.cfg, req.splits, req.pool, req.provenance
     text = dump_yaml(cfg)
     if prov:
         text += yaml.safe_dump({"provenance": prov}, sort_keys=False)
-    run.write_json(FINGERPRINT, fp)  # first: it is what marks the folder as a run (RunDir.is_run)
+    run.write_json(FINGERPRINT, req.fingerprint)  # first: it marks the folder as a run (RunDir.is_run)
     run.write_config(text)
     recorded = (run.env() or {}).get("attention") if resume else None
     kept = {"attention": recorded} if recorded else {}
@@ -445,95 +360,99 @@ def _write_run_info(
     run.write_json(LOCAL, local)
 
 
+@dataclasses.dataclass
+class _Trained:
+    """What the training leaves for the run's record."""
+
+    model: Any
+    backbone: Any
+    loader: Any  # the test split's loader (the learned-nothing check compares on it)
+    result: dict[str, Any]  # fit's
+    epochs: costs.EpochCounter  # the per-epoch summaries (run/cost.py)
+    train_cost: dict[str, Any]
+    attention: dict[str, Any]  # which implementation "auto" chose, per shape class
+
+
 def _train(
-    cfg: RunConfig,
+    req: ResolvedRun,
     run: RunDir,
-    fp: dict[str, Any],
-    splits: Any,
     backbone: Any,
-    create_model: Any,
-    fit: Any,
     *,
-    main: bool,
     resume: bool,
     progress: bool,
     stop_after_epoch: int | None,
     callbacks: Any,
-    pool: Any = None,
     teacher: Any = None,
 ) -> dict[str, Any]:
+    """Build the model, train it (``fit`` on the resolved placement), record the run (rank 0)."""
+    cfg, splits, main = req.cfg, req.splits, req.placement.main
     teacher = build_teacher(cfg, backbone.device, teacher)  # frozen, not part of the prompt
-    options = _options_dict(cfg)  # the method's section, as create_model and the manifest take it
-    set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
-    model = create_model(
-        cfg.method,
-        backbone,
-        list(splits.classnames) if pool is None else list(pool[1]),  # transductive: all pool classes
-        template=splits.template,
-        model=cfg.model,
-        **options,
-    )
-    attach_descriptions(model, cfg)
-    if teacher is not None:
-        model.set_teacher(teacher)
     # attention="auto": the choices this run recorded (on resume), else the machine's measured table;
     # each new choice is written to env.json at once, so a resume after a kill reuses it
     recorded = (run.env() or {}).get("attention") if resume else None
     auto, chosen = measured_attention(
         backbone.device, recorded, on_new=(lambda rec: _record_attention(run, rec)) if main else None
     )
+    loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
+    set_seed(cfg.data.seed)  # prompt initialisation depends only on the seed
+    model = create_model(
+        cfg.method, backbone, req.classnames, template=splits.template, model=cfg.model, **req.options
+    )
+    attach_descriptions(model, cfg.method, req.descriptions)
+    if teacher is not None:
+        model.set_teacher(teacher)
     model.options.attention = cfg.train.attention
     model.set_auto_attention(auto)
-    loader = eval_loader(splits, backbone, cfg.train.eval_batch_size, cfg.data.num_workers)
+    # a transductive method trains on its pool: unlabelled, train split
+    data = train_data(splits, backbone, cfg, model.method) if req.pool is None else req.pool[0]
     meter, epochs_seen = costs.Meter(backbone.device).start(), costs.EpochCounter()  # run/cost.py
-    callbacks = (*callbacks, epochs_seen)
-    # zero-shot CLIP: evaluated, not trained (train/zeroshot.py); a cache model is built by fit
-    if not has_trainable_parameters(model) and not model.method.builds_from_data:
-        fit = evaluate_without_training
-    extra = {} if pool is None else {"eval_classnames": list(splits.classnames)}
-    result = fit(
+    result = _fit(
         model,
-        # a transductive method trains on its pool: unlabelled, train split
-        train_data(splits, backbone, cfg, model.method) if pool is None else pool[0],
+        data,
         cfg,
-        run,  # the trainer writes its log and checkpoint through the run directory
+        run,  # the trainer writes its log and checkpoint through the run directory (TrainerFiles)
         resume=resume,
+        placement=req.placement,  # resolved once, above: fit does not resolve it again
         eval_data=loader,
         progress=progress,
         stop_after_epoch=stop_after_epoch,
-        callbacks=callbacks,
-        **extra,
+        callbacks=(*callbacks, epochs_seen),
+        **({} if req.pool is None else {"eval_classnames": list(splits.classnames)}),
     )
-    if pool is not None:
+    if req.pool is not None:
         model.set_classnames(list(splits.classnames), splits.template)  # the run's own label space
     train_cost = costs.train_cost(meter.stop(), result, epochs_seen)
-    if main:  # which attention implementation "auto" used, per shape class
-        _record_attention(run, chosen.record())
+    trained = _Trained(model, backbone, loader, result, epochs_seen, train_cost, chosen.record())
     if result["stopped"]:
-        return {
-            "run_dir": str(run),
-            "status": "stopped",
-            "evaluation": None,
-            "evaluations": [],
-            "fingerprint": fp["fingerprint"],
-        }
+        if main:
+            _record_attention(run, trained.attention)
+        return _outcome(run, req, "stopped", None, [])
     if not main:  # rank 0 evaluated and writes the results; report what it wrote
         ddp.barrier()
         evals = run.evaluations()
-        return {
-            "run_dir": str(run),
-            "status": "trained",
-            "evaluation": evals[-1] if evals else None,
-            "evaluations": evals,
-            "fingerprint": fp["fingerprint"],
-        }
+        return _outcome(run, req, "trained", evals[-1] if evals else None, evals)
+    return _finish(run, req, trained)
+
+
+def _fit(model: Any, data: Any, cfg: RunConfig, run: RunDir, **kw: Any) -> dict[str, Any]:
+    """``fit``; zero-shot CLIP (no trainable parameters, nothing built from data) is evaluated, not
+    trained (train/zeroshot.py)."""
+    if not has_trainable_parameters(model) and not model.method.builds_from_data:
+        return evaluate_without_training(model, data, cfg, run, **kw)
+    return fit(model, data, cfg, run, **kw)
+
+
+def _finish(run: RunDir, req: ResolvedRun, trained: _Trained) -> dict[str, Any]:
+    """The run's record, in one pass: assembled first (manifest, metrics entry, costs, the
+    learned-nothing line), then written (env.json's attention, prompt + manifest, metrics.json, done)."""
+    cfg, splits, model, result = req.cfg, req.splits, trained.model, trained.result
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": cfg.method,
-        **run_provenance(cfg),
-        "options": options,
-        "backbone": portable_section(cfg.backbone, backbone),
+        **req.provenance,
+        "options": req.options,
+        "backbone": portable_section(cfg.backbone, trained.backbone),
         "classnames": list(model.classnames),
         "template": model.template,
         "protocol": cfg.protocol,
@@ -542,11 +461,10 @@ def _train(
         "shots": cfg.data.shots,
         "seed": cfg.data.seed,
         "epochs": result["epochs_done"],
-        "fingerprint": fp["fingerprint"],
+        "fingerprint": req.id,
         "vlprompt_version": __version__,
         "trainable_parameters": result["trainable_parameters"],
     }
-    save_prompt(run, model.prompt_state_dict(), manifest)
     entry = metrics_entry(
         result["eval"],
         dataset=splits.name,
@@ -556,42 +474,33 @@ def _train(
         shots=cfg.data.shots,
         method=cfg.method,
     )
-    own_eval_s = next((e["eval_s"] for e in reversed(epochs_seen.epochs) if e.get("eval_s")), None)
+    own_eval_s = next((e["eval_s"] for e in reversed(trained.epochs.epochs) if e.get("eval_s")), None)
     entry["cost"] = costs.eval_cost(None, int(entry.get("n") or 0), own_eval_s)
-    metrics = record_metrics(run, entry, cost={"train": train_cost}, prov=run_provenance(cfg))
-    _check_learned(cfg, run, result, model, backbone, splits, loader, create_model)
+    learned = _learned_line(req, trained)
+    if learned:
+        log.warning("%s: %s", run.path.name, learned)
+    _record_attention(run, trained.attention)
+    save_prompt(run, model.prompt_state_dict(), manifest)
+    metrics = record_metrics(run, entry, cost={"train": trained.train_cost}, prov=req.provenance)
+    record_warning(run, learned)
     run.mark_done()
     ddp.barrier()  # the other ranks read metrics.json now
-    return {
-        "run_dir": str(run),
-        "status": "trained",
-        "evaluation": entry,
-        "evaluations": metrics["evaluations"],
-        "fingerprint": fp["fingerprint"],
-    }
+    return _outcome(run, req, "trained", entry, metrics["evaluations"])
 
 
 def _record_attention(run: RunDir, record: dict[str, Any]) -> None:
     run.write_env({**(run.env() or {}), "attention": record})
 
 
-def _check_learned(cfg: RunConfig, run: RunDir, result: dict[str, Any], model: Any, backbone: Any,
-                   splits: Any, loader: Any, create_model: Any) -> None:  # fmt: skip
-    """Say so (log + metrics.json) when the run learned nothing (run/learned.py)."""
+def _learned_line(req: ResolvedRun, trained: _Trained) -> str | None:
+    """The line saying the run learned nothing, or None (run/learned.py; logged, kept in metrics.json)."""
+    splits, backbone = req.splits, trained.backbone
 
     def zero_shot() -> Any:
         return create_model("zeroshot", backbone, list(splits.classnames), template=splits.template)
 
-    line = learned_nothing(result, cfg.train, model, zero_shot, loader, len(splits.train))
-    if line:
-        log.warning("%s: %s", run.path.name, line)
-    record_warning(run, line)
-
-
-def _options_dict(cfg: RunConfig) -> dict[str, Any]:
-    return (
-        dataclasses.asdict(cfg.options) if dataclasses.is_dataclass(cfg.options) else dict(cfg.options or {})
-    )
+    result, model, loader = trained.result, trained.model, trained.loader
+    return learned_nothing(result, req.cfg.train, model, zero_shot, loader, len(splits.train))
 
 
 def save_prompt(run: RunDir | str | os.PathLike, state: dict[str, Any], manifest: dict[str, Any]) -> None:

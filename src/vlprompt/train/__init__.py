@@ -11,6 +11,8 @@ from vlprompt.train.config import (
     validate_config,
 )
 from vlprompt.train.evaluate import evaluate
+from vlprompt.train.files import TrainerFiles
+from vlprompt.train.placement import Placement, resolve_placement
 from vlprompt.train.precision import Precision, resolve_device, resolve_precision
 from vlprompt.train.schedule import EpochSchedule, build_optimizer, epoch_lr, lr_sequence
 from vlprompt.train.trainer import fit
@@ -19,8 +21,10 @@ __all__ = [
     "DEFAULT_TRAIN",
     "PROTOCOLS",
     "EpochSchedule",
+    "Placement",
     "Precision",
     "RunRequest",
+    "TrainerFiles",
     "apply_overrides",
     "build_optimizer",
     "epoch_lr",
@@ -31,6 +35,7 @@ __all__ = [
     "resolve",
     "resolve_config",
     "resolve_device",
+    "resolve_placement",
     "resolve_precision",
     "validate_config",
 ]

@@ -5,7 +5,7 @@ epoch's summary (loss, accuracy, lr, images/s and, where evaluated, test accurac
 tools people watch.  Neither package is a dependency: ``pip install 'vlprompt[logging]'`` (TensorBoard)
 or ``pip install wandb``; asking for a logger whose package is missing is a one-line error.
 
-    fit(model, data, cfg, out, callbacks=[TensorBoardLogger(out / "tensorboard")])
+    fit(model, data, cfg, RunDir(out), callbacks=[TensorBoardLogger(out / "tensorboard")])
     vlprompt train ... --log-to tensorboard,wandb
 """
 

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vlprompt.train.files import TrainerFiles, trainer_files
+from vlprompt.train.files import TrainerFiles
 from vlprompt.utils import atomic_write_text, read_jsonl
 
 FIELDS = ("kind", "epoch", "step", "loss", "acc", "lr", "images_per_s", "time")
@@ -35,8 +35,7 @@ def _clean(v: Any) -> Any:
 class RunLog:
     """Appends records to the log files of ``files`` (JSON lines and CSV; ``None``: keep nothing)."""
 
-    def __init__(self, files: str | os.PathLike | TrainerFiles | None, keep_epochs: int = 0):
-        files = trainer_files(files)
+    def __init__(self, files: TrainerFiles | None, keep_epochs: int = 0):
         self.dir = files.log_file.parent if files is not None else None
         if files is None:
             return

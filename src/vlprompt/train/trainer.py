@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from vlprompt.train.config import ADDED_LATER, RunConfig
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.features import FeatureCache, feature_dataset
 from vlprompt.train.files import TrainerFiles, trainer_files
-from vlprompt.train.precision import make_scaler, resolve_device, resolve_precision
+from vlprompt.train.placement import Placement, resolve_placement
+from vlprompt.train.precision import make_scaler
 from vlprompt.train.progress import RunLog, progress_bar
 from vlprompt.train.schedule import EpochSchedule, build_optimizer
 from vlprompt.utils import set_seed, sha256_json
@@ -161,6 +161,16 @@ class _Parts:
     loader: DataLoader
     key: str
 
+    def resume_point(self, files: TrainerFiles | None, device: torch.device, epochs: int) -> _Progress:
+        """Where training starts: the checkpoint in ``files`` restored, else epoch 0 (``files=None``:
+        not resuming)."""
+        state = ckpt.load_checkpoint(files.checkpoint_dir) if files is not None else None
+        if state is None:
+            return _Progress()
+        done = self.restore(state, files.checkpoint_dir, device, epochs)
+        log.info("resuming from epoch %d/%d (%s)", done.epoch, epochs, files.checkpoint_dir)
+        return done
+
     def state(self, progress: _Progress) -> dict[str, Any]:
         """The checkpoint of the end of epoch ``progress.epoch`` (tensors and JSON-able values)."""
         return {
@@ -246,24 +256,29 @@ def fit(
     model: torch.nn.Module,
     train_data: Any,
     cfg: RunConfig,
-    out_dir: str | os.PathLike | TrainerFiles | None = None,
+    files: TrainerFiles | None = None,
     resume: bool = False,
     *,
+    placement: Placement | None = None,
     eval_data: Any = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     eval_classnames: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` (a PromptModel) on ``train_data``; checkpoints and logs go to ``out_dir``: the
-    :class:`~vlprompt.train.files.TrainerFiles` the run layer hands in (its ``RunDir``), or a folder.
+    """Train ``model`` (a PromptModel) on ``train_data``.
 
     Args:
         train_data: a Dataset of ``(image tensor, label)``, a DataLoader, or Datum items (the
             backbone's train transform is applied).
         cfg: the run's configuration: its ``train`` section and ``data.seed`` / ``data.num_workers``
             (``RunConfig.from_dict({...}, partial=True)`` builds one for in-memory data).
-        resume: continue from ``out_dir/checkpoint`` when one exists (same config required).
+        files: where the step log and the resume checkpoint go (:class:`~vlprompt.train.files.
+            TrainerFiles`: the run layer hands its ``RunDir``; ``vlprompt.run.RunDir(folder)`` for a
+            folder of your own); ``None`` keeps neither.
+        resume: continue from ``files.checkpoint_dir`` when it holds a checkpoint (same config required).
+        placement: device, precision and DDP role, resolved once by the run layer; ``None`` resolves
+            them from ``cfg.train`` (library use).
         eval_data: evaluated after the last epoch (and after each one with ``train.eval_every_epoch``).
         stop_after_epoch: end after this many epochs as if killed (tests; the checkpoint stays).
         eval_classnames: the label space of ``eval_data`` when training runs on another one (a
@@ -274,12 +289,11 @@ def fit(
     Returns ``{"epochs_done", "stopped", "history": [per-epoch summaries], "eval": metrics|None, ...}``.
     """
     train, seed, epochs = cfg.train, cfg.data.seed, cfg.train.epochs
+    out = trainer_files(files)
     # DDP under torchrun (no-op otherwise): rank 0 writes and evaluates, the others wait at barriers
-    main = ddp.init_from_env(train.device).is_main
+    place = placement if placement is not None else resolve_placement(train.device, train.precision)
+    device, prec, main = place.device, place.precision, place.main
     progress = progress and main
-    device = ddp.rank_device(resolve_device(train.device))
-    prec = resolve_precision(train.precision, device)
-    out = trainer_files(out_dir)
 
     model.to(device)
     set_seed(seed)
@@ -291,13 +305,8 @@ def fit(
         return _training_free_result(model, eval_loader, device, prec.name, main)
     optimizer = build_optimizer(params, train, lr_scales(model))
     schedule = EpochSchedule(optimizer, train)
-    scaler = make_scaler(prec)
-    parts = _Parts(model, optimizer, schedule, scaler, loader, _resume_key(train, seed, model))
-
-    state = ckpt.load_checkpoint(out.checkpoint_dir) if (resume and out is not None) else None
-    done = _Progress() if state is None else parts.restore(state, out.checkpoint_dir, device, epochs)
-    if state is not None:
-        log.info("resuming from epoch %d/%d (%s)", done.epoch, epochs, out.checkpoint_dir)
+    parts = _Parts(model, optimizer, schedule, make_scaler(prec), loader, _resume_key(train, seed, model))
+    done = parts.resume_point(out if resume else None, device, epochs)
     runlog = RunLog(out if main else None, keep_epochs=done.epoch)
     steps = len(loader)
     bar = progress_bar(epochs * steps, "train", progress, initial=done.epoch * steps, redirect_logs=True)

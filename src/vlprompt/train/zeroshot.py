@@ -7,7 +7,6 @@ recorded and reported like every other (the "zero-shot CLIP" row of a base-to-ne
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ def evaluate_without_training(
     model: torch.nn.Module,
     train_data: Any,
     cfg: Any,
-    out_dir: str | os.PathLike | None = None,
+    files: Any = None,
     resume: bool = False,
     *,
     eval_data: Any = None,
