@@ -39,7 +39,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--n", type=int, default=64, help="number of images (a square grid)")
     sp.add_argument("--domains", action="store_true", help="one scene per row in each rendering style")
     sp.set_defaults(func=_samples)
+    dp = ws.add_parser(
+        "descriptions",
+        help="write the world's class descriptions (for --descriptions) and print the file's path",
+    )
+    dp.set_defaults(func=_descriptions)
     world_bench.register(ws)
+
+
+def _descriptions(args: argparse.Namespace) -> int:
+    """Methods that read class descriptions (CoPrompt) take this file on world sets: sentences from
+    the world's caption templates around each class name (ours; the papers' come from a language model)."""
+    from vlprompt.world.sets import descriptions_file
+
+    print(descriptions_file())
+    return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:

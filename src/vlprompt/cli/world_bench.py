@@ -7,16 +7,24 @@ model's depth (9 on ``vlp-world``), as "every layer" is what such a depth means;
 block (``*_end``, e.g. MMA's ``adapter_end`` 12).  Zero-shot CLIP is run
 as one more method (its row in every table).  ``--protocol all`` adds cross-dataset, DG and few-shot.
 Then the report.  Runs already complete are skipped, so an interrupted bench resumes.
+
+Two methods need more than a data set, and get the world's stand-ins (our choices): CoPrompt reads class
+descriptions (an LLM's in its paper) and gets the world's own (``vlprompt world descriptions``: its
+caption templates around each class name); PromptKD distils a frozen teacher (a PromptSRC-trained
+ViT-L/14 in its paper) and gets, per data set, shots and seed, the bench's own PromptSRC run on
+``vlp-world`` -- a teacher of the student's size, run first (so ``teacher_width`` is set to its width).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 MODEL = "vlp-world"
 SEEDS = "1,2,3"
+TEACHER = "promptsrc"  # PromptKD's teachers are PromptSRC-trained (on a larger CLIP in the paper)
 
 
 def register(ws: argparse._SubParsersAction) -> None:
@@ -79,12 +87,62 @@ def _protocol_args(protocol: str, datasets: list[str]) -> list[list[str]]:
     return [["--datasets", ",".join(datasets)]]  # fewshot: K = 1,2,4,8,16 (the protocol's default)
 
 
+def _needs_teacher(method: str) -> bool:
+    from vlprompt.methods import get_method
+
+    cls = get_method(method)
+    return bool(cls.text_from_teacher or "teacher_logits" in cls.needs)
+
+
+def _in_order(methods: list[str]) -> list[str]:
+    """``methods``, with the teacher (PromptSRC) moved or added before the first method that needs it."""
+    first = next((i for i, m in enumerate(methods) if _needs_teacher(m)), None)
+    if first is None:
+        return methods
+    rest = [m for m in methods if m != TEACHER]
+    first = next(i for i, m in enumerate(rest) if _needs_teacher(m))
+    return [*rest[:first], TEACHER, *rest[first:]]
+
+
+def _teacher_runs(protocol: str, datasets: list[str], seeds: str, out: str) -> list[tuple[list[str], Path]]:
+    """Per run of the teacher in this protocol: the ``run`` arguments selecting the same data set,
+    shots and seed for the student, and the teacher's run directory."""
+    from vlprompt.protocols.grid import GridRequest, plan_grid
+    from vlprompt.train.config import RunRequest
+    from vlprompt.world.sets import CROSS_SOURCE, DG_SOURCE, DG_TARGETS
+
+    source = {"cross-dataset": CROSS_SOURCE, "dg": DG_SOURCE}.get(protocol)
+    targets = (
+        list(DG_TARGETS)
+        if protocol == "dg"
+        else [d for d in datasets if d != CROSS_SOURCE]
+        if protocol == "cross-dataset"
+        else datasets
+    )
+    grid = GridRequest(
+        protocol,
+        [TEACHER],
+        targets,
+        [int(s) for s in seeds.split(",")],
+        out,
+        source=source,
+        run=RunRequest(TEACHER, model=MODEL),
+    )
+    runs = []
+    for spec in plan_grid(grid):
+        pick = (
+            ["--source", source, "--datasets", ",".join(targets)] if source else ["--datasets", spec.dataset]
+        )
+        runs.append(([*pick, "--shots", str(spec.shots), "--seeds", str(spec.seed)], spec.out_dir))
+    return runs
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from vlprompt.backbones import meta_backbone
     from vlprompt.cli.main import main
-    from vlprompt.methods import list_methods
+    from vlprompt.methods import get_method, list_methods
     from vlprompt.protocols.report import build_report
-    from vlprompt.world.sets import BASE2NEW_SETS
+    from vlprompt.world.sets import BASE2NEW_SETS, descriptions_file
 
     t0 = time.perf_counter()
     methods = args.methods.split(",") if args.methods else [m for m in list_methods() if m != "zeroshot"]
@@ -94,12 +152,22 @@ def run_bench(args: argparse.Namespace) -> int:
     protocols = ["base2new", "cross-dataset", "dg", "fewshot"] if args.protocol == "all" else [args.protocol]
     failed = 0
     for protocol in protocols:
-        for method in ["zeroshot", *methods]:
+        for method in _in_order(["zeroshot", *methods]):
             sets = [s for m in clamp_depths(method, protocol, layers) for s in ("--set", m)]
             if sets:
                 print(f"{method}: {' '.join(sets[1::2])} (depth clamped to the model's {layers} layers)")
-            for extra in _protocol_args(protocol, datasets):
-                argv = ["run", "--protocol", protocol, "--method", method, *extra, "--seeds", args.seeds]
+            if "descriptions" in get_method(method).needs:
+                sets += ["--descriptions", str(descriptions_file())]
+            if _needs_teacher(method):
+                width = ["--set", f"options.teacher_width={bb.embed_dim}"]  # the teacher is vlp-world too
+                picks = [
+                    [*pick, "--set", f"options.teacher={json.dumps(str(teacher))}", *width]
+                    for pick, teacher in _teacher_runs(protocol, datasets, args.seeds, args.out)
+                ]
+            else:
+                picks = [[*extra, "--seeds", args.seeds] for extra in _protocol_args(protocol, datasets)]
+            for pick in picks:
+                argv = ["run", "--protocol", protocol, "--method", method, *pick]
                 argv += [
                     "--model",
                     MODEL,

@@ -15,6 +15,7 @@ has -Sketch and -R.  docs/world.md lists the sets and their zero-shot accuracy.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from PIL import Image
 from vlprompt.data.registry import DatasetSpec, register_generated
 from vlprompt.data.splits import Datum, write_split
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import cache_dir
+from vlprompt.utils import atomic_write_text, cache_dir
 from vlprompt.world import scene as world
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,32 @@ def world_root(name: str) -> Path:
     """The set's cache folder, named by the world version and the set's revision (``world-count-v3r1``)."""
     rev = WORLD_SETS[name].revision
     return cache_dir() / (f"{name}-v{WORLD_VERSION}" + (f"r{rev}" if rev else ""))
+
+
+#: sentences about each class for the methods that read class descriptions (CoPrompt's come from a
+#: language model; there is none here, so the world's own caption templates around the class phrase,
+#: other than the set's template: every word is one the backbone was pretrained on).  Our choice.
+_DESCRIBE = ("a {}.", "a picture of a {}.", "an image of a {}.", "there is a {}.", "{}.")
+_DESCRIBE_BARE = ("{}.", "a picture of {}.", "an image of {}.", "a photo of {}.")  # "three shapes on ..."
+
+
+def class_descriptions() -> dict[str, list[str]]:
+    """Every world class name -> its sentences (:data:`_DESCRIBE`; the same on every machine)."""
+    out: dict[str, list[str]] = {}
+    for ws in WORLD_SETS.values():
+        forms = _DESCRIBE if "a {}" in ws.template else _DESCRIBE_BARE
+        for name in ws.classnames:
+            out[name] = [f.format(name) for f in forms if f.format(name) != ws.template.format(name)]
+    return out
+
+
+def descriptions_file() -> Path:
+    """The world's class descriptions as a JSON file (``--descriptions``), written into the cache once."""
+    path = cache_dir() / f"world-descriptions-v{WORLD_VERSION}.json"
+    text = json.dumps(class_descriptions(), indent=1, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return path
 
 
 def class_scene(ws: WorldSet, label: int, k: int) -> tuple[world.Scene, np.random.Generator]:
