@@ -128,15 +128,24 @@ def test_gradients_reach_only_the_keys(tiny, toy):
     assert model.method.cache_values.grad is None and not model.method.cache_values.requires_grad
 
 
-def test_unbuilt_is_zero_shot_and_other_classes_are_one_line_errors(tiny, toy):
+def test_unbuilt_is_zero_shot_and_the_cache_speaks_only_for_its_own_classes(tiny, toy):
     x, _, names = toy
     model = create_model("tip-adapter", tiny, names, PHOTO)
     with torch.no_grad():  # not built: the empty cache adds nothing, the model is zero-shot CLIP
         assert torch.equal(model(x), create_model("zeroshot", tiny, names, PHOTO)(x))
     built, _ = _built(tiny, toy)
-    built.set_classnames(["tree", "boat"])
-    with pytest.raises(VlpromptError, match="built on 4 classes"):
-        built(x)
+    new = ["boat", "house", "lamp", "cup"]  # as many classes as the cache, none of them its own
+    built.set_classnames(new)
+    with torch.no_grad():  # base-to-new's new half: no cache column may vote for a class by its index
+        assert torch.equal(built(x), create_model("zeroshot", tiny, new, PHOTO)(x))
+        sub = [names[2], names[0]]  # a subset in another order: the cache's columns taken by name
+        built.set_classnames(sub)
+        f, w = built.encode_image(x), built.encode_text()
+        k, v = built.method.cache_keys, built.method.cache_values[:, [2, 0]]
+        by_hand = tiny.logit_scale * f @ w.t() + torch.exp(-(1 - f @ k.t())) @ v
+        assert torch.allclose(built(x), by_hand, atol=1e-5)
+        built.set_classnames([names[0], "boat"])  # partly outside the cache: unused, as DePT's head
+        assert torch.equal(built(x), create_model("zeroshot", tiny, [names[0], "boat"], PHOTO)(x))
     with pytest.raises(VlpromptError, match="augment_epoch"):
         create_model("tip-adapter", tiny, names, augment_epoch=0)
 

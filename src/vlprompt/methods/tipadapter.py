@@ -11,9 +11,11 @@ feature ``f``
 with ``W`` frozen CLIP's normalised text features of the data set's template (the official code writes
 the literal 100 for ``logit_scale``: pretrained CLIP's value).  Tip-Adapter has no trainable parameter;
 Tip-Adapter-F makes the keys a parameter (the official ``adapter.weight``, initialised to ``K``) trained by
-cross-entropy on the logits above.  The values stay fixed one-hot labels of the training classes, so
-both methods classify only the classes they were built on (the few-shot protocol).  Before the build
-the cache is empty and adds nothing: the model is zero-shot CLIP.
+cross-entropy on the logits above.  The values stay fixed one-hot labels of the training classes: on
+a class set inside them the cache's columns are taken by class name; on classes it was not built on (the
+new classes of base-to-new, another data set) the cache has nothing to say and the model is zero-shot
+CLIP, as DePT's head (the rule is ours: the paper evaluates the few-shot protocol only).  Before the
+build the cache is empty and adds nothing: the model is zero-shot CLIP.
 """
 
 from __future__ import annotations
@@ -64,10 +66,17 @@ class _Cache(PromptMethod):
         # empty until built; Tip-F's keys become a parameter then (nothing to train before)
         self.register_buffer("cache_keys", torch.zeros(0, backbone.embed_dim))
         self.register_buffer("cache_values", torch.zeros(0, 0))
+        self._cache_classes: list[str] = []  # the classes the cache is (or will be) built on
+        self._cols: torch.Tensor | None = None  # cache columns of the current classes (None: unused)
 
     # --- text side: frozen CLIP's classifier ------------------------------------------------------
     def prepare_text(self, backbone: Backbone, classnames: list[str], template: str) -> None:
         self.prompts = ClassPrompts(backbone, classnames, [("text", self.cfg.text or template)])
+        if not self._cache_classes:  # the first classes: those of training, the cache's columns
+            self._cache_classes = list(classnames)
+        index = {c: i for i, c in enumerate(self._cache_classes)}
+        in_cache = all(c in index for c in classnames)
+        self._cols = torch.tensor([index[c] for c in classnames], dtype=torch.long) if in_cache else None
 
     def text_inputs(self, image_features: torch.Tensor | None = None) -> TextInputs:
         return TextInputs(self.prompts.embeds, self.prompts.eot)
@@ -100,6 +109,8 @@ class _Cache(PromptMethod):
                 f"method '{self.name}' needs training labels in 0..{n_classes - 1}; check the training set"
             )
         values = F.one_hot(labels.long(), n_classes).float()
+        self._cache_classes = list(model.classnames)
+        self._cols = torch.arange(n_classes)
         self._set_cache(keys.detach().float(), values.to(keys.device))
 
     def _set_cache(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -124,15 +135,18 @@ class _Cache(PromptMethod):
     def output_head(
         self, logits: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
     ) -> torch.Tensor:
-        if self.cache_keys.shape[0] == 0:  # not built yet: an empty cache adds nothing (zero-shot CLIP)
+        # not built yet, or classes it was not built on: the cache adds nothing (zero-shot CLIP)
+        if self.cache_keys.shape[0] == 0 or self._cols is None:
             return logits
-        if self.cache_values.shape[1] != logits.shape[-1]:
+        if self.cache_values.shape[1] != len(self._cache_classes):
             raise VlpromptError(
-                f"method '{self.name}' was built on {self.cache_values.shape[1]} classes and cannot classify "
-                f"{logits.shape[-1]} others; evaluate on its training classes (few-shot protocol)"
+                f"method '{self.name}': the saved cache has {self.cache_values.shape[1]} classes but the "
+                f"model was built on {len(self._cache_classes)}; load the prompt with its training classes "
+                "first (load_run does), then switch classes"
             )
+        values = self.cache_values[:, self._cols.to(self.cache_values.device)]
         cfg = self.cfg
-        return logits + cache_logits(image_features, self.cache_keys, self.cache_values, cfg.alpha, cfg.beta)
+        return logits + cache_logits(image_features, self.cache_keys, values, cfg.alpha, cfg.beta)
 
 
 @register_method
