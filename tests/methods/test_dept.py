@@ -322,3 +322,19 @@ def test_official_trainer_names_map_to_the_composed_entries():
 
     for base in ("CoOp", "CoCoOp", "KgCoOp", "MaPLe"):
         assert trainer_to_method(f"ExtrasLinearProbe{base}") == f"{base.lower()}+dept"
+
+
+def test_composed_options_cross_process_boundaries():
+    """A grid's worker processes receive each run's options by pickle: a composed (run-time) options
+    class travels by its composed name (before: PicklingError, and `run --jobs 2` hung on coop+dept)."""
+    import pickle
+
+    from vlprompt.methods import list_methods
+    from vlprompt.methods.base import build_config
+
+    combos = [m for m in list_methods() if "+" in m]
+    assert combos
+    for name in combos:
+        cfg = build_config(get_method(name), {"lp_weight": 0.5})
+        back = pickle.loads(pickle.dumps(cfg))
+        assert type(back) is type(cfg) and back == cfg and back.lp_weight == 0.5

@@ -128,3 +128,14 @@ def test_run_jobs_2_gives_the_report_of_jobs_1(tmp_path, capsys):
                  "--shots", "2", "--model", "vlp-tiny", "--epochs", "1", "--set", "train.batch_size=8",
                  "--out", str(tmp_path / "j2"), "--jobs", "2", "--no-progress"]) == 0  # fmt: skip
     assert "2 runs: 0 done, 2 skipped (complete), 0 failed" in capsys.readouterr().out
+
+
+def test_a_run_that_cannot_reach_a_worker_fails_alone_instead_of_hanging(tmp_path):
+    """A spec the queue cannot pickle used to die in the queue's feeder thread: the grid waited forever."""
+    specs = _specs(tmp_path, [1, 2])
+    specs[0].cfg = {"unpicklable": lambda: None}
+    t0 = time.time()
+    res = P.run_grid_parallel(specs, jobs=2, progress=False, execute_fn=fake_execute)
+    assert time.time() - t0 < 120
+    assert [r.status for r in res] == ["failed", "done"]
+    assert "cannot hand the run to a worker process" in res[0].reason and "--jobs 1" in res[0].reason

@@ -524,7 +524,10 @@ def compose(name: str) -> type[PromptMethod]:
     }
     if clash:
         raise VlpromptError(f"'{name}': options {sorted(clash)} exist in both '{head}' and '{plug_name}'")
-    config = dataclass(type(f"{base.Config.__name__}{plug.Config.__name__}", (plug.Config, base.Config), {}))
+    # built at run time, so pickled (to a grid's worker processes) by the composed name, not by class
+    reduce = {"__reduce__": lambda self: (composed_config, (name, dataclasses.asdict(self)))}
+    config_name = f"{base.Config.__name__}{plug.Config.__name__}"
+    config = dataclass(type(config_name, (plug.Config, base.Config), reduce))
     added = plug.official_added(512, 2)
     attrs: dict[str, Any] = {
         "__module__": plug.__module__,
@@ -548,6 +551,11 @@ def compose(name: str) -> type[PromptMethod]:
     if cls.name != name:  # e.g. an alias of the base: cache under both
         _COMPOSED[cls.name] = cls
     return cls
+
+
+def composed_config(name: str, values: dict[str, Any]) -> MethodConfig:
+    """The options of composed method ``name`` from their values (how such options are unpickled)."""
+    return compose(name).Config(**values)
 
 
 def composed_preset(cls: type[PromptMethod]) -> dict[str, Any]:

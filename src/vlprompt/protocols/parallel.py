@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -358,15 +359,24 @@ def _run_workers(
         return w
 
     def dispatch(w: _Worker) -> None:
-        if pending:
-            w.task = pending.pop(0)
+        while pending:
+            i = pending.pop(0)
+            try:  # what the queue's feeder thread does; a failure there is silent and the grid waits forever
+                ForkingPickler.dumps((i, specs[i]))
+            except Exception as e:  # noqa: BLE001 -- any pickling error fails this run, not the grid
+                reason = (
+                    f"cannot hand the run to a worker process ({type(e).__name__}: {e}); run it with --jobs 1"
+                )
+                finish(i, RunResult(specs[i].name, str(specs[i].out_dir), "failed", reason, 0.0))
+                continue
+            w.task = i
             w.started = time.perf_counter()
             on_start(w.task)
             log.info("start %s (job %d%s)", specs[w.task].name, w.wid, f", device {w.slot}" if w.slot else "")
             w.tasks.put((w.task, specs[w.task]))
-        else:
-            w.task = None
-            w.tasks.put(None)
+            return
+        w.task = None
+        w.tasks.put(None)
 
     try:
         for slot in slots[: len(pending)]:
