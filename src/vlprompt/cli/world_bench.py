@@ -96,12 +96,9 @@ def _needs_teacher(method: str) -> bool:
 
 def _in_order(methods: list[str]) -> list[str]:
     """``methods``, with the teacher (PromptSRC) moved or added before the first method that needs it."""
-    first = next((i for i, m in enumerate(methods) if _needs_teacher(m)), None)
-    if first is None:
-        return methods
     rest = [m for m in methods if m != TEACHER]
-    first = next(i for i, m in enumerate(rest) if _needs_teacher(m))
-    return [*rest[:first], TEACHER, *rest[first:]]
+    first = next((i for i, m in enumerate(rest) if _needs_teacher(m)), None)
+    return methods if first is None else [*rest[:first], TEACHER, *rest[first:]]
 
 
 def _teacher_runs(protocol: str, datasets: list[str], seeds: str, out: str) -> list[tuple[list[str], Path]]:
