@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -123,11 +124,15 @@ def test_run_jobs_2_gives_the_report_of_jobs_1(tmp_path, capsys):
         assert (tmp_path / "j2" / "report" / name).read_text() == (
             tmp_path / "j1" / "report" / name
         ).read_text()
-    # a second invocation finds everything complete and starts no worker
+    # a second invocation finds everything complete and starts no worker; --no-report writes no report
+    shutil.rmtree(tmp_path / "j2" / "report")
     assert main(["run", "--protocol", "base2new", "--method", "coop", "--datasets", "demo", "--seeds", "1,2",
                  "--shots", "2", "--model", "vlp-tiny", "--epochs", "1", "--set", "train.batch_size=8",
-                 "--out", str(tmp_path / "j2"), "--jobs", "2", "--no-progress"]) == 0  # fmt: skip
-    assert "2 runs: 0 done, 2 skipped (complete), 0 failed" in capsys.readouterr().out
+                 "--out", str(tmp_path / "j2"), "--jobs", "2", "--no-progress",
+                 "--no-report"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "2 runs: 0 done, 2 skipped (complete), 0 failed" in printed
+    assert "report:" not in printed and not (tmp_path / "j2" / "report").exists()
 
 
 def test_a_run_that_cannot_reach_a_worker_fails_alone_instead_of_hanging(tmp_path):

@@ -54,3 +54,24 @@ def test_each_student_run_gets_the_teacher_run_of_its_data_set_shots_and_seed(tm
     assert sorted(int(p[p.index("--shots") + 1]) for p, _ in fs) == [1, 2, 4, 8, 16]
     dg = _teacher_runs("dg", ["world-shapes"], "3", str(tmp_path))
     assert len(dg) == 1 and dg[0][0][:2] == ["--source", "world-shapes"]
+
+
+def test_the_bench_writes_one_report_at_the_end_not_one_per_grid(tmp_path, monkeypatch) -> None:
+    """Each grid's report re-read and re-plotted every run of the bench: minutes per grid, 25 grids."""
+    import argparse
+
+    import vlprompt.cli.main as cli_main
+    import vlprompt.protocols.report as report_mod
+    from vlprompt.cli.world_bench import run_bench
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli_main, "main", lambda argv: calls.append(argv) or 0)
+    built: list[str] = []
+    monkeypatch.setattr(
+        report_mod, "build_report", lambda out, dest: built.append(out) or argparse.Namespace(markdown="r.md")
+    )
+    args = argparse.Namespace(methods="coop", datasets="world-shapes", seeds="1", out=str(tmp_path), jobs=2,
+                              protocol="base2new", dry_run=False)  # fmt: skip
+    assert run_bench(args) == 0
+    assert [a[a.index("--method") + 1] for a in calls] == ["zeroshot", "coop"]
+    assert all("--no-report" in a for a in calls) and built == [str(tmp_path)]

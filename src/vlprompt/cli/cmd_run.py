@@ -83,6 +83,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-projection", action="store_true", help="--dry-run without the cost probe")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="with --jobs / --devices / --executor: skip the aggregated report of --out (rebuilding it "
+        "re-reads and re-plots every run there; `vlprompt report` writes it when you want it)",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         help="run N grid runs at once in worker processes (threads split between them), then write the "
@@ -223,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"failed: {r.out_dir}: {r.reason}")
-    if parallel:
+    if parallel and not getattr(args, "no_report", False):
         md = report_grid(args.out)
         if md is not None:
             print(f"report: {md}")

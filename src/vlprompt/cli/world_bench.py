@@ -173,6 +173,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     "--jobs",
                     str(args.jobs),
                     "--no-progress",
+                    "--no-report",  # one report at the end, not one per grid (each re-plots every run)
                     *sets,
                 ]
                 argv += ["--dry-run"] if args.dry_run else []
