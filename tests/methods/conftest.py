@@ -12,3 +12,31 @@ from vlprompt.backbones import load_backbone
 def tiny():
     torch.manual_seed(0)
     return load_backbone("vlp-tiny")
+
+
+@pytest.fixture
+def cli_round_trip(tmp_path):
+    """``(method, *extra) -> (trained, exported, manifest)``: ``vlprompt train`` for one epoch on the demo
+    set (2 shots, vlp-tiny, batch 4, ``extra`` arguments added), ``vlprompt export``, both loaded with
+    ``vlprompt.load_prompt``; the two give the same logits on random images (checked here)."""
+    import json
+
+    import vlprompt
+    from vlprompt.cli.main import main
+
+    def run(method: str, *extra: str):
+        out, exp = tmp_path / method, tmp_path / f"{method}-export"
+        args = ["train", "--method", method, "--dataset", "demo", "--shots", "2", "--model", "vlp-tiny"]
+        args += ["--no-progress", "--epochs", "1", "--set", "train.batch_size=4", "--out", str(out), *extra]
+        assert main(args) == 0
+        assert main(["export", str(out), str(exp)]) == 0
+        a, b = vlprompt.load_prompt(out), vlprompt.load_prompt(exp)
+        a.eval()
+        b.eval()
+        size = a.backbone.preprocess_cfg["size"]
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(a(x), b(x))
+        return a, b, json.loads((out / "manifest.json").read_text())
+
+    return run

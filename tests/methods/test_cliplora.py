@@ -5,7 +5,6 @@ world, save/load/export round-trip (only the deltas saved) and exact resume."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -184,25 +183,11 @@ def test_preset_is_the_official_recipe():
     assert t["epochs_by_dataset"]["imagenet"] == 16 and t["epochs_by_dataset"]["dtd"] == round(16000 / 47)
 
 
-def test_cli_round_trip_saves_only_the_deltas(tmp_path):
-    import vlprompt
-    from vlprompt.cli.main import main
-
-    out = tmp_path / "lora"
-    args = ["train", "--method", "clip-lora", "--dataset", "demo", "--shots", "2", "--model", "vlp-tiny"]
-    args += ["--no-progress", "--epochs", "1", "--set", "train.batch_size=4", "--out", str(out)]
-    assert main(args) == 0
-    man = json.loads((out / "manifest.json").read_text())
-    exp = tmp_path / "export"
-    assert main(["export", str(out), str(exp)]) == 0
-    a, b = vlprompt.load_prompt(out), vlprompt.load_prompt(exp)
+def test_cli_round_trip_saves_only_the_deltas(cli_round_trip):
+    a, _, man = cli_round_trip("clip-lora")
     state = a.prompt_state_dict()
     assert set(state) == {k for k, _ in a.named_trainable_parameters()}
     assert sum(v.numel() for v in state.values()) == man["trainable_parameters"]
-    size = a.backbone.preprocess_cfg["size"]
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(a(x), b(x))
 
 
 def test_learns_on_the_world():

@@ -228,23 +228,12 @@ def test_resume_is_exact(tiny, toy, tmp_path):
     assert (full["linear_probe_proj.weight"] - start["linear_probe_proj.weight"]).abs().max() > 1e-3
 
 
-def test_cli_save_load_export_round_trip_and_new_classes(tmp_path):
-    import vlprompt
-    from vlprompt.cli.main import main
-
-    out, exp = tmp_path / "run", tmp_path / "exp"
-    args = ["train", "--method", "maple+dept", "--dataset", "demo", "--shots", "2", "--model", "vlp-tiny"]
-    args += ["--no-progress", "--epochs", "1", "--set", "train.batch_size=4", "options.depth=2"]
-    assert main([*args, "--out", str(out)]) == 0
-    assert main(["export", str(out), str(exp)]) == 0
-    a, b = vlprompt.load_prompt(out), vlprompt.load_prompt(exp)
+def test_cli_save_load_export_round_trip_and_new_classes(cli_round_trip):
+    a, _, _ = cli_round_trip("maple+dept", "--set", "options.depth=2")
     assert a.method.name == "maple+dept" and a.method.linear_probe_proj.weight.shape[0] == len(a.classnames)
     size = a.backbone.preprocess_cfg["size"]
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    a.eval()
-    b.eval()
     with torch.no_grad():
-        assert torch.equal(a(x), b(x))
         p = a.predict(x, ["zebra", "violin"])  # new classes: the base's similarity logits
     assert p.probs.shape == (3, 2) and a.method._rows is None
 
