@@ -40,3 +40,35 @@ def cli_round_trip(tmp_path):
         return a, b, json.loads((out / "manifest.json").read_text())
 
     return run
+
+
+@pytest.fixture
+def world_gain():
+    """``(method, train, zs_template, **options) -> (zero-shot %, trained %)``: ``method`` trained with the
+    ``train`` section on world-shape-texture's base classes (4 shots, seed 1, vlp-world), both scored on
+    those training shots with the eval transform (on held-out images vlp-world's features leave little
+    for a few-shot method to add: docs/world.md)."""
+    from vlprompt.data import build_loader, build_transform, fewshot, get_dataset, subsample
+    from vlprompt.methods import create_model
+    from vlprompt.train import fit
+    from vlprompt.train.config import RunConfig
+    from vlprompt.train.evaluate import evaluate
+
+    def run(method: str, train: dict, zs_template: str, **options):
+        torch.set_num_threads(1)
+        backbone = load_backbone("vlp-world")
+        splits = subsample(fewshot(get_dataset("world-shape-texture"), shots=4, seed=1), "base")
+        tf = build_transform(False, **backbone.preprocess_cfg)
+        test = build_loader(splits.train, tf, 256, shuffle=False)
+        zs = create_model("zeroshot", backbone, splits.classnames, template=zs_template)
+        torch.manual_seed(0)
+        m = create_model(method, backbone, splits.classnames, **options)
+        fit(
+            m,
+            splits.train,
+            RunConfig.from_dict({"train": train, "data": {"seed": 1}}, partial=True),
+            progress=False,
+        )
+        return evaluate(zs, test)["accuracy"], evaluate(m, test)["accuracy"]
+
+    return run
