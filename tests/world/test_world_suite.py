@@ -4,19 +4,30 @@ transform that never flips a set whose labels say left or right."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import vlprompt.run.identity as ident
 from vlprompt.backbones import load_backbone
-from vlprompt.data import DatasetSplits, Datum, build_loader, build_transform, get_dataset, subsample
+from vlprompt.data import (
+    DatasetSplits,
+    Datum,
+    build_loader,
+    build_transform,
+    get_dataset,
+    get_spec,
+    subsample,
+)
 from vlprompt.methods.model import create_model
 from vlprompt.run.train import train_data
-from vlprompt.train.config import RunConfig
+from vlprompt.train.config import DataConfig, RunConfig
 from vlprompt.train.evaluate import evaluate
 from vlprompt.train.trainer import _as_dataset
-from vlprompt.world.sets import BASE2NEW_SETS, WORLD_SETS, world_root
+from vlprompt.world.sets import BASE2NEW_SETS, WORLD_SETS, world_generation, world_root
 
 #: name -> (classes, base classes, cache folder); world-count and world-position were re-designed in
 #: revision 1 (from zero-shot only, before any method ran on them): their own folders, the rest unchanged
@@ -50,6 +61,7 @@ def test_suite_classes_halves_and_cache_folders() -> None:
         ws = WORLD_SETS[name]
         assert (len(ws.classnames), (len(ws.classnames) + 1) // 2) == (n, base), name
         assert world_root(name).name == folder, name
+        assert folder == name + world_generation(name).removeprefix("world"), name
     count = WORLD_SETS["world-count"]
     half = len(count.values) // 2
     for part in (count.values[:half], count.values[half:]):
@@ -112,3 +124,21 @@ def test_training_never_flips_a_set_whose_labels_say_left_or_right(world_bb, tmp
         assert 16 <= n_trainer <= 48 and 16 <= n_run <= 48, (n_trainer, n_run)  # about half of 64
     else:
         assert n_trainer == n_run == 0
+
+
+def test_the_world_generation_is_in_a_run_identity_from_world_version_4(monkeypatch) -> None:
+    """A new world version (or set revision) can keep every item's relative path and label, which is all
+    the split hash sees: the run identity holds the generation, so a run made on world v3 images is not
+    reused on v4 ones.  World v3's generations are left out (fingerprints of runs made before stay)."""
+    d = DataConfig(dataset="world-count")
+    assert get_spec("world-count").generation == "world-v3r1"
+    assert get_spec("World-Shapes").generation == "world-v3"
+    v3 = ident.data_identity(d, "h")
+    assert "generation" not in v3  # world v3: the identity of every run made before the key
+    assert get_spec("caltech101").generation is None
+    assert "generation" not in ident.data_identity(DataConfig(dataset="caltech101"), "h")
+    spec = dataclasses.replace(get_spec("world-count"), generation="world-v4")
+    monkeypatch.setattr(ident, "get_spec", lambda name: spec)
+    v4 = ident.data_identity(d, "h")
+    assert v4 == {**v3, "generation": "world-v4"}
+    assert ident.fingerprint_record({"data": v4}) != ident.fingerprint_record({"data": v3})

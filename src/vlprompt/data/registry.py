@@ -80,6 +80,9 @@ class DatasetSpec:
     test_only: bool = False
     #: False where a horizontal flip changes the label (left / right is a class): training never flips
     flip: bool = True
+    #: generated sets: what generated the images (``world-v3r1``).  Part of a run's identity, because a
+    #: new generation can keep every item's relative path and label (all the split hash sees)
+    generation: str | None = None
 
 
 _IMAGENET_HOWTO = (

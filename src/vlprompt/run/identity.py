@@ -18,7 +18,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from vlprompt.data import get_dataset, read_descriptions, set_max_image_pixels, split_hash
+from vlprompt.data import get_dataset, get_spec, read_descriptions, set_max_image_pixels, split_hash
 from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import get_method
@@ -33,6 +33,10 @@ _PROMPT_FILE = "prompt.safetensors"
 _HUB_PREFIX = "hf-hub:"
 #: train keys that are folded into others (epochs tables resolve into train.epochs)
 _FOLDED = ("epochs_by_shots", "epochs_by_dataset")
+
+#: generations of generated sets whose runs were fingerprinted before the generation was part of the
+#: identity (world version 3): their fingerprints stay as they were; every later one is in the identity
+GENERATION_ADDED_LATER = frozenset({"world-v3", "world-v3r1"})
 
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
@@ -102,7 +106,20 @@ def data_identity(
         out["dataset"] = public_name(out["dataset"])
         if classnames is not None:
             out["classnames_sha256"] = sha256_json(list(classnames))
+    elif (gen := generation(d.dataset)) is not None and gen not in GENERATION_ADDED_LATER:
+        out["generation"] = gen
     return out
+
+
+def generation(dataset: Any) -> str | None:
+    """A generated built-in set's generation (``world-v3r1``; the split hash sees only relative paths
+    and labels, which a new generation may keep), else None."""
+    if not isinstance(dataset, str):
+        return None
+    try:
+        return get_spec(dataset).generation
+    except VlpromptError:
+        return None
 
 
 def identity(

@@ -55,8 +55,7 @@ class WorldSet:
     test_only: bool = False  # a DG target (its train / val splits exist: the same scenes, restyled)
     #: bump when this set's images or classes change (its cache folder becomes ``<name>-v3r1``, ...):
     #: per set, so that the other sets' caches stay valid.  0: the world version's own generation.
-    #: A run's fingerprint knows a set by its items' relative paths and labels, not by the folder: a
-    #: revision that kept every class name would need the revision in the run identity too
+    #: A run's fingerprint holds the set's generation (``world_generation``: world version + revision)
     revision: int = 0
     #: False: a horizontal flip changes the label (left/right), so the training transform must not flip
     flip: bool = True
@@ -204,10 +203,15 @@ DG_TARGETS: tuple[str, ...] = tuple(s.name for s in _DG_SETS)
 CROSS_SOURCE = "world-colour-shape"
 
 
-def world_root(name: str) -> Path:
-    """The set's cache folder, named by the world version and the set's revision (``world-count-v3r1``)."""
+def world_generation(name: str) -> str:
+    """What generates the set's images: the world version and the set's revision (``world-v3r1``)."""
     rev = WORLD_SETS[name].revision
-    return cache_dir() / (f"{name}-v{WORLD_VERSION}" + (f"r{rev}" if rev else ""))
+    return f"world-v{WORLD_VERSION}" + (f"r{rev}" if rev else "")
+
+
+def world_root(name: str) -> Path:
+    """The set's cache folder, named by its generation (``world-count-v3r1``)."""
+    return cache_dir() / (name + world_generation(name).removeprefix("world"))
 
 
 #: sentences about each class for the methods that read class descriptions (CoPrompt's come from a
@@ -317,6 +321,7 @@ def world_spec(ws: WorldSet) -> DatasetSpec:
         howto=f"nothing to do: get_dataset('{ws.name}') writes it into the vlprompt cache",
         classnames=ws.classnames,
         flip=ws.flip,
+        generation=world_generation(ws.name),
     )
 
 
