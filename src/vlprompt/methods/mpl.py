@@ -95,6 +95,9 @@ class MPL(PromptMethod):
     name = "mpl"
     display_name = "MPL"
     bench_batch_size = 4
+    #: the official trainers/mpl.py, configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml on ViT-B/16: ctx 512,
+    #: proj 393,984, compound_prompts_text 8 x 512, txt2img_proj 2 x 8 x 393,984 (docs/mpl.md)
+    official_parameters = 6_702_336
     official = OfficialLayout(
         "Zhenhan-Huang/Modular-Prompt-Learning",
         "MultiModalPromptLearner",
