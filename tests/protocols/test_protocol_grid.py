@@ -171,6 +171,37 @@ def test_runner_trains_evaluates_skips_and_survives_failure(tmp_path: Path, monk
     assert calls == [("eval", "demo", "new")]
 
 
+def test_a_target_it_cannot_evaluate_keeps_the_runs_other_results(tmp_path: Path, monkeypatch) -> None:
+    """Cross-dataset: a trained run that cannot be evaluated on one target (a class name too long for
+    the model's context) is still evaluated on the others; failed.json says which, stage "evaluation"."""
+    calls: list = []
+    _install_fake_runs(monkeypatch, calls)
+    import vlprompt.protocols.runner as runner
+
+    fake_eval = runner.evaluate_run
+
+    def evaluate_run(run_dir, dataset=None, **kw):
+        if dataset == "world-count":
+            raise VlpromptError("prompt for class 'x' is 25 tokens, longer than the model's 24")
+        return fake_eval(run_dir, dataset=dataset, **kw)
+
+    monkeypatch.setattr(runner, "evaluate_run", evaluate_run)
+    grid = GridRequest(
+        "cross-dataset", ["coop"], ["world-count", "world-shapes"], [1], tmp_path, source="world-colour-shape"
+    )
+    (spec,) = plan_grid(grid)
+    result = execute(spec, progress=False)
+    assert result.status == "failed"
+    assert result.reason == (
+        "trained; evaluation failed on world-count/all: prompt for class 'x' is 25 tokens, longer than "
+        "the model's 24"
+    )
+    assert ("eval", "world-shapes", "all") in calls  # the target after the failing one
+    failed = json.loads((spec.out_dir / "failed.json").read_text())
+    assert failed["stage"] == "evaluation" and failed["error"] == result.reason
+    assert [e.dataset for e in spec.missing_evaluations()] == ["world-count"]
+
+
 def test_run_cli_exit_code_and_dry_run(tmp_path: Path, monkeypatch, capsys) -> None:
     calls: list = []
     _install_fake_runs(monkeypatch, calls, fail_seed=2)

@@ -59,6 +59,21 @@ def test_failed_runs_show_their_error_and_single_runs_are_not_a_protocol(tmp_pat
     assert by_method["coop"]["reconstructed"] == ""
 
 
+def test_a_trained_run_with_a_failed_evaluation_keeps_its_other_results_in_the_tables(tmp_path):
+    runs = tmp_path / "runs"
+    evals = {("world-colour-shape", "all"): 60.0, ("world-shapes", "all"): 50.0}
+    part = make_run(runs, "cross-dataset", "prograd", "world-colour-shape", 16, 1, evals)
+    record_failure(part, "trained; evaluation failed on world-count/all: too long", stage="evaluation")
+    bad = make_run(runs, "cross-dataset", "coop", "world-colour-shape", 16, 1, evals)
+    record_failure(bad, "loss became nan")  # a run-stage failure stays out of the tables
+    md = build_report(runs, tmp_path / "out", plots=False).markdown.read_text()
+    rows = {r["Method"]: r for r in _csv(tmp_path / "out" / "cross_dataset.csv")}
+    assert set(rows) == {"ProGrad"}  # its recorded source and target results are reported
+    assert "| ProGrad | 60.00 | 50.00 | 50.00 |" in md  # source, world-shapes, average
+    assert f"`{part}`: **some evaluations failed** (the others are in the tables): trained;" in md
+    assert f"`{bad}`: **failed**: loss became nan" in md
+
+
 def test_imported_prompt_with_metrics_is_a_single_run(tmp_path):
     d = tmp_path / "runs" / "imported-maple"
     d.mkdir(parents=True)

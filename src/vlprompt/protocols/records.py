@@ -39,6 +39,8 @@ class RunRecord:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # the one-line reason of a failed run (failed.json)
     imported: bool = False
+    #: trained, and its recorded evaluations stand; ``error`` says which other evaluations failed
+    partial: bool = False
 
     def accuracy(self, dataset: str, subsample: str) -> float | None:
         """Test accuracy for (dataset, subsample); the last recorded entry wins."""
@@ -99,6 +101,7 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
         evaluations=list(metrics.get("evaluations", [])) if isinstance(metrics, dict) and not problem else [],
         error=problem or safe(run.failure),
         imported=imported,
+        partial=problem is None and run.is_complete() and bool(safe(run.failed_evaluations_only)),
     )
 
 

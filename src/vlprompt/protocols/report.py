@@ -118,8 +118,8 @@ def build_report(
     runs_dir = Path(runs_dir)
     out_dir = Path(out_dir) if out_dir else runs_dir / "report"
     records = collect_runs(runs_dir)
-    complete = [r for r in records if r.done and r.evaluations and not r.error]
-    incomplete = [r for r in records if r not in complete]
+    complete = [r for r in records if r.done and r.evaluations and (not r.error or r.partial)]
+    incomplete = [r for r in records if r not in complete or r.partial]
     if not complete:
         failed = [r for r in records if r.error]
         why = f"; {len(failed)} failed, e.g. {failed[0].path}: {failed[0].error}" if failed else ""
@@ -210,9 +210,13 @@ def build_report(
         lines += [f"Runs with protocols not tabulated: {', '.join(other)}", ""]
     lines += learned_nothing_lines(complete)
     if incomplete:
-        lines += ["## Failed and incomplete runs (not in the tables)", ""]
+        lines += ["## Failed and incomplete runs (not in the tables, except where said)", ""]
         for r in incomplete:
-            if r.error:
+            if r.partial:
+                lines.append(
+                    f"- `{r.path}`: **some evaluations failed** (the others are in the tables): {r.error}"
+                )
+            elif r.error:
                 lines.append(f"- `{r.path}`: **failed**: {r.error}")
             elif not r.done:
                 lines.append(f"- `{r.path}`: not finished (no `done` file: interrupted or still running)")

@@ -128,11 +128,15 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if not isinstance(exc, VlpromptError) else first
 
 
-def record_failure(run_dir: str | os.PathLike, reason: str) -> None:
+class EvaluationsFailed(VlpromptError):
+    """Training finished, but some evaluations could not be made (the others are recorded)."""
+
+
+def record_failure(run_dir: str | os.PathLike, reason: str, stage: str = "run") -> None:
     """The one-line error the report shows, kept in the run directory (never creates the folder)."""
 
     try:
-        RunDir(run_dir).record_failure(reason)
+        RunDir(run_dir).record_failure(reason, stage)
     except OSError as e:  # an unwritable run directory must not hide the original error
         log.debug("could not record the failure in %s: %s", run_dir, e)
 
@@ -171,12 +175,22 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
             trained = True
             if not run.is_complete():
                 raise VlpromptError(f"training of {spec.out_dir} stopped before it finished; rerun to resume")
+        failures = []
         for ev in spec.missing_evaluations():
             log.info("evaluate %s on %s (%s classes)", spec.name, ev.dataset, ev.subsample)
-            evaluate_run(
-                spec.out_dir, dataset=ev.dataset, root=spec.root, subsample=ev.subsample, backbone=backbone
-            )
-            evaluated += 1
+            try:
+                evaluate_run(
+                    spec.out_dir,
+                    dataset=ev.dataset,
+                    root=spec.root,
+                    subsample=ev.subsample,
+                    backbone=backbone,
+                )
+                evaluated += 1
+            except VlpromptError as exc:  # a target it cannot be evaluated on keeps the run's other results
+                failures.append(f"{ev.dataset}/{ev.subsample}: {_one_line(exc)}")
+        if failures:
+            raise EvaluationsFailed("trained; evaluation failed on " + "; ".join(failures))
         missing = spec.missing_evaluations()
         if missing:
             raise VlpromptError(
@@ -184,7 +198,8 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
             )
     except Exception as exc:  # one failing run must not stop the grid
         log.debug("run %s failed:\n%s", spec.name, traceback.format_exc())
-        record_failure(spec.out_dir, _one_line(exc))  # the report lists it with this reason
+        stage = "evaluation" if isinstance(exc, EvaluationsFailed) else "run"
+        record_failure(spec.out_dir, _one_line(exc), stage)  # the report lists it with this reason
         return RunResult(
             spec.name,
             str(spec.out_dir),

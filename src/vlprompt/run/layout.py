@@ -259,11 +259,13 @@ class RunDir:
         atomic_write_json(self.path / METRICS, metrics)
         return metrics
 
-    def record_failure(self, reason: str) -> None:
-        """``failed.json``: the one-line error a report shows (only in a folder that already exists)."""
+    def record_failure(self, reason: str, stage: str = "run") -> None:
+        """``failed.json``: the one-line error a report shows (only in a folder that already exists);
+        ``stage`` "evaluation": training finished and the evaluations in metrics.json stand, some
+        other evaluation could not be made."""
         if self.path.is_dir():
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            atomic_write_json(self.path / FAILED, {"error": reason, "time": stamp})
+            atomic_write_json(self.path / FAILED, {"error": reason, "time": stamp, "stage": stage})
 
     def clear_failure(self) -> None:
         (self.path / FAILED).unlink(missing_ok=True)
@@ -271,6 +273,11 @@ class RunDir:
     def failure(self) -> str | None:
         f = self.read_json(FAILED) if (self.path / FAILED).is_file() else None
         return str(f.get("error")) if isinstance(f, dict) and f.get("error") else None
+
+    def failed_evaluations_only(self) -> bool:
+        """The recorded failure is of some evaluations of a finished run (``record_failure`` stage)."""
+        f = self.read_json(FAILED) if (self.path / FAILED).is_file() else None
+        return isinstance(f, dict) and f.get("stage") == "evaluation"
 
     def mark_done(self) -> None:
         atomic_write_text(self.path / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
