@@ -270,14 +270,17 @@ class RunDir:
     def clear_failure(self) -> None:
         (self.path / FAILED).unlink(missing_ok=True)
 
-    def failure(self) -> str | None:
+    def _failure_record(self) -> dict[str, Any]:
         f = self.read_json(FAILED) if (self.path / FAILED).is_file() else None
-        return str(f.get("error")) if isinstance(f, dict) and f.get("error") else None
+        return f if isinstance(f, dict) else {}
+
+    def failure(self) -> str | None:
+        f = self._failure_record()
+        return str(f["error"]) if f.get("error") else None
 
     def failed_evaluations_only(self) -> bool:
         """The recorded failure is of some evaluations of a finished run (``record_failure`` stage)."""
-        f = self.read_json(FAILED) if (self.path / FAILED).is_file() else None
-        return isinstance(f, dict) and f.get("stage") == "evaluation"
+        return self._failure_record().get("stage") == "evaluation"
 
     def mark_done(self) -> None:
         atomic_write_text(self.path / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
