@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import pytest
 from open_clip.tokenizer import SimpleTokenizer
 
-from vlprompt.cli.world_bench import TEACHER, _in_order, _teacher_runs
+from vlprompt.cli.world_bench import TEACHER, _in_order, teacher_template
 from vlprompt.data import read_descriptions
+from vlprompt.protocols.grid import GridRequest, plan_grid
+from vlprompt.run.identity import resolve_teacher
+from vlprompt.train.config import RunRequest, resolve
 from vlprompt.world.pretrain import world_token_ids
-from vlprompt.world.sets import WORLD_SETS, class_descriptions, descriptions_file
+from vlprompt.world.sets import (
+    CROSS_SOURCE,
+    DG_SOURCE,
+    DG_TARGETS,
+    WORLD_SETS,
+    class_descriptions,
+    descriptions_file,
+)
 
 
 def test_descriptions_cover_every_world_class_in_trained_words(tmp_path, monkeypatch) -> None:
@@ -43,17 +53,47 @@ def test_the_teacher_runs_before_the_methods_that_distil_it() -> None:
     assert _in_order(["zeroshot", "coop", "kgcoop"]) == ["zeroshot", "coop", "kgcoop"]
 
 
-def test_each_student_run_gets_the_teacher_run_of_its_data_set_shots_and_seed(tmp_path) -> None:
-    runs = _teacher_runs("base2new", ["world-shapes", "world-count"], "1,2", str(tmp_path))
-    assert len(runs) == 4
-    for pick, teacher in runs:
-        d, k, s = pick[pick.index("--datasets") + 1], pick[pick.index("--shots") + 1], pick[-1]
-        assert pick[-2] == "--seeds" and k == "16"
-        assert teacher == Path(tmp_path) / "base2new" / TEACHER / d / f"shots{k}_seed{s}"
-    fs = _teacher_runs("fewshot", ["world-shapes"], "1", str(tmp_path))
-    assert sorted(int(p[p.index("--shots") + 1]) for p, _ in fs) == [1, 2, 4, 8, 16]
-    dg = _teacher_runs("dg", ["world-shapes"], "3", str(tmp_path))
-    assert len(dg) == 1 and dg[0][0][:2] == ["--source", "world-shapes"]
+@pytest.mark.parametrize(
+    ("protocol", "datasets", "source", "runs"),
+    [
+        ("base2new", ["world-shapes", "world-count"], None, 4),
+        ("fewshot", ["world-shapes"], None, 10),
+        ("dg", list(DG_TARGETS), DG_SOURCE, 2),
+        ("cross-dataset", ["world-shapes", "world-count"], CROSS_SOURCE, 2),
+    ],
+)
+def test_each_student_run_of_one_grid_gets_the_teacher_run_of_its_data_set_shots_and_seed(
+    tmp_path, protocol, datasets, source, runs
+) -> None:
+    """The students of a protocol are one grid (so --jobs runs them side by side, not one at a time)."""
+
+    def plan(method: str, overrides: tuple[str, ...] = ()) -> list:
+        run = RunRequest(method, model="vlp-world", overrides=overrides)
+        return plan_grid(GridRequest(protocol, [method], datasets, [1, 2], tmp_path, source=source, run=run))
+
+    teachers = {(s.dataset, s.shots, s.seed): s.out_dir for s in plan(TEACHER)}
+    template = json.dumps(teacher_template(protocol, str(tmp_path)))
+    students = plan("promptkd", (f"options.teacher={template}",))
+    assert len(students) == len(teachers) == runs
+    for s in students:
+        teacher = resolve_teacher(s.cfg).options.teacher
+        assert teacher == str(teachers[s.dataset, s.shots, s.seed]), (s.name, teacher)
+    assert {s.shots for s in students} == ({1, 2, 4, 8, 16} if protocol == "fewshot" else {16})
+
+
+def test_a_teacher_path_takes_the_runs_data_set_shots_and_seed() -> None:
+    cfg = resolve(
+        RunRequest(
+            "promptkd",
+            dataset="world-count",
+            shots=4,
+            seed=3,
+            model="vlp-world",
+            overrides=('options.teacher="t/{dataset}/k{shots}/s{seed}/{dataset}"',),
+        )
+    )
+    assert resolve_teacher(cfg).options.teacher == "t/world-count/k4/s3/world-count"
+    assert resolve_teacher(cfg.but(options={"teacher": "t/fixed"})).options.teacher == "t/fixed"
 
 
 def test_the_bench_writes_one_report_at_the_end_not_one_per_grid(tmp_path, monkeypatch) -> None:

@@ -101,37 +101,13 @@ def _in_order(methods: list[str]) -> list[str]:
     return methods if first is None else [*rest[:first], TEACHER, *rest[first:]]
 
 
-def _teacher_runs(protocol: str, datasets: list[str], seeds: str, out: str) -> list[tuple[list[str], Path]]:
-    """Per run of the teacher in this protocol: the ``run`` arguments selecting the same data set,
-    shots and seed for the student, and the teacher's run directory."""
-    from vlprompt.protocols.grid import GridRequest, plan_grid
-    from vlprompt.train.config import RunRequest
-    from vlprompt.world.sets import CROSS_SOURCE, DG_SOURCE, DG_TARGETS
+def teacher_template(protocol: str, out: str) -> str:
+    """The teacher option of a student grid: the bench's own teacher run of the student run's data set,
+    shots and seed (``{dataset}``, ``{shots}`` and ``{seed}`` are the run's; see ``run.identity``), so
+    the students of a protocol are one grid and ``--jobs`` runs them side by side."""
+    from vlprompt.protocols.grid import run_dir_name
 
-    source = {"cross-dataset": CROSS_SOURCE, "dg": DG_SOURCE}.get(protocol)
-    targets = (
-        list(DG_TARGETS)
-        if protocol == "dg"
-        else [d for d in datasets if d != CROSS_SOURCE]
-        if protocol == "cross-dataset"
-        else datasets
-    )
-    grid = GridRequest(
-        protocol,
-        [TEACHER],
-        targets,
-        [int(s) for s in seeds.split(",")],
-        out,
-        source=source,
-        run=RunRequest(TEACHER, model=MODEL),
-    )
-    runs = []
-    for spec in plan_grid(grid):
-        pick = (
-            ["--source", source, "--datasets", ",".join(targets)] if source else ["--datasets", spec.dataset]
-        )
-        runs.append(([*pick, "--shots", str(spec.shots), "--seeds", str(spec.seed)], spec.out_dir))
-    return runs
+    return str(Path(out) / protocol / TEACHER / "{dataset}" / run_dir_name("{shots}", "{seed}"))
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -156,13 +132,10 @@ def run_bench(args: argparse.Namespace) -> int:
             if "descriptions" in get_method(method).needs:
                 sets += ["--descriptions", str(descriptions_file())]
             if _needs_teacher(method):
-                width = ["--set", f"options.teacher_width={bb.embed_dim}"]  # the teacher is vlp-world too
-                picks = [
-                    [*pick, "--set", f"options.teacher={json.dumps(str(teacher))}", *width]
-                    for pick, teacher in _teacher_runs(protocol, datasets, args.seeds, args.out)
-                ]
-            else:
-                picks = [[*extra, "--seeds", args.seeds] for extra in _protocol_args(protocol, datasets)]
+                teacher = json.dumps(teacher_template(protocol, args.out))
+                sets += ["--set", f"options.teacher={teacher}"]
+                sets += ["--set", f"options.teacher_width={bb.embed_dim}"]  # the teacher is vlp-world too
+            picks = [[*extra, "--seeds", args.seeds] for extra in _protocol_args(protocol, datasets)]
             for pick in picks:
                 argv = ["run", "--protocol", protocol, "--method", method, *pick]
                 argv += [

@@ -58,8 +58,8 @@ class PromptKDConfig(MethodConfig):
     teacher: str = opt(
         "",
         "the frozen teacher's saved prompt (run dir, prompt.safetensors, export or hf-hub: reference), "
-        "e.g. the official ViT-L/14 teacher brought in with `vlprompt import`; '{dataset}' in it is "
-        "replaced by the data set's name (one teacher per data set in a grid)",
+        "e.g. the official ViT-L/14 teacher brought in with `vlprompt import`; '{dataset}', '{shots}' "
+        "and '{seed}' in it are replaced by the run's (one teacher per data set or run in a grid)",
     )
     teacher_width: int = opt(
         768, "the teacher's feature width: the projector's output (ViT-L/14: 768)", minimum=1

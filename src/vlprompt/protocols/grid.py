@@ -94,7 +94,8 @@ def recorded_evaluations(run_dir: str | Path) -> set[tuple[str, str]]:
     return RunDir(run_dir).recorded_evaluations()
 
 
-def run_dir_name(shots: int, seed: int) -> str:
+def run_dir_name(shots: int | str, seed: int | str) -> str:
+    """A run's folder name (strings: placeholders, as in a teacher path's ``shots{shots}_seed{seed}``)."""
     return f"shots{shots}_seed{seed}"
 
 

@@ -150,18 +150,23 @@ def descriptions_identity(cfg: RunConfig) -> dict[str, Any]:
     return {"descriptions_sha256": read_descriptions(path).sha256} if path else {}
 
 
-#: in a teacher's path, replaced by the data set's name: one teacher per data set in a grid
-DATASET_FIELD = "{dataset}"
+#: in a teacher's path, replaced by the run's data set name, shots and seed: one teacher per data set
+#: (``teachers/{dataset}``) or per run (``runs/base2new/promptsrc/{dataset}/shots{shots}_seed{seed}``)
+TEACHER_FIELDS = ("{dataset}", "{shots}", "{seed}")
 
 
 def resolve_teacher(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with ``{dataset}`` in the teacher option replaced by the data set's name
+    """``cfg`` with ``{dataset}``, ``{shots}`` and ``{seed}`` in the teacher option replaced by the run's
     (``--set options.teacher=teachers/{dataset}`` gives each run of a grid its own teacher)."""
     src = _teacher_source(cfg)
-    if DATASET_FIELD not in src:
+    if not any(f in src for f in TEACHER_FIELDS):
         return cfg
     key = next(k for k, v in method_options(cfg).items() if v == src)
-    return cfg.but(options={key: src.replace(DATASET_FIELD, public_name(str(cfg.data.dataset)))})
+    d = cfg.data
+    values = (public_name(str(d.dataset)), str(d.shots if d.shots else 0), str(d.seed))
+    for field_, value in zip(TEACHER_FIELDS, values, strict=True):
+        src = src.replace(field_, value)
+    return cfg.but(options={key: src})
 
 
 def _teacher_source(cfg: RunConfig) -> str:
