@@ -113,5 +113,29 @@ def test_the_bench_writes_one_report_at_the_end_not_one_per_grid(tmp_path, monke
     args = argparse.Namespace(methods="coop", datasets="world-shapes", seeds="1", out=str(tmp_path), jobs=2,
                               protocol="base2new", dry_run=False)  # fmt: skip
     assert run_bench(args) == 0
-    assert [a[a.index("--method") + 1] for a in calls] == ["zeroshot", "coop"]
+    assert [a[a.index("--method") + 1] for a in calls] == ["zeroshot,coop"]
     assert all("--no-report" in a for a in calls) and built == [str(tmp_path)]
+
+
+def test_methods_without_arguments_of_their_own_share_one_grid(tmp_path, monkeypatch) -> None:
+    """A grid per method left a core idle at the end of each of ~25 grids, and started its workers again."""
+    import argparse
+
+    import vlprompt.cli.main as cli_main
+    import vlprompt.protocols.report as report_mod
+    from vlprompt.cli.world_bench import run_bench
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli_main, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(report_mod, "build_report", lambda out, dest: argparse.Namespace(markdown="r.md"))
+    methods = "coop,ivlp,coprompt,kgcoop,promptkd"
+    args = argparse.Namespace(methods=methods, datasets="world-shapes", seeds="1,2", out=str(tmp_path),
+                              jobs=2, protocol="base2new", dry_run=False)  # fmt: skip
+    assert run_bench(args) == 0
+    grids = [a[a.index("--method") + 1] for a in calls]
+    assert grids == ["zeroshot,coop", "ivlp", "coprompt", "kgcoop,promptsrc", "promptkd"]
+    by = dict(zip(grids, calls, strict=True))
+    assert "options.depth_image=9" in by["ivlp"] and "--descriptions" in by["coprompt"]
+    assert not any(a in by["kgcoop,promptsrc"] for a in ("--set", "--descriptions"))
+    assert any(a.startswith("options.teacher=") for a in by["promptkd"])
+    assert all(a[a.index("--seeds") + 1] == "1,2" for a in calls)

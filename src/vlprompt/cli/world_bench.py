@@ -6,7 +6,8 @@ its preset unchanged except for one rule: a prompt depth larger than the backbon
 model's depth (9 on ``vlp-world``), as "every layer" is what such a depth means; the same for a last
 block (``*_end``, e.g. MMA's ``adapter_end`` 12).  Zero-shot CLIP is run
 as one more method (its row in every table).  ``--protocol all`` adds cross-dataset, DG and few-shot.
-Then the report.  Runs already complete are skipped, so an interrupted bench resumes.
+Consecutive methods that need no arguments of their own share one grid (``--jobs`` keeps every job busy
+across methods).  Then the report.  Runs already complete are skipped, so an interrupted bench resumes.
 
 Two methods need more than a data set, and get the world's stand-ins (our choices): CoPrompt reads class
 descriptions (an LLM's in its paper) and gets the world's own (``vlprompt world descriptions``: its
@@ -125,6 +126,7 @@ def run_bench(args: argparse.Namespace) -> int:
     protocols = ["base2new", "cross-dataset", "dg", "fewshot"] if args.protocol == "all" else [args.protocol]
     failed = 0
     for protocol in protocols:
+        grids: list[tuple[list[str], list[str]]] = []  # (methods, their extra arguments)
         for method in _in_order(["zeroshot", *methods]):
             sets = [s for m in clamp_depths(method, protocol, layers) for s in ("--set", m)]
             if sets:
@@ -135,10 +137,16 @@ def run_bench(args: argparse.Namespace) -> int:
                 teacher = json.dumps(teacher_template(protocol, args.out))
                 sets += ["--set", f"options.teacher={teacher}"]
                 sets += ["--set", f"options.teacher_width={bb.embed_dim}"]  # the teacher is vlp-world too
-            picks = [[*extra, "--seeds", args.seeds] for extra in _protocol_args(protocol, datasets)]
-            for pick in picks:
-                argv = ["run", "--protocol", protocol, "--method", method, *pick]
+            if grids and grids[-1][1] == sets:  # one grid: --jobs keeps both cores busy across methods
+                grids[-1][0].append(method)
+            else:
+                grids.append(([method], sets))
+        for names, sets in grids:
+            for extra in _protocol_args(protocol, datasets):
+                argv = ["run", "--protocol", protocol, "--method", ",".join(names), *extra]
                 argv += [
+                    "--seeds",
+                    args.seeds,
                     "--model",
                     MODEL,
                     "--out",
