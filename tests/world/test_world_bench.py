@@ -96,8 +96,10 @@ def test_a_teacher_path_takes_the_runs_data_set_shots_and_seed() -> None:
     assert resolve_teacher(cfg.but(options={"teacher": "t/fixed"})).options.teacher == "t/fixed"
 
 
-def test_the_bench_writes_one_report_at_the_end_not_one_per_grid(tmp_path, monkeypatch) -> None:
-    """Each grid's report re-read and re-plotted every run of the bench: minutes per grid, 25 grids."""
+@pytest.fixture
+def bench(monkeypatch):
+    """``bench(methods, seeds)`` runs ``run_bench`` with ``run`` and the report stubbed; returns the
+    ``run`` argument lists it made and the runs directories it reported on."""
     import argparse
 
     import vlprompt.cli.main as cli_main
@@ -105,33 +107,31 @@ def test_the_bench_writes_one_report_at_the_end_not_one_per_grid(tmp_path, monke
     from vlprompt.cli.world_bench import run_bench
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(cli_main, "main", lambda argv: calls.append(argv) or 0)
     built: list[str] = []
+    monkeypatch.setattr(cli_main, "main", lambda argv: calls.append(argv) or 0)
     monkeypatch.setattr(
         report_mod, "build_report", lambda out, dest: built.append(out) or argparse.Namespace(markdown="r.md")
     )
-    args = argparse.Namespace(methods="coop", datasets="world-shapes", seeds="1", out=str(tmp_path), jobs=2,
-                              protocol="base2new", dry_run=False)  # fmt: skip
-    assert run_bench(args) == 0
+
+    def run(out, methods: str, seeds: str) -> tuple[list[list[str]], list[str]]:
+        args = argparse.Namespace(methods=methods, datasets="world-shapes", seeds=seeds, out=str(out), jobs=2,
+                                  protocol="base2new", dry_run=False)  # fmt: skip
+        assert run_bench(args) == 0
+        return calls, built
+
+    return run
+
+
+def test_the_bench_writes_one_report_at_the_end_not_one_per_grid(tmp_path, bench) -> None:
+    """Each grid's report re-read and re-plotted every run of the bench: minutes per grid, 25 grids."""
+    calls, built = bench(tmp_path, "coop", "1")
     assert [a[a.index("--method") + 1] for a in calls] == ["zeroshot,coop"]
     assert all("--no-report" in a for a in calls) and built == [str(tmp_path)]
 
 
-def test_methods_without_arguments_of_their_own_share_one_grid(tmp_path, monkeypatch) -> None:
+def test_methods_without_arguments_of_their_own_share_one_grid(tmp_path, bench) -> None:
     """A grid per method left a core idle at the end of each of ~25 grids, and started its workers again."""
-    import argparse
-
-    import vlprompt.cli.main as cli_main
-    import vlprompt.protocols.report as report_mod
-    from vlprompt.cli.world_bench import run_bench
-
-    calls: list[list[str]] = []
-    monkeypatch.setattr(cli_main, "main", lambda argv: calls.append(argv) or 0)
-    monkeypatch.setattr(report_mod, "build_report", lambda out, dest: argparse.Namespace(markdown="r.md"))
-    methods = "coop,ivlp,coprompt,kgcoop,promptkd"
-    args = argparse.Namespace(methods=methods, datasets="world-shapes", seeds="1,2", out=str(tmp_path),
-                              jobs=2, protocol="base2new", dry_run=False)  # fmt: skip
-    assert run_bench(args) == 0
+    calls, _ = bench(tmp_path, "coop,ivlp,coprompt,kgcoop,promptkd", "1,2")
     grids = [a[a.index("--method") + 1] for a in calls]
     assert grids == ["zeroshot,coop", "ivlp", "coprompt", "kgcoop,promptsrc", "promptkd"]
     by = dict(zip(grids, calls, strict=True))

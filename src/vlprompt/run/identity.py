@@ -163,7 +163,7 @@ def resolve_teacher(cfg: RunConfig) -> RunConfig:
         return cfg
     key = next(k for k, v in method_options(cfg).items() if v == src)
     d = cfg.data
-    values = (public_name(str(d.dataset)), str(d.shots if d.shots else 0), str(d.seed))
+    values = (public_name(str(d.dataset)), str(d.shots or 0), str(d.seed))
     for field_, value in zip(TEACHER_FIELDS, values, strict=True):
         src = src.replace(field_, value)
     return cfg.but(options={key: src})
