@@ -109,6 +109,25 @@ def test_targets_are_judged_from_speedups():
     assert got["image-tower forward"] is True
 
 
+def test_memory_measured_on_cuda_is_reported_as_measured_not_projected(tiny):
+    """A CUDA memory row holds torch.cuda.max_memory_allocated: the table says so and projects nothing
+    (the H200 results once showed CUDA bytes under "peak RSS" with a "projected" GPU size)."""
+    from vlprompt.bench.results import _memory_table, project_gpu_memory
+
+    row = {"method": "mpl", "classes": 1000, "checkpoint_text": False, "ms_per_step": 85.6}
+    cuda = {**row, "memory_kind": "cuda_max_allocated", "peak_mb": 5402.0, "delta_mb": 4559.0}
+    cpu = {**row, "memory_kind": "peak_rss", "peak_mb": 7100.0, "delta_mb": 4500.0}
+    (g,) = project_gpu_memory(tiny, [cuda])
+    assert g["measured_gpu_gb_fp32"] == pytest.approx(5402 / 1024, abs=0.01) and g["fits_16gb_fp32"] is True
+    assert not any(k.startswith("projected") for k in g)
+    text = "\n".join(_memory_table([cuda], [g]))
+    assert "CUDA max allocated MB" in text and "| 5402 | 4559 | yes |" in text and "projection" not in text
+    (c,) = project_gpu_memory(tiny, [cpu])
+    weights_mb = sum(p.numel() * p.element_size() for p in tiny.parameters()) / 2**20
+    assert c["projected_gpu_gb_fp32"] == pytest.approx((weights_mb + 4500) / 1024 + 1.0, abs=0.01)
+    assert "peak RSS MB" in "\n".join(_memory_table([cpu], [c]))
+
+
 def test_quick_run_measures_and_writes_results(tmp_path):
     cfg = harness.BenchConfig.quick_config(
         methods=["coop", "mpl"],
