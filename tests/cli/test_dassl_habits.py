@@ -187,3 +187,12 @@ def test_set_without_equals_gets_the_key_value_hint(capsys):
 def test_method_still_required(capsys):
     assert main(["train", "--dataset", "demo", "--out", "o"]) == 2
     assert "--method (or --trainer)" in capsys.readouterr().err
+
+
+def test_config_show_resolves_every_section_model_included(capsys):
+    """`config show` lists each key with its resolved value: a `--set model.*` key shows the value set
+    (it showed the default for every model.* key, so the checkpointing switch looked off)."""
+    assert main(["config", "show", "--method", "mpl", "--set", "model.checkpoint_text=true"]) == 0
+    rows = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[1:] if line}
+    assert rows["model.checkpoint_text"] == ["true", "false"]  # value, default
+    assert rows["model.attention"] == ["auto", "auto"] and rows["options.depth"][0] == "9"

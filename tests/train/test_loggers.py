@@ -11,7 +11,7 @@ from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model
 from vlprompt.run import RunDir
-from vlprompt.train import fit
+from vlprompt.train import fit, loggers
 from vlprompt.train.config import RunConfig
 from vlprompt.train.loggers import TensorBoardLogger, epoch_scalars, make_loggers, parse_loggers
 
@@ -70,7 +70,7 @@ def test_real_tensorboard_event_file(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (vlprompt[logging])")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (logger,) = make_loggers("tensorboard", tmp_path)
+    (logger,) = make_loggers("tensorboard", RunDir(tmp_path))
     _train(tmp_path, [logger])
     logger.close()
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -92,4 +92,14 @@ def test_missing_package_is_one_line(monkeypatch):
     with pytest.raises(VlpromptError, match=r"pip install 'vlprompt\[logging\]'"):
         TensorBoardLogger("unused")
     with pytest.raises(VlpromptError, match="pip install wandb"):
-        make_loggers("wandb", "unused")
+        make_loggers("wandb", RunDir("unused"))
+
+
+def test_loggers_write_where_the_run_directory_says(tmp_path, monkeypatch):
+    """The run layer names the TensorBoard folder (run/layout.py); W&B keeps its files in the run."""
+    seen = {}
+    monkeypatch.setattr(loggers, "TensorBoardLogger", lambda log_dir: seen.setdefault("tb", log_dir))
+    monkeypatch.setattr(loggers, "WandbLogger", lambda config, run_dir: seen.setdefault("wandb", run_dir))
+    run = RunDir(tmp_path / "run")
+    make_loggers("tensorboard,wandb", run, {"method": "coop"})
+    assert seen == {"tb": tmp_path / "run" / "tensorboard", "wandb": tmp_path / "run"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,6 +14,7 @@ from vlprompt.run import RunDir
 from vlprompt.train import checkpoint as ckpt
 from vlprompt.train import evaluate, fit
 from vlprompt.train.config import RunConfig
+from vlprompt.train.zeroshot import evaluate_without_training
 
 CLASSES = ["cat", "dog", "car"]
 CFG = RunConfig.from_dict(
@@ -155,3 +158,12 @@ def test_evaluate_metrics_match_sklearn() -> None:
     }
     assert res["n"] == 10 and res["n_classes"] == 5
     assert sum(map(sum, res["confusion"])) == 10 and res["confusion"][0][1] == 1
+
+
+def test_zero_shot_records_the_device_of_its_placement_as_fit_does(backbone) -> None:
+    """Zero-shot's cost record names the run's placement device (``cuda``), as ``fit`` does for every
+    trained run; it named the backbone's parameter device (``cuda:0``) on the H200, a second spelling."""
+    model = create_model("zeroshot", backbone, ["a", "b"])
+    placed = SimpleNamespace(device=torch.device("cuda"))  # nothing runs: no eval data
+    assert evaluate_without_training(model, [], None, placement=placed)["device"] == "cuda"
+    assert evaluate_without_training(model, [], None)["device"] == "cpu"  # library use: the backbone's

@@ -25,8 +25,8 @@ def _show(args: argparse.Namespace) -> int:
             config_file=args.config,
         )
         flat = cfg.to_dict()
-        for section in ("train", "data", "backbone", "options"):
-            for k, v in (flat.get(section) or {}).items():
+        for section, sub in flat.items():  # every section (train, data, backbone, model, options)
+            for k, v in (sub if isinstance(sub, dict) else {}).items():
                 values[f"{section}.{k}"] = v
     rows = describe_keys(args.method)
     width = max(len(r["key"]) for r in rows)

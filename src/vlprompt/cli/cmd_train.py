@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     from vlprompt.train.loggers import make_loggers
 
     # TensorBoard / W&B (optional)
-    loggers = make_loggers(getattr(args, "log_to", None), args.out, cfg.to_dict())
+    loggers = make_loggers(getattr(args, "log_to", None), run, cfg.to_dict())
     try:
         res = train_run(
             cfg,

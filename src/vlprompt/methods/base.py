@@ -422,7 +422,9 @@ def registered_methods() -> list[type[PromptMethod]]:
 
 
 def bench_methods() -> list[str]:
-    """The methods ``vlprompt bench`` times by default: those whose entry names a bench batch size."""
+    """The methods ``vlprompt bench --full``, ``vlprompt bench suite`` and the GPU check time: those whose
+    entry names a bench batch size (plain ``vlprompt bench`` times CoOp, MaPLe and MPL, whose speed-ups
+    have targets: ``bench/config.py``)."""
     return [c.name for c in _REGISTRY.values() if c.bench_batch_size]
 
 

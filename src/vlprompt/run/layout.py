@@ -52,6 +52,7 @@ DONE = "done"
 LOCK = ".lock"
 FAILED = "failed.json"
 CHECKPOINT = "checkpoint"
+TENSORBOARD = "tensorboard"  # --log-to tensorboard (train/loggers.py, through RunDir.tensorboard_dir)
 #: results that a retrain replaces (the checkpoint goes with them)
 RESULT_FILES = (DONE, METRICS, PROMPT, MANIFEST, FINGERPRINT)
 CARD = "README.md"  # the model card of an `export --hub` folder (run/hub.py)
@@ -102,6 +103,10 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINT
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
 
     def __fspath__(self) -> str:
         return str(self.path)

@@ -5,7 +5,8 @@ epoch's summary (loss, accuracy, lr, images/s and, where evaluated, test accurac
 tools people watch.  Neither package is a dependency: ``pip install 'vlprompt[logging]'`` (TensorBoard)
 or ``pip install wandb``; asking for a logger whose package is missing is a one-line error.
 
-    fit(model, data, cfg, RunDir(out), callbacks=[TensorBoardLogger(out / "tensorboard")])
+    run = RunDir(out)
+    fit(model, data, cfg, run, callbacks=make_loggers("tensorboard", run))
     vlprompt train ... --log-to tensorboard,wandb
 """
 
@@ -96,13 +97,15 @@ def parse_loggers(text: str | Sequence[str] | None) -> list[str]:
 
 
 def make_loggers(
-    names: str | Sequence[str] | None, run_dir: str | os.PathLike, config: Mapping[str, Any] | None = None
+    names: str | Sequence[str] | None, run: Any, config: Mapping[str, Any] | None = None
 ) -> list[Callable[[dict[str, Any]], None]]:
-    """Callbacks for ``fit`` from logger names; TensorBoard writes to ``<run_dir>/tensorboard``."""
+    """Callbacks for ``fit`` from logger names.  ``run``: the run directory (a ``vlprompt.run.RunDir``,
+    which names its files): TensorBoard writes to ``run.tensorboard_dir``, W&B keeps its files in
+    ``run.path``."""
     out: list[Callable[[dict[str, Any]], None]] = []
     for name in parse_loggers(names):
         if name == "tensorboard":
-            out.append(TensorBoardLogger(Path(run_dir) / "tensorboard"))
+            out.append(TensorBoardLogger(run.tensorboard_dir))
         else:
-            out.append(WandbLogger(config, run_dir))
+            out.append(WandbLogger(config, run.path))
     return out

@@ -28,8 +28,11 @@ def evaluate_without_training(
     *,
     eval_data: Any = None,
     progress: bool = True,
+    placement: Any = None,
     **_: Any,
 ) -> dict[str, Any]:
-    """What :func:`vlprompt.train.fit` returns, for zero epochs: the evaluation of the untouched model."""
+    """What :func:`vlprompt.train.fit` returns, for zero epochs: the evaluation of the untouched model
+    (in fp32; ``device`` as ``fit`` records it: the run's placement, e.g. ``cuda``, not ``cuda:0``)."""
     res = evaluate(model, eval_data, confusion=True, progress=progress) if eval_data is not None else None
-    return zero_epoch_result(res, model.backbone.device, "fp32")
+    device = placement.device if placement is not None else model.backbone.device
+    return zero_epoch_result(res, device, "fp32")
