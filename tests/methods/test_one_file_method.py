@@ -1,8 +1,9 @@
 """A new method is one file (+ one preset): a throwaway method written into a temporary folder, outside
 the package, registered when its module is imported, goes through every command without touching
 any other file: train -> report -> predict -> export -> predict from the export -> import of a
-checkpoint in the official (Dassl) format, declared by the file's ``official`` layout -> config show ->
-bench.  (The package's own methods add one line to the registration list in methods/__init__.py.)
+checkpoint in the official (Dassl) format, declared by the file's ``official`` layout -> config show
+(also of the official trainer's YAML, through the entry's ``dassl_trainers`` / ``dassl_keys``) -> bench.
+(The package's own methods add one line to the registration list in methods/__init__.py.)
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ METHOD_FILE = textwrap.dedent(
         official = OfficialLayout(
             "example/throwaway", "prompt_learner", Signature(has=("throwaway_ctx",)), map_official
         )
+        dassl_trainers = ("ThrowAway",)  # its official trainer, and its config's TRAINER.<SECTION> keys
+        dassl_keys = {"N_CTX": "n_ctx"}
 
         def __init__(self, cfg, backbone):
             super().__init__(cfg, backbone)
@@ -154,6 +157,14 @@ def test_a_method_from_one_file_goes_through_every_command(throwaway, tmp_path, 
     assert main(["config", "show", "--method", "throwaway"]) == 0
     shown = capsys.readouterr().out
     assert "options.n_ctx" in shown and "learnable context vectors" in shown
+
+    # the official trainer's YAML, as its repository would keep it: the entry maps its keys
+    dassl = tmp_path / "configs" / "trainers" / "ThrowAway" / "vit_b16.yaml"
+    dassl.parent.mkdir(parents=True)
+    dassl.write_text("OPTIM:\n  LR: 0.05\nTRAINER:\n  THROWAWAY:\n    N_CTX: 5\n")
+    assert main(["config", "show", "--trainer", "ThrowAway", "--config-file", str(dassl)]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:] if line}
+    assert rows["options.n_ctx"] == "5" and rows["train.lr"] == "0.05"
 
     bench = tmp_path / "bench"
     quick = [

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -94,9 +94,15 @@ class PromptMethod(nn.Module):
     # a one-line note when training sees unlabelled images of the classes it is tested on: the run
     # layer writes ``transductive: true`` + this note into every artefact of such a method
     transductive_note: ClassVar[str] = ""
-    # the official recipe's batch size when ``vlprompt bench`` times this method by default (None: the
-    # bench leaves it out unless asked for by name; it then uses the preset's batch size)
+    # the official recipe's batch size when the preset names none; a method with one is timed by
+    # ``vlprompt bench --full``, ``bench suite`` and the GPU check (None: only when asked for by name)
     bench_batch_size: ClassVar[int | None] = None
+    # the official (Dassl) trainer names that mean this method (``--trainer MaPLe``, the folder of
+    # ``configs/trainers/MaPLe/*.yaml``; matched without case, '-' or '_')
+    dassl_trainers: ClassVar[tuple[str, ...]] = ()
+    # the official trainer config's keys -> this method's options: ``N_CTX`` stands for
+    # ``TRAINER.<SECTION>.N_CTX``; a key with a dot (ProGrad's ``LOSS.LAMBDA``) is that whole Dassl key
+    dassl_keys: ClassVar[Mapping[str, str]] = {}
     # the preset file, relative to the folder of the module defining the method; default
     # ``presets/<name>.yaml`` (a method without one trains with the generic recipe)
     preset_file: ClassVar[str] = ""
@@ -458,6 +464,8 @@ class PlugIn(PromptMethod):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset()
+    #: the official trainer of ``base+plugin`` is this prefix + the base's (DePT: ExtrasLinearProbeCoOp)
+    dassl_trainer_prefix: ClassVar[str] = ""
     extra_preset_sections: ClassVar[tuple[str, ...]] = ("bases",)
     #: the base this composition stands on (set on the composed class)
     Base: ClassVar[type[PromptMethod] | None] = None
@@ -547,6 +555,9 @@ def compose(name: str) -> type[PromptMethod]:
         ),
         "bench_batch_size": None,
         "preset_file": "",
+        "dassl_trainers": tuple(plug.dassl_trainer_prefix + t for t in base.dassl_trainers)
+        if plug.dassl_trainer_prefix
+        else (),
     }
     cls = type(attrs["__qualname__"], (plug, base), attrs)
     _COMPOSED[name] = cls

@@ -32,6 +32,8 @@ class CoCoOp(PromptMethod):
     name = "cocoop"
     display_name = "CoCoOp"
     official_parameters = 35_360
+    dassl_trainers = ("CoCoOp",)
+    dassl_keys = {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init"}
     bench_batch_size = 1
     official = OfficialLayout(
         "KaiyangZhou/CoOp",

@@ -32,6 +32,13 @@ class CoOp(PromptMethod):
     name = "coop"
     display_name = "CoOp"
     official_parameters = 8_192
+    dassl_trainers = ("CoOp",)
+    dassl_keys = {
+        "N_CTX": "n_ctx",
+        "CTX_INIT": "ctx_init",
+        "CSC": "csc",
+        "CLASS_TOKEN_POSITION": "class_token_position",
+    }
     bench_batch_size = 32
     official = OfficialLayout(
         "KaiyangZhou/CoOp",

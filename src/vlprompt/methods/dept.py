@@ -84,6 +84,8 @@ class DePT(PlugIn):
     Config = DePTConfig
     summary = "DePT: channel-wise transform + linear-probe head on the features, fused on base classes"
     supports = frozenset({"coop", "cocoop", "kgcoop", "maple"})
+    # Koorye/DePT: trainers/elp_*.py register ExtrasLinearProbe<Base> (ExtrasLinearProbeCoOp ...)
+    dassl_trainer_prefix = "ExtrasLinearProbe"
     raw_features = True
     trainable_note = "the head adds 4·e + C·(e + 1) for C training classes (ViT-B/16, C = 2: 3,074)"
 

@@ -45,6 +45,8 @@ class KgCoOp(HandCraftedContext, PromptMethod):
     name = "kgcoop"
     display_name = "KgCoOp"
     official_parameters = 2_048
+    dassl_trainers = ("KgCoOp",)
+    dassl_keys = {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init", "W": "weight"}
     official = OfficialLayout(
         "htyao89/KgCoOp", "prompt_learner", Signature(has=("ctx", "bias_vectors")), map_coop
     )

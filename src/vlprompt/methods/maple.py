@@ -32,6 +32,8 @@ class MaPLe(CoupledDeepPrompts, PromptMethod):
     name = "maple"
     display_name = "MaPLe"
     official_parameters = 3_555_072
+    dassl_trainers = ("MaPLe",)
+    dassl_keys = {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init", "PROMPT_DEPTH": "depth"}
     bench_batch_size = 4
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",

@@ -98,6 +98,14 @@ class MPL(PromptMethod):
     #: the official trainers/mpl.py, configs/trainers/MPL/vit_b4_c1_add2_rm1.yaml on ViT-B/16: ctx 512,
     #: proj 393,984, compound_prompts_text 8 x 512, txt2img_proj 2 x 8 x 393,984 (docs/mpl.md)
     official_parameters = 6_702_336
+    dassl_trainers = ("MPL",)  # Zhenhan-Huang/Modular-Prompt-Learning registers class MPL
+    dassl_keys = {
+        "N_CTX": "n_ctx",
+        "CTX_INIT": "ctx_init",
+        "PROMPT_DEPTH": "depth",
+        "N_ADD_OP": "add",
+        "N_RM_OP": "remove",
+    }
     official = OfficialLayout(
         "Zhenhan-Huang/Modular-Prompt-Learning",
         "MultiModalPromptLearner",

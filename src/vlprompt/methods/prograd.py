@@ -61,6 +61,8 @@ class ProGrad(HandCraftedContext, PromptMethod):
     name = "prograd"
     display_name = "ProGrad"
     official_parameters = 8_192
+    dassl_trainers = ("ProGrad",)
+    dassl_keys = {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init", "LOSS.LAMBDA": "lam", "LOSS.T": "temperature"}
     official = OfficialLayout(
         "BeierZhu/Prompt-align",
         "prompt_learner",

@@ -98,6 +98,11 @@ class TCP(PromptMethod):
     display_name = "TCP"
     paper_name = "TCP"
     official_parameters = 331_904
+    dassl_trainers = ("TCP",)
+    dassl_keys = {
+        "N_CTX": "n_ctx",
+        "CTX_INIT": "ctx_init",
+    }  # its COOP.W is overwritten in the official code: no effect, not mapped
     bench_batch_size = 32
     official = OfficialLayout(
         "htyao89/Textual-based_Class-aware_prompt_tuning",

@@ -42,6 +42,8 @@ class VPT(PromptMethod):
     name = "vpt"
     display_name = "VPT-deep"
     official_parameters = 73_728
+    dassl_trainers = ("VPT",)
+    dassl_keys = {"N_CTX_VISION": "n_ctx", "PROMPT_DEPTH_VISION": "depth", "CTX_INIT": "text"}
     bench_batch_size = 4
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",

@@ -21,6 +21,7 @@ class ZeroShot(PromptMethod):
     name = "zeroshot"
     display_name = "zero-shot CLIP"
     official_parameters = 0
+    dassl_trainers = ("ZeroshotCLIP", "ZeroshotCLIP2")
     paper_name = "CLIP"
     Config = ZeroShotConfig
     summary = "zero-shot CLIP with the data set's hand-crafted template (no learning)"

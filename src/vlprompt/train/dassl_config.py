@@ -3,7 +3,9 @@
 The official code of CoOp, CoCoOp, KgCoOp, ProGrad, MaPLe, IVLP, VPT, PromptSRC and MPL is built on
 Dassl: ``python train.py --trainer MaPLe --config-file configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml
 DATASET.NUM_SHOTS 16``.  This module maps what decides a result in those files to vlprompt's
-``--set`` keys (``train.lr=0.0035``, ``options.depth=9`` ...), and refuses -- in one line listing them
+``--set`` keys (``train.lr=0.0035``, ``options.depth=9`` ...): the keys every trainer shares here, each
+method's own trainer names and ``TRAINER.<SECTION>`` keys from its registry entry (``dassl_trainers``,
+``dassl_keys``), and refuses -- in one line listing them
 all -- every key it cannot map, so a Dassl file never changes a run silently.  Keys that only change
 logging or speed (``TRAIN.PRINT_FREQ``, ``DATALOADER.NUM_WORKERS``, ``DATALOADER.TEST.BATCH_SIZE``) and
 the CLIP pre-processing every official config repeats are accepted.
@@ -21,29 +23,19 @@ import yaml
 
 from vlprompt.backbones.names import canonical_model_name
 from vlprompt.errors import VlpromptError
+from vlprompt.methods import get_method, list_methods
 from vlprompt.train.config import read_yaml
 
-#: the official trainers' names (``--trainer``), lower-cased -> vlprompt method
-TRAINERS: dict[str, str] = {
-    "zeroshotclip": "zeroshot",
-    "zeroshotclip2": "zeroshot",
-    "coop": "coop",
-    "cocoop": "cocoop",
-    "kgcoop": "kgcoop",
-    "prograd": "prograd",
-    "maple": "maple",
-    "ivlp": "ivlp",
-    "independentvl": "ivlp",
-    "vpt": "vpt",
-    "promptsrc": "promptsrc",
-    "mpl": "mpl",  # Zhenhan-Huang/Modular-Prompt-Learning: trainers/mpl.py registers class MPL
-    "tcp": "tcp",
-    # Koorye/DePT: trainers/elp_*.py register ExtrasLinearProbe<Base>
-    "extraslinearprobecoop": "coop+dept",
-    "extraslinearprobecocoop": "cocoop+dept",
-    "extraslinearprobekgcoop": "kgcoop+dept",
-    "extraslinearprobemaple": "maple+dept",
-}
+
+def _norm(name: str) -> str:
+    return str(name).strip().lower().replace("-", "").replace("_", "")
+
+
+def _trainers() -> dict[str, str]:
+    """The official trainers' names (``--trainer``), normalised -> vlprompt method: each method's
+    registry entry names its own (``dassl_trainers``)."""
+    return {_norm(t): name for name in list_methods() for t in get_method(name).dassl_trainers}
+
 
 #: top-level Dassl sections; a YAML whose keys are all upper case and include one of these is Dassl's
 DASSL_SECTIONS = ("DATALOADER", "INPUT", "OPTIM", "TRAIN", "TEST", "MODEL", "TRAINER", "DATASET", "LOSS")
@@ -66,26 +58,15 @@ _COMMON = {
     "MODEL.BACKBONE.NAME": "backbone.name",
 }
 
-#: TRAINER.<SECTION>.<KEY> -> the method's option (per method; the section name varies by repository)
-_OPTIONS: dict[str, dict[str, str]] = {
-    "coop": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init", "CSC": "csc",
-             "CLASS_TOKEN_POSITION": "class_token_position"},
-    "cocoop": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init"},
-    "kgcoop": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init", "W": "weight"},
-    "prograd": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init"},
-    "maple": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init", "PROMPT_DEPTH": "depth"},
-    "mpl": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init", "PROMPT_DEPTH": "depth", "N_ADD_OP": "add",
-            "N_RM_OP": "remove"},
-    "ivlp": {"N_CTX_TEXT": "n_ctx_text", "N_CTX_VISION": "n_ctx_image", "CTX_INIT": "ctx_init",
-             "PROMPT_DEPTH_TEXT": "depth_text", "PROMPT_DEPTH_VISION": "depth_image"},
-    "promptsrc": {"N_CTX_TEXT": "n_ctx_text", "N_CTX_VISION": "n_ctx_image", "CTX_INIT": "ctx_init",
-                  "PROMPT_DEPTH_TEXT": "depth_text", "PROMPT_DEPTH_VISION": "depth_image",
-                  "TEXT_LOSS_WEIGHT": "text_loss_weight", "IMAGE_LOSS_WEIGHT": "image_loss_weight",
-                  "GPA_MEAN": "gpa_mean", "GPA_STD": "gpa_std"},
-    "vpt": {"N_CTX_VISION": "n_ctx", "PROMPT_DEPTH_VISION": "depth", "CTX_INIT": "text"},
-    "tcp": {"N_CTX": "n_ctx", "CTX_INIT": "ctx_init"},  # its COOP.W is overwritten in the code: no effect
-}  # fmt: skip
-_LOSS = {"prograd": {"LOSS.LAMBDA": "options.lam", "LOSS.T": "options.temperature"}}
+
+def _method_keys(method: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The method's Dassl keys (its registry entry's ``dassl_keys``): ``({KEY of TRAINER.<SECTION>.KEY:
+    option}, {whole Dassl key: "options.<option>"})``."""
+    keys = get_method(method).dassl_keys if method in list_methods() else {}
+    own = {k: v for k, v in keys.items() if "." not in k}
+    whole = {k: f"options.{v}" for k, v in keys.items() if "." in k}
+    return own, whole
+
 
 #: keys that change neither the result nor anything vlprompt does differently (logging, speed)
 _IGNORED = {
@@ -119,7 +100,7 @@ class DasslMapping:
 def trainer_to_method(name: str) -> str:
     """vlprompt's method for an official trainer name (case-insensitive); other names pass lower-cased."""
     key = str(name).strip()
-    return TRAINERS.get(key.lower().replace("-", "").replace("_", ""), key.lower() if key else key)
+    return _trainers().get(_norm(key), key.lower() if key else key)
 
 
 def is_dassl_config(data: Mapping[str, Any]) -> bool:
@@ -146,7 +127,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _map_value(dkey: str, ours: str, value: Any, method: str | None, notes: list[str]) -> str | None:
+def _map_value(dkey: str, ours: str, value: Any, notes: list[str]) -> str | None:
     """``ours=value`` for one mapped key, or None when the value is the preset's own (CTX_INIT: True)."""
     if ours == "backbone.name":
         value = canonical_model_name(str(value))
@@ -159,7 +140,7 @@ def _map_value(dkey: str, ours: str, value: Any, method: str | None, notes: list
             notes.append(f"{dkey}: True keeps the method's initialisation words (the preset's ctx_init)")
             return None
         value = ""
-    elif ours == "options.text" and method == "vpt":
+    elif ours == "options.text":  # VPT's class template (its CTX_INIT): the class name goes at {}
         value = f"{value} {{}}." if value and "{}" not in str(value) else value
     return f"{ours}={_fmt(value)}"
 
@@ -175,8 +156,9 @@ def map_dassl(
     flat = _flatten(data)
     sections = sorted({k.split(".")[1] for k in flat if k.startswith("TRAINER.") and k.count(".") >= 2})
     if method is None and len(sections) == 1:
-        method = TRAINERS.get(sections[0].lower())
+        method = _trainers().get(_norm(sections[0]))
     method = trainer_to_method(method) if method else None
+    own, whole = _method_keys(method)
     out = DasslMapping(method)
     bad: list[str] = []
     for dkey, value in flat.items():
@@ -193,9 +175,9 @@ def map_dassl(
             else:
                 out.notes.append(f"{dkey}: the backbone's own resolution is used ({size} expected)")
             continue
-        if dkey in _COMMON or dkey in _LOSS.get(method or "", {}):
-            ours = _COMMON.get(dkey) or _LOSS[method][dkey]  # type: ignore[index]
-            item = _map_value(dkey, ours, value, method, out.notes)
+        if dkey in _COMMON or dkey in whole:
+            ours = _COMMON.get(dkey) or whole[dkey]
+            item = _map_value(dkey, ours, value, out.notes)
             if item is not None:
                 out.overrides.append(item)
             continue
@@ -212,9 +194,9 @@ def map_dassl(
                         "prompts on CUDA, fp32 on CPU; the official code casts the frozen CLIP to fp16)"
                     )
             continue
-        opt = _OPTIONS.get(method or "", {}).get(m.group(2)) if m else None
+        opt = own.get(m.group(2)) if m else None
         if opt is not None:
-            item = _map_value(dkey, f"options.{opt}", value, method, out.notes)
+            item = _map_value(dkey, f"options.{opt}", value, out.notes)
             if item is not None:
                 out.overrides.append(item)
             continue
@@ -246,8 +228,7 @@ def read_dassl_file(path: str | Path, method: str | None = None) -> DasslMapping
     if not is_dassl_config(data):
         return None
     if method is None:  # configs/trainers/<Trainer>/<file>.yaml: the folder names the trainer
-        folder = Path(path).parent.name.lower()
-        method = TRAINERS.get(folder.replace("-", "").replace("_", ""))
+        method = _trainers().get(_norm(Path(path).parent.name))
     return map_dassl(data, method, where=str(path))
 
 
@@ -282,7 +263,7 @@ def dassl_pairs_hint(tokens: list[str]) -> str | None:
 
 def _trainer_from(pairs: list[tuple[str, str]]) -> str | None:
     names = {k.split(".")[1] for k, _ in pairs if k.startswith("TRAINER.") and k.count(".") == 2}
-    return TRAINERS.get(next(iter(names)).lower()) if len(names) == 1 else None
+    return _trainers().get(_norm(next(iter(names)))) if len(names) == 1 else None
 
 
 def _yaml_value(text: str) -> Any:
