@@ -120,39 +120,31 @@ def project_gpu_memory(backbone: Any, rows: list[dict[str, Any]]) -> list[dict[s
 
 def _memory_table(rows: list[dict[str, Any]], gpu: list[dict[str, Any]]) -> list[str]:
     """The memory rows: measured on CUDA (``cuda_max_allocated``) or CPU peak RSS with a GPU projection."""
-    head = "| method | classes | checkpoint_text | ms/step |"
-    if all(r.get("memory_kind") == "cuda_max_allocated" for r in rows):
-        lines = [
-            f"{head} CUDA max allocated MB | Δ MB (activations+grads) | fits 16 GB |",
-            "|---|---:|---|---:|---:|---:|---|",
-        ]
-        for r, p in zip(rows, gpu, strict=True):
-            lines.append(
-                f"| {_method_cell(r)} | {r['classes']} | {_fmt(r['checkpoint_text'])} | "
-                f"{_fmt(r['ms_per_step'])} | {_fmt(r['peak_mb'], 0)} | {_fmt(r['delta_mb'], 0)} | "
-                f"{_fmt(p['fits_16gb_fp32'])} |"
-            )
+    cuda = all(r.get("memory_kind") == "cuda_max_allocated" for r in rows)
+    if cuda:
+        cols, align = "CUDA max allocated MB | Δ MB (activations+grads) | fits 16 GB", "---:|---:|---"
         note = (
             "Measured on the GPU in fp32: `torch.cuda.max_memory_allocated` during the step (weights "
             "included; Δ is the increase over what was allocated before it). The CUDA context and the "
             'allocator\'s cache (about 0.5-1 GB) come on top; "fits 16 GB" counts 1 GB for them.'
         )
-        return [*lines, "", note]
-    lines = [
-        f"{head} peak RSS MB | Δ MB (activations+grads) | projected GPU GB fp32 | bf16 | fits 16 GB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
-    ]
+    else:
+        cols = "peak RSS MB | Δ MB (activations+grads) | projected GPU GB fp32 | bf16 | fits 16 GB"
+        align = "---:|---:|---:|---:|---"
+        note = (
+            "GPU figures are projections from the CPU measurement (fp32 weights + the measured "
+            "activation/gradient increase, halved for bf16, + 1 GB CUDA context), not GPU measurements."
+        )
+    lines = [f"| method | classes | checkpoint_text | ms/step | {cols} |", f"|---|---:|---|---:|{align}|"]
     for r, p in zip(rows, gpu, strict=True):
+        projected = "" if cuda else (
+            f"{_fmt(p['projected_gpu_gb_fp32'], 2)} | {_fmt(p['projected_gpu_gb_bf16'], 2)} | "
+        )  # fmt: skip
         lines.append(
             f"| {_method_cell(r)} | {r['classes']} | {_fmt(r['checkpoint_text'])} | "
             f"{_fmt(r['ms_per_step'])} | {_fmt(r['peak_mb'], 0)} | {_fmt(r['delta_mb'], 0)} | "
-            f"{_fmt(p['projected_gpu_gb_fp32'], 2)} | {_fmt(p['projected_gpu_gb_bf16'], 2)} | "
-            f"{_fmt(p['fits_16gb_fp32'])} |"
+            f"{projected}{_fmt(p['fits_16gb_fp32'])} |"
         )
-    note = (
-        "GPU figures are projections from the CPU measurement (fp32 weights + the measured "
-        "activation/gradient increase, halved for bf16, + 1 GB CUDA context), not GPU measurements."
-    )
     return [*lines, "", note]
 
 

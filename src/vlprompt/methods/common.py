@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -327,6 +328,15 @@ class IndependentDeepPrompts:
     """Mixin for methods with IVLP's prompts: a learnable text context (the first tokens of a phrase),
     independent deep text prompts, and deep image prompts.  The parameters keep IVLP's names
     (``ctx``, ``text_deep``, ``image_prompts``), so saved prompts and imported checkpoints fit."""
+
+    #: the official trainer config's keys of these prompts (IVLP's, PromptSRC's: registry ``dassl_keys``)
+    dassl_keys: ClassVar[Mapping[str, str]] = {
+        "N_CTX_TEXT": "n_ctx_text",
+        "N_CTX_VISION": "n_ctx_image",
+        "CTX_INIT": "ctx_init",
+        "PROMPT_DEPTH_TEXT": "depth_text",
+        "PROMPT_DEPTH_VISION": "depth_image",
+    }
 
     def init_independent_prompts(
         self, backbone: Backbone, *, n_ctx_text: int, ctx_words: str, depth_text: int, n_ctx_image: int,

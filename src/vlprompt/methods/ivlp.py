@@ -38,13 +38,6 @@ class IVLP(IndependentDeepPrompts, PromptMethod):
     display_name = "IVLP"
     official_parameters = 30_720
     dassl_trainers = ("IVLP", "IndependentVL")
-    dassl_keys = {
-        "N_CTX_TEXT": "n_ctx_text",
-        "N_CTX_VISION": "n_ctx_image",
-        "CTX_INIT": "ctx_init",
-        "PROMPT_DEPTH_TEXT": "depth_text",
-        "PROMPT_DEPTH_VISION": "depth_image",
-    }
     bench_batch_size = 4
     official = OfficialLayout(
         "muzairkhattak/multimodal-prompt-learning",

@@ -90,11 +90,7 @@ class PromptSRC(IndependentDeepPrompts, PromptMethod):
     official_parameters = 46_080
     dassl_trainers = ("PromptSRC",)
     dassl_keys = {
-        "N_CTX_TEXT": "n_ctx_text",
-        "N_CTX_VISION": "n_ctx_image",
-        "CTX_INIT": "ctx_init",
-        "PROMPT_DEPTH_TEXT": "depth_text",
-        "PROMPT_DEPTH_VISION": "depth_image",
+        **IndependentDeepPrompts.dassl_keys,  # IVLP's prompt keys
         "TEXT_LOSS_WEIGHT": "text_loss_weight",
         "IMAGE_LOSS_WEIGHT": "image_loss_weight",
         "GPA_MEAN": "gpa_mean",
