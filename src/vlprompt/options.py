@@ -157,6 +157,10 @@ def check_value(value: Any, meta: Mapping[str, Any], name: str, raw: Any, tp: An
     choices = meta.get("choices")
     if choices and value not in choices:
         raise VlpromptError(f"{name}={raw!r} is invalid; choose one of: {', '.join(map(str, choices))}")
+    if isinstance(value, Mapping):  # a table (epochs per shots): its bounds hold for every value
+        for k, v in value.items():
+            check_value(v, {**meta, "choices": None}, f"{name}[{k}]", v, type(v))
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     lo, lo_open = (meta["above"], True) if meta.get("above") is not None else (meta.get("minimum"), False)

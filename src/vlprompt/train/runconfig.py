@@ -65,10 +65,12 @@ class TrainConfig(Options):
     batch_size: int = option(32, "training images per optimisation step (global batch under DDP)", minimum=1)
     epochs: int = option(5, "training epochs", minimum=1)
     epochs_by_shots: dict[int, int] | None = option(
-        None, "epochs per shots K, e.g. {1: 50, 16: 200} (CoOp); applies unless train.epochs is set"
+        None,
+        "epochs per shots K, e.g. {1: 50, 16: 200} (CoOp); applies unless train.epochs is set",
+        minimum=1,
     )
     epochs_by_dataset: dict[str, int] | None = option(
-        None, "epochs per data set, e.g. {imagenet: 50}; applies unless train.epochs is set"
+        None, "epochs per data set, e.g. {imagenet: 50}; applies unless train.epochs is set", minimum=1
     )
     warmup_epochs: int = option(1, "epochs at the warm-up learning rate", minimum=0)
     warmup_lr: float = option(1.0e-5, "learning rate during warm-up", minimum=0, maximum=10)
