@@ -171,10 +171,14 @@ def test_grid_skips_only_equal_fingerprints(tmp_path, capsys):
     assert out.startswith("conflict") and "train.batch_size: 4 -> 8" in out
     assert main(changed) == 1  # refused, not silently reused
     assert "other settings" in capsys.readouterr().out
+    # the refusal leaves the finished run as it was: no failed.json, so reports keep it
+    assert not list(tmp_path.rglob("failed.json"))
+    (next(tmp_path.rglob("done")).parent / "failed.json").write_text('{"error": "stale"}')
     assert main([*grid, "--set", "options.n_ctx=abc", "--dry-run"]) == 2  # refused while planning
     assert "options.n_ctx='abc' is invalid" in last_error(capsys)
     assert main(grid) == 0
     assert "1 skipped" in capsys.readouterr().out
+    assert not list(tmp_path.rglob("failed.json"))  # a complete run that is reused drops a stale record
 
 
 def test_dry_run_finds_an_impossible_depth(tmp_path, capsys):

@@ -25,6 +25,7 @@ from vlprompt.methods import create_model
 from vlprompt.protocols.grid import RunSpec
 from vlprompt.protocols.gridview import GridView
 from vlprompt.run import (
+    RequestRefused,
     RunDir,
     check_request,
     evaluate_run,
@@ -165,6 +166,7 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
                     raise
                 decision, force = "fresh", True
             if decision == "complete" and not spec.missing_evaluations():
+                run.clear_failure()  # stale: e.g. a refusal that an earlier version recorded there
                 return RunResult(spec.name, str(spec.out_dir), "skipped")
         backbone = _shared_backbone(spec.cfg) if share_backbone else None
         if force or not run.is_complete():
@@ -199,7 +201,8 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
     except Exception as exc:  # one failing run must not stop the grid
         log.debug("run %s failed:\n%s", spec.name, traceback.format_exc())
         stage = "evaluation" if isinstance(exc, EvaluationsFailed) else "run"
-        record_failure(spec.out_dir, _one_line(exc), stage)  # the report lists it with this reason
+        if not isinstance(exc, RequestRefused):  # a refusal leaves the run that is there as it is
+            record_failure(spec.out_dir, _one_line(exc), stage)  # the report lists it with this reason
         return RunResult(
             spec.name,
             str(spec.out_dir),

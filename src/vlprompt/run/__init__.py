@@ -10,6 +10,7 @@ from vlprompt.run.identity import differences, request_fingerprint
 from vlprompt.run.layout import RunDir, find_runs
 from vlprompt.run.load import evaluate_run, export_run, load_prompt, load_run, read_manifest
 from vlprompt.run.lock import RunLock
+from vlprompt.run.request import RequestRefused
 from vlprompt.run.train import (
     build_splits,
     check_request,
@@ -22,6 +23,7 @@ from vlprompt.run.train import (
 
 __all__ = [
     "UNTRAINED_BANNER",
+    "RequestRefused",
     "RunDir",
     "RunLock",
     "build_splits",

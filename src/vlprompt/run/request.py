@@ -62,8 +62,14 @@ def build_splits(cfg: RunConfig, subsample: str | None = None, fewshot_: bool = 
     return subsample_fn(splits, subsample or cfg.data.subsample)
 
 
+class RequestRefused(VlpromptError):
+    """The run directory holds a run with other settings: the request is refused and the folder is
+    left exactly as it is (a grid records no failure in it: the run there is not the one that failed)."""
+
+
 def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bool, force: bool) -> str:
-    """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (nothing written)."""
+    """``"complete"`` (reuse), ``"resume"``, ``"fresh"`` -- or a one-line refusal (:class:`RequestRefused`,
+    nothing written)."""
 
     if force:
         return "fresh"
@@ -75,7 +81,7 @@ def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bo
         if same:
             return "complete"
         diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
-        raise VlpromptError(
+        raise RequestRefused(
             f"{run} holds a complete run with other settings ({describe_differences(diffs)}); "
             "pass --force to replace it or use another --out"
         )
@@ -84,7 +90,7 @@ def check_request(cfg: RunConfig, run: RunDir, fp: dict[str, Any], *, resume: bo
             return "fresh"
         if not same:
             diffs = differences((old or {}).get("identity"), fp["identity"]) if old else differences(None, {})
-            raise VlpromptError(
+            raise RequestRefused(
                 f"{run} holds an interrupted run with other settings ({describe_differences(diffs)}); "
                 "pass --force to start over or use another --out"
             )
