@@ -196,3 +196,10 @@ def test_config_show_resolves_every_section_model_included(capsys):
     rows = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[1:] if line}
     assert rows["model.checkpoint_text"] == ["true", "false"]  # value, default
     assert rows["model.attention"] == ["auto", "auto"] and rows["options.depth"][0] == "9"
+
+
+def test_config_show_without_a_method_refuses_what_it_would_ignore(capsys):
+    assert main(["config", "show", "--set", "train.lr=0.5"]) == 2  # it listed the defaults, lr 0.002
+    err = capsys.readouterr().err.strip()
+    assert "--set: values are resolved for a method's preset; add --method NAME" in err
+    assert len(err.splitlines()) == 1

@@ -172,3 +172,14 @@ def test_bad_inputs_one_line_errors(run: Path, tmp_path: Path, capsys) -> None:
         capsys, ["eval", "--method", "tinyctx", "--dataset", "demo", "--model", "vlp-tiny"], "train it first"
     )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_flags_a_run_would_ignore_are_refused(run: Path, capsys) -> None:
+    """A run names its own method and backbone: --model (without the --weights it describes), or a
+    fresh-prompt flag beside --run, is refused instead of being silently ignored."""
+    _one_line_error(capsys, ["predict", "--run", str(run), "--model", "nosuch", "a.png"], "drop --model")
+    _one_line_error(capsys, ["eval", "--run", str(run), "--model", "nosuch"], "--model applies to --method")
+    _one_line_error(capsys, ["inspect", "--run", str(run), "--method", "mpl", "a.png"], "--method describe")
+    _one_line_error(
+        capsys, ["inspect", "--run", str(run), "--model", "vlp-tiny", "a.png"], "--model describe"
+    )

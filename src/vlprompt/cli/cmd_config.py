@@ -6,6 +6,7 @@ import argparse
 import json
 
 from vlprompt.cli.common import add_config_args
+from vlprompt.errors import VlpromptError
 
 
 def _fmt(v: object) -> str:
@@ -16,6 +17,18 @@ def _show(args: argparse.Namespace) -> int:
     from vlprompt.train.config import describe_keys, resolve_config
 
     values: dict[str, object] = {}
+    given = {
+        "--set": args.overrides,
+        "--config": args.config,
+        "--protocol": args.protocol,
+        "--dataset": args.dataset,
+    }
+    asked = [flag for flag, value in given.items() if value]
+    if asked and not args.method:
+        raise VlpromptError(
+            f"{', '.join(asked)}: values are resolved for a method's preset; add --method NAME "
+            "(without it, config show lists the defaults)"
+        )
     if args.method:
         cfg = resolve_config(
             args.method,

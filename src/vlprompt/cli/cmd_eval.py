@@ -61,6 +61,12 @@ def _run(args: argparse.Namespace) -> int:
         set_progress(False)
     if args.method:
         return _zeroshot(args)
+    if args.model or args.pretrained:
+        flag = "--model" if args.model else "--pretrained"
+        raise VlpromptError(
+            f"{flag} applies to --method; a run names its own backbone (give its weights file with "
+            "--weights when it is not where the run was trained): drop " + flag
+        )
     from vlprompt.run import evaluate_run
 
     entry = evaluate_run(

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from vlprompt.cli.common import output_file, positive_int
 from vlprompt.errors import VlpromptError
 
 
@@ -52,11 +53,18 @@ def _model(args: argparse.Namespace):
     if args.run:
         from vlprompt.run import load_run
 
+        fresh = {"--method": args.method, "--model": args.model, "--weights": args.weights, "--set": args.set}
+        given = [flag for flag, value in fresh.items() if value]
+        if given:
+            raise VlpromptError(
+                f"{', '.join(given)} describe fresh prompts; a run has its own method, backbone and "
+                "options: pass either --run or --method"
+            )
         return load_run(args.run, device=args.device)
     if not args.method:
         raise VlpromptError("pass --run DIR (a trained run) or --method NAME (fresh prompts)")
     options = apply_overrides({"options": {}}, args.set or []).get("options") or {}
-    backbone = load_backbone(args.model, args.weights, device=args.device or "cpu")
+    backbone = load_backbone(args.model or "ViT-B-16", args.weights, device=args.device or "cpu")
     classes = [c.strip() for c in (args.classes or "cat,dog").split(",") if c.strip()]
     import torch
 
@@ -105,16 +113,12 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_figure:
         from vlprompt.methods.inspection import prompt_figure
 
-        figure = (
-            Path(args.figure)
-            if args.figure
-            else (
-                Path(args.json).with_suffix(".png") if args.json else Path(f"inspect_{report['method']}.png")
-            )
+        figure = args.figure or (
+            args.json.with_suffix(".png") if args.json else Path(f"inspect_{report['method']}.png")
         )
         print(f"wrote figure {prompt_figure(report, figure)} (per-layer prompt counts and norms)")
     if args.json:
-        atomic_write_json(Path(args.json), report)
+        atomic_write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
 
@@ -125,9 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", help="a trained run (or export) directory")
     p.add_argument("--method", help="a method with fresh prompts (instead of --run)")
-    p.add_argument(
-        "--model", default="ViT-B-16", help="backbone architecture for --method (default ViT-B-16)"
-    )
+    p.add_argument("--model", default=None, help="backbone architecture for --method (default ViT-B-16)")
     p.add_argument(
         "--weights", default=None, help="backbone weights: open_clip tag or local file (default random)"
     )
@@ -135,12 +137,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", help="comma-separated class names (default: the run's, or 'cat,dog')")
     p.add_argument("--dataset", help="take images from this data set's test split")
     p.add_argument("--root", help="data root for --dataset")
-    p.add_argument("--n", type=int, default=8, help="how many --dataset images (default 8)")
+    p.add_argument("--n", type=positive_int, default=8, help="how many --dataset images (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh prompts for --method (default 0)")
     p.add_argument("--device", default=None, help="auto, cpu (default for --method), cuda or cuda:N")
-    p.add_argument("--json", help="write the full figures to this JSON file")
+    p.add_argument("--json", type=output_file(".json"), help="write the full figures to this JSON file")
     p.add_argument(
         "--figure",
+        type=output_file(".png", ".pdf", ".svg"),
         help="PNG of the per-layer prompt counts and norms (default: beside --json, else "
         "./inspect_<method>.png)",
     )

@@ -83,6 +83,11 @@ def _run(args: argparse.Namespace) -> int:
             )
     if args.topk < 1:
         raise VlpromptError(f"--topk must be at least 1, got {args.topk}")
+    if args.model and not args.weights:
+        raise VlpromptError(
+            "--model names the architecture of --weights; the run names its own backbone: drop --model "
+            "or pass the weights file with --weights"
+        )
     paths, pil = _load_images([Path(p) for p in args.images], args.skip_bad)
     model = load_run(args.run, backbone=_backbone(args), device=args.device)
     tf = build_transform(False, **model.backbone.preprocess_cfg)

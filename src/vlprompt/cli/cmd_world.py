@@ -13,6 +13,7 @@ import platform
 from pathlib import Path
 
 from vlprompt.cli import world_bench
+from vlprompt.cli.common import output_file, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,16 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     pp.add_argument("--recipe", default="full", help="full (the bundled checkpoint) or short (a quick check)")
     pp.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    pp.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
+    pp.add_argument("--steps", type=positive_int, default=None, help="override the recipe's number of steps")
     pp.add_argument(
         "--probe-every", type=int, default=0, help="print attribute probes every N steps (weights unchanged)"
     )
     pp.add_argument("--check", action="store_true", help="fail unless the sha256 equals the bundled record's")
     pp.set_defaults(func=_pretrain)
     sp = ws.add_parser("samples", help="write a PNG grid of world images with their captions")
-    sp.add_argument("--out", required=True, help="PNG file to write")
+    sp.add_argument("--out", required=True, type=output_file(".png"), help="PNG file to write")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--n", type=int, default=64, help="number of images (a square grid)")
+    sp.add_argument("--n", type=positive_int, default=64, help="number of images (a square grid)")
     sp.add_argument("--domains", action="store_true", help="one scene per row in each rendering style")
     sp.set_defaults(func=_samples)
     dp = ws.add_parser(

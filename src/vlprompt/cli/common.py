@@ -41,6 +41,38 @@ class LazyChoices:
         return iter(self._get())
 
 
+def output_file(*suffixes: str) -> Callable[[str], Path]:
+    """An argparse ``type`` for a file the command writes, checked before any work: not a folder, one
+    of ``suffixes`` (the first is added to a name without one, so the name printed is the file written)."""
+
+    def check(value: str) -> Path:
+        path = Path(value)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{value} is a folder; give a file name such as {path / ('out' + suffixes[0])}"
+            )
+        if not path.suffix:
+            return path.with_suffix(suffixes[0])
+        if path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(
+                f"cannot write '{path.suffix}' files here; use {', '.join(suffixes)}"
+            )
+        return path
+
+    return check
+
+
+def positive_int(value: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer >= 1")
+    return n
+
+
 def environment_epilog() -> str:
     width = max(map(len, ENVIRONMENT))
     lines = [f"  {k.ljust(width)}  {v}" for k, v in ENVIRONMENT.items()]
