@@ -132,3 +132,21 @@ def test_short_recipe_is_bit_for_bit_reproducible(tmp_path) -> None:
     other = Recipe(**{**recipe.__dict__, "seed": 1})
     model, _ = pretrain(other, probe=False)
     assert save_checkpoint(model, other, tmp_path / "other.safetensors") != shas[0]
+
+
+def test_a_pretrained_world_checkpoint_loads_as_a_weights_file(world_bb, tmp_path) -> None:
+    """What `vlprompt world pretrain --out F` writes is a --weights file: loaded as the bundled one is
+    (token table, world flags, training crops), its JSON record checked when it lies beside it."""
+    for f in bundled.WEIGHTS_DIR.glob("vlp-world.*"):
+        shutil.copy(f, tmp_path / f.name.replace("vlp-world", "mine"))
+    mine = load_backbone(None, tmp_path / "mine.safetensors")
+    for (k, a), b in zip(world_bb.clip.state_dict().items(), mine.clip.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert mine.meta["format"] == "vlprompt-world" and mine.meta["toy_world"] is True
+    assert mine.meta["train_crop_scale"] == world_bb.meta["train_crop_scale"]
+    assert mine.meta["sha256"] == world_bb.meta["sha256"]
+    (tmp_path / "mine.json").write_text('{"sha256": "0000"}')
+    with pytest.raises(VlpromptError, match=r"does not match the sha256 recorded in .*mine\.json"):
+        load_backbone(None, tmp_path / "mine.safetensors")
+    (tmp_path / "mine.json").unlink()  # without its record: loaded as it is
+    assert load_backbone(None, tmp_path / "mine.safetensors").meta["sha256"] == world_bb.meta["sha256"]

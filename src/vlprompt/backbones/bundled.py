@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 from open_clip.model import CLIP
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from vlprompt.backbones.backbone import METADATA_KEY
 from vlprompt.errors import VlpromptError
-from vlprompt.utils import sha256_file
+from vlprompt.utils import read_json, sha256_file
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TAG = "bundled"
@@ -28,6 +30,9 @@ TAG = "bundled"
 COMPACT_IDS = "token_ids"
 COMPACT_ROWS = "token_rows"
 EMBED_KEY = "token_embedding.weight"
+#: the metadata key of a checkpoint written by ``vlprompt world pretrain``: its recipe
+RECIPE_KEY = "vlprompt_world_recipe"
+WORLD_PRETRAINED_ON = "vlprompt's generated world (`vlprompt world pretrain`): not CLIP, not natural images"
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,36 @@ def find_bundled(name: str | None, pretrained: Any) -> Bundled | None:
     file = WEIGHTS_DIR / f"{name}.safetensors"
     record = json.loads((WEIGHTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
     return Bundled(name, file, record)
+
+
+def find_world_checkpoint(path: Path) -> Bundled | None:
+    """A checkpoint of ``vlprompt world pretrain`` given as a weights file (its recipe in the metadata, a
+    compact token table), to be loaded as the bundled one is; None for any other file.  Its record is
+    the JSON written beside it, when there is one (its sha256 is then checked)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a safetensors file: the usual path says why, in one line
+        return None
+    if RECIPE_KEY not in meta or METADATA_KEY not in meta:
+        return None
+    side = path.with_suffix(".json")
+    record = read_json(side) if side.is_file() else {}
+    if not isinstance(record, dict):
+        raise VlpromptError(
+            f"{side} is not the record `vlprompt world pretrain` writes; remove it or pretrain again"
+        )
+    sha256 = sha256_file(path)
+    if record.get("sha256") not in (None, sha256):
+        raise VlpromptError(
+            f"{path} does not match the sha256 recorded in {side}; the file changed after `vlprompt world "
+            f"pretrain` wrote them: pretrain again, or remove {side.name} to load the file as it is"
+        )
+    config = json.loads(meta[METADATA_KEY])
+    record = {"pretrained_on": WORLD_PRETRAINED_ON, **record, "config": config, "sha256": sha256}
+    return Bundled(path.stem, path, {**record, "format": "vlprompt-world"})
 
 
 @lru_cache(maxsize=4)
@@ -101,7 +136,7 @@ def build_bundled(b: Bundled) -> tuple[torch.nn.Module, dict[str, Any]]:
         )
     meta = {
         "source": str(b.file),
-        "format": "vlprompt-bundled",
+        "format": b.record.get("format", "vlprompt-bundled"),
         "config": {**cfg, "quick_gelu": False},
         "quick_gelu": False,
         "random_init": False,

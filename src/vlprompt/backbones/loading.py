@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from vlprompt import torchfile
 from vlprompt.backbones.backbone import METADATA_KEY, Backbone
 from vlprompt.backbones.bundled import TAG as BUNDLED_TAG
-from vlprompt.backbones.bundled import build_bundled, find_bundled
+from vlprompt.backbones.bundled import build_bundled, find_bundled, find_world_checkpoint
 from vlprompt.errors import VlpromptError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -467,7 +467,11 @@ def load_backbone(
     if name is not None and open_clip.get_model_config(name) is None:
         raise unknown_name("model", name, list_architectures())
 
-    if path is not None and path.exists():
+    world = find_world_checkpoint(path) if path is not None else None  # `vlprompt world pretrain`
+    if world is not None:
+        model, meta = build_bundled(world)
+        tag = None
+    elif path is not None and path.exists():
         model, meta = _load_local(path, name, quick_gelu)
         tag = None
     elif pretrained is None:

@@ -36,7 +36,7 @@ from open_clip.loss import ClipLoss
 from open_clip.tokenizer import SimpleTokenizer
 from safetensors.torch import save_file
 
-from vlprompt.backbones.bundled import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY, sha256_file
+from vlprompt.backbones.bundled import COMPACT_IDS, COMPACT_ROWS, EMBED_KEY, RECIPE_KEY, sha256_file
 from vlprompt.backbones.loading import METADATA_KEY, register_configs
 from vlprompt.errors import VlpromptError
 from vlprompt.utils import atomic_write
@@ -45,7 +45,6 @@ from vlprompt.world import scene as world
 log = logging.getLogger(__name__)
 
 ARCH = "vlp-world"
-RECIPE_KEY = "vlprompt_world_recipe"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
