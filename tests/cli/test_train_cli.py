@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from vlprompt.cli.main import main  # noqa: E402
+from vlprompt.data.images import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 
 RUN_FILES = [
     "config.yaml",
@@ -183,3 +185,16 @@ def test_flags_a_run_would_ignore_are_refused(run: Path, capsys) -> None:
     _one_line_error(
         capsys, ["inspect", "--run", str(run), "--model", "vlp-tiny", "a.png"], "--model describe"
     )
+
+
+def test_predict_takes_the_pixel_limit_its_error_names(run: Path, tmp_path: Path, capsys) -> None:
+    """An image over the decompression-bomb limit is refused naming a flag predict has."""
+    big = tmp_path / "big.png"
+    Image.new("RGB", (120, 100), (10, 200, 30)).save(big)
+    argv = ["predict", "--run", str(run), "--format", "json", str(big)]
+    _one_line_error(capsys, [*argv, "--max-image-pixels", "5000"], "predict: --max-image-pixels N")
+    try:
+        assert main([*argv, "--max-image-pixels", "0"]) == 0  # no limit
+        assert json.loads(capsys.readouterr().out)[0]["image"].endswith("big.png")
+    finally:
+        set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)

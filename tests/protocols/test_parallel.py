@@ -67,6 +67,11 @@ def test_devices_and_slots():
     assert P.threads_per_job(P.cpu_count() * 4) == 1
     assert P.threads_per_job(1) == P.cpu_count()
     assert P._worker_env("cpu", 2)["CUDA_VISIBLE_DEVICES"] == ""
+    P.check_visible(["0", "1", "cpu"], gpus=2)
+    with pytest.raises(VlpromptError, match="names GPU 7, but this machine has GPUs 0-1"):
+        P.check_visible(["0", "7"], gpus=2)
+    with pytest.raises(VlpromptError, match="has no visible GPU; use --devices cpu or leave --devices out"):
+        P.check_visible(["0"], gpus=0)
 
 
 def test_parallel_workers_isolate_failures_and_resume(tmp_path, caplog):

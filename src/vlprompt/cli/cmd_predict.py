@@ -88,6 +88,14 @@ def _run(args: argparse.Namespace) -> int:
             "--model names the architecture of --weights; the run names its own backbone: drop --model "
             "or pass the weights file with --weights"
         )
+    if args.max_image_pixels is not None:
+        if args.max_image_pixels < 0:
+            raise VlpromptError(
+                f"--max-image-pixels must be 0 (no limit) or more, got {args.max_image_pixels}"
+            )
+        from vlprompt.data import set_max_image_pixels
+
+        set_max_image_pixels(args.max_image_pixels)
     paths, pil = _load_images([Path(p) for p in args.images], args.skip_bad)
     model = load_run(args.run, backbone=_backbone(args), device=args.device)
     tf = build_transform(False, **model.backbone.preprocess_cfg)
@@ -103,6 +111,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5, help="how many classes to show (default 5)")
     p.add_argument("--format", choices=FORMATS, default="table", help="table (default), json or csv")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed on stderr)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help="largest image (width x height) decoded, against decompression bombs; 0 = no limit "
+        "(default 178,956,970: data.max_image_pixels)",
+    )
     p.add_argument(
         "--weights",
         help="CLIP weights file to use instead of the run's recorded backbone (architecture inferred)",

@@ -209,12 +209,14 @@ def run(args: argparse.Namespace) -> int:
 
         results = run_grid_submitit(specs, executor, folder=Path(args.out) / ".submitit", resources=res)
     elif parallel:  # protocols/parallel.py: worker processes + one aggregated report at the end
-        from vlprompt.protocols.parallel import parse_devices, report_grid, run_grid_parallel
+        from vlprompt.protocols.parallel import check_visible, parse_devices, report_grid, run_grid_parallel
 
+        devices = parse_devices(args.devices)
+        check_visible(devices)  # on this machine (a cluster's nodes have their own)
         results = run_grid_parallel(
             specs,
             jobs=args.jobs,
-            devices=parse_devices(args.devices),
+            devices=devices,
             progress=not args.no_progress,
             jobs_per_device=per_device,
         )

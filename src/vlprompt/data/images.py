@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 #: PIL's own default (89.5 M pixels) doubled: the largest benchmark images are far below it
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 MAX_PIXELS_HINT = (
-    "raise data.max_image_pixels (--set data.max_image_pixels=N, 0 = no limit) if the image is genuine"
+    "raise the limit if the image is genuine (--set data.max_image_pixels=N; predict: --max-image-pixels N; "
+    "0 = no limit)"
 )
 
 

@@ -78,6 +78,21 @@ def parse_devices(text: str | None) -> list[str] | None:
     return out
 
 
+def check_visible(devices: Sequence[str] | None, gpus: int | None = None) -> None:
+    """Refuse a ``--devices`` GPU index this machine does not have: its worker would see no GPU and train
+    on the CPU without a word (``CUDA_VISIBLE_DEVICES`` names a device that is not there)."""
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = sorted({d for d in devices or () if d != "cpu" and int(d) >= gpus}, key=int)
+    if missing:
+        fix = (
+            f"GPUs 0-{gpus - 1}; give indices it has (or cpu)"
+            if gpus
+            else "no visible GPU; use --devices cpu or leave --devices out"
+        )
+        raise VlpromptError(f"--devices names GPU {', '.join(missing)}, but this machine has {fix}")
+
+
 def device_slots(jobs: int | None, devices: Sequence[str] | None) -> list[str | None]:
     """One slot per job: the ``--devices`` entries, or ``None`` (inherit the environment) ``jobs`` times."""
     if devices:
