@@ -86,3 +86,16 @@ def test_custom_csv_and_readonly_fallback(tmp_path, monkeypatch):
     assert "custom" in cached
     second = get_dataset("custom", root=csv_path)
     assert second.extra["split_file"] == cached and split_hash(second) == split_hash(first)
+
+
+def test_a_folder_whose_mode_grants_no_write_keeps_no_split_even_for_root(tmp_path):
+    """Shared data is often dr-xr-xr-x and the process root (containers), which passes every access
+    check: the split goes to the cache, not next to the data."""
+    root = class_folders(tmp_path / "shared", {"pear": 6, "plum": 6})
+    root.chmod(0o555)
+    try:
+        ds = get_dataset(f"folder:{root}")
+        assert not (root / "split_vlprompt.json").exists()
+        assert "custom" in ds.extra["split_file"]
+    finally:
+        root.chmod(0o755)

@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlprompt.errors import VlpromptError
     from vlprompt.methods import create_model, get_method, list_methods
 
     backbone = None
@@ -24,8 +25,14 @@ def run(args: argparse.Namespace) -> int:
         cls = get_method(name)
         line = f"{name:<12} {cls.summary}"
         if backbone is not None:
-            n = create_model(name, backbone, ["a", "b"]).num_trainable()
-            note = f"; {cls.trainable_note}" if cls.trainable_note else ""
-            line += f"  [{n:,} trainable parameters on {args.model}{note}]"
+            try:
+                n = create_model(name, backbone, ["a", "b"]).num_trainable()
+            except (
+                VlpromptError
+            ) as e:  # e.g. a preset depth of 12 on a 9-layer backbone: the rest still listed
+                line += f"  [its preset does not fit {args.model}: {e}]"
+            else:
+                note = f"; {cls.trainable_note}" if cls.trainable_note else ""
+                line += f"  [{n:,} trainable parameters on {args.model}{note}]"
         print(line)
     return 0

@@ -194,6 +194,15 @@ def _split_paths(kind: str, path: Path) -> list[Path]:
     return [local, cached]
 
 
+def _meant_writable(folder: Path) -> bool:
+    """The folder may be written to and someone is meant to: root passes every access check, so a
+    folder whose mode grants no write (``dr-xr-xr-x``, shared data) counts as read-only too."""
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
     """Load (splitting on first use) a custom data set; see the module docstring for the layout."""
     if kind == "folder" and not path.is_dir():
@@ -228,6 +237,8 @@ def load_custom(kind: str, path: Path, skip_bad: bool = False) -> DatasetSplits:
             )
         parts = _split(classes, base)
         for split_file in _split_paths(kind, path):
+            if split_file.parent.is_dir() and not _meant_writable(split_file.parent):
+                continue  # a folder made read-only (root could still write there): the cache instead
             try:
                 write_split(split_file, *parts, extra={LISTING_KEY: digest})
                 break

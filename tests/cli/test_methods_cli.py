@@ -1,0 +1,14 @@
+"""`vlprompt methods --count`: every registered method, with its count on the backbone or why none."""
+
+from __future__ import annotations
+
+from vlprompt.cli.main import main
+from vlprompt.methods import list_methods
+
+
+def test_count_lists_every_method_and_says_which_presets_do_not_fit(capsys):
+    assert main(["methods", "--count", "--model", "vlp-world"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    assert set(lines) == set(list_methods())  # it stopped at the first preset that did not fit
+    assert "[1,024 trainable parameters on vlp-world]" in lines["coop"]
+    assert "its preset does not fit vlp-world: prompt depth 12 is outside [1, 9]" in lines["vpt"]
