@@ -48,6 +48,13 @@ def test_export_hub_writes_the_folder_and_a_model_card(run_dir, tmp_path, capsys
     assert f"{acc:.2f}" in card
     assert "random-init backbone" in card  # vlp-tiny is random: the card says so
     assert "confusion" not in (folder / "metrics.json").read_text()
+    # an earlier export is refreshed in place, as --hub or plain (which drops the stale card and metrics)
+    assert main(["export", str(run_dir), "--hub", str(folder)]) == 0
+    assert main(["export", str(run_dir), str(folder)]) == 0
+    assert {p.name for p in folder.iterdir()} == {"prompt.safetensors", "manifest.json", "config.yaml"}
+    (folder / "notes.txt").write_text("mine")  # a file of the user's: the folder is no export any more
+    assert main(["export", str(run_dir), "--hub", str(folder)]) == 2
+    assert "is a folder that is not a vlprompt run" in capsys.readouterr().err
 
 
 def test_labels_reconstructed_and_transductive():

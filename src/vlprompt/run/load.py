@@ -13,7 +13,7 @@ import yaml
 from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.run import cost as costs
-from vlprompt.run.layout import CONFIG, MANIFEST, METRICS, PROMPT, RunDir
+from vlprompt.run.layout import CARD, CONFIG, MANIFEST, METRICS, PROMPT, RunDir
 from vlprompt.run.lock import RunLock
 from vlprompt.run.prompt import FORMAT, load_prompt, load_run, read_manifest  # noqa: F401 (public here too)
 from vlprompt.run.train import build_splits, eval_loader, metrics_entry, record_metrics
@@ -132,8 +132,13 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
             )
         with RunLock(out):
             exp.clear_run_files()
-    elif set(exp.foreign_entries()) - {PROMPT, MANIFEST, CONFIG}:
-        exp.require_run_or_empty("export target")
+    else:
+        found = set(exp.foreign_entries())
+        hub_export = {PROMPT, MANIFEST} <= found and not found - {PROMPT, MANIFEST, CONFIG, METRICS, CARD}
+        if found - {PROMPT, MANIFEST, CONFIG} and not hub_export:
+            exp.require_run_or_empty("export target")
+        for name in (METRICS, CARD) if hub_export else ():  # an earlier `export --hub`'s: stale now
+            exp.file(name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(exp.file(PROMPT), lambda tmp: shutil.copyfile(prompt_path, tmp))
     exp.write_json(MANIFEST, manifest)
