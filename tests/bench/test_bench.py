@@ -10,6 +10,7 @@ import torch
 from vlprompt.backbones import load_backbone
 from vlprompt.bench import harness
 from vlprompt.bench.flops import block_flops, image_tower_flops, text_tower_flops
+from vlprompt.bench.models import build_model
 from vlprompt.engine import LayerOps, TowerPlan
 
 
@@ -205,3 +206,11 @@ def test_cli_quick_and_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_models_build_on_a_small_context_backbone():
+    """The cost probe of `vlprompt train` on vlp-world (24 tokens) built ImageNet's names, the longest
+    of which do not fit, and printed that error instead of a projection."""
+    world = load_backbone("vlp-world")
+    model = build_model("coop", world, 200, "fast")
+    assert len(model.classnames) == 200 and model.classnames[0] == "object 0"

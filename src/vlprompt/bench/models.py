@@ -80,11 +80,15 @@ def build_model(method: str, backbone: Any, n_classes: int, variant: str, **extr
     if "teacher_width" in opts:  # the stand-in teacher below has the student backbone's width
         opts["teacher_width"] = int(backbone.embed_dim)
     execution = ModelOptions(**{**VARIANT_OPTIONS[variant], **extra})
-    model = create_model(method, backbone, class_names(n_classes), model=execution, **opts)
+    # ImageNet's longest names do not fit a small context (vlp-world: 24 tokens): short names there
+    names = (
+        class_names(n_classes) if backbone.context_length >= 77 else [f"object {i}" for i in range(n_classes)]
+    )
+    model = create_model(method, backbone, names, model=execution, **opts)
     if model.method.needs_teacher:
         # our stand-in: zero-shot CLIP of the same backbone as the frozen teacher (the method's real
         # teacher is a prompted ViT-L/14); numerics and the student's timing, not the teacher's
-        model.set_teacher(create_model("zeroshot", backbone, class_names(n_classes)))
+        model.set_teacher(create_model("zeroshot", backbone, names))
     model.set_auto_attention(measured(backbone.device)[0])
     return model
 
