@@ -15,9 +15,11 @@ class VlpromptError(Exception):
     """A problem the user can fix; the message is one line naming the problem and the fix."""
 
 
-def unknown_name(kind: str, name: str, choices: Iterable[str]) -> VlpromptError:
-    """Error for an unknown registry name, listing the closest valid names."""
+def unknown_name(kind: str, name: str, choices: Iterable[str], see: str = "") -> VlpromptError:
+    """Error for an unknown registry name, listing the closest valid names (``see``: where all are listed,
+    e.g. "`vlprompt models`")."""
     choices = sorted(choices)
     close = difflib.get_close_matches(name, choices, n=5, cutoff=0.4)
-    hint = f"did you mean {', '.join(close)}?" if close else f"choose one of: {', '.join(choices[:30])}"
-    return VlpromptError(f"unknown {kind} '{name}'; {hint}")
+    more = f" and {len(choices) - 30} more" if len(choices) > 30 else ""
+    hint = f"did you mean {', '.join(close)}?" if close else f"choose one of: {', '.join(choices[:30])}{more}"
+    return VlpromptError(f"unknown {kind} '{name}'; {hint}" + (f" ({see} lists them all)" if see else ""))

@@ -12,3 +12,10 @@ def test_count_lists_every_method_and_says_which_presets_do_not_fit(capsys):
     assert set(lines) == set(list_methods())  # it stopped at the first preset that did not fit
     assert "[1,024 trainable parameters on vlp-world]" in lines["coop"]
     assert "its preset does not fit vlp-world: prompt depth 12 is outside [1, 9]" in lines["vpt"]
+
+
+def test_demo_refuses_an_unknown_model_before_it_plans(capsys):
+    assert main(["demo", "--model", "nosuch", "--out", "never"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown model 'nosuch'" in captured.err and "(`vlprompt models` lists them all)" in captured.err
+    assert "backbone:" not in captured.out  # no banner, no plan, no run

@@ -160,6 +160,8 @@ def test_bad_inputs_one_line_errors(run: Path, tmp_path: Path, capsys) -> None:
     (empty / "config.yaml").write_text("method: tinyctx\n")
     _one_line_error(capsys, ["eval", "--run", str(empty)], "prompt.safetensors")
     _one_line_error(capsys, ["eval", "--run", str(tmp_path / "nope")], "run not found")
+    (tmp_path / "afile.txt").write_text("x")
+    _one_line_error(capsys, ["eval", "--run", str(tmp_path / "afile.txt")], "is a file, not a run")
     _one_line_error(
         capsys,
         ["train", "--method", "copp", "--dataset", "demo", "--out", str(tmp_path / "x")],

@@ -351,7 +351,7 @@ def _build_from_config(cfg: dict[str, Any], quick_gelu: bool) -> torch.nn.Module
 def _model_config(name: str) -> dict[str, Any]:
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise unknown_name("model", name, list_architectures())
+        raise unknown_name("model", name, list_architectures(), see="`vlprompt models`")
     return cfg
 
 
@@ -465,7 +465,7 @@ def load_backbone(
     if looks_like_path and not path.exists():
         raise VlpromptError(f"weights file not found: {path}; check the path (or pass an open_clip tag)")
     if name is not None and open_clip.get_model_config(name) is None:
-        raise unknown_name("model", name, list_architectures())
+        raise unknown_name("model", name, list_architectures(), see="`vlprompt models`")
 
     world = find_world_checkpoint(path) if path is not None else None  # `vlprompt world pretrain`
     if world is not None:
@@ -534,7 +534,7 @@ def meta_backbone(name: str):
 
     register_configs()
     if open_clip.get_model_config(name) is None:
-        raise unknown_name("model", name, list_architectures())
+        raise unknown_name("model", name, list_architectures(), see="`vlprompt models`")
     with torch.device("meta"):
         model = open_clip.create_model(name, pretrained=None, device="meta")
         return Backbone(

@@ -91,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = args.model or (None if args.weights else WORLD_MODEL)
+    if model is not None and not Path(model).suffix:  # an unknown name would fail every run: say it first
+        from vlprompt.backbones import canonical_model_name, list_architectures
+        from vlprompt.errors import unknown_name
+
+        if canonical_model_name(model) not in list_architectures():
+            raise unknown_name("model", model, list_architectures(), see="`vlprompt models`")
     random = _is_random(model, args)
     world = model == WORLD_MODEL and not (args.weights or args.pretrained)
     dataset = args.dataset or (WORLD_DATASET if world else RANDOM_DATASET)

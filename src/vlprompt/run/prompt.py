@@ -39,6 +39,11 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
             return json.loads(meta["vlprompt_manifest"]), path
         except json.JSONDecodeError:
             raise VlpromptError(f"{path} has a damaged manifest; re-export the prompt") from None
+    if path.is_file():
+        raise VlpromptError(
+            f"{path} is a file, not a run; pass the run directory written by `vlprompt train` (or a prompt "
+            ".safetensors file)"
+        )
     if not path.is_dir():
         raise VlpromptError(f"run not found: {path}; pass a run directory written by `vlprompt train`")
     man, prm = path / MANIFEST, path / PROMPT
