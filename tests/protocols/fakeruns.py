@@ -8,6 +8,9 @@ from typing import Any
 
 import yaml
 
+from vlprompt.run import save_prompt
+from vlprompt.run.prompt import FORMAT
+
 
 def make_run(
     runs_dir: Path,
@@ -63,7 +66,10 @@ def make_run(
     (d / "env.json").write_text(json.dumps(env or {"python": "3", "device": "cpu"}))
     if log is not None:
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    if done:
+    if done:  # what a finished run holds besides its numbers: its prompt and manifest (run layer's writer)
+        manifest = {"format": FORMAT, "method": method, "backbone": cfg["backbone"], "dataset": dataset,
+                    "shots": shots, "seed": seed, "protocol": protocol}  # fmt: skip
+        save_prompt(d, {}, manifest)
         (d / "done").write_text("")
     return d
 

@@ -131,3 +131,21 @@ def test_smoothing_is_an_ema():
 
     assert smooth([0.0, 3.0, 3.0], window=2) == pytest.approx([0.0, 2.0, 2.6666667])
     assert smooth([]) == [] and smooth([5.0]) == [5.0]
+
+
+def test_a_done_run_whose_prompt_or_manifest_is_gone_is_listed_as_damaged_not_as_data(tmp_path):
+    """`done` alone does not make a run: with its manifest or prompt gone it was counted complete and
+    (its backbone then unknown) labelled "random init" under the untrained-backbone banner."""
+    runs = tmp_path / "runs"
+    evals = {("caltech101", "base"): 90.0, ("caltech101", "new"): 80.0}
+    good = make_run(runs, "base2new", "coop", "caltech101", 16, 1, evals)
+    no_manifest = make_run(runs, "base2new", "coop", "caltech101", 16, 2, evals)
+    (no_manifest / "manifest.json").unlink()
+    no_prompt = make_run(runs, "base2new", "coop", "caltech101", 16, 3, evals)
+    (no_prompt / "prompt.safetensors").unlink()
+    md = build_report(runs, tmp_path / "out", plots=False).markdown.read_text()
+    assert f"`{no_manifest}`: **failed**: marked done, but manifest.json is missing" in md
+    assert f"`{no_prompt}`: **failed**: marked done, but prompt.safetensors is missing" in md
+    b2n = _csv(tmp_path / "out" / "base2new_coop.csv")
+    assert [r["seeds"] for r in b2n if r["Data set"] == "Caltech101"] == ["1"]
+    assert good.is_dir()

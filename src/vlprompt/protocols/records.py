@@ -16,7 +16,7 @@ from typing import Any
 from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.run.backbone import recorded_random_backbone
-from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS, RunDir
+from vlprompt.run.layout import CONFIG, FAILED, MANIFEST, METRICS, PROMPT, RunDir
 
 SINGLE = "single"  # protocol of runs made by plain `vlprompt train` (and imported prompts)
 MOST_CONFUSED = 5  # pairs per evaluation in the "most confused pairs" table
@@ -88,6 +88,11 @@ def load_run_record(run_dir: str | Path) -> RunRecord | None:
         problem = None
     except VlpromptError as e:
         problem = str(e)
+    if problem is None and run.is_complete() and not imported:  # `done`, but what it made is gone
+        lost = [n for n in (MANIFEST, PROMPT) if not (run_dir / n).is_file()]
+        if lost or not isinstance(manifest, dict):
+            what = ", ".join(lost) if lost else f"{MANIFEST} (unreadable)"
+            problem = f"marked done, but {what} is missing; train it again (vlprompt train ... --force)"
     return RunRecord(
         path=run_dir,
         method=str(cfg["method"]),
