@@ -87,6 +87,12 @@ def test_world_backbone_on_other_data_gets_a_banner(tmp_path, capfd) -> None:
     assert WORLD_BANNER in out + err
     text = build_report(tmp_path, tmp_path / "report").markdown.read_text()
     assert WORLD_BANNER in text
+    # eval says it too: zero-shot with --method, and a world run evaluated on other data with --run
+    assert main(["eval", "--method", "zeroshot", "--dataset", "demo", "--model", "vlp-world"]) == 0
+    assert WORLD_BANNER in "".join(capfd.readouterr())
+    run = next(tmp_path.rglob("done")).parent
+    assert main(["eval", "--run", str(run), "--dataset", "demo", "--subsample", "all"]) == 0
+    assert WORLD_BANNER in "".join(capfd.readouterr())
 
 
 def test_world_bench_clamps_depths_and_last_blocks_to_the_model() -> None:

@@ -16,6 +16,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from vlprompt.data import build_loader, build_transform, get_dataset, subsample
     from vlprompt.methods import create_model
     from vlprompt.run import RunDir, environment, load_backbone_from, metrics_entry, record_metrics
+    from vlprompt.run.backbone import WORLD_BANNER, world_mismatch
     from vlprompt.train import evaluate
     from vlprompt.train.precision import resolve_device
 
@@ -26,6 +27,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
         {"name": model_name(args), "pretrained": args.pretrained, "weights": args.weights}, device=dev
     )
     splits = subsample(get_dataset(args.dataset, args.root, skip_bad=args.skip_bad), args.subsample or "all")
+    if world_mismatch(backbone, splits.name):
+        log.warning(WORLD_BANNER)
     model = create_model(args.method, backbone, list(splits.classnames), template=splits.template)
     if model.num_trainable():
         raise VlpromptError(

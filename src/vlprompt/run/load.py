@@ -13,6 +13,7 @@ import yaml
 from vlprompt.data.custom import public_name
 from vlprompt.errors import VlpromptError
 from vlprompt.run import cost as costs
+from vlprompt.run.backbone import WORLD_BANNER, world_mismatch
 from vlprompt.run.layout import CARD, CONFIG, MANIFEST, METRICS, PROMPT, RunDir
 from vlprompt.run.lock import RunLock
 from vlprompt.run.prompt import FORMAT, load_prompt, load_run, read_manifest  # noqa: F401 (public here too)
@@ -82,6 +83,8 @@ def evaluate_run(
     dev = resolve_device(device or (cfg.train.device if cfg is not None else "auto"))
     model = load_run(run.path, backbone=backbone, device=dev, weights=weights)
     splits = build_splits(data, subsample=subsample, fewshot_=False)
+    if world_mismatch(model.backbone, splits.name):
+        log.warning(WORLD_BANNER)
     model.set_classnames(list(splits.classnames), splits.template)
     train = cfg.train if cfg is not None else data.train
     loader = eval_loader(
