@@ -268,6 +268,7 @@ def announce(cfg: Any, print_fn: Any = print) -> Estimate | None:
                    cfg.data.seed, None, cfg, [Evaluation(cfg.data.dataset, sub)], cfg.data.root)  # fmt: skip
     try:
         plan = plan_runs([spec])[0]
+        build_splits(cfg)  # a request the run layer refuses (too many shots ...): no probe before it says so
     except Exception:  # a data set that does not load: train_run reports it in its own words
         return None
     if plan.steps * plan.batch < LONG_RUN_IMAGES:
