@@ -19,15 +19,29 @@ from vlprompt.cli.main import main
         (["world", "pretrain", "--steps", "0", "--out", "w.safetensors"], "'0' is not an integer >= 1"),
         (["inspect", "--method", "coop", "--figure", "f.xyz", "a.png"], "cannot write '.xyz' files here"),
         (["inspect", "--method", "coop", "--json", "{tmp}", "a.png"], "is a folder"),
+        (["report", "{tmp}", "--out", "{file}"], "argument --out: {file} is a file; give a folder"),
+        (
+            ["eval", "--method", "zeroshot", "--dataset", "demo", "--out", "{file}"],
+            "is a file; give a folder",
+        ),
+        (
+            ["run", "--protocol", "base2new", "--method", "coop", "--out", "{file}"],
+            "is a file; give a folder",
+        ),
     ],
 )
 def test_bad_output_files_and_counts_are_one_line(argv, message, tmp_path, capsys):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{file}", str(afile)) for a in argv]
+    message = message.replace("{file}", str(afile))
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
-    assert not list(tmp_path.iterdir())  # nothing written
+    assert [p.name for p in tmp_path.iterdir()] == [
+        "afile"
+    ] and afile.read_text() == "mine"  # nothing written
 
 
 def test_a_name_without_a_suffix_gets_the_one_written(tmp_path):

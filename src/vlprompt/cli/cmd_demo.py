@@ -21,6 +21,8 @@ import logging
 import time
 from pathlib import Path
 
+from vlprompt.cli.common import output_dir
+
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained weights: pipeline check only, accuracy is chance"
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    p.add_argument("--out", default="demo_out", help="output folder (runs/ and report/)")
+    p.add_argument("--out", type=output_dir, default="demo_out", help="output folder (runs/ and report/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")

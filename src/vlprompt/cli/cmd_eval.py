@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from vlprompt.cli.cmd_train import print_table
-from vlprompt.cli.common import add_backbone_args, model_name
+from vlprompt.cli.common import add_backbone_args, model_name, output_dir
 from vlprompt.errors import VlpromptError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_backbone_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    p.add_argument("--out", help="with --method: directory to write metrics.json into")
+    p.add_argument("--out", type=output_dir, help="with --method: directory to write metrics.json into")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

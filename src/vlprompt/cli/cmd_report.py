@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlprompt.cli.common import output_dir
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(config.yaml, metrics.json, log.jsonl). Base-to-new Average = HM(mean Base, mean New).",
     )
     p.add_argument("runs_dir", metavar="RUNS_DIR", help="the --out folder of `vlprompt run`")
-    p.add_argument("--out", help="output folder (default RUNS_DIR/report)")
+    p.add_argument("--out", type=output_dir, help="output folder (default RUNS_DIR/report)")
     p.add_argument(
         "--reference",
         action="store_true",

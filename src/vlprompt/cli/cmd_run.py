@@ -12,6 +12,7 @@ from vlprompt.cli.common import (
     add_data_args,
     data_overrides,
     model_name,
+    output_dir,
 )
 from vlprompt.errors import VlpromptError
 
@@ -68,7 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="shots per class, comma- or space-separated (default 16; fewshot: 1,2,4,8,16)",
     )
     p.add_argument(
-        "--out", "--output-dir", dest="out", default="runs", help="runs directory (default ./runs)"
+        "--out",
+        "--output-dir",
+        dest="out",
+        type=output_dir,
+        default="runs",
+        help="runs directory (default ./runs)",
     )
     add_backbone_args(p)
     add_config_args(p)

@@ -62,6 +62,14 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
     return check
 
 
+def output_dir(value: str) -> str:
+    """An argparse ``type`` for a folder the command writes into: an existing file is refused at once
+    (it ended in "File exists" from deep inside the command)."""
+    if Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"{value} is a file; give a folder (new, or one of vlprompt's)")
+    return value
+
+
 def positive_int(value: str) -> int:
     """An argparse ``type``: an integer >= 1."""
     try:

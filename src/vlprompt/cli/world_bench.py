@@ -23,6 +23,8 @@ import json
 import time
 from pathlib import Path
 
+from vlprompt.cli.common import output_dir
+
 MODEL = "vlp-world"
 SEEDS = "1,2,3"
 TEACHER = "promptsrc"  # PromptKD's teachers are PromptSRC-trained (on a larger CLIP in the paper)
@@ -40,7 +42,12 @@ def register(ws: argparse._SubParsersAction) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs_world", help="runs directory (default runs_world; report in it)")
+    p.add_argument(
+        "--out",
+        type=output_dir,
+        default="runs_world",
+        help="runs directory (default runs_world; report in it)",
+    )
     p.add_argument(
         "--protocol",
         default="base2new",
