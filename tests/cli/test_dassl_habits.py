@@ -203,3 +203,8 @@ def test_config_show_without_a_method_refuses_what_it_would_ignore(capsys):
     err = capsys.readouterr().err.strip()
     assert "--set: values are resolved for a method's preset; add --method NAME" in err
     assert len(err.splitlines()) == 1
+
+
+def test_config_show_refuses_an_unknown_data_set_as_train_does(capsys):
+    assert main(["config", "show", "--method", "coop", "--dataset", "nosuch"]) == 2
+    assert "unknown data set 'nosuch'" in capsys.readouterr().err

@@ -30,6 +30,10 @@ def _show(args: argparse.Namespace) -> int:
             "(without it, config show lists the defaults)"
         )
     if args.method:
+        if args.dataset and not args.dataset.startswith(("folder:", "csv:")):
+            from vlprompt.data import get_spec
+
+            get_spec(args.dataset)  # an unknown name is refused here, as train refuses it
         cfg = resolve_config(
             args.method,
             args.dataset or "demo",
