@@ -171,6 +171,18 @@ def test_cli_import_writes_a_prompt_that_load_prompt_and_predict_use(tmp_path, b
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images), rtol=2e-2, atol=2e-2)
+    both = [
+        "import",
+        str(path.parent),
+        "--out",
+        str(tmp_path / "both"),
+        "--classes",
+        "a,b",
+        "--dataset",
+        "demo",
+    ]
+    assert main(both) == 2  # --classes won without a word
+    assert "pass either --dataset NAME" in capsys.readouterr().err and not (tmp_path / "both").exists()
 
 
 def test_shape_mismatch_names_the_official_tensor(tmp_path, backbone):

@@ -26,6 +26,10 @@ def _options(pairs: list[str]) -> dict:
 
 def _classnames(args: argparse.Namespace) -> tuple[list[str], str | None, str | None]:
     """(class names, template, data set name) from --classes or --dataset."""
+    if args.classes and args.dataset:
+        raise VlpromptError(
+            "pass either --dataset NAME (its classes and template) or --classes 'a,b,c', not both"
+        )
     if args.classes:
         names = [c.strip() for c in args.classes.split(",") if c.strip()]
         if not names:
