@@ -142,6 +142,11 @@ def test_cli_import_records_the_detected_method(tmp_path, micro, images, capsys)
     want = load_file(str(FIX / "promptsrc" / "official_logits.safetensors"))["logits"]
     with torch.no_grad():
         assert (loaded(images) - want).abs().max() < TOL
+    fewer = ["--classes", ",".join(meta["classnames"][:2]), "--out", str(tmp_path / "fewer")]
+    assert main([*args[:-2], *fewer]) == 0  # shared context transfers to other classes: said, not refused
+    err = capsys.readouterr().err
+    n = len(meta["classnames"])
+    assert f"the checkpoint was trained on {n} classes (its token_prefix has {n} rows), 2 class names" in err
 
 
 def test_cli_import_refusals_are_one_line(tmp_path, micro, capsys):

@@ -181,6 +181,13 @@ def build_model(
 
     cls = get_method(imp.method)  # a one-line error when the method is not built (yet)
     check_options(cls.Config, options, imp.method)
+    recorded = int(imp.frame[0].shape[0]) if imp.frame is not None and imp.frame[0].dim() >= 2 else None
+    if recorded is not None and recorded != len(classnames):  # token_prefix: one row per training class
+        log.warning(
+            "the checkpoint was trained on %d classes (its token_prefix has %d rows), %d class names were "
+            "given: a class-specific context needs its own classes; shared context transfers to any",
+            recorded, recorded, len(classnames),
+        )  # fmt: skip
     opts = {**imp.options, **options}
     try:
         model = create_model(imp.method, backbone, classnames, template=template, **opts)
