@@ -23,3 +23,11 @@ def test_data_verify_ok_and_user_errors(shared_data, tmp_path, capsys):
     assert main(["data", "verify", "--dataset", "nope", "--root", str(tmp_path)]) == 2
     assert "unknown data set 'nope'" in capsys.readouterr().err
     assert main(["data", "verify", "--dataset", "dtd", "--root", str(tmp_path / "x")]) == 1
+
+
+def test_data_verify_names_an_unknown_data_set_before_asking_for_a_root(capsys):
+    assert main(["data", "verify", "--dataset", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown data set 'nosuch'" in err and "--root" not in err
+    assert main(["data", "verify", "--dataset", "caltech101"]) == 2
+    assert "data verify needs --root DIR" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{args.dataset}: OK\n  counts: {counts}\n  {len(splits.classnames)} classes")
         return 0
     if args.dataset != "demo" and not args.dataset.startswith("world-") and not custom and not args.root:
+        from vlprompt.data import get_spec
+
+        get_spec(args.dataset)  # an unknown name is said first: --root would not help it
         raise VlpromptError("data verify needs --root DIR (the folder that holds the data set folders)")
     report = verify_dataset(args.dataset, args.root, check_images=args.check_images)
     print(report.format())
