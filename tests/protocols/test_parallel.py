@@ -53,6 +53,17 @@ def _specs(root: Path, seeds) -> list[RunSpec]:
     ]
 
 
+def test_devices_are_checked_against_the_allocation_this_process_was_given(monkeypatch):
+    """Under a scheduler's CUDA_VISIBLE_DEVICES=2,3 the workers' entries are 2 and 3 (each worker's
+    CUDA_VISIBLE_DEVICES is its entry): 2,3 pass, 0,1 (outside the allocation) are refused."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    P.check_visible(["2", "3", "3"])
+    with pytest.raises(VlpromptError, match="names GPU 0, 1, but this process has GPU 2, 3"):
+        P.check_visible(["0", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8a1f")  # UUIDs: not comparable, left to the worker
+    P.check_visible(["0"])
+
+
 def test_devices_and_slots():
     assert P.parse_devices("0,0,cuda:1, 1") == ["0", "0", "1", "1"]
     assert P.parse_devices(None) is None
@@ -68,7 +79,7 @@ def test_devices_and_slots():
     assert P.threads_per_job(1) == P.cpu_count()
     assert P._worker_env("cpu", 2)["CUDA_VISIBLE_DEVICES"] == ""
     P.check_visible(["0", "1", "cpu"], gpus=2)
-    with pytest.raises(VlpromptError, match="names GPU 7, but this machine has GPUs 0-1"):
+    with pytest.raises(VlpromptError, match="names GPU 7, but this process has GPU 0, 1; give those"):
         P.check_visible(["0", "7"], gpus=2)
     with pytest.raises(VlpromptError, match="has no visible GPU; use --devices cpu or leave --devices out"):
         P.check_visible(["0"], gpus=0)

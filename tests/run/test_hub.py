@@ -52,6 +52,11 @@ def test_export_hub_writes_the_folder_and_a_model_card(run_dir, tmp_path, capsys
     assert main(["export", str(run_dir), "--hub", str(folder)]) == 0
     assert main(["export", str(run_dir), str(folder)]) == 0
     assert {p.name for p in folder.iterdir()} == {"prompt.safetensors", "manifest.json", "config.yaml"}
+    (folder / "README.md").write_text("# my notes\n")  # the user's own README: never deleted
+    (folder / "metrics.json").write_text('{"mine": 1}')
+    assert main(["export", str(run_dir), str(folder)]) == 2
+    assert "is a folder that is not a vlprompt run" in capsys.readouterr().err
+    assert (folder / "README.md").read_text() == "# my notes\n"
     (folder / "notes.txt").write_text("mine")  # a file of the user's: the folder is no export any more
     assert main(["export", str(run_dir), "--hub", str(folder)]) == 2
     assert "is a folder that is not a vlprompt run" in capsys.readouterr().err

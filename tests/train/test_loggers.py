@@ -103,3 +103,5 @@ def test_loggers_write_where_the_run_directory_says(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     make_loggers("tensorboard,wandb", run, {"method": "coop"})
     assert seen == {"tb": tmp_path / "run" / "tensorboard", "wandb": tmp_path / "run"}
+    with pytest.raises(TypeError, match=r"pass vlprompt.run.RunDir\(folder\)"):
+        make_loggers("tensorboard", str(tmp_path / "run"))  # a bare path, as before: the fix is named

@@ -145,6 +145,9 @@ def test_a_pretrained_world_checkpoint_loads_as_a_weights_file(world_bb, tmp_pat
     assert mine.meta["format"] == "vlprompt-world" and mine.meta["toy_world"] is True
     assert mine.meta["train_crop_scale"] == world_bb.meta["train_crop_scale"]
     assert mine.meta["sha256"] == world_bb.meta["sha256"]
+    with pytest.raises(VlpromptError, match="checkpoint of vlp-world; drop --model ViT-B-16"):
+        load_backbone("ViT-B-16", tmp_path / "mine.safetensors")  # it would be labelled ViT-B-16
+    assert load_backbone("vlp-world", tmp_path / "mine.safetensors").meta["format"] == "vlprompt-world"
     (tmp_path / "mine.json").write_text('{"sha256": "0000"}')
     with pytest.raises(VlpromptError, match=r"does not match the sha256 recorded in .*mine\.json"):
         load_backbone(None, tmp_path / "mine.safetensors")

@@ -81,8 +81,10 @@ def find_world_checkpoint(path: Path) -> Bundled | None:
             meta = f.metadata() or {}
     except Exception:  # not a safetensors file: the usual path says why, in one line
         return None
-    if RECIPE_KEY not in meta or METADATA_KEY not in meta:
+    if RECIPE_KEY not in meta:
         return None
+    if METADATA_KEY not in meta:
+        raise VlpromptError(f"{path} has a pretraining recipe but no model config; pretrain it again")
     side = path.with_suffix(".json")
     record = read_json(side) if side.is_file() else {}
     if not isinstance(record, dict):
@@ -95,9 +97,14 @@ def find_world_checkpoint(path: Path) -> Bundled | None:
             f"{path} does not match the sha256 recorded in {side}; the file changed after `vlprompt world "
             f"pretrain` wrote them: pretrain again, or remove {side.name} to load the file as it is"
         )
-    config = json.loads(meta[METADATA_KEY])
+    try:
+        config, recipe = json.loads(meta[METADATA_KEY]), json.loads(meta[RECIPE_KEY])
+    except json.JSONDecodeError:
+        raise VlpromptError(
+            f"{path} has damaged metadata; pretrain it again (`vlprompt world pretrain`)"
+        ) from None
     record = {"pretrained_on": WORLD_PRETRAINED_ON, **record, "config": config, "sha256": sha256}
-    return Bundled(path.stem, path, {**record, "format": "vlprompt-world"})
+    return Bundled(str(recipe.get("arch") or path.stem), path, {**record, "format": "vlprompt-world"})
 
 
 @lru_cache(maxsize=4)

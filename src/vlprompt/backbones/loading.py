@@ -469,6 +469,11 @@ def load_backbone(
 
     world = find_world_checkpoint(path) if path is not None else None  # `vlprompt world pretrain`
     if world is not None:
+        if name is not None and name != world.name:  # the file says what it is: another name would label it
+            raise VlpromptError(
+                f"{path} is a `vlprompt world pretrain` checkpoint of {world.name}; drop --model {name} "
+                f"(or pass --model {world.name})"
+            )
         model, meta = build_bundled(world)
         tag = None
     elif path is not None and path.exists():

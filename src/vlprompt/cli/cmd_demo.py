@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = args.model or (None if args.weights else WORLD_MODEL)
-    if model is not None and not Path(model).suffix:  # an unknown name would fail every run: say it first
+    if model is not None and not Path(model).suffix and "/" not in model and os.sep not in model:
+        # an unknown name would fail every run: say it first (a path is load_backbone's to judge)
         from vlprompt.backbones import canonical_model_name, list_architectures
         from vlprompt.errors import unknown_name
 

@@ -47,12 +47,12 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
 
     def check(value: str) -> Path:
         path = Path(value)
+        if not path.suffix and not path.is_dir():
+            path = path.with_suffix(suffixes[0])
         if path.is_dir():
             raise argparse.ArgumentTypeError(
-                f"{value} is a folder; give a file name such as {path / ('out' + suffixes[0])}"
+                f"{path} is a folder; give a file name such as {path / ('out' + suffixes[0])}"
             )
-        if not path.suffix:
-            return path.with_suffix(suffixes[0])
         if path.suffix.lower() not in suffixes:
             raise argparse.ArgumentTypeError(
                 f"cannot write '{path.suffix}' files here; use {', '.join(suffixes)}"

@@ -79,18 +79,24 @@ def parse_devices(text: str | None) -> list[str] | None:
 
 
 def check_visible(devices: Sequence[str] | None, gpus: int | None = None) -> None:
-    """Refuse a ``--devices`` GPU index this machine does not have: its worker would see no GPU and train
-    on the CPU without a word (``CUDA_VISIBLE_DEVICES`` names a device that is not there)."""
-    if gpus is None:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    missing = sorted({d for d in devices or () if d != "cpu" and int(d) >= gpus}, key=int)
+    """Refuse a ``--devices`` GPU this process may not use: its worker (``CUDA_VISIBLE_DEVICES`` set to
+    the entry) would see no GPU and train on the CPU without a word.  The entries are the indices
+    ``CUDA_VISIBLE_DEVICES`` takes: those this process was given when it has one (a scheduler's
+    allocation, e.g. 2,3), else 0 .. the number of GPUs - 1."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None and gpus is None:
+        allowed = [d.strip() for d in given.split(",") if d.strip()]
+        if any(not d.isdigit() for d in allowed):  # GPU UUIDs / MIG names: not comparable to indices
+            return
+    else:
+        if gpus is None:
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        allowed = [str(i) for i in range(gpus)]
+    missing = sorted({d for d in devices or () if d != "cpu" and d not in allowed}, key=int)
     if missing:
-        fix = (
-            f"GPUs 0-{gpus - 1}; give indices it has (or cpu)"
-            if gpus
-            else "no visible GPU; use --devices cpu or leave --devices out"
-        )
-        raise VlpromptError(f"--devices names GPU {', '.join(missing)}, but this machine has {fix}")
+        have = f"GPU {', '.join(allowed)}" if allowed else "no visible GPU"
+        fix = "give those (or cpu)" if allowed else "use --devices cpu or leave --devices out"
+        raise VlpromptError(f"--devices names GPU {', '.join(missing)}, but this process has {have}; {fix}")
 
 
 def device_slots(jobs: int | None, devices: Sequence[str] | None) -> list[str | None]:

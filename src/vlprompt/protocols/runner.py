@@ -201,7 +201,8 @@ def execute(spec: RunSpec, progress: bool = True, share_backbone: bool = False) 
     except Exception as exc:  # one failing run must not stop the grid
         log.debug("run %s failed:\n%s", spec.name, traceback.format_exc())
         stage = "evaluation" if isinstance(exc, EvaluationsFailed) else "run"
-        if not isinstance(exc, RequestRefused):  # a refusal leaves the run that is there as it is
+        # refused by a finished run with other settings: that run stays as it is (and in the reports)
+        if not (isinstance(exc, RequestRefused) and RunDir(spec.out_dir).is_complete()):
             record_failure(spec.out_dir, _one_line(exc), stage)  # the report lists it with this reason
         return RunResult(
             spec.name,

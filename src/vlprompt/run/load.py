@@ -137,7 +137,11 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
             exp.clear_run_files()
     else:
         found = set(exp.foreign_entries())
-        hub_export = {PROMPT, MANIFEST} <= found and not found - {PROMPT, MANIFEST, CONFIG, METRICS, CARD}
+        hub_export = (
+            {PROMPT, MANIFEST} <= found
+            and not found - {PROMPT, MANIFEST, CONFIG, METRICS, CARD}
+            and (CARD not in found or _is_our_card(exp.file(CARD)))  # a README of the user's is theirs
+        )
         if found - {PROMPT, MANIFEST, CONFIG} and not hub_export:
             exp.require_run_or_empty("export target")
         for name in (METRICS, CARD) if hub_export else ():  # an earlier `export --hub`'s: stale now
@@ -159,6 +163,16 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force:
         text = dump_yaml(raw) + (yaml.safe_dump({"provenance": prov}, sort_keys=False) if prov else "")
         exp.write_config(text)
     return out
+
+
+def _is_our_card(path: Path) -> bool:
+    """``README.md`` is the model card `export --hub` writes (its front matter names the library)."""
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:4000]
+    except OSError:
+        return False
+    front = head.split("---")[1] if head.startswith("---") and head.count("---") >= 2 else ""
+    return "library_name: vlprompt" in front
 
 
 def read_run_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -102,6 +102,11 @@ def make_loggers(
     """Callbacks for ``fit`` from logger names.  ``run``: the run directory (a ``vlprompt.run.RunDir``,
     which names its files): TensorBoard writes to ``run.tensorboard_dir``, W&B keeps its files in
     ``run.path``."""
+    if not hasattr(run, "tensorboard_dir"):  # the run layer names the folders (run/layout.py)
+        raise TypeError(
+            f"make_loggers takes the run directory object, not a {type(run).__name__}; pass "
+            "vlprompt.run.RunDir(folder)"
+        )
     out: list[Callable[[dict[str, Any]], None]] = []
     for name in parse_loggers(names):
         if name == "tensorboard":
