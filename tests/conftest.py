@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,3 +58,13 @@ def tinyctx():
     module = _tinymethod()
     with module.registered():
         yield module.TinyCtx
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The random tiny backbone (a real architecture, 4 layers), one per module; the global RNG is
+    seeded as the tests that draw from it after loading expect."""
+    from vlprompt.backbones import load_backbone  # after _isolated_env: open_clip reads the hub env
+
+    torch.manual_seed(0)
+    return load_backbone("vlp-tiny")

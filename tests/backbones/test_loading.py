@@ -15,12 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return vlprompt.load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def inputs(tiny):
     torch.manual_seed(1)
     return torch.randn(2, 3, 224, 224), tiny.tokenize(["a photo of a dog.", "a diagram"])

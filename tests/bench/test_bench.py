@@ -14,12 +14,6 @@ from vlprompt.bench.models import build_model
 from vlprompt.engine import LayerOps, TowerPlan
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_backbone("vlp-tiny")
-
-
 def test_block_flops_by_hand():
     # ViT-B/16 image block: width 768, MLP 3072, 197 tokens
     f = block_flops(768, 3072, 197)

@@ -9,10 +9,10 @@ same state whether it sampled or read its cache.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +57,11 @@ def _rng_state() -> tuple:
 
 def test_fixture_is_what_the_generator_states() -> None:
     """The committed picks are the independent statement's output (the fixture is not stale)."""
-    sys.path.insert(0, str(FIXTURES))
-    try:
-        import make_fewshot_fixture as gen
-    finally:
-        sys.path.remove(str(FIXTURES))
+    spec = importlib.util.spec_from_file_location(
+        "make_fewshot_fixture", FIXTURES / "make_fewshot_fixture.py"
+    )
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
     assert gen.dumps(gen.build()) == (FIXTURES / "fewshot_picks.json").read_text(encoding="utf-8")
 
 

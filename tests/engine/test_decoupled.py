@@ -176,13 +176,6 @@ def test_gate_receives_gradient(mha, x):
 
 
 # ---------------------------------------------------------------- whole towers (vlp-tiny)
-@pytest.fixture(scope="module")
-def tiny():
-    from vlprompt.backbones import load_backbone
-
-    return load_backbone("vlp-tiny")
-
-
 def _plan(n: int, width: int, layers: int, attention) -> TowerPlan:
     g = torch.Generator().manual_seed(3)
     deep = {i: LayerOps(remove=ALL, append=torch.randn(4, width, generator=g)) for i in range(1, layers - 1)}

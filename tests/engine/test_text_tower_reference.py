@@ -35,12 +35,6 @@ def bb(request):
     return vlprompt.load_backbone(request.param)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return vlprompt.load_backbone("vlp-tiny")
-
-
 def allowed(n_inst: int, n_prompt: int, eot: int) -> torch.Tensor:
     """``(L, L)`` bool: may query i read key j (the rule in the module docstring), element by element."""
     length = n_inst + n_prompt

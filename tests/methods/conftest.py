@@ -8,12 +8,6 @@ import torch
 from vlprompt.backbones import load_backbone
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_backbone("vlp-tiny")
-
-
 @pytest.fixture
 def cli_round_trip(tmp_path):
     """``(method, *extra) -> (trained, exported, manifest)``: ``vlprompt train`` for one epoch on the demo

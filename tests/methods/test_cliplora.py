@@ -27,11 +27,6 @@ PHOTO = "a photo of a {}."
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("vlp-tiny")
-
-
-@pytest.fixture(scope="module")
 def images(tiny):
     size = tiny.preprocess_cfg["size"]
     g = torch.Generator().manual_seed(0)

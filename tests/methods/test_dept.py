@@ -5,12 +5,11 @@ save/load/export round-trip and exact resume."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from toy import make_toy_task
 
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import create_model, get_method, list_methods
@@ -19,9 +18,6 @@ from vlprompt.train import fit
 from vlprompt.train.config import RunConfig, TrainConfig, load_preset
 from vlprompt.train.schedule import EpochSchedule, build_optimizer
 from vlprompt.train.trainer import lr_scales
-
-sys.path.insert(0, str(Path(__file__).parent))
-from toy import make_toy_task  # noqa: E402
 
 PHOTO = "a photo of a {}."
 TRAIN = {

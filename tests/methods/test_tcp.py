@@ -5,12 +5,11 @@ save/load/export round trip, exact resume and the import of an official-format c
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from toy import make_toy_task
 
 from vlprompt.backbones import load_backbone
 from vlprompt.data.registry import get_spec
@@ -20,9 +19,6 @@ from vlprompt.methods.tcp import tcp_prompt_text
 from vlprompt.run import RunDir, dassl_import
 from vlprompt.train import fit
 from vlprompt.train.config import RunConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from toy import make_toy_task  # noqa: E402
 
 CLASSES = ["cat", "dog", "car"]
 PHOTO = "a photo of a {}."

@@ -4,22 +4,16 @@ fit, learning on the world, save/load/export round-trip and exact resume."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from toy import make_toy_task
 
 from vlprompt.backbones import load_backbone
 from vlprompt.errors import VlpromptError
 from vlprompt.methods import ModelOptions, create_model, get_method
-from vlprompt.train import fit
-
-sys.path.insert(0, str(Path(__file__).parent))
-from toy import make_toy_task  # noqa: E402
-
 from vlprompt.run import RunDir
+from vlprompt.train import fit
 from vlprompt.train.config import RunConfig  # noqa: E402
 
 
@@ -28,11 +22,6 @@ def _cfg(d: dict) -> RunConfig:
 
 
 PHOTO = "a photo of a {}."
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone("vlp-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-import tinymethod  # noqa: E402
 
 from vlprompt.cli.main import main  # noqa: E402
 from vlprompt.run import RunDir  # noqa: E402
@@ -29,10 +25,7 @@ BASE = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tinyctx():
-    with tinymethod.registered():
-        yield
+pytestmark = pytest.mark.usefixtures("tinyctx")  # the test-only method, for every test here
 
 
 def train(out: Path, *extra: str, epochs: int = 1) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
-from toy import make_toy_task  # noqa: E402
+from toy import make_toy_task
 
 from vlprompt.backbones import load_backbone  # noqa: E402
 from vlprompt.methods import create_model  # noqa: E402
